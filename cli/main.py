@@ -1,0 +1,152 @@
+"""The `fddaq` command line: parse options, call one core function, render, map errors."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from fddaq import __version__
+from fddaq.errors import ConfigError, FddaqError
+
+from .render import ProgressRenderer, table
+
+app = typer.Typer(
+    help="Quantize CNNs to low bits with a handful of real images, export QDQ ONNX, verify it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_GATE = 3
+QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json")
+
+
+def user_errors(command):
+    """Run a command; a user error becomes one line on stderr and exit code 1, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FddaqError as exc:
+            err_console.print(f"Error: {exc}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _floats(text: Optional[str], name: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fddaq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """fddaq: FDDA post-training quantization to QDQ ONNX."""
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: Path = typer.Argument(..., help="Float state dict (.pth), loaded with weights_only=True."),
+    arch: str = typer.Option(..., "--arch", help="Architecture: fddaq:NAME, torchvision:NAME or package.module:callable."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Labelled validation images, same layout; used only to report."),
+    bits: int = typer.Option(4, "--bits", help="Weight and activation bits of every layer, first and last included."),
+    weight_bits: Optional[int] = typer.Option(None, "--weight-bits", help="Weight bits (default: --bits)."),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="Activation bits (default: --bits)."),
+    first_last_bits: Optional[int] = typer.Option(None, "--first-last-bits", help="Bits of the first and last layer (default: as the others)."),
+    steps: int = typer.Option(400, "--steps", help="Fine-tuning steps (0: calibration only)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of calibration sampling and fine-tuning."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Passed to the architecture factory."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Preprocessing preset: fashion-mnist, imagenet, efficientnet-lite."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Centre-crop size in pixels."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Resize the shorter side to this before cropping."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std, e.g. 0.229,0.224,0.225."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float."),
+    out: Path = typer.Option(Path("out"), "--out", help="Output folder."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs in --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; the table is still printed."),
+) -> None:
+    """Quantize a float model: calibrate on real images, fine-tune by distillation, export a QDQ
+    ONNX graph and verify it in onnxruntime.
+
+    Example: fddaq quantize examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet
+    --calib examples/fashion_mnist/calib --val examples/fashion_mnist/val --bits 4 --out out/
+    """
+    from fddaq.config import CalibrationConfig, FinetuneConfig, QuantConfig, RunConfig
+    from fddaq.pipeline import PreprocessOptions, QuantizeJob
+
+    existing = [name for name in QUANTIZE_OUTPUTS if (out / name).exists()]
+    if existing and not force:
+        raise ConfigError(f"{out} already holds {', '.join(existing)}: pass --force to overwrite or choose another --out")
+    if max_drop is not None and val is None:
+        raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
+    config = RunConfig(
+        quant=QuantConfig(weight_bits or bits, act_bits or bits, first_last_bits),
+        calibration=CalibrationConfig(seed=seed),
+        finetune=FinetuneConfig(steps=steps, seed=seed),
+    )
+    job = QuantizeJob(
+        model, arch, calib, val, num_classes,
+        PreprocessOptions(preset, input_size, resize, _floats(mean, "--mean"), _floats(std, "--std")),
+        config,
+    )
+    from cli.jobs import run_quantize
+
+    with ProgressRenderer(console, quiet) as progress:
+        report = run_quantize(job, out, progress)
+    console.print(table(f"fddaq quantize: {model.name} at W{config.quant.weight_bits}A{config.quant.act_bits}", report["table"]))
+    console.print(f"wrote {out / 'quantized.pt'}, {out / 'model.onnx'}, {out / 'report.json'}")
+    gate = report["gate"]
+    if max_drop is not None and gate["drop"] is not None and gate["drop"] > max_drop:
+        err_console.print(f"Quality gate failed: ONNX top-1 is {gate['drop']:.2f} points below float (--max-drop {max_drop})")
+        raise typer.Exit(EXIT_GATE)
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint: Path = typer.Argument(..., help="quantized.pt written by `fddaq quantize`."),
+    output: Path = typer.Option(Path("model.onnx"), "-o", "--output", help="ONNX file to write."),
+    opset: int = typer.Option(21, "--opset", help="ONNX opset (21 or newer: INT4 types)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+) -> None:
+    """Re-export the QDQ ONNX graph from a checkpoint alone.
+
+    Example: fddaq export out/quantized.pt -o model.onnx
+    """
+    from exporters.deploy import export_checkpoint
+    from fddaq.checkpoint import load_checkpoint
+    from fddaq.io import atomic_write_bytes
+
+    if output.exists() and not force:
+        raise ConfigError(f"{output} exists: pass --force to overwrite it")
+    start = time.perf_counter()
+    data = export_checkpoint(load_checkpoint(checkpoint), opset)
+    atomic_write_bytes(output, data)
+    console.print(f"wrote {output} ({len(data) / 1024:.1f} KiB) in {time.perf_counter() - start:.1f}s")
+
+
+def main() -> None:
+    app()

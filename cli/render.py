@@ -1,0 +1,66 @@
+"""Turn core events into progress bars (terminal) or plain lines (CI logs), and render tables."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fddaq.events import Event
+
+STAGE_TITLES = {"calibrate": "Calibrating ranges", "finetune": "Fine-tuning (distillation)"}
+
+
+class ProgressRenderer:
+    """Callable `on_event`: a rich progress bar per stage on a terminal; on anything else a
+    line when a stage starts, every ~10% and when it ends. Silent when `quiet`."""
+
+    def __init__(self, console: Console, quiet: bool = False) -> None:
+        self.console = console
+        self.quiet = quiet
+        self.live = console.is_terminal and not quiet
+        self.progress: Progress | None = None
+        self.tasks: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+
+    def __enter__(self) -> "ProgressRenderer":
+        if self.live:
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=self.console,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, event: Event) -> None:
+        if self.quiet:
+            return
+        title = STAGE_TITLES.get(event.stage, event.stage)
+        metrics = "  ".join(f"{k} {v:.4g}" for k, v in event.metrics.items())
+        if self.progress is not None:
+            if event.stage not in self.tasks:
+                self.tasks[event.stage] = self.progress.add_task(title, total=event.total, metrics="")
+            self.progress.update(self.tasks[event.stage], completed=event.step, metrics=metrics)
+            return
+        if event.step == 0:
+            self.started[event.stage] = time.perf_counter()
+            self.console.print(f"{title}: {event.total} steps")
+        elif event.step == event.total or event.step % max(1, event.total // 10) == 0:
+            elapsed = time.perf_counter() - self.started.get(event.stage, time.perf_counter())
+            self.console.print(f"{title}: {event.step}/{event.total} {metrics} ({elapsed:.0f}s)")
+
+
+def table(title: str, rows: list[tuple[str, str]]) -> Table:
+    out = Table(title=title, show_header=False, title_justify="left")
+    out.add_column(style="bold")
+    out.add_column(justify="right")
+    for key, value in rows:
+        out.add_row(key, value)
+    return out

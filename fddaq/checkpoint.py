@@ -1,0 +1,99 @@
+"""The quantized result as plain tensors plus a JSON recipe: loads with `weights_only=True`,
+no pickled classes, and rebuilds the fake-quant model from the architecture spec and plan."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .data import Preprocess
+from .errors import ModelError
+from .models import build_model
+from .quant.plan import LayerPlan
+from .quant.prepare import prepare
+
+FORMAT = "fddaq-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is needed to rebuild and feed the model: architecture spec, number of classes
+    (None: the architecture's default), preprocessing and class names."""
+
+    arch: str
+    num_classes: int | None
+    preprocess: Preprocess
+    class_names: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "preprocess": self.preprocess.to_json(),
+            "class_names": list(self.class_names),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelInfo":
+        return cls(data["arch"], data["num_classes"], Preprocess.from_json(data["preprocess"]), tuple(data["class_names"]))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model: nn.Module  # the fake-quant model, eval mode
+    plan: LayerPlan
+    info: ModelInfo
+    recipe: dict  # everything stored besides tensors
+
+
+def checkpoint_bytes(model: nn.Module, plan: LayerPlan, info: ModelInfo, extra: dict | None = None) -> bytes:
+    """Serialise a fake-quant model: its state dict and a JSON recipe string."""
+    recipe = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fddaq_version": __version__,
+        "torch_version": torch.__version__,
+        "model": info.to_json(),
+        "plan": plan.to_json(),
+        **(extra or {}),
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"recipe": json.dumps(recipe), "state_dict": state}, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Rebuild the fake-quant model saved by `checkpoint_bytes` (no code is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        recipe = json.loads(data["recipe"])
+        state = data["state_dict"]
+    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
+        raise ModelError(f"{path} is not an fddaq checkpoint (written by `fddaq quantize`): {exc}") from exc
+    if recipe.get("format") != FORMAT:
+        raise ModelError(f"{path} is not an fddaq checkpoint (written by `fddaq quantize`)")
+    if recipe.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{path} has checkpoint format {recipe.get('format_version')} (fddaq {recipe.get('fddaq_version')}); "
+            f"this fddaq {__version__} reads format {FORMAT_VERSION}: re-run `fddaq quantize`"
+        )
+    info = ModelInfo.from_json(recipe["model"])
+    plan = LayerPlan.from_json(recipe["plan"])
+    model = prepare(build_model(info.arch, info.num_classes), plan)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{path} does not fit architecture {info.arch}: {exc}") from exc
+    return Checkpoint(model.eval(), plan, info, recipe)

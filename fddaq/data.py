@@ -1,0 +1,152 @@
+"""Image folders (ImageFolder layout or flat) decoded into model-input tensors."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to `resize` (none: keep), centre-crop to `input_size`, scale to
+    [0, 1], then (x - mean) / std per channel. `channels` is 1 (grey) or 3 (RGB)."""
+
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    resize: int | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels={self.channels}: models must take 1 (grey) or 3 (RGB) channels")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, self.channels):
+                raise ConfigError(f"{name} has {len(getattr(self, name))} values; the model takes {self.channels} channels")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std={self.std} must be positive")
+        if self.input_size < 1 or (self.resize is not None and self.resize < self.input_size):
+            raise ConfigError(f"resize={self.resize} must be at least input_size={self.input_size}")
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ConfigError(f"interpolation={self.interpolation!r} is not one of bilinear, bicubic, nearest")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Preprocess":
+        return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+
+
+# Preprocessing of well-known weights; `channels` is filled in from the model.
+PRESETS: dict[str, dict] = {
+    "fashion-mnist": dict(input_size=28, mean=(0.2860,), std=(0.3530,)),
+    "imagenet": dict(input_size=224, resize=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "efficientnet-lite": dict(
+        input_size=224, resize=256, mean=(127 / 255,), std=(128 / 255,), interpolation="bicubic"
+    ),
+}
+
+
+def preset(name: str, channels: int) -> Preprocess:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return Preprocess(channels=channels, **PRESETS[name])
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Decoded images (N, C, H, W) float32 in model-input space, labels (N,) int64
+    (`UNLABELLED` for a flat folder), the class names indexing the labels, the image paths
+    and how many files were skipped as unreadable."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+    paths: tuple[str, ...]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def labelled(self) -> bool:
+        return bool((self.labels != UNLABELLED).all())
+
+
+def _decode(path: Path, preprocess: Preprocess) -> np.ndarray | None:
+    """HWC float32 image in [0, 1], or None when the file is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if preprocess.channels == 1 else "RGB")
+            if preprocess.resize is not None:
+                w, h = img.size
+                ratio = preprocess.resize / min(w, h)
+                img = img.resize((max(1, round(w * ratio)), max(1, round(h * ratio))), resample[preprocess.interpolation])
+            size = preprocess.input_size
+            w, h = img.size
+            if w < size or h < size:
+                raise DataError(
+                    f"{path} is {w}x{h}, smaller than the {size}x{size} crop: use larger images or set --resize"
+                )
+            left, top = (w - size) // 2, (h - size) // 2
+            array = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+    return array.reshape(size, size, preprocess.channels)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_image_folder(
+    root: Path, preprocess: Preprocess, class_names: tuple[str, ...] | None = None
+) -> ImageSet:
+    """Read `root/<class>/<image>` (labels by position of the folder name in `class_names`,
+    or in the sorted folder names when None) or a flat `root/<image>` folder (unlabelled).
+
+    Unreadable files are skipped and counted; no usable image at all is an error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if folders:
+        names = tuple(p.name for p in folders) if class_names is None else tuple(class_names)
+        unknown = [p.name for p in folders if p.name not in names]
+        if unknown:
+            raise DataError(
+                f"{root} has class folders the model does not know: {', '.join(unknown[:5])} "
+                f"(known: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+            )
+        files = [(path, names.index(folder.name)) for folder in folders for path in _list_images(folder)]
+    else:
+        names = tuple(class_names or ())
+        files = [(path, UNLABELLED) for path in _list_images(root)]
+    if not files:
+        raise DataError(f"{root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    arrays, labels, paths = [], [], []
+    for path, label in files:
+        array = _decode(path, preprocess)
+        if array is not None:
+            arrays.append(array)
+            labels.append(label)
+            paths.append(str(path))
+    if not arrays:
+        raise DataError(f"none of the {len(files)} files in {root} is a readable image")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    mean = torch.tensor(preprocess.mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float32).reshape(1, -1, 1, 1)
+    return ImageSet((x - mean) / std, torch.tensor(labels, dtype=torch.int64), names, tuple(paths), len(files) - len(arrays))

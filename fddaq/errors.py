@@ -1,0 +1,26 @@
+"""The errors a user can cause and fix. The CLI prints their message on one line and exits 1;
+any other exception is a bug and keeps its traceback."""
+
+
+class FddaqError(Exception):
+    """Base of every user-facing error: the message names the problem and what would fix it."""
+
+
+class ConfigError(FddaqError):
+    """An option or configuration value is invalid."""
+
+
+class ModelError(FddaqError):
+    """A model file or architecture spec cannot be loaded or does not fit."""
+
+
+class DataError(FddaqError):
+    """An image folder or data file is missing, empty or unusable."""
+
+
+class ExportError(FddaqError):
+    """A model cannot be exported, or the export runtime is missing."""
+
+
+class VerificationError(FddaqError):
+    """The exported graph does not reproduce the PyTorch model."""

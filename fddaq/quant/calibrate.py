@@ -1,0 +1,67 @@
+"""Initial quantizer ranges from the real calibration images (MSE-optimal)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import CalibrationConfig
+from ..events import EventHandler, emit
+from .modules import FakeQuantConv2d, FakeQuantLinear
+from .primitives import mse_activation_params, mse_weight_scales
+
+
+def fake_quant_layers(model: nn.Module) -> list[tuple[str, FakeQuantConv2d | FakeQuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (FakeQuantConv2d, FakeQuantLinear))]
+
+
+@torch.no_grad()
+def _sample_layer_inputs(
+    model: nn.Module, images: Tensor, config: CalibrationConfig, batch_size: int
+) -> dict[str, Tensor]:
+    """For every fake-quant layer, up to `max_samples` values of its float input: a seeded
+    random subset of each batch plus the exact extremes (so the range search sees them)."""
+    layers = fake_quant_layers(model)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = range(0, len(images), batch_size)
+    per_batch = max(1, config.max_samples // len(batches))
+    samples: dict[str, list[Tensor]] = {name: [] for name, _ in layers}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().flatten()
+            keep = torch.randint(len(x), (min(per_batch, len(x)),), generator=generator)
+            samples[name].append(torch.cat([x[keep], x.min()[None], x.max()[None]]))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
+    for _, m in layers:
+        m.input_quant.enabled = False
+    try:
+        for start in batches:
+            model(images[start : start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+        for _, m in layers:
+            m.input_quant.enabled = True
+    return {name: torch.cat(parts) for name, parts in samples.items()}
+
+
+def calibrate(
+    model: nn.Module,
+    images: Tensor,
+    config: CalibrationConfig = CalibrationConfig(),
+    batch_size: int = 64,
+    on_event: EventHandler | None = None,
+) -> None:
+    """Set every weight quantizer to its per-channel MSE-optimal scales and every input
+    quantizer to the MSE-optimal range of its float inputs on `images`."""
+    layers = fake_quant_layers(model)
+    samples = _sample_layer_inputs(model.eval(), images, config, batch_size)
+    emit(on_event, "calibrate", 0, len(layers))
+    for index, (name, layer) in enumerate(layers, 1):
+        layer.weight_quant.set_scale(mse_weight_scales(layer.weight, layer.weight_quant.bits))
+        layer.input_quant.set_params(*mse_activation_params(samples[name], layer.input_quant.bits))
+        emit(on_event, "calibrate", index, len(layers))

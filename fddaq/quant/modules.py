@@ -1,0 +1,123 @@
+"""Fake-quantized layers: the float layer plus a per-channel weight quantizer and a per-tensor
+input quantizer. They subclass the float layers, so code that inspects `nn.Conv2d` still works."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .primitives import MIN_SCALE, activation_range, fake_quant, weight_range
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric per-output-channel quantizer (zero point 0) with a learnable log step size."""
+
+    def __init__(self, bits: int, channels: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+
+    def scale(self) -> Tensor:
+        return self.log_scale.exp().clamp(min=MIN_SCALE)
+
+    def set_scale(self, scale: Tensor) -> None:
+        with torch.no_grad():
+            self.log_scale.copy_(scale.clamp(min=MIN_SCALE).log())
+
+    def _channel_scale(self, weight: Tensor) -> Tensor:
+        return self.scale().reshape(-1, *[1] * (weight.dim() - 1))
+
+    def quantize(self, weight: Tensor) -> Tensor:
+        """Integer values (as floats, within the narrow signed range), no gradient."""
+        qmin, qmax = weight_range(self.bits)
+        return torch.clamp(torch.round(weight.detach() / self._channel_scale(weight).detach()), qmin, qmax)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        qmin, qmax = weight_range(self.bits)
+        return fake_quant(weight, self._channel_scale(weight), 0.0, qmin, qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_channel"
+
+
+class ActivationQuantizer(nn.Module):
+    """Asymmetric per-tensor quantizer: learnable log step size, integer zero point.
+
+    `enabled = False` makes it the identity (used while observing float inputs)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.enabled = True
+        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+
+    def scale(self) -> Tensor:
+        return self.log_scale.exp().clamp(min=MIN_SCALE)
+
+    def set_params(self, scale: float, zero_point: float) -> None:
+        with torch.no_grad():
+            self.log_scale.fill_(math.log(max(scale, MIN_SCALE)))
+            self.zero_point.fill_(zero_point)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        qmin, qmax = activation_range(self.bits)
+        return fake_quant(x, self.scale(), self.zero_point, qmin, qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_tensor"
+
+
+class FakeQuantConv2d(nn.Conv2d):
+    """`nn.Conv2d` whose input and weight pass through fake quantizers."""
+
+    def __init__(self, *args, weight_bits: int, act_bits: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_quant = WeightQuantizer(weight_bits, self.out_channels)
+        self.input_quant = ActivationQuantizer(act_bits)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_bits: int) -> "FakeQuantConv2d":
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            weight_bits=weight_bits, act_bits=act_bits,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        new.load_state_dict(conv.state_dict(), strict=False)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class FakeQuantLinear(nn.Linear):
+    """`nn.Linear` whose input and weight pass through fake quantizers."""
+
+    def __init__(self, *args, weight_bits: int, act_bits: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_quant = WeightQuantizer(weight_bits, self.out_features)
+        self.input_quant = ActivationQuantizer(act_bits)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int) -> "FakeQuantLinear":
+        new = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            weight_bits=weight_bits, act_bits=act_bits,
+            device=linear.weight.device, dtype=linear.weight.dtype,
+        )
+        new.load_state_dict(linear.state_dict(), strict=False)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+FAKE_QUANT_TYPES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: FakeQuantConv2d,
+    nn.Linear: FakeQuantLinear,
+}

@@ -1,0 +1,21 @@
+"""Architectures the project ships, by the name used in `--arch fddaq:<name>`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from .resnet import fashion_resnet
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    factory: Callable[..., nn.Module]
+    preset: str  # the preprocessing preset of its weights (fddaq.data.PRESETS)
+
+
+ZOO: dict[str, ZooEntry] = {
+    "fashion_resnet": ZooEntry(fashion_resnet, "fashion-mnist"),
+}
