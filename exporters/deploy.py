@@ -1,0 +1,74 @@
+"""From a quantized model to a verified deployable file: export the QDQ graph with its
+metadata, measure it against the float graph's size and verify it in onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fddaq import __version__
+from fddaq.checkpoint import Checkpoint, ModelInfo
+from fddaq.quant.plan import LayerPlan
+
+from .onnx_export import export_float, export_qdq
+from .runtime import VerifyReport, onnxruntime_module, verify
+
+
+@dataclass(frozen=True)
+class Deployment:
+    onnx: bytes  # the serialized QDQ model
+    float_size: int  # bytes of the float ONNX export of the same model
+    verify: VerifyReport
+    timings: dict[str, float]
+    versions: dict[str, str]
+
+
+def onnx_metadata(info: ModelInfo, plan: LayerPlan) -> dict[str, str]:
+    """`metadata_props` of the exported graph: what a deployment needs to feed and read it."""
+    return {
+        "fddaq_version": __version__,
+        "layer_plan": json.dumps(plan.to_json()),
+        "preprocessing": json.dumps(info.preprocess.to_json()),
+        "class_names": json.dumps(list(info.class_names)),
+        "arch": info.arch,
+    }
+
+
+def _input_shape(info: ModelInfo) -> tuple[int, int, int]:
+    p = info.preprocess
+    return (p.channels, p.input_size, p.input_size)
+
+
+def export_checkpoint(checkpoint: Checkpoint, opset: int = 21) -> bytes:
+    """The serialized QDQ graph of a loaded checkpoint."""
+    proto = export_qdq(checkpoint.model, _input_shape(checkpoint.info), onnx_metadata(checkpoint.info, checkpoint.plan), opset)
+    return proto.SerializeToString()
+
+
+def deploy(
+    model: nn.Module,
+    float_model: nn.Module,
+    info: ModelInfo,
+    plan: LayerPlan,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    opset: int = 21,
+) -> Deployment:
+    """Export `model` (fake-quant) and verify it in onnxruntime on `images`."""
+    import onnx
+
+    start = time.perf_counter()
+    proto = export_qdq(model, _input_shape(info), onnx_metadata(info, plan), opset)
+    float_size = len(export_float(float_model, _input_shape(info), opset=opset).SerializeToString())
+    exported = time.perf_counter()
+    report = verify(proto, model, images, labels)
+    verified = time.perf_counter()
+    return Deployment(
+        proto.SerializeToString(), float_size, report,
+        {"export": exported - start, "verify": verified - exported},
+        {"onnx": onnx.__version__, "onnxruntime": onnxruntime_module().__version__},
+    )

@@ -1,0 +1,450 @@
+"""Export fake-quant (QDQ) and float models to ONNX by tracing them with `torch.fx` and emitting
+the graph with `onnx.helper`.
+
+`torch.onnx.export` cannot write 4-bit Q/DQ, so the graph is built here: every quantized layer
+reads its input through QuantizeLinear -> DequantizeLinear and its weight from an INT4/INT8
+initializer through a per-output-channel DequantizeLinear. BatchNorm is folded into the
+preceding convolution's weight scales and bias (exact for per-channel weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fddaq import __version__
+from fddaq.errors import ExportError
+from fddaq.quant.modules import FakeQuantConv2d, FakeQuantLinear
+from fddaq.quant.primitives import activation_range
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "N"
+MIN_OPSET = 21  # INT4/UINT4 tensors and Q/DQ
+
+FAKE_QUANT_LAYERS = (FakeQuantConv2d, FakeQuantLinear)
+
+
+def export_qdq(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    metadata: dict[str, str] | None = None,
+    opset: int = 21,
+) -> onnx.ModelProto:
+    """The QDQ graph of a fake-quant `model` for inputs [N, *input_shape] (N dynamic).
+
+    Quantized weights are stored only as INT4 (bits <= 4) or INT8 initializers."""
+    if not any(isinstance(m, FAKE_QUANT_LAYERS) for m in model.modules()):
+        raise ExportError(f"{type(model).__name__} has no fake-quant layers: use export_float for a float model")
+    return _export(model, input_shape, metadata, opset, quantize=True)
+
+
+def export_float(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    metadata: dict[str, str] | None = None,
+    opset: int = 21,
+) -> onnx.ModelProto:
+    """The float graph of `model` (BatchNorm folded; fake-quant layers export their float weights)."""
+    return _export(model, input_shape, metadata, opset, quantize=False)
+
+
+def _export(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    metadata: dict[str, str] | None,
+    opset: int,
+    quantize: bool,
+) -> onnx.ModelProto:
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ExportError(
+            f"opset={opset} is not supported: use {MIN_OPSET} (INT4/UINT4 Q/DQ) to {newest} (installed onnx {onnx.__version__})"
+        )
+    model = copy.deepcopy(model).cpu().float().eval()
+    module = _trace(model)
+    with torch.no_grad():
+        try:
+            ShapeProp(module).propagate(torch.zeros(1, *input_shape))
+        except Exception as error:  # any failure of the user's forward on this shape
+            raise ExportError(
+                f"{type(model).__name__} does not run on input shape {tuple(input_shape)}: {_first_line(error)}"
+            ) from error
+    graph = _GraphBuilder(module, quantize).build(tuple(input_shape))
+    onnx_model = helper.make_model_gen_version(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset)],
+        producer_name="fddaq",
+        producer_version=__version__,
+    )
+    helper.set_model_props(onnx_model, metadata or {})
+    try:
+        onnx.checker.check_model(onnx_model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ExportError(f"the exported graph is not valid ONNX: {_first_line(error)}") from error
+    return onnx_model
+
+
+class _Tracer(fx.Tracer):
+    """Keeps torch.nn modules (Sequential excepted) and fake-quant layers as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FAKE_QUANT_LAYERS) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as error:  # fx raises many types (TraceError, TypeError, ...)
+        raise ExportError(f"torch.fx cannot trace {type(model).__name__}: {_first_line(error)}") from error
+    return fx.GraphModule(model, graph)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _pair(value: Any) -> tuple[Any, Any]:
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+def _argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """A call's argument, given by position or by keyword."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().double().numpy()
+
+
+def _batch_norm_params(bn: nn.BatchNorm2d, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(gamma, beta, running_mean, running_var) in float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ExportError(f"cannot export module '{name}' (BatchNorm2d): it has no running statistics")
+    mean, var = _numpy(bn.running_mean), _numpy(bn.running_var)
+    gamma = _numpy(bn.weight) if bn.weight is not None else np.ones_like(mean)
+    beta = _numpy(bn.bias) if bn.bias is not None else np.zeros_like(mean)
+    return gamma, beta, mean, var
+
+
+def _batch_norm_affine(bn: nn.BatchNorm2d, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (a, b) with bn(y) = a * y + b in eval mode, in float64."""
+    gamma, beta, mean, var = _batch_norm_params(bn, name)
+    a = gamma / np.sqrt(var + bn.eps)
+    return a, beta - a * mean
+
+
+class _GraphBuilder:
+    """Walks the traced graph once, emitting ONNX nodes and initializers for each fx node."""
+
+    def __init__(self, module: fx.GraphModule, quantize: bool) -> None:
+        self.module = module
+        self.quantize = quantize
+        self.modules = dict(module.named_modules())
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.names: dict[fx.Node, str] = {}  # fx node -> ONNX tensor name
+        self.batch_sizes: set[fx.Node] = set()  # `x.size(0)` nodes, only valid inside view/reshape
+        self.folds = self._foldable_batch_norms()
+        relu = lambda node: self._unary(node, "Relu")  # noqa: E731
+        self.module_handlers: dict[type[nn.Module], Callable[[fx.Node, Any], None]] = {
+            nn.Conv2d: self._conv,
+            FakeQuantConv2d: self._conv,
+            nn.Linear: self._linear,
+            FakeQuantLinear: self._linear,
+            nn.BatchNorm2d: self._batch_norm,
+            nn.ReLU: lambda node, module: relu(node),
+            nn.ReLU6: self._clip,
+            nn.Hardtanh: self._clip,
+            nn.AdaptiveAvgPool2d: lambda node, pool: self._global_average_pool(node, pool.output_size),
+            nn.AvgPool2d: self._average_pool,
+            nn.MaxPool2d: self._max_pool,
+            nn.Flatten: self._flatten_module,
+            nn.Identity: self._pass_through,
+            nn.Dropout: self._pass_through,
+            nn.Dropout2d: self._pass_through,
+        }
+        self.function_handlers: dict[Any, Callable[[fx.Node], None]] = {
+            operator.add: self._add,
+            torch.add: self._add,
+            torch.relu: relu,
+            F.relu: relu,
+            torch.flatten: self._flatten_call,
+            F.adaptive_avg_pool2d: lambda node: self._global_average_pool(node, _argument(node, 1, "output_size")),
+        }
+        self.method_handlers: dict[str, Callable[[fx.Node], None]] = {
+            "add": self._add,
+            "relu": relu,
+            "flatten": self._flatten_call,
+            "view": self._view,
+            "reshape": self._view,
+            "size": self._size,
+        }
+
+    # ---------------------------------------------------------------- graph walk
+
+    def build(self, input_shape: tuple[int, ...]) -> onnx.GraphProto:
+        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ExportError(f"the model's forward must take one input tensor, not {len(placeholders)}")
+        output = None
+        for node in self.module.graph.nodes:
+            if node in self.names:  # a BatchNorm already folded into its convolution
+                continue
+            if node.op == "placeholder":
+                self.names[node] = INPUT_NAME
+            elif node.op == "call_module":
+                module = self.modules[node.target]
+                handler = self.module_handlers.get(type(module))
+                if handler is None:
+                    raise ExportError(f"cannot export {self._describe(node)}: unsupported layer type")
+                handler(node, module)
+            elif node.op == "call_function" and node.target in self.function_handlers:
+                self.function_handlers[node.target](node)
+            elif node.op == "call_method" and node.target in self.method_handlers:
+                self.method_handlers[node.target](node)
+            elif node.op == "output":
+                output = node.args[0]
+            else:
+                raise ExportError(f"cannot export {self._describe(node)}: unsupported operation")
+        if not isinstance(output, fx.Node):
+            raise ExportError("the model's forward must return one tensor")
+        self._rename(self._tensor(output, output), OUTPUT_NAME)
+        dims: list[str | int] = [BATCH_DIM, *input_shape]
+        inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, dims)]
+        out_dims = [BATCH_DIM, *output.meta["tensor_meta"].shape[1:]]
+        outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, out_dims)]
+        return helper.make_graph(self.nodes, "fddaq", inputs, outputs, self.initializers)
+
+    def _rename(self, old: str, new: str) -> None:
+        """Give the graph output its public name (an Identity when it is the graph input)."""
+        if old == INPUT_NAME:
+            self.nodes.append(helper.make_node("Identity", [old], [new], name=new))
+            return
+        for node in self.nodes:
+            node.input[:] = [new if name == old else name for name in node.input]
+            node.output[:] = [new if name == old else name for name in node.output]
+
+    def _foldable_batch_norms(self) -> dict[fx.Node, fx.Node]:
+        """Convolution node -> the BatchNorm2d node that is its only user."""
+        folds = {}
+        for node in self.module.graph.nodes:
+            if node.op != "call_module" or type(self.modules[node.target]) is not nn.BatchNorm2d:
+                continue
+            source = node.args[0]
+            if (
+                isinstance(source, fx.Node)
+                and source.op == "call_module"
+                and type(self.modules[source.target]) in (nn.Conv2d, FakeQuantConv2d)
+                and len(source.users) == 1
+            ):
+                folds[source] = node
+        return folds
+
+    def _describe(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"module '{node.target}' ({type(self.modules[node.target]).__name__})"
+        if node.op == "call_function":
+            return f"function {getattr(node.target, '__name__', node.target)} (node '{node.name}')"
+        if node.op == "call_method":
+            return f"method .{node.target}() (node '{node.name}')"
+        return f"{node.op} '{node.target}' (node '{node.name}')"
+
+    def _tensor(self, arg: Any, user: fx.Node) -> str:
+        if not isinstance(arg, fx.Node) or arg not in self.names:
+            raise ExportError(f"cannot export {self._describe(user)}: argument {arg!r} is not a tensor")
+        return self.names[arg]
+
+    # ---------------------------------------------------------------- emission helpers
+
+    def _emit(self, op: str, inputs: list[str], output: str, **attributes: Any) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+    def _constant(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def _unary(self, node: fx.Node, op: str, **attributes: Any) -> None:
+        self.names[node] = self._emit(op, [self._tensor(node.args[0], node)], node.name, **attributes)
+
+    def _pass_through(self, node: fx.Node, module: nn.Module) -> None:
+        self.names[node] = self._tensor(node.args[0], node)
+
+    # ---------------------------------------------------------------- weighted layers
+
+    def _quantized_input(self, x: str, layer: FakeQuantConv2d | FakeQuantLinear, prefix: str) -> str:
+        """x -> [Max -> Min] -> QuantizeLinear -> DequantizeLinear with the layer's input quantizer."""
+        quant = layer.input_quant
+        if not (self.quantize and quant.enabled):
+            return x
+        qmin, qmax = activation_range(quant.bits)
+        scale = np.float32(quant.scale().item())
+        zero_point = int(quant.zero_point.item())
+        storage = ml_dtypes.uint4 if quant.bits <= 4 else np.uint8
+        if quant.bits not in (4, 8):
+            # QuantizeLinear saturates only to the storage type's range: clamp to the grid's.
+            # Max/Min, not Clip: onnxruntime's ClipQuantFusion (basic optimizations, on by
+            # default) fails at session creation on Clip -> QuantizeLinear with a UINT4 zero point.
+            low = self._constant(f"{prefix}.input_min", np.float32(qmin - zero_point) * scale)
+            high = self._constant(f"{prefix}.input_max", np.float32(qmax - zero_point) * scale)
+            x = self._emit("Max", [x, low], f"{prefix}.input_above_min")
+            x = self._emit("Min", [x, high], f"{prefix}.input_clamped")
+        q_params = [
+            self._constant(f"{prefix}.input_scale", np.array(scale, np.float32)),
+            self._constant(f"{prefix}.input_zero_point", np.array(zero_point, storage)),
+        ]
+        quantized = self._emit("QuantizeLinear", [x, *q_params], f"{prefix}.input_quantized")
+        return self._emit("DequantizeLinear", [quantized, *q_params], f"{prefix}.input_dequantized")
+
+    def _weight(self, layer: nn.Conv2d | nn.Linear, gain: np.ndarray, prefix: str) -> str:
+        """The layer's weight times the per-output-channel `gain`: integers with a per-axis
+        DequantizeLinear for a fake-quant layer, a float initializer otherwise."""
+        if not (self.quantize and isinstance(layer, FAKE_QUANT_LAYERS)):
+            weight = _numpy(layer.weight) * gain.reshape(-1, *[1] * (layer.weight.dim() - 1))
+            return self._constant(f"{prefix}.weight", weight.astype(np.float32))
+        quant = layer.weight_quant
+        channel_shape = (-1, *[1] * (layer.weight.dim() - 1))
+        integers = _numpy(quant.quantize(layer.weight)) * np.sign(gain).reshape(channel_shape)
+        scale = (np.abs(gain) * _numpy(quant.scale())).astype(np.float32)
+        dead = scale == 0  # gamma 0: the channel is its bias alone
+        scale[dead] = 1.0
+        integers[dead] = 0
+        storage = ml_dtypes.int4 if quant.bits <= 4 else np.int8
+        inputs = [
+            self._constant(f"{prefix}.weight_quantized", integers.astype(storage)),
+            self._constant(f"{prefix}.weight_scale", scale),
+            self._constant(f"{prefix}.weight_zero_point", np.zeros(len(scale), storage)),
+        ]
+        return self._emit("DequantizeLinear", inputs, f"{prefix}.weight_dequantized", axis=0)
+
+    def _conv(self, node: fx.Node, conv: nn.Conv2d) -> None:
+        if conv.padding_mode != "zeros":
+            raise ExportError(f"cannot export {self._describe(node)}: padding_mode={conv.padding_mode!r} is not supported")
+        gain, shift = np.ones(conv.out_channels), np.zeros(conv.out_channels)
+        bn_node = self.folds.get(node)
+        if bn_node is not None:
+            gain, shift = _batch_norm_affine(self.modules[bn_node.target], bn_node.target)
+        x = self._tensor(node.args[0], node)
+        if isinstance(conv, FakeQuantConv2d):
+            x = self._quantized_input(x, conv, node.name)
+        inputs = [x, self._weight(conv, gain, node.name)]
+        if conv.bias is not None or bn_node is not None:
+            bias = shift if conv.bias is None else gain * _numpy(conv.bias) + shift
+            inputs.append(self._constant(f"{node.name}.bias", bias.astype(np.float32)))
+        kernel = _pair(conv.kernel_size)
+        dilation = _pair(conv.dilation)
+        if conv.padding == "valid":
+            begin = end = (0, 0)
+        elif conv.padding == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            begin = tuple(t // 2 for t in total)
+            end = tuple(t - b for t, b in zip(total, begin))
+        else:
+            begin = end = _pair(conv.padding)
+        output = self._emit(
+            "Conv", inputs, node.name,
+            kernel_shape=list(kernel), strides=list(_pair(conv.stride)), dilations=list(dilation),
+            pads=[*begin, *end], group=conv.groups,
+        )
+        self.names[node] = output
+        if bn_node is not None:
+            self.names[bn_node] = output
+
+    def _linear(self, node: fx.Node, linear: nn.Linear) -> None:
+        rank = len(node.args[0].meta["tensor_meta"].shape)
+        if rank != 2:
+            raise ExportError(f"cannot export {self._describe(node)}: its input has rank {rank}, only [N, features] is supported")
+        x = self._tensor(node.args[0], node)
+        if isinstance(linear, FakeQuantLinear):
+            x = self._quantized_input(x, linear, node.name)
+        inputs = [x, self._weight(linear, np.ones(linear.out_features), node.name)]
+        if linear.bias is not None:
+            inputs.append(self._constant(f"{node.name}.bias", _numpy(linear.bias).astype(np.float32)))
+        self.names[node] = self._emit("Gemm", inputs, node.name, transB=1)
+
+    # ---------------------------------------------------------------- other layers
+
+    def _batch_norm(self, node: fx.Node, bn: nn.BatchNorm2d) -> None:
+        """A BatchNorm2d that cannot be folded (its input feeds other nodes too)."""
+        params = [
+            self._constant(f"{node.name}.{key}", value.astype(np.float32))
+            for key, value in zip(("scale", "bias", "mean", "var"), _batch_norm_params(bn, node.target))
+        ]
+        x = self._tensor(node.args[0], node)
+        self.names[node] = self._emit("BatchNormalization", [x, *params], node.name, epsilon=bn.eps)
+
+    def _clip(self, node: fx.Node, module: nn.Hardtanh) -> None:
+        low = self._constant(f"{node.name}.min", np.array(module.min_val, np.float32))
+        high = self._constant(f"{node.name}.max", np.array(module.max_val, np.float32))
+        self.names[node] = self._emit("Clip", [self._tensor(node.args[0], node), low, high], node.name)
+
+    def _add(self, node: fx.Node) -> None:
+        if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+            raise ExportError(f"cannot export {self._describe(node)}: only a plain sum of two tensors is supported")
+        inputs = [self._tensor(arg, node) for arg in node.args]
+        self.names[node] = self._emit("Add", inputs, node.name)
+
+    def _global_average_pool(self, node: fx.Node, output_size: Any) -> None:
+        if _pair(output_size) != (1, 1):
+            raise ExportError(f"cannot export {self._describe(node)}: adaptive average pooling supports output_size 1 only")
+        self._unary(node, "GlobalAveragePool")
+
+    def _pool_attributes(self, node: fx.Node, pool: nn.AvgPool2d | nn.MaxPool2d) -> dict[str, Any]:
+        if pool.ceil_mode:
+            raise ExportError(f"cannot export {self._describe(node)}: ceil_mode=True is not supported")
+        padding = _pair(pool.padding)
+        stride = pool.stride if pool.stride is not None else pool.kernel_size
+        return {"kernel_shape": list(_pair(pool.kernel_size)), "strides": list(_pair(stride)), "pads": [*padding, *padding]}
+
+    def _average_pool(self, node: fx.Node, pool: nn.AvgPool2d) -> None:
+        if pool.divisor_override is not None:
+            raise ExportError(f"cannot export {self._describe(node)}: AvgPool2d divisor_override is not supported")
+        attributes = self._pool_attributes(node, pool)
+        self._unary(node, "AveragePool", count_include_pad=int(pool.count_include_pad), **attributes)
+
+    def _max_pool(self, node: fx.Node, pool: nn.MaxPool2d) -> None:
+        if pool.return_indices:
+            raise ExportError(f"cannot export {self._describe(node)}: MaxPool2d return_indices is not supported")
+        self._unary(node, "MaxPool", dilations=list(_pair(pool.dilation)), **self._pool_attributes(node, pool))
+
+    # ---------------------------------------------------------------- flattening
+
+    def _flatten(self, node: fx.Node, start_dim: int, end_dim: int) -> None:
+        if (start_dim, end_dim) != (1, -1):
+            raise ExportError(f"cannot export {self._describe(node)}: only flattening from dim 1 to the end is supported")
+        self._unary(node, "Flatten", axis=1)
+
+    def _flatten_module(self, node: fx.Node, module: nn.Flatten) -> None:
+        self._flatten(node, module.start_dim, module.end_dim)
+
+    def _flatten_call(self, node: fx.Node) -> None:
+        """torch.flatten(x, start_dim=0, end_dim=-1) and x.flatten(...)."""
+        self._flatten(node, _argument(node, 1, "start_dim", 0), _argument(node, 2, "end_dim", -1))
+
+    def _size(self, node: fx.Node) -> None:
+        """x.size(0): the batch size, usable only in x.view(x.size(0), -1)."""
+        if node.args[1:] != (0,) or node.kwargs:
+            raise ExportError(f"cannot export {self._describe(node)}: only x.size(0) is supported")
+        self.batch_sizes.add(node)
+
+    def _view(self, node: fx.Node) -> None:
+        """x.view(x.size(0), -1) and x.reshape(...) of the same form: a flatten from dim 1."""
+        x, *shape = node.args
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = list(shape[0])
+        batch = shape[0] if shape else None
+        if not (len(shape) == 2 and batch in self.batch_sizes and batch.args[0] is x and shape[1] == -1):
+            raise ExportError(f"cannot export {self._describe(node)}: only x.{node.target}(x.size(0), -1) is supported")
+        self._flatten(node, 1, -1)

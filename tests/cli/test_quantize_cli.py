@@ -1,0 +1,95 @@
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from fddaq import __version__
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
+BASE = [
+    "quantize", str(EXAMPLE / "model.pth"), "--arch", "fddaq:fashion_resnet",
+    "--calib", str(EXAMPLE / "calib"), "--quiet",
+]
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = invoke(*BASE, "--val", str(EXAMPLE / "val"), "--steps", "5", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_quantize_writes_checkpoint_onnx_and_report(quick_run):
+    out, result = quick_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["fddaq_version"] == __version__
+    assert report["data"] == {
+        "calib_images": 100, "calib_skipped": 0, "val_images": 2000, "val_skipped": 0, "verify_set": "val",
+    }
+    assert [e["name"] for e in report["plan"]][0] == "stem.0" and report["plan"][-1]["name"] == "fc"
+    assert all(e["weight_bits"] == 4 for e in report["plan"])
+    acc = report["accuracy"]
+    assert acc["float_top1"] > 90
+    assert acc["onnx_vs_fake_quant_agreement"] >= 99.5
+    assert abs(acc["onnx_top1"] - acc["fake_quant_top1"]) <= 0.5
+    assert report["size"]["ratio"] < 0.25
+    assert set(report["timings_s"]) >= {"load", "calibrate", "finetune", "evaluate", "export", "verify", "total"}
+    assert "ONNX top-1 (val)" in result.output
+
+
+def test_export_from_checkpoint_alone_reproduces_the_graph(quick_run, tmp_path):
+    out, _ = quick_run
+    result = invoke("export", str(out / "quantized.pt"), "-o", str(tmp_path / "again.onnx"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "again.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+def test_existing_outputs_need_force(quick_run):
+    out, _ = quick_run
+    before = (out / "report.json").read_bytes()
+    result = invoke(*BASE, "--steps", "0", "--out", str(out))
+    assert result.exit_code == 1
+    assert "already holds quantized.pt" in result.output and "--force" in result.output
+    assert (out / "report.json").read_bytes() == before
+
+
+def test_quality_gate_exits_3_after_writing_the_report(tmp_path):
+    result = invoke(*BASE, "--val", str(EXAMPLE / "val"), "--steps", "0", "--bits", "2",
+                    "--max-drop", "0.5", "--out", str(tmp_path))
+    assert result.exit_code == 3, result.output
+    assert "Quality gate failed" in result.output
+    assert json.loads((tmp_path / "report.json").read_text())["gate"]["drop"] > 0.5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--arch", "fddaq:nope"), "unknown architecture 'fddaq:nope'"),
+        (("--bits", "9"), "weight_bits=9 is outside the supported 2..8 bits"),
+        (("--calib", "/no/such/folder"), "image folder /no/such/folder does not exist"),
+        (("--max-drop", "1"), "--max-drop needs --val"),
+        (("--mean", "a,b"), "--mean='a,b' must be comma-separated numbers"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
+    result = invoke(*BASE, "--steps", "0", "--out", str(tmp_path / "o"), *args)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_errors_and_version(tmp_path):
+    result = invoke("export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "m.onnx"))
+    assert result.exit_code == 1 and "checkpoint" in result.output and "does not exist" in result.output
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.output

@@ -1,0 +1,33 @@
+"""Fixtures of the export tests; the helpers live in `export_helpers` (importable by tests)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from export_helpers import TinyResNet, quantize_model, randomize_batch_norms
+
+
+@pytest.fixture
+def images() -> Tensor:
+    return torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def tiny_resnet() -> Callable[..., nn.Module]:
+    """Factory: a seeded TinyResNet with random BatchNorm statistics, in eval mode."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return randomize_batch_norms(TinyResNet())
+
+    return build
+
+
+@pytest.fixture
+def quantized() -> Callable[..., nn.Module]:
+    """Factory: `quantize_model(model, images, weight_bits, act_bits)` (the model input at 8 bits)."""
+    return quantize_model

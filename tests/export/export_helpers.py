@@ -1,0 +1,94 @@
+"""Tiny seeded models and a cheap calibration for the export tests (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fddaq.config import QuantConfig
+from fddaq.quant.modules import FakeQuantConv2d, FakeQuantLinear
+from fddaq.quant.plan import resolve_layer_plan
+from fddaq.quant.prepare import prepare
+from fddaq.quant.primitives import activation_params, weight_range
+
+
+class TinyResNet(nn.Module):
+    """conv-BN-ReLU stem, one residual block (1x1 conv-BN shortcut, Add, ReLU6), average
+    pooling, flatten and a Linear head."""
+
+    def __init__(self, in_channels: int = 3, width: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.conv1 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(2 * width)
+        self.conv2 = nn.Conv2d(2 * width, 2 * width, (3, 3), padding=(1, 1))
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.shortcut = nn.Sequential(nn.Conv2d(width, 2 * width, 1, stride=(2, 2), bias=False), nn.BatchNorm2d(2 * width))
+        self.act = nn.ReLU6()
+        self.pool = nn.AvgPool2d(2)
+        self.head_pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        y = self.act(y + self.shortcut(x))
+        return self.fc(torch.flatten(self.head_pool(self.pool(y)), 1))
+
+
+def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running statistics and affine parameters, so folding is really tested; eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            with torch.no_grad():
+                module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+                module.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                module.bias.copy_(0.2 * torch.randn(n, generator=generator))
+    return model.eval()
+
+
+def execution_order(model: nn.Module, example: Tensor) -> list[str]:
+    """Names of the Conv2d/Linear modules in the order one forward pass calls them."""
+    order: list[str] = []
+    handles = [
+        module.register_forward_hook(lambda m, args, out, name=name: order.append(name))
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    ]
+    with torch.no_grad():
+        model(example)
+    for handle in handles:
+        handle.remove()
+    return order
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, images: Tensor, weight_bits: int, act_bits: int, clip: float = 0.8) -> nn.Module:
+    """The fake-quant version of `model` with ranges at `clip` times the observed extremes (so
+    weights and activations saturate too): per-channel max |w| and per-tensor min/max input.
+
+    (Cheap on purpose: the MSE searches of `fddaq.quant.calibrate` take seconds on 2 cores.)"""
+    model = model.eval()
+    order = execution_order(model, images[:1])
+    qmodel = prepare(model, resolve_layer_plan(model, order, QuantConfig(weight_bits=weight_bits, act_bits=act_bits)))
+    layers = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (FakeQuantConv2d, FakeQuantLinear))]
+    inputs: dict[str, Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.update({name: args[0]})) for name, m in layers]
+    for _, layer in layers:
+        layer.input_quant.enabled = False
+    qmodel(images)
+    for handle in handles:
+        handle.remove()
+    for name, layer in layers:
+        layer.input_quant.enabled = True
+        _, qmax = weight_range(weight_bits)
+        w_max = layer.weight.abs().flatten(1).amax(dim=1)
+        layer.weight_quant.set_scale(torch.where(w_max > 0, clip * w_max / qmax, torch.ones_like(w_max)))
+        x = inputs[name]
+        layer.input_quant.set_params(*activation_params(clip * x.min().item(), clip * x.max().item(), layer.input_quant.bits))
+    return qmodel

@@ -1,0 +1,82 @@
+"""onnxruntime execution and verification of exported graphs."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporters import VerifyReport, export_qdq, run_onnx, verify
+from fddaq.errors import ExportError
+
+
+@pytest.fixture
+def exported(tiny_resnet, quantized, images):
+    qmodel = quantized(tiny_resnet(), images, 4, 4)
+    return export_qdq(qmodel, (3, 16, 16)), qmodel
+
+
+def test_run_onnx_accepts_every_model_source_and_batches(exported, images, tmp_path):
+    onnx_model, _ = exported
+    path = tmp_path / "model.onnx"
+    onnx.save(onnx_model, path)
+    reference = run_onnx(onnx_model, images)
+    assert reference.shape == (64, 10) and reference.dtype == np.float32
+    for source in (onnx_model.SerializeToString(), path, str(path)):
+        np.testing.assert_array_equal(run_onnx(source, images.numpy()), reference)
+    # the convolution kernel depends on the batch size: equal up to float rounding
+    np.testing.assert_allclose(run_onnx(onnx_model, images, batch_size=7), reference, rtol=0, atol=1e-6)
+
+
+def test_run_onnx_reports_unloadable_models(tmp_path):
+    with pytest.raises(ExportError, match="onnxruntime cannot load the model"):
+        run_onnx(tmp_path / "missing.onnx", np.zeros((1, 3, 16, 16), np.float32))
+
+
+def test_missing_onnxruntime_is_a_clear_error(exported, images, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    with pytest.raises(ExportError, match=r"onnxruntime is not installed: pip install 'fddaq\[cpu\]'"):
+        run_onnx(exported[0], images)
+
+
+def test_verify_reports_agreement_and_accuracy(exported, images):
+    onnx_model, qmodel = exported
+    with torch.no_grad():
+        labels = qmodel(images).argmax(1)
+    labels[:16] = (labels[:16] + 1) % 10  # 25% wrong on purpose
+    report = verify(onnx_model, qmodel, images, labels, batch_size=20)
+    assert isinstance(report, VerifyReport)
+    assert report.samples == 64
+    assert report.agreement == report.optimized_agreement == 100.0
+    assert report.torch_top1 == report.onnx_top1 == 75.0
+    assert report.max_abs_diff < 1e-6 and 0 <= report.mean_abs_diff <= report.max_abs_diff
+    assert report.optimized_max_abs_diff < 0.05
+    assert report.to_json() == {
+        "samples": 64,
+        "agreement": 100.0,
+        "max_abs_diff": report.max_abs_diff,
+        "mean_abs_diff": report.mean_abs_diff,
+        "onnx_top1": 75.0,
+        "torch_top1": 75.0,
+        "optimized_agreement": 100.0,
+        "optimized_max_abs_diff": report.optimized_max_abs_diff,
+    }
+    assert verify(onnx_model, qmodel, images[:8]).torch_top1 is None
+
+
+def test_verify_rejects_bad_inputs(exported, images):
+    onnx_model, qmodel = exported
+    with pytest.raises(ExportError, match="3 labels for 64 images"):
+        verify(onnx_model, qmodel, images, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ExportError, match="at least one image"):
+        verify(onnx_model, qmodel, images[:0])
+
+
+def test_verify_leaves_the_torch_model_alone(exported, images):
+    onnx_model, qmodel = exported
+    qmodel.train()
+    verify(onnx_model, qmodel, images[:4])
+    assert qmodel.training

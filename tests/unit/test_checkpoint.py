@@ -1,0 +1,52 @@
+import io
+
+import pytest
+import torch
+
+from fddaq.checkpoint import ModelInfo, checkpoint_bytes, load_checkpoint
+from fddaq.config import QuantConfig
+from fddaq.data import preset
+from fddaq.errors import ModelError
+from fddaq.models import layer_execution_order
+from fddaq.quant.calibrate import calibrate
+from fddaq.quant.plan import resolve_layer_plan
+from fddaq.quant.prepare import prepare
+from fddaq.zoo.resnet import fashion_resnet
+
+INFO = ModelInfo("fddaq:fashion_resnet", None, preset("fashion-mnist", 1), tuple("abcdefghij"))
+
+
+@pytest.fixture
+def quantized():
+    torch.manual_seed(0)
+    model = fashion_resnet().eval()
+    plan = resolve_layer_plan(model, layer_execution_order(model, torch.zeros(1, 1, 28, 28)), QuantConfig(4, 4))
+    qmodel = prepare(model, plan)
+    calibrate(qmodel, torch.randn(16, 1, 28, 28))
+    return qmodel, plan
+
+
+def test_round_trip_is_exact_and_weights_only(tmp_path, quantized):
+    qmodel, plan = quantized
+    path = tmp_path / "q.pt"
+    path.write_bytes(checkpoint_bytes(qmodel, plan, INFO, {"config": {"steps": 3}}))
+    torch.load(path, weights_only=True)  # nothing but tensors and strings
+    loaded = load_checkpoint(path)
+    assert loaded.plan == plan and loaded.info == INFO and loaded.recipe["config"] == {"steps": 3}
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), qmodel(x))
+
+
+def test_rejects_foreign_and_future_files(tmp_path, quantized):
+    torch.save(fashion_resnet().state_dict(), tmp_path / "float.pth")
+    with pytest.raises(ModelError, match="not an fddaq checkpoint"):
+        load_checkpoint(tmp_path / "float.pth")
+    qmodel, plan = quantized
+    data = torch.load(io.BytesIO(checkpoint_bytes(qmodel, plan, INFO)), weights_only=True)
+    data["recipe"] = data["recipe"].replace('"format_version": 1', '"format_version": 99')
+    torch.save(data, tmp_path / "future.pt")
+    with pytest.raises(ModelError, match="format 99.*re-run `fddaq quantize`"):
+        load_checkpoint(tmp_path / "future.pt")
+    with pytest.raises(ModelError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
