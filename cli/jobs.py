@@ -74,9 +74,10 @@ def run_quantize(job: QuantizeJob, out: Path, on_event: EventHandler | None = No
         ("ONNX top-1 (val)", _pct(report["accuracy"]["onnx_top1"])),
         (f"ONNX vs fake-quant top-1 agreement ({report['data']['verify_set']}, {verify.samples} images)", _pct(verify.agreement)),
         ("ONNX max |logit diff| vs fake-quant", f"{verify.max_abs_diff:.2e}"),
+        ("same, onnxruntime graph optimizations on", f"{_pct(verify.optimized_agreement)} agree, max diff {verify.optimized_max_abs_diff:.2e}"),
         ("ONNX size vs float ONNX", f"{len(deployment.onnx) / 1024:.1f} KiB / {deployment.float_size / 1024:.1f} KiB "
                                      f"= {report['size']['ratio']:.3f}x"),
-        *((f"time: {stage}", f"{seconds:.1f}s") for stage, seconds in timings.items()),
+        *((f"time: {stage}", f"{seconds:.2f}s") for stage, seconds in timings.items()),
     ]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "quantized.pt", checkpoint)
