@@ -11,51 +11,119 @@ import torch
 
 from fddaq import __version__
 from fddaq.checkpoint import checkpoint_bytes
+from fddaq.config import RunConfig, SynthConfig
 from fddaq.events import EventHandler
-from fddaq.io import atomic_write_bytes, atomic_write_json
-from fddaq.pipeline import QuantizeJob, quantize
+from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, tensors_bytes
+from fddaq.pipeline import Inputs, Source, Synthesis, load_inputs, quantize, synthesize
+from fddaq.synth.preview import preview_grid
+
+MAX_CURVE_POINTS = 500
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}%"
 
 
-def run_quantize(job: QuantizeJob, out: Path, on_event: EventHandler | None = None) -> dict:
-    """Quantize, export, verify; write quantized.pt, model.onnx and report.json into `out`."""
+def _header(command: str, source: Source, config: dict) -> dict:
+    return {
+        "fddaq_version": __version__,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "command": command,
+        "inputs": {
+            "model": str(source.model_path), "arch": source.arch, "calib": str(source.calib_dir),
+            "val": None if source.val_dir is None else str(source.val_dir),
+        },
+        "config": config,
+    }
+
+
+def _data(inputs: Inputs) -> dict:
+    return {
+        "calib_images": len(inputs.calib), "calib_skipped": inputs.calib.skipped,
+        "calib_labelled": inputs.calib.labelled,
+        "val_images": None if inputs.val is None else len(inputs.val),
+        "val_skipped": None if inputs.val is None else inputs.val.skipped,
+    }
+
+
+def _synthesis_report(synthesis: Synthesis) -> dict:
+    curves = synthesis.result.curves
+    stride = max(1, len(curves.get("total", [])) // MAX_CURVE_POINTS)
+    return {
+        **synthesis.result.summary(),
+        "images": len(synthesis.labels),
+        "quality": synthesis.quality,
+        "curves": {"every_n_steps": stride, **{k: v[::stride] for k, v in curves.items()}},
+    }
+
+
+def _synthesis_rows(synthesis: Synthesis) -> list[tuple[str, str]]:
+    summary = synthesis.result.summary()
+    rows = [
+        ("BN layers / deep layers from", f"{summary['num_bn_layers']} / {summary['deep_start']}"),
+        ("classes with a BNS center", str(summary["classes_with_center"])),
+        ("misclassified calibration images excluded", str(summary["misclassified_excluded"])),
+    ]
+    for name, q in synthesis.quality.items():
+        rows.append((f"{name}: float top-1 / separation / diversity",
+                     f"{q['float_top1']:.1f}% / {q['separation']:.1f}% / {q['diversity']:.3f}"))
+    return rows
+
+
+def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHandler | None = None) -> dict:
+    """Train the generator; write synthetic.pt, preview.png and report.json into `out`."""
+    start = time.perf_counter()
+    inputs = load_inputs(source)
+    synthesis = synthesize(inputs, config, on_event)
+    report = {
+        **_header("synth", source, config.to_json()),
+        "model": inputs.info.to_json(),
+        "data": _data(inputs),
+        "synthesis": _synthesis_report(synthesis),
+        "timings_s": {"load": inputs.seconds, "synthesize": synthesis.seconds, "total": time.perf_counter() - start},
+    }
+    report["table"] = [
+        ("synthetic images", str(len(synthesis.labels))),
+        *_synthesis_rows(synthesis),
+        ("seconds per generator step", f"{report['synthesis']['seconds_per_step']:.3f}"),
+        *((f"time: {stage}", f"{seconds:.2f}s") for stage, seconds in report["timings_s"].items()),
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "synthetic.pt", tensors_bytes({"images": synthesis.images.contiguous(), "labels": synthesis.labels}))
+    atomic_write_bytes(out / "preview.png", png_bytes(preview_grid(synthesis.images, synthesis.labels, inputs.info.preprocess)))
+    atomic_write_json(out / "report.json", report)
+    return report
+
+
+def run_quantize(source: Source, config: RunConfig, out: Path, on_event: EventHandler | None = None) -> dict:
+    """Quantize, export, verify; write quantized.pt, model.onnx, report.json (and preview.png
+    when synthetic data was used) into `out`."""
     from exporters.deploy import deploy
 
     start = time.perf_counter()
-    result = quantize(job, on_event)
-    checkpoint = checkpoint_bytes(result.model, result.plan, result.info, {"config": job.config.to_json()})
-    check = result.val or result.calib
-    deployment = deploy(result.model, result.float_model, result.info, result.plan, check.images,
-                        check.labels if check.labelled else None)
+    result = quantize(source, config, on_event)
+    inputs = result.inputs
+    checkpoint = checkpoint_bytes(result.model, result.plan, inputs.info, {"config": config.to_json()})
+    check = inputs.val or inputs.calib
+    deployment = deploy(result.model, inputs.float_model, inputs.info, result.plan, check.images,
+                        check.labels if inputs.val is not None else None)
     timings = {**result.timings, **deployment.timings, "total": time.perf_counter() - start}
     verify = deployment.verify
     drop = None
     if result.float_top1 is not None and verify.onnx_top1 is not None:
         drop = result.float_top1 - verify.onnx_top1
+    header = _header("quantize", source, config.to_json())
+    header["versions"].update(deployment.versions)
     report = {
-        "fddaq_version": __version__,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, **deployment.versions},
-        "command": "quantize",
-        "inputs": {
-            "model": str(job.model_path), "arch": job.arch, "calib": str(job.calib_dir),
-            "val": None if job.val_dir is None else str(job.val_dir),
-        },
-        "config": job.config.to_json(),
-        "model": result.info.to_json(),
+        **header,
+        "model": inputs.info.to_json(),
         "plan": result.plan.to_json(),
-        "data": {
-            "calib_images": len(result.calib), "calib_skipped": result.calib.skipped,
-            "val_images": None if result.val is None else len(result.val),
-            "val_skipped": None if result.val is None else result.val.skipped,
-            "verify_set": "val" if result.val is not None else "calib",
-        },
+        "data": {**_data(inputs), "verify_set": "val" if inputs.val is not None else "calib"},
+        "synthesis": None if result.synthesis is None else _synthesis_report(result.synthesis),
         "accuracy": {
             "float_top1": result.float_top1,
             "fake_quant_top1": result.quant_top1,
-            "onnx_top1": verify.onnx_top1 if result.val is not None else None,
+            "onnx_top1": verify.onnx_top1,
             "onnx_vs_fake_quant_agreement": verify.agreement,
         },
         "verify": verify.to_json(),
@@ -71,16 +139,20 @@ def run_quantize(job: QuantizeJob, out: Path, on_event: EventHandler | None = No
     report["table"] = [
         ("float top-1 (val)", _pct(result.float_top1)),
         ("fake-quant top-1 (val)", _pct(result.quant_top1)),
-        ("ONNX top-1 (val)", _pct(report["accuracy"]["onnx_top1"])),
+        ("ONNX top-1 (val)", _pct(verify.onnx_top1)),
         (f"ONNX vs fake-quant top-1 agreement ({report['data']['verify_set']}, {verify.samples} images)", _pct(verify.agreement)),
         ("ONNX max |logit diff| vs fake-quant", f"{verify.max_abs_diff:.2e}"),
         ("same, onnxruntime graph optimizations on", f"{_pct(verify.optimized_agreement)} agree, max diff {verify.optimized_max_abs_diff:.2e}"),
         ("ONNX size vs float ONNX", f"{len(deployment.onnx) / 1024:.1f} KiB / {deployment.float_size / 1024:.1f} KiB "
                                      f"= {report['size']['ratio']:.3f}x"),
+        *([] if result.synthesis is None else _synthesis_rows(result.synthesis)),
         *((f"time: {stage}", f"{seconds:.2f}s") for stage, seconds in timings.items()),
     ]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "quantized.pt", checkpoint)
     atomic_write_bytes(out / "model.onnx", deployment.onnx)
+    if result.synthesis is not None:
+        s = result.synthesis
+        atomic_write_bytes(out / "preview.png", png_bytes(preview_grid(s.images, s.labels, inputs.info.preprocess)))
     atomic_write_json(out / "report.json", report)
     return report

@@ -25,7 +25,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_GATE = 3
-QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json")
+QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json", "preview.png")
+SYNTH_OUTPUTS = ("synthetic.pt", "preview.png", "report.json")
 
 
 def user_errors(command):
@@ -64,58 +65,84 @@ def _root(
     """fddaq: FDDA post-training quantization to QDQ ONNX."""
 
 
+def _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std):
+    from fddaq.pipeline import PreprocessOptions, Source
+
+    options = PreprocessOptions(preset, input_size, resize, _floats(mean, "--mean"), _floats(std, "--std"))
+    return Source(model, arch, calib, val, num_classes, classes, options)
+
+
+def _check_outputs(out: Path, names: tuple[str, ...], force: bool) -> None:
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not force:
+        raise ConfigError(f"{out} already holds {', '.join(existing)}: pass --force to overwrite or choose another --out")
+
+
+# Options shared by the commands that read a float model and images.
+MODEL = typer.Argument(..., help="Float state dict (.pth), loaded with weights_only=True.")
+ARCH = typer.Option(..., "--arch", help="Architecture: fddaq:NAME, torchvision:NAME or package.module:callable.")
+CALIB = typer.Option(..., "--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder).")
+NUM_CLASSES = typer.Option(None, "--num-classes", help="Passed to the architecture factory.")
+CLASSES = typer.Option(None, "--classes", help="File of class folder names, one per line (line i = class i).")
+PRESET = typer.Option(None, "--preset", help="Preprocessing preset: fashion-mnist, imagenet, efficientnet-lite.")
+INPUT_SIZE = typer.Option(None, "--input-size", help="Centre-crop size in pixels.")
+RESIZE = typer.Option(None, "--resize", help="Resize the shorter side to this before cropping.")
+MEAN = typer.Option(None, "--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406.")
+STD = typer.Option(None, "--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")
+SEED = typer.Option(0, "--seed", help="Random seed.")
+FORCE = typer.Option(False, "--force", help="Overwrite existing outputs.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress output; the table is still printed.")
+SYNTH_STEPS = typer.Option(500, "--synth-steps", help="Generator training steps.")
+
+
 @app.command()
 @user_errors
 def quantize(
-    model: Path = typer.Argument(..., help="Float state dict (.pth), loaded with weights_only=True."),
-    arch: str = typer.Option(..., "--arch", help="Architecture: fddaq:NAME, torchvision:NAME or package.module:callable."),
-    calib: Path = typer.Option(..., "--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder)."),
+    model: Path = MODEL,
+    arch: str = ARCH,
+    calib: Path = CALIB,
     val: Optional[Path] = typer.Option(None, "--val", help="Labelled validation images, same layout; used only to report."),
     bits: int = typer.Option(4, "--bits", help="Weight and activation bits of every layer, first and last included."),
     weight_bits: Optional[int] = typer.Option(None, "--weight-bits", help="Weight bits (default: --bits)."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="Activation bits (default: --bits)."),
     first_last_bits: Optional[int] = typer.Option(None, "--first-last-bits", help="Bits of the first and last layer (default: as the others)."),
     steps: int = typer.Option(400, "--steps", help="Fine-tuning steps (0: calibration only)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed of calibration sampling and fine-tuning."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Passed to the architecture factory."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Preprocessing preset: fashion-mnist, imagenet, efficientnet-lite."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Centre-crop size in pixels."),
-    resize: Optional[int] = typer.Option(None, "--resize", help="Resize the shorter side to this before cropping."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406."),
-    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std, e.g. 0.229,0.224,0.225."),
+    synthetic: int = typer.Option(1024, "--synthetic", help="FDDA synthetic images mixed into fine-tuning (0: real images only)."),
+    synth_steps: int = SYNTH_STEPS,
+    seed: int = SEED,
+    num_classes: Optional[int] = NUM_CLASSES,
+    classes: Optional[Path] = CLASSES,
+    preset: Optional[str] = PRESET,
+    input_size: Optional[int] = INPUT_SIZE,
+    resize: Optional[int] = RESIZE,
+    mean: Optional[str] = MEAN,
+    std: Optional[str] = STD,
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float."),
     out: Path = typer.Option(Path("out"), "--out", help="Output folder."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs in --out."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; the table is still printed."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
 ) -> None:
-    """Quantize a float model: calibrate on real images, fine-tune by distillation, export a QDQ
-    ONNX graph and verify it in onnxruntime.
+    """Quantize a float model: calibrate on real images, synthesize FDDA data, fine-tune by
+    distillation, export a QDQ ONNX graph and verify it in onnxruntime.
 
     Example: fddaq quantize examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet
     --calib examples/fashion_mnist/calib --val examples/fashion_mnist/val --bits 4 --out out/
     """
-    from fddaq.config import CalibrationConfig, FinetuneConfig, QuantConfig, RunConfig
-    from fddaq.pipeline import PreprocessOptions, QuantizeJob
+    from cli.jobs import run_quantize
+    from fddaq.config import CalibrationConfig, FinetuneConfig, QuantConfig, RunConfig, SynthConfig
 
-    existing = [name for name in QUANTIZE_OUTPUTS if (out / name).exists()]
-    if existing and not force:
-        raise ConfigError(f"{out} already holds {', '.join(existing)}: pass --force to overwrite or choose another --out")
+    _check_outputs(out, QUANTIZE_OUTPUTS, force)
     if max_drop is not None and val is None:
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
     config = RunConfig(
         quant=QuantConfig(weight_bits or bits, act_bits or bits, first_last_bits),
         calibration=CalibrationConfig(seed=seed),
+        synth=SynthConfig(steps=synth_steps, num_images=synthetic, seed=seed),
         finetune=FinetuneConfig(steps=steps, seed=seed),
     )
-    job = QuantizeJob(
-        model, arch, calib, val, num_classes,
-        PreprocessOptions(preset, input_size, resize, _floats(mean, "--mean"), _floats(std, "--std")),
-        config,
-    )
-    from cli.jobs import run_quantize
-
+    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std)
     with ProgressRenderer(console, quiet) as progress:
-        report = run_quantize(job, out, progress)
+        report = run_quantize(source, config, out, progress)
     console.print(table(f"fddaq quantize: {model.name} at W{config.quant.weight_bits}A{config.quant.act_bits}", report["table"]))
     console.print(f"wrote {out / 'quantized.pt'}, {out / 'model.onnx'}, {out / 'report.json'}")
     gate = report["gate"]
@@ -126,11 +153,52 @@ def quantize(
 
 @app.command()
 @user_errors
+def synth(
+    model: Path = MODEL,
+    arch: str = ARCH,
+    calib: Path = CALIB,
+    num: int = typer.Option(1024, "--num", help="Synthetic images to write."),
+    steps: int = SYNTH_STEPS,
+    val: Optional[Path] = typer.Option(None, "--val", help="Held-out labelled real images: the reference for the quality figures."),
+    seed: int = SEED,
+    num_classes: Optional[int] = NUM_CLASSES,
+    classes: Optional[Path] = CLASSES,
+    preset: Optional[str] = PRESET,
+    input_size: Optional[int] = INPUT_SIZE,
+    resize: Optional[int] = RESIZE,
+    mean: Optional[str] = MEAN,
+    std: Optional[str] = STD,
+    out: Path = typer.Option(Path("synth"), "--out", help="Output folder."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Train FDDA's conditional generator on the calibration images' BatchNorm statistics and
+    write labelled synthetic images (synthetic.pt), a preview grid and a report.
+
+    Example: fddaq synth examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet
+    --calib examples/fashion_mnist/calib --num 1024 --out synth/
+    """
+    from cli.jobs import run_synth
+    from fddaq.config import SynthConfig
+
+    _check_outputs(out, SYNTH_OUTPUTS, force)
+    if num < 1:
+        raise ConfigError(f"--num={num} must be at least 1")
+    config = SynthConfig(steps=steps, num_images=num, seed=seed)
+    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std)
+    with ProgressRenderer(console, quiet) as progress:
+        report = run_synth(source, config, out, progress)
+    console.print(table(f"fddaq synth: {model.name}", report["table"]))
+    console.print(f"wrote {out / 'synthetic.pt'}, {out / 'preview.png'}, {out / 'report.json'}")
+
+
+@app.command()
+@user_errors
 def export(
     checkpoint: Path = typer.Argument(..., help="quantized.pt written by `fddaq quantize`."),
     output: Path = typer.Option(Path("model.onnx"), "-o", "--output", help="ONNX file to write."),
     opset: int = typer.Option(21, "--opset", help="ONNX opset (21 or newer: INT4 types)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    force: bool = FORCE,
 ) -> None:
     """Re-export the QDQ ONNX graph from a checkpoint alone.
 

@@ -10,7 +10,12 @@ from rich.table import Table
 
 from fddaq.events import Event
 
-STAGE_TITLES = {"calibrate": "Calibrating ranges", "finetune": "Fine-tuning (distillation)"}
+STAGE_TITLES = {
+    "calibrate": "Calibrating ranges",
+    "synthesize": "Training the FDDA generator",
+    "generate": "Generating synthetic images",
+    "finetune": "Fine-tuning (distillation)",
+}
 
 
 class ProgressRenderer:

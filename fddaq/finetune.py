@@ -60,9 +60,11 @@ def finetune(
     teacher: nn.Module,
     images: Tensor,
     config: FinetuneConfig = FinetuneConfig(),
+    synthetic: Tensor | None = None,
     on_event: EventHandler | None = None,
 ) -> FinetuneResult:
-    """Train `student` in place to match `teacher` on augmented batches of `images`."""
+    """Train `student` in place to match `teacher` on augmented batches of real `images`
+    mixed with `synthetic` images (`config.synthetic_fraction` of each batch when given)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     teacher.eval()
@@ -81,8 +83,13 @@ def finetune(
     )
     losses: list[float] = []
     emit(on_event, "finetune", 0, config.steps)
+    num_synthetic = 0 if synthetic is None else round(config.batch_size * config.synthetic_fraction)
+    num_real = config.batch_size - num_synthetic
     for step in range(1, config.steps + 1):
-        batch = images[torch.randint(len(images), (config.batch_size,), generator=generator)]
+        batch = images[torch.randint(len(images), (num_real,), generator=generator)]
+        if num_synthetic:
+            picked = synthetic[torch.randint(len(synthetic), (num_synthetic,), generator=generator)]
+            batch = torch.cat([batch, picked])
         batch = augment(batch, generator)
         with torch.no_grad():
             target = teacher(batch)

@@ -26,3 +26,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, data: object) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def png_bytes(array) -> bytes:
+    """PNG encoding of a uint8 (H, W) or (H, W, 3) array."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tensors_bytes(tensors: dict) -> bytes:
+    """`torch.save` of a dict of tensors, as bytes (loads with `weights_only=True`)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return buffer.getvalue()

@@ -1,7 +1,8 @@
-"""The whole quantization job: load, plan, calibrate, fine-tune, evaluate.
+"""The jobs behind the commands: load what the user points at, synthesize, quantize.
 
-Stages to come plug in here: FDDA synthesis feeds `finetune` with synthetic images beside
-the real ones; recipes choose the fine-tuning configuration."""
+quantize: load -> plan -> calibrate (real images) -> FDDA synthesis -> fine-tune by
+distillation on real + synthetic images -> evaluate. Export and verification follow in
+`exporters/`, which this core library never imports."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoint import ModelInfo
-from .config import RunConfig
+from .config import RunConfig, SynthConfig
 from .data import ImageSet, Preprocess, load_image_folder, preset
 from .errors import ConfigError, DataError
 from .evaluate import predict, top1
@@ -23,6 +24,9 @@ from .models import input_channels, layer_execution_order, load_float_model, num
 from .quant.calibrate import calibrate
 from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
+from .stats import batchnorm_layers, class_statistics
+from .synth.quality import QualityProbe
+from .synth.train import SynthResult, generate, train_generator
 from .zoo import ZOO
 
 
@@ -38,28 +42,36 @@ class PreprocessOptions:
 
 
 @dataclass(frozen=True)
-class QuantizeJob:
+class Source:
+    """What the user points at: a float model, its architecture and image folders.
+    `classes_file` lists the model's class folder names, one per line (line i = class i)."""
+
     model_path: Path
     arch: str
     calib_dir: Path
     val_dir: Path | None = None
     num_classes: int | None = None
+    classes_file: Path | None = None
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
-    config: RunConfig = field(default_factory=RunConfig)
 
 
 @dataclass
-class QuantizeResult:
-    model: nn.Module  # fake-quant, eval mode
+class Inputs:
     float_model: nn.Module
-    plan: LayerPlan
     info: ModelInfo
-    calib: ImageSet
+    order: list[str]  # Conv2d/Linear names in execution order
+    calib: ImageSet  # labels: folder labels, or the float model's predictions for a flat folder
     val: ImageSet | None
-    finetune: FinetuneResult
-    float_top1: float | None  # on val, percent
-    quant_top1: float | None
-    timings: dict[str, float]
+    seconds: float
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        p = self.info.preprocess
+        return (p.channels, p.input_size, p.input_size)
 
 
 def resolve_preprocess(arch: str, channels: int, options: PreprocessOptions) -> Preprocess:
@@ -76,40 +88,114 @@ def resolve_preprocess(arch: str, channels: int, options: PreprocessOptions) -> 
     return Preprocess(channels=channels, **overrides)
 
 
-def quantize(job: QuantizeJob, on_event: EventHandler | None = None) -> QuantizeResult:
-    """Run the whole job on CPU and return the fine-tuned fake-quant model with its numbers."""
-    timings: dict[str, float] = {}
+def _class_names(source: Source, calib_dir_names: tuple[str, ...], outputs: int) -> tuple[str, ...]:
+    if source.classes_file is not None:
+        path = Path(source.classes_file)
+        if not path.is_file():
+            raise DataError(f"classes file {path} does not exist")
+        names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        if len(names) != outputs:
+            raise DataError(f"{path} lists {len(names)} classes but the model has {outputs} outputs")
+        return names
+    if len(calib_dir_names) == outputs:
+        return calib_dir_names
+    if len(calib_dir_names) > outputs:
+        raise DataError(f"{source.calib_dir} has {len(calib_dir_names)} class folders but the model has {outputs} outputs")
+    raise DataError(
+        f"{source.calib_dir} has {len(calib_dir_names)} class folders for a model with {outputs} outputs: "
+        "give --classes FILE (one folder name per line, line i = class i) to say which classes they are"
+    )
+
+
+def load_inputs(source: Source) -> Inputs:
+    """Load the float model (safely) and decode the image folders for it."""
     start = time.perf_counter()
-    float_model = load_float_model(job.model_path, job.arch, job.num_classes)
-    preprocess = resolve_preprocess(job.arch, input_channels(float_model), job.preprocess)
+    float_model = load_float_model(source.model_path, source.arch, source.num_classes)
+    preprocess = resolve_preprocess(source.arch, input_channels(float_model), source.preprocess)
     example = torch.zeros(1, preprocess.channels, preprocess.input_size, preprocess.input_size)
     order = layer_execution_order(float_model, example)
-    classes = num_outputs(float_model, order)
-    calib = load_image_folder(job.calib_dir, preprocess)
-    class_names = calib.class_names if calib.labelled else tuple(str(i) for i in range(classes))
-    if len(class_names) > classes:
-        raise DataError(f"{job.calib_dir} has {len(class_names)} class folders but the model has {classes} outputs")
-    val = load_image_folder(job.val_dir, preprocess, class_names) if job.val_dir is not None else None
-    if val is not None and not val.labelled:
-        raise DataError(f"{job.val_dir} must hold one folder per class to measure accuracy")
-    timings["load"] = time.perf_counter() - start
+    outputs = num_outputs(float_model, order)
+    names = None
+    if source.classes_file is not None:
+        names = _class_names(source, (), outputs)
+    calib = load_image_folder(source.calib_dir, preprocess, names)
+    if calib.labelled:
+        names = names or _class_names(source, calib.class_names, outputs)
+    else:
+        names = names or tuple(str(i) for i in range(outputs))
+        calib = replace(calib, labels=predict(float_model, calib.images).argmax(1), class_names=names)
+    val = None
+    if source.val_dir is not None:
+        val = load_image_folder(source.val_dir, preprocess, names)
+        if not val.labelled:
+            raise DataError(f"{source.val_dir} must hold one folder per class to measure accuracy")
+    info = ModelInfo(source.arch, source.num_classes, preprocess, names)
+    return Inputs(float_model, info, order, calib, val, time.perf_counter() - start)
+
+
+@dataclass
+class Synthesis:
+    images: Tensor  # (N, C, H, W) in model-input space
+    labels: Tensor  # (N,) int64
+    result: SynthResult
+    quality: dict[str, dict]  # "synthetic" (and "real_val" when labelled images were held out)
+    seconds: float
+
+
+def synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | None = None) -> Synthesis:
+    """Train FDDA's generator on the calibration images' BNS centers and draw
+    `config.num_images` labelled images; measure them against held-out real images."""
+    start = time.perf_counter()
+    model = inputs.float_model
+    layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
+    statistics = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
+    result = train_generator(model, layers, statistics, inputs.input_shape, config, on_event)
+    images, labels = generate(result.generator, config.num_images, config.seed, on_event=on_event)
+    probe = QualityProbe(model, layers, statistics, result.deep_start)
+    quality = {"synthetic": probe.measure(images, labels).to_json()}
+    if inputs.val is not None:
+        quality["real_val"] = probe.measure(inputs.val.images, inputs.val.labels).to_json()
+    return Synthesis(images, labels, result, quality, time.perf_counter() - start)
+
+
+@dataclass
+class QuantizeResult:
+    model: nn.Module  # fake-quant, eval mode
+    inputs: Inputs
+    plan: LayerPlan
+    synthesis: Synthesis | None
+    finetune: FinetuneResult
+    float_top1: float | None  # on val, percent
+    quant_top1: float | None
+    timings: dict[str, float]
+
+
+def quantize(source: Source, config: RunConfig, on_event: EventHandler | None = None) -> QuantizeResult:
+    """Run the whole job on CPU and return the fine-tuned fake-quant model with its numbers."""
+    inputs = load_inputs(source)
+    timings = {"load": inputs.seconds}
 
     start = time.perf_counter()
-    plan = resolve_layer_plan(float_model, order, job.config.quant)
-    model = prepare(float_model, plan)
-    calibrate(model, calib.images, job.config.calibration, on_event=on_event)
+    plan = resolve_layer_plan(inputs.float_model, inputs.order, config.quant)
+    model = prepare(inputs.float_model, plan)
+    calibrate(model, inputs.calib.images, config.calibration, on_event=on_event)
     timings["calibrate"] = time.perf_counter() - start
 
+    synthesis = None
+    if config.synth.num_images > 0 and config.finetune.steps > 0:
+        synthesis = synthesize(inputs, config.synth, on_event)
+        timings["synthesize"] = synthesis.seconds
+
     start = time.perf_counter()
-    tuned = finetune(model, float_model, calib.images, job.config.finetune, on_event=on_event)
+    synthetic = None if synthesis is None else synthesis.images
+    tuned = finetune(model, inputs.float_model, inputs.calib.images, config.finetune, synthetic, on_event)
     timings["finetune"] = time.perf_counter() - start
 
     float_top1 = quant_top1 = None
-    if val is not None:
+    if inputs.val is not None:
         start = time.perf_counter()
-        float_top1 = top1(predict(float_model, val.images), val.labels)
-        quant_top1 = top1(predict(model, val.images), val.labels)
+        float_top1 = top1(predict(inputs.float_model, inputs.val.images), inputs.val.labels)
+        quant_top1 = top1(predict(model, inputs.val.images), inputs.val.labels)
         timings["evaluate"] = time.perf_counter() - start
-    info = ModelInfo(job.arch, job.num_classes, preprocess, class_names)
-    return QuantizeResult(model.eval(), float_model, plan, info, calib, val, tuned, float_top1, quant_top1, timings)
+    return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings)
 

@@ -7,6 +7,7 @@ from typing import Callable
 
 from torch import nn
 
+from .efficientnet import efficientnet_lite0
 from .resnet import fashion_resnet
 
 
@@ -18,4 +19,5 @@ class ZooEntry:
 
 ZOO: dict[str, ZooEntry] = {
     "fashion_resnet": ZooEntry(fashion_resnet, "fashion-mnist"),
+    "efficientnet_lite0": ZooEntry(efficientnet_lite0, "efficientnet-lite"),
 }

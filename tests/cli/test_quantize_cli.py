@@ -23,7 +23,8 @@ def invoke(*args: str):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = invoke(*BASE, "--val", str(EXAMPLE / "val"), "--steps", "5", "--out", str(out))
+    result = invoke(*BASE, "--val", str(EXAMPLE / "val"), "--steps", "5",
+                    "--synth-steps", "3", "--synthetic", "64", "--out", str(out))
     assert result.exit_code == 0, result.output
     return out, result
 
@@ -44,6 +45,7 @@ def test_quantize_writes_checkpoint_onnx_and_report(quick_run):
     assert report["size"]["ratio"] < 0.25
     assert set(report["timings_s"]) >= {"load", "calibrate", "finetune", "evaluate", "export", "verify", "total"}
     assert "ONNX top-1 (val)" in result.output
+    assert report["synthesis"]["images"] == 64 and (out / "preview.png").exists()
 
 
 def test_export_from_checkpoint_alone_reproduces_the_graph(quick_run, tmp_path):

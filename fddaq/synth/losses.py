@@ -1,0 +1,46 @@
+"""FDDA's generator losses on plain tensors. BNS losses compare a batch's BatchNorm-input
+mean and variance with a target per layer (mean-reduced MSE), averaged over layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def bns_loss(mean: Tensor, var: Tensor, target_mean: Tensor, target_var: Tensor) -> Tensor:
+    """MSE of the mean plus MSE of the variance for one layer."""
+    return F.mse_loss(mean, target_mean) + F.mse_loss(var, target_var)
+
+
+def global_bns_loss(stats: list[tuple[Tensor, Tensor]], running: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Batch statistics against every BN layer's running mean and variance (GDFQ/ZeroQ)."""
+    return torch.stack([bns_loss(m, v, rm, rv) for (m, v), (rm, rv) in zip(stats, running, strict=True)]).mean()
+
+
+def centralized_bns_loss(stats: list[tuple[Tensor, Tensor]], centers: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """BNS-centralized (C-BNS): a single-class batch's deep-layer statistics against its class
+    center."""
+    return torch.stack([bns_loss(m, v, cm, cv) for (m, v), (cm, cv) in zip(stats, centers, strict=True)]).mean()
+
+
+def distorted_bns_loss(
+    stats: list[tuple[Tensor, Tensor]],
+    centers: list[tuple[Tensor, Tensor]],
+    mean_std: float,
+    var_std: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """BNS-distorted (D-BNS): as C-BNS, against the center plus fresh Gaussian noise drawn per
+    element (std `mean_std` on means, `var_std` on variances), imitating intra-class spread."""
+    losses = []
+    for (m, v), (cm, cv) in zip(stats, centers, strict=True):
+        noise_m = torch.randn(cm.shape, generator=generator, device=cm.device) * mean_std
+        noise_v = torch.randn(cv.shape, generator=generator, device=cv.device) * var_std
+        losses.append(bns_loss(m, v, cm + noise_m, cv + noise_v))
+    return torch.stack(losses).mean()
+
+
+def class_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of the float model on generated images for their requested labels."""
+    return F.cross_entropy(logits, labels)

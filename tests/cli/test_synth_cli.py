@@ -1,0 +1,50 @@
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
+runner = CliRunner()
+
+
+def test_synth_writes_labelled_images_preview_and_curves(tmp_path):
+    result = runner.invoke(app, [
+        "synth", str(EXAMPLE / "model.pth"), "--arch", "fddaq:fashion_resnet",
+        "--calib", str(EXAMPLE / "calib"), "--val", str(EXAMPLE / "val"),
+        "--num", "30", "--steps", "4", "--out", str(tmp_path), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    data = torch.load(tmp_path / "synthetic.pt", weights_only=True)
+    assert data["images"].shape == (30, 1, 28, 28) and data["images"].dtype == torch.float32
+    assert data["labels"].dtype == torch.int64 and sorted(set(data["labels"].tolist())) == list(range(10))
+    assert Image.open(tmp_path / "preview.png").size[1] == 10 * 30 - 2  # one row per class
+    report = json.loads((tmp_path / "report.json").read_text())
+    synthesis = report["synthesis"]
+    assert synthesis["num_bn_layers"] == 9 and synthesis["deep_start"] == 3
+    assert synthesis["classes_with_center"] <= 10 and synthesis["misclassified_excluded"] >= 0
+    assert len(synthesis["curves"]["dbns"]) == 4
+    assert set(synthesis["quality"]) == {"synthetic", "real_val"}
+    assert report["config"]["noise_var_std"] == 1.0
+
+
+def test_synth_refuses_to_overwrite_and_partial_class_folders(tmp_path):
+    (tmp_path / "report.json").write_text("{}")
+    base = ["synth", str(EXAMPLE / "model.pth"), "--arch", "fddaq:fashion_resnet", "--steps", "1"]
+    result = runner.invoke(app, [*base, "--calib", str(EXAMPLE / "calib"), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "--force" in result.output
+    partial = tmp_path / "partial"
+    (partial / "7_sneaker").mkdir(parents=True)
+    for png in sorted((EXAMPLE / "calib" / "7_sneaker").glob("*.png"))[:2]:
+        (partial / "7_sneaker" / png.name).write_bytes(png.read_bytes())
+    result = runner.invoke(app, [*base, "--calib", str(partial), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "--classes FILE" in result.output
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(p.name for p in sorted((EXAMPLE / "calib").iterdir())))
+    result = runner.invoke(app, [*base, "--calib", str(partial), "--classes", str(classes),
+                                 "--num", "10", "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["synthesis"]["classes_with_center"] <= 1

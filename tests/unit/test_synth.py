@@ -1,0 +1,109 @@
+import pytest
+import torch
+from torch import nn
+
+from fddaq.config import SynthConfig
+from fddaq.stats import batchnorm_layers, class_statistics
+from fddaq.synth.generator import Generator
+from fddaq.synth.losses import bns_loss, centralized_bns_loss, class_loss, distorted_bns_loss, global_bns_loss
+from fddaq.synth.quality import QualityProbe
+from fddaq.synth.train import generate, train_generator
+from tests.conftest import TinyResNet, randomize_bn
+
+M = [torch.tensor([1.0, 2.0])]
+V = [torch.tensor([3.0, 5.0])]
+
+
+def test_bns_loss_is_mse_of_mean_plus_mse_of_variance():
+    assert bns_loss(M[0], V[0], torch.tensor([0.0, 0.0]), torch.tensor([3.0, 1.0])).item() == pytest.approx(2.5 + 8.0)
+
+
+def test_global_loss_averages_layers_against_running_statistics():
+    stats = [(M[0], V[0]), (torch.zeros(1), torch.ones(1))]
+    running = [(M[0], V[0]), (torch.ones(1), torch.ones(1))]
+    assert global_bns_loss(stats, running).item() == pytest.approx((0.0 + 1.0) / 2)
+
+
+def test_centralized_loss_is_zero_at_the_center():
+    stats = [(M[0], V[0])]
+    assert centralized_bns_loss(stats, [(M[0], V[0])]).item() == 0.0
+    assert centralized_bns_loss(stats, [(M[0] + 1, V[0])]).item() == pytest.approx(1.0)
+
+
+def test_distorted_loss_draws_fresh_seeded_noise_of_the_given_std():
+    stats, centers = [(M[0], V[0])], [(M[0], V[0])]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = distorted_bns_loss(stats, centers, 0.5, 1.0, g())
+    assert a.item() == distorted_bns_loss(stats, centers, 0.5, 1.0, g()).item()
+    assert distorted_bns_loss(stats, centers, 0.0, 0.0, g()).item() == 0.0
+    # expectation: noise variance on means + on variances
+    big = [(torch.zeros(20000), torch.zeros(20000))]
+    assert distorted_bns_loss(big, big, 0.5, 1.0, g()).item() == pytest.approx(0.25 + 1.0, rel=0.05)
+
+
+def test_class_loss_is_cross_entropy():
+    logits = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
+    assert class_loss(logits, torch.tensor([0, 1])).item() < 1e-3
+
+
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 30), (3, 64)])
+def test_generator_shapes_for_grey_rgb_and_odd_sizes(channels, size):
+    gen = Generator(num_classes=7, channels=channels, image_size=size, width=16)
+    x = gen.sample(torch.arange(6) % 7)
+    assert x.shape == (6, channels, size, size)
+    assert abs(x.mean().item()) < 0.2  # standardised output
+
+
+def setup(channels=1):
+    torch.manual_seed(0)
+    model = randomize_bn(TinyResNet(in_channels=channels, num_classes=4))
+    layers = batchnorm_layers(model, torch.zeros(1, channels, 16, 16))
+    images = torch.randn(8, channels, 16, 16)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])  # class 3 has no calibration image
+    return model, layers, class_statistics(model, layers, images, labels, 4)
+
+
+SMALL = dict(batch_size=8, width=16, latent_dim=8)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_training_is_seeded_and_covers_partial_classes(channels):
+    model, layers, stats = setup(channels)
+    config = SynthConfig(steps=3, **SMALL)
+    a = train_generator(model, layers, stats, (channels, 16, 16), config)
+    b = train_generator(model, layers, stats, (channels, 16, 16), config)
+    assert a.curves == b.curves and len(a.curves["total"]) == 3
+    assert all(len(a.curves[k]) == 3 for k in ("ce", "bns", "cbns", "dbns", "ce_single"))
+    x1, y1 = generate(a.generator, 10, seed=1)
+    x2, y2 = generate(b.generator, 10, seed=1)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert sorted(y1.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]  # every class, even without center
+    assert all(p.requires_grad for p in model.parameters())  # teacher restored
+
+
+def test_only_classes_with_a_center_get_center_losses():
+    model, layers, stats = setup()
+    result = train_generator(model, layers, stats, (1, 16, 16), SynthConfig(steps=1, **SMALL))
+    assert result.classes_with_center <= 3
+    empty = class_statistics(model, layers, torch.randn(2, 1, 16, 16), torch.tensor([0, 1]), 4)
+    empty = type(empty)(empty.means, empty.variances, empty.labels, torch.tensor([False, False]), 4)
+    result = train_generator(model, layers, empty, (1, 16, 16), SynthConfig(steps=2, center_warmup=0, **SMALL))
+    assert result.curves["cbns"] == [] and result.classes_with_center == 0
+
+
+def test_generator_steps_lower_the_loss():
+    model, layers, stats = setup()
+    config = SynthConfig(steps=60, lr=1e-2, **SMALL)
+    curves = train_generator(model, layers, stats, (1, 16, 16), config).curves["total"]
+    assert sum(curves[-10:]) / 10 < sum(curves[:10]) / 10
+
+
+def test_quality_probe_scores_real_images_against_their_own_centers():
+    model, layers, stats = setup()
+    probe = QualityProbe(model, layers, stats, start=1)
+    images = torch.randn(8, 1, 16, 16)
+    q = probe.measure(images, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert q.images == 8 and 0 <= q.separation <= 100 and q.diversity > 0
+    # identical images in a class: no diversity
+    same = probe.measure(images[:1].repeat(4, 1, 1, 1), torch.tensor([0, 0, 0, 0]))
+    assert same.diversity == pytest.approx(0.0, abs=1e-6)
