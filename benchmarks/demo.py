@@ -25,6 +25,9 @@ sys.path.insert(0, str(EXAMPLE))
 import fmnist  # noqa: E402
 
 
+STAGES = ("load", "calibrate", "synthesize", "finetune", "evaluate", "export", "verify")
+
+
 def run(val: Path, out: Path, extra: list[str]) -> tuple[dict, float]:
     fddaq = Path(sys.executable).parent / "fddaq"
     command = [
@@ -43,7 +46,7 @@ def row(name: str, report: dict, wall: float) -> str:
         f"| {name} | {report['data']['val_images']} | {acc['float_top1']:.2f} | {acc['fake_quant_top1']:.2f} | "
         f"{acc['onnx_top1']:.2f} | {acc['onnx_vs_fake_quant_agreement']:.2f} | {size['ratio']:.3f} "
         f"({size['onnx_bytes'] / 1024:.1f} / {size['float_onnx_bytes'] / 1024:.1f} KiB) | "
-        + " / ".join(f"{report['timings_s'][k]:.1f}" for k in ("load", "calibrate", "finetune", "evaluate", "export", "verify"))
+        + " / ".join(f"{report['timings_s'].get(k, 0.0):.1f}" for k in STAGES)
         + f" | {wall:.1f} |"
     )
 
@@ -65,7 +68,7 @@ def main() -> None:
     walls = [wall for _, wall in demo]
     print(f"machine: {platform.machine()}, {platform.python_version()}, date {time.strftime('%Y-%m-%d')}")
     print("| run | images | float top-1 | fake-quant top-1 | ONNX top-1 | ONNX vs fake-quant agreement | "
-          "ONNX size vs float | load / calibrate / finetune / evaluate / export / verify (s) | wall (s) |")
+          f"ONNX size vs float | {' / '.join(STAGES)} (s) | wall (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(row("demo, val/ (median-wall run)", demo[walls.index(statistics.median(walls))][0], statistics.median(walls)))
     print(row("demo, full test set", *full))

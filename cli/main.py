@@ -78,29 +78,65 @@ def _check_outputs(out: Path, names: tuple[str, ...], force: bool) -> None:
         raise ConfigError(f"{out} already holds {', '.join(existing)}: pass --force to overwrite or choose another --out")
 
 
-# Options shared by the commands that read a float model and images.
-MODEL = typer.Argument(..., help="Float state dict (.pth), loaded with weights_only=True.")
-ARCH = typer.Option(..., "--arch", help="Architecture: fddaq:NAME, torchvision:NAME or package.module:callable.")
-CALIB = typer.Option(..., "--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder).")
-NUM_CLASSES = typer.Option(None, "--num-classes", help="Passed to the architecture factory.")
-CLASSES = typer.Option(None, "--classes", help="File of class folder names, one per line (line i = class i).")
-PRESET = typer.Option(None, "--preset", help="Preprocessing preset: fashion-mnist, imagenet, efficientnet-lite.")
-INPUT_SIZE = typer.Option(None, "--input-size", help="Centre-crop size in pixels.")
-RESIZE = typer.Option(None, "--resize", help="Resize the shorter side to this before cropping.")
-MEAN = typer.Option(None, "--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406.")
-STD = typer.Option(None, "--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")
-SEED = typer.Option(0, "--seed", help="Random seed.")
-FORCE = typer.Option(False, "--force", help="Overwrite existing outputs.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress output; the table is still printed.")
-SYNTH_STEPS = typer.Option(500, "--synth-steps", help="Generator training steps.")
+# Options shared by the commands that read a float model and images (a fresh object per use).
+def _model_option():
+    return typer.Argument(..., help="Float state dict (.pth), loaded with weights_only=True.")
+
+
+def _arch_option():
+    return typer.Option(..., "--arch", help="Architecture: fddaq:NAME, torchvision:NAME or package.module:callable.")
+
+
+def _calib_option():
+    return typer.Option(..., "--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder).")
+
+
+def _num_classes_option():
+    return typer.Option(None, "--num-classes", help="Passed to the architecture factory.")
+
+
+def _classes_option():
+    return typer.Option(None, "--classes", help="File of class folder names, one per line (line i = class i).")
+
+
+def _preset_option():
+    return typer.Option(None, "--preset", help="Preprocessing preset: fashion-mnist, imagenet, efficientnet-lite.")
+
+
+def _input_size_option():
+    return typer.Option(None, "--input-size", help="Centre-crop size in pixels.")
+
+
+def _resize_option():
+    return typer.Option(None, "--resize", help="Resize the shorter side to this before cropping.")
+
+
+def _mean_option():
+    return typer.Option(None, "--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406.")
+
+
+def _std_option():
+    return typer.Option(None, "--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")
+
+
+def _seed_option():
+    return typer.Option(0, "--seed", help="Random seed.")
+
+
+def _force_option():
+    return typer.Option(False, "--force", help="Overwrite existing outputs.")
+
+
+def _quiet_option():
+    return typer.Option(False, "--quiet", "-q", help="No progress output; the table is still printed.")
 
 
 @app.command()
 @user_errors
 def quantize(
-    model: Path = MODEL,
-    arch: str = ARCH,
-    calib: Path = CALIB,
+    model: Path = _model_option(),
+    arch: str = _arch_option(),
+    calib: Path = _calib_option(),
     val: Optional[Path] = typer.Option(None, "--val", help="Labelled validation images, same layout; used only to report."),
     bits: int = typer.Option(4, "--bits", help="Weight and activation bits of every layer, first and last included."),
     weight_bits: Optional[int] = typer.Option(None, "--weight-bits", help="Weight bits (default: --bits)."),
@@ -108,19 +144,19 @@ def quantize(
     first_last_bits: Optional[int] = typer.Option(None, "--first-last-bits", help="Bits of the first and last layer (default: as the others)."),
     steps: int = typer.Option(400, "--steps", help="Fine-tuning steps (0: calibration only)."),
     synthetic: int = typer.Option(1024, "--synthetic", help="FDDA synthetic images mixed into fine-tuning (0: real images only)."),
-    synth_steps: int = SYNTH_STEPS,
-    seed: int = SEED,
-    num_classes: Optional[int] = NUM_CLASSES,
-    classes: Optional[Path] = CLASSES,
-    preset: Optional[str] = PRESET,
-    input_size: Optional[int] = INPUT_SIZE,
-    resize: Optional[int] = RESIZE,
-    mean: Optional[str] = MEAN,
-    std: Optional[str] = STD,
+    synth_steps: int = typer.Option(500, "--synth-steps", help="FDDA generator training steps."),
+    seed: int = _seed_option(),
+    num_classes: Optional[int] = _num_classes_option(),
+    classes: Optional[Path] = _classes_option(),
+    preset: Optional[str] = _preset_option(),
+    input_size: Optional[int] = _input_size_option(),
+    resize: Optional[int] = _resize_option(),
+    mean: Optional[str] = _mean_option(),
+    std: Optional[str] = _std_option(),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float."),
     out: Path = typer.Option(Path("out"), "--out", help="Output folder."),
-    force: bool = FORCE,
-    quiet: bool = QUIET,
+    force: bool = _force_option(),
+    quiet: bool = _quiet_option(),
 ) -> None:
     """Quantize a float model: calibrate on real images, synthesize FDDA data, fine-tune by
     distillation, export a QDQ ONNX graph and verify it in onnxruntime.
@@ -154,23 +190,23 @@ def quantize(
 @app.command()
 @user_errors
 def synth(
-    model: Path = MODEL,
-    arch: str = ARCH,
-    calib: Path = CALIB,
+    model: Path = _model_option(),
+    arch: str = _arch_option(),
+    calib: Path = _calib_option(),
     num: int = typer.Option(1024, "--num", help="Synthetic images to write."),
-    steps: int = SYNTH_STEPS,
+    steps: int = typer.Option(500, "--steps", help="Generator training steps."),
     val: Optional[Path] = typer.Option(None, "--val", help="Held-out labelled real images: the reference for the quality figures."),
-    seed: int = SEED,
-    num_classes: Optional[int] = NUM_CLASSES,
-    classes: Optional[Path] = CLASSES,
-    preset: Optional[str] = PRESET,
-    input_size: Optional[int] = INPUT_SIZE,
-    resize: Optional[int] = RESIZE,
-    mean: Optional[str] = MEAN,
-    std: Optional[str] = STD,
+    seed: int = _seed_option(),
+    num_classes: Optional[int] = _num_classes_option(),
+    classes: Optional[Path] = _classes_option(),
+    preset: Optional[str] = _preset_option(),
+    input_size: Optional[int] = _input_size_option(),
+    resize: Optional[int] = _resize_option(),
+    mean: Optional[str] = _mean_option(),
+    std: Optional[str] = _std_option(),
     out: Path = typer.Option(Path("synth"), "--out", help="Output folder."),
-    force: bool = FORCE,
-    quiet: bool = QUIET,
+    force: bool = _force_option(),
+    quiet: bool = _quiet_option(),
 ) -> None:
     """Train FDDA's conditional generator on the calibration images' BatchNorm statistics and
     write labelled synthetic images (synthetic.pt), a preview grid and a report.
@@ -198,7 +234,7 @@ def export(
     checkpoint: Path = typer.Argument(..., help="quantized.pt written by `fddaq quantize`."),
     output: Path = typer.Option(Path("model.onnx"), "-o", "--output", help="ONNX file to write."),
     opset: int = typer.Option(21, "--opset", help="ONNX opset (21 or newer: INT4 types)."),
-    force: bool = FORCE,
+    force: bool = _force_option(),
 ) -> None:
     """Re-export the QDQ ONNX graph from a checkpoint alone.
 

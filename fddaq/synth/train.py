@@ -119,12 +119,18 @@ def train_generator(
 
 @torch.no_grad()
 def generate(
-    generator: Generator, num: int, seed: int = 0, batch_size: int = 64, on_event: EventHandler | None = None
+    generator: Generator,
+    num: int,
+    seed: int = 0,
+    classes: Tensor | None = None,
+    batch_size: int = 64,
+    on_event: EventHandler | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`num` images with labels spread evenly over all classes (shuffled), drawn in batches
-    from the generator in train mode (its last BatchNorm standardises per batch)."""
+    """`num` images with labels spread evenly over `classes` (default: all), shuffled, drawn
+    in batches from the generator in train mode (its last BatchNorm standardises per batch)."""
     rng = torch.Generator().manual_seed(seed)
-    labels = (torch.arange(num) % generator.num_classes)[torch.randperm(num, generator=rng)]
+    classes = torch.arange(generator.num_classes) if classes is None else classes
+    labels = classes[torch.arange(num) % len(classes)][torch.randperm(num, generator=rng)]
     generator.train()
     images = []
     emit(on_event, "generate", 0, num)

@@ -34,7 +34,8 @@ def test_quantize_writes_checkpoint_onnx_and_report(quick_run):
     report = json.loads((out / "report.json").read_text())
     assert report["fddaq_version"] == __version__
     assert report["data"] == {
-        "calib_images": 100, "calib_skipped": 0, "val_images": 2000, "val_skipped": 0, "verify_set": "val",
+        "calib_images": 100, "calib_skipped": 0, "calib_labelled": True, "val_images": 2000, "val_skipped": 0,
+        "verify_set": "val",
     }
     assert [e["name"] for e in report["plan"]][0] == "stem.0" and report["plan"][-1]["name"] == "fc"
     assert all(e["weight_bits"] == 4 for e in report["plan"])
