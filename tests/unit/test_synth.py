@@ -46,7 +46,7 @@ def test_class_loss_is_cross_entropy():
     assert class_loss(logits, torch.tensor([0, 1])).item() < 1e-3
 
 
-@pytest.mark.parametrize("channels, size", [(1, 28), (3, 30), (3, 64)])
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 30), (3, 64), (3, 260)])
 def test_generator_shapes_for_grey_rgb_and_odd_sizes(channels, size):
     gen = Generator(num_classes=7, channels=channels, image_size=size, width=16)
     x = gen.sample(torch.arange(6) % 7)
