@@ -12,13 +12,11 @@ import torch
 from fddaq import __version__
 from fddaq.checkpoint import checkpoint_bytes
 from fddaq.config import RunConfig, SynthConfig
+from fddaq.errors import ConfigError
 from fddaq.events import EventHandler
 from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, tensors_bytes
 from fddaq.pipeline import Inputs, Source, Synthesis, load_inputs, quantize, synthesize
 from fddaq.synth.preview import preview_grid
-
-MAX_CURVE_POINTS = 500
-
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}%"
@@ -46,25 +44,14 @@ def _data(inputs: Inputs) -> dict:
     }
 
 
-def _synthesis_report(synthesis: Synthesis) -> dict:
-    curves = synthesis.result.curves
-    stride = max(1, len(curves.get("total", [])) // MAX_CURVE_POINTS)
-    return {
-        **synthesis.result.summary(),
-        "images": len(synthesis.labels),
-        "quality": synthesis.quality,
-        "curves": {"every_n_steps": stride, **{k: v[::stride] for k, v in curves.items()}},
-    }
-
-
 def _synthesis_rows(synthesis: Synthesis) -> list[tuple[str, str]]:
-    summary = synthesis.result.summary()
+    summary = synthesis.report
     rows = [
         ("BN layers / deep layers from", f"{summary['num_bn_layers']} / {summary['deep_start']}"),
         ("classes with a BNS center", str(summary["classes_with_center"])),
         ("misclassified calibration images excluded", str(summary["misclassified_excluded"])),
     ]
-    for name, q in synthesis.quality.items():
+    for name, q in summary["quality"].items():
         rows.append((f"{name}: float top-1 / separation / diversity",
                      f"{q['float_top1']:.1f}% / {q['separation']:.1f}% / {q['diversity']:.3f}"))
     return rows
@@ -79,7 +66,7 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
         **_header("synth", source, config.to_json()),
         "model": inputs.info.to_json(),
         "data": _data(inputs),
-        "synthesis": _synthesis_report(synthesis),
+        "synthesis": synthesis.report,
         "timings_s": {"load": inputs.seconds, "synthesize": synthesis.seconds, "total": time.perf_counter() - start},
     }
     report["table"] = [
@@ -95,13 +82,31 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
     return report
 
 
-def run_quantize(source: Source, config: RunConfig, out: Path, on_event: EventHandler | None = None) -> dict:
+RESUME_FILE = "resume.pt"
+
+
+def read_resume_state(out: Path) -> dict:
+    """The state an interrupted `quantize --out out` left behind."""
+    path = out / RESUME_FILE
+    if not path.is_file():
+        raise ConfigError(f"nothing to resume: {path} does not exist (it is written while fine-tuning runs)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise ConfigError(f"{path} is not a resumable fddaq state ({str(exc).splitlines()[0]}): run without --resume") from exc
+
+
+def run_quantize(
+    source: Source, config: RunConfig, out: Path, on_event: EventHandler | None = None, resume: bool = False
+) -> dict:
     """Quantize, export, verify; write quantized.pt, model.onnx, report.json (and preview.png
-    when synthetic data was used) into `out`."""
+    when synthetic data was used) into `out`. While fine-tuning, `out/resume.pt` holds the
+    latest resumable state; `resume` continues from it. It is removed once all is written."""
     from exporters.deploy import deploy
 
     start = time.perf_counter()
-    result = quantize(source, config, on_event)
+    state = read_resume_state(out) if resume else None
+    result = quantize(source, config, on_event, lambda s: atomic_write_bytes(out / RESUME_FILE, tensors_bytes(s)), state)
     inputs = result.inputs
     checkpoint = checkpoint_bytes(result.model, result.plan, inputs.info, {"config": config.to_json()})
     check = inputs.val or inputs.calib
@@ -119,7 +124,7 @@ def run_quantize(source: Source, config: RunConfig, out: Path, on_event: EventHa
         "model": inputs.info.to_json(),
         "plan": result.plan.to_json(),
         "data": {**_data(inputs), "verify_set": "val" if inputs.val is not None else "calib"},
-        "synthesis": None if result.synthesis is None else _synthesis_report(result.synthesis),
+        "synthesis": None if result.synthesis is None else result.synthesis.report,
         "accuracy": {
             "float_top1": result.float_top1,
             "fake_quant_top1": result.quant_top1,
@@ -148,11 +153,11 @@ def run_quantize(source: Source, config: RunConfig, out: Path, on_event: EventHa
         *([] if result.synthesis is None else _synthesis_rows(result.synthesis)),
         *((f"time: {stage}", f"{seconds:.2f}s") for stage, seconds in timings.items()),
     ]
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "quantized.pt", checkpoint)
     atomic_write_bytes(out / "model.onnx", deployment.onnx)
     if result.synthesis is not None:
         s = result.synthesis
         atomic_write_bytes(out / "preview.png", png_bytes(preview_grid(s.images, s.labels, inputs.info.preprocess)))
     atomic_write_json(out / "report.json", report)
+    (out / RESUME_FILE).unlink(missing_ok=True)
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_GATE = 3
+EXIT_INTERRUPTED = 130
 QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json", "preview.png")
 SYNTH_OUTPUTS = ("synthetic.pt", "preview.png", "report.json")
 
@@ -39,6 +41,10 @@ def user_errors(command):
         except FddaqError as exc:
             err_console.print(f"Error: {exc}", highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("Interrupted: no output was half-written. `quantize` continues from its last "
+                              "saved step when run again with the same options and --resume.")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
 
@@ -142,9 +148,10 @@ def quantize(
     weight_bits: Optional[int] = typer.Option(None, "--weight-bits", help="Weight bits (default: --bits)."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="Activation bits (default: --bits)."),
     first_last_bits: Optional[int] = typer.Option(None, "--first-last-bits", help="Bits of the first and last layer (default: as the others)."),
-    steps: int = typer.Option(400, "--steps", help="Fine-tuning steps (0: calibration only)."),
-    synthetic: int = typer.Option(1024, "--synthetic", help="FDDA synthetic images mixed into fine-tuning (0: real images only)."),
-    synth_steps: int = typer.Option(500, "--synth-steps", help="FDDA generator training steps."),
+    recipe: str = typer.Option("fddaq", "--recipe", help="fddaq (default), fdda-paper (the official recipe) or ptq (calibration only)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps (recipe default: 400; 0: calibration only)."),
+    synthetic: Optional[int] = typer.Option(None, "--synthetic", help="FDDA synthetic images mixed into fine-tuning (recipe default: 1024; 0: real images only)."),
+    synth_steps: Optional[int] = typer.Option(None, "--synth-steps", help="FDDA generator training steps (default 500)."),
     seed: int = _seed_option(),
     num_classes: Optional[int] = _num_classes_option(),
     classes: Optional[Path] = _classes_option(),
@@ -155,6 +162,7 @@ def quantize(
     std: Optional[str] = _std_option(),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float."),
     out: Path = typer.Option(Path("out"), "--out", help="Output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same options)."),
     force: bool = _force_option(),
     quiet: bool = _quiet_option(),
 ) -> None:
@@ -165,21 +173,18 @@ def quantize(
     --calib examples/fashion_mnist/calib --val examples/fashion_mnist/val --bits 4 --out out/
     """
     from cli.jobs import run_quantize
-    from fddaq.config import CalibrationConfig, FinetuneConfig, QuantConfig, RunConfig, SynthConfig
+    from fddaq.config import QuantConfig
+    from fddaq.recipes import recipe_config
 
     _check_outputs(out, QUANTIZE_OUTPUTS, force)
     if max_drop is not None and val is None:
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
-    config = RunConfig(
-        quant=QuantConfig(weight_bits or bits, act_bits or bits, first_last_bits),
-        calibration=CalibrationConfig(seed=seed),
-        synth=SynthConfig(steps=synth_steps, num_images=synthetic, seed=seed),
-        finetune=FinetuneConfig(steps=steps, seed=seed),
-    )
+    quant = QuantConfig(weight_bits or bits, act_bits or bits, first_last_bits)
+    config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps)
     source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std)
     with ProgressRenderer(console, quiet) as progress:
-        report = run_quantize(source, config, out, progress)
-    console.print(table(f"fddaq quantize: {model.name} at W{config.quant.weight_bits}A{config.quant.act_bits}", report["table"]))
+        report = run_quantize(source, config, out, progress, resume)
+    console.print(table(f"fddaq quantize: {model.name} at W{quant.weight_bits}A{quant.act_bits}, recipe {recipe}", report["table"]))
     console.print(f"wrote {out / 'quantized.pt'}, {out / 'model.onnx'}, {out / 'report.json'}")
     gate = report["gate"]
     if max_drop is not None and gate["drop"] is not None and gate["drop"] > max_drop:
@@ -253,4 +258,9 @@ def export(
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill stops like Ctrl-C
     app()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

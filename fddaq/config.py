@@ -48,24 +48,56 @@ class CalibrationConfig:
         _check_positive("max_samples", self.max_samples)
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Distillation of the fake-quant student from the float teacher (last step is kept)."""
+    """Distillation of the fake-quant student from the float teacher; the last step is kept.
+
+    Loss: kd_weight * T^2 * KL(teacher/T || student/T) + ce_weight * CE(student, labels).
+    `learn_scales`: step sizes are learned (LSQ) from their calibrated values; otherwise
+    weight scales follow each channel's max |w| every step and activation ranges are EMA
+    min/max observers (momentum `act_ema`) during the first `observe_fraction` of the steps,
+    then frozen (the official FDDA recipe). `holdout`: fraction of the calibration images of
+    each class with at least 5 images kept out of training, to report accuracy while
+    training (never to select anything). A state to resume from is handed out every
+    `checkpoint_every` steps."""
 
     steps: int = 400
     batch_size: int = 32
+    optimizer: str = "adam"
     weight_lr: float = 2e-5
     scale_lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
     temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    learn_scales: bool = True
+    act_ema: float = 0.9
+    observe_fraction: float = 0.01
+    augment: bool = True
     synthetic_fraction: float = 0.5
+    holdout: float = 0.1
+    checkpoint_every: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_positive("steps", self.steps, allow_zero=True)
-        for name in ("batch_size", "weight_lr", "scale_lr", "temperature"):
+        for name in ("batch_size", "weight_lr", "scale_lr", "temperature", "checkpoint_every"):
             _check_positive(name, getattr(self, name))
-        if not 0 <= self.synthetic_fraction < 1:
-            raise ConfigError(f"synthetic_fraction={self.synthetic_fraction} must be within [0, 1)")
+        for name in ("momentum", "weight_decay", "kd_weight", "ce_weight"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        for name in ("synthetic_fraction", "holdout", "act_ema"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be within [0, 1)")
+        if not 0 <= self.observe_fraction <= 1:
+            raise ConfigError(f"observe_fraction={self.observe_fraction} must be within [0, 1]")
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ConfigError("kd_weight and ce_weight are both 0: the student would learn nothing")
 
 
 @dataclass(frozen=True)
@@ -124,6 +156,7 @@ class RunConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    recipe: str = "custom"
 
     def to_json(self) -> dict:
         return asdict(self)

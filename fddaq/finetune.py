@@ -1,22 +1,30 @@
 """Distillation fine-tuning of the fake-quant student from the float teacher.
 
 The student's BatchNorm layers stay in eval mode with frozen statistics and affine parameters
-(they are folded at export); its conv/linear weights, biases and quantizer step sizes learn.
-The last step is kept: nothing is selected on validation data."""
+(they are folded at export); its conv/linear weights, biases and (per recipe) quantizer step
+sizes learn. The last step is kept: nothing is selected on validation data. The loop hands
+out its whole state every few steps and when interrupted, and continues from such a state to
+the same result as an uninterrupted run."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FinetuneConfig
+from .evaluate import predict, top1
 from .events import EventHandler, emit
 from .quant.calibrate import fake_quant_layers
+
+RESUME_FORMAT = 1
+Checkpointer = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -25,10 +33,27 @@ class FinetuneResult:
     first_loss: float
     last_loss: float
     seconds: float
+    holdout_images: int
+    holdout_top1: float | None  # student top-1 on the held-out calibration images, last step
+    resumed_from: int | None = None
     selection: str = "last step"
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def split_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (train, holdout): `fraction` of each class with at least 5 images (at least
+    one image of such a class), chosen at random with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    train, holdout = [], []
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = max(1, round(fraction * len(members))) if fraction > 0 and len(members) >= 5 else 0
+        holdout.append(members[:count])
+        train.append(members[count:])
+    return torch.cat(train).sort().values, torch.cat(holdout).sort().values
 
 
 def augment(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -55,52 +80,148 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     ) * (t * t)
 
 
+def student_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, config: FinetuneConfig) -> Tensor:
+    """kd_weight * distillation + ce_weight * cross-entropy on the labels."""
+    loss = config.kd_weight * distillation_loss(student_logits, teacher_logits, config.temperature)
+    if config.ce_weight:
+        loss = loss + config.ce_weight * F.cross_entropy(student_logits, labels)
+    return loss
+
+
+class _Batches:
+    """Seeded batches mixing real and synthetic images (with their labels), augmented per image."""
+
+    def __init__(self, config: FinetuneConfig, real: tuple[Tensor, Tensor], synthetic: tuple[Tensor, Tensor] | None):
+        self.config, self.real, self.synthetic = config, real, synthetic
+        self.num_synthetic = 0 if synthetic is None else round(config.batch_size * config.synthetic_fraction)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        parts = [(self.real, self.config.batch_size - self.num_synthetic)]
+        if self.num_synthetic:
+            parts.append((self.synthetic, self.num_synthetic))
+        images, labels = [], []
+        for (x, y), count in parts:
+            picked = torch.randint(len(x), (count,), generator=self.generator)
+            images.append(x[picked])
+            labels.append(y[picked])
+        batch = torch.cat(images)
+        if self.config.augment:
+            batch = augment(batch, self.generator)
+        return batch, torch.cat(labels)
+
+
+def _optimizer(student: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    layers = [layer for _, layer in fake_quant_layers(student)]
+    weights = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+    groups = [{"params": weights, "lr": config.weight_lr}]
+    if config.learn_scales:
+        scales = [q.log_scale for layer in layers for q in (layer.weight_quant, layer.input_quant)]
+        groups.append({"params": scales, "lr": config.scale_lr})
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.momentum > 0,
+                               weight_decay=config.weight_decay)
+    return torch.optim.Adam(groups, weight_decay=config.weight_decay)
+
+
+def _set_weight_ranges(student: nn.Module) -> None:
+    for _, layer in fake_quant_layers(student):
+        layer.weight_quant.set_scale(layer.weight_quant.min_max_scale(layer.weight))
+
+
+def _set_observers(student: nn.Module, momentum: float | None) -> None:
+    for _, layer in fake_quant_layers(student):
+        layer.input_quant.ema_momentum = momentum
+
+
 def finetune(
     student: nn.Module,
     teacher: nn.Module,
-    images: Tensor,
+    real: tuple[Tensor, Tensor],
     config: FinetuneConfig = FinetuneConfig(),
-    synthetic: Tensor | None = None,
+    synthetic: tuple[Tensor, Tensor] | None = None,
     on_event: EventHandler | None = None,
+    on_checkpoint: Checkpointer | None = None,
+    resume: dict | None = None,
 ) -> FinetuneResult:
-    """Train `student` in place to match `teacher` on augmented batches of real `images`
-    mixed with `synthetic` images (`config.synthetic_fraction` of each batch when given)."""
+    """Train `student` in place to match `teacher` on batches of real (images, labels) mixed
+    with synthetic ones (`config.synthetic_fraction` of each batch when given).
+
+    `on_checkpoint(state)` receives a resumable state before the first step and every
+    `checkpoint_every` steps (an interrupted run loses at most those steps); `resume`
+    continues from such a state to the same result as an uninterrupted run."""
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(config.seed)
+    train_idx, holdout_idx = split_holdout(real[1], config.holdout, config.seed)
+    holdout = (real[0][holdout_idx], real[1][holdout_idx])
+    batches = _Batches(config, (real[0][train_idx], real[1][train_idx]), synthetic)
     teacher.eval()
     student.eval()  # frozen BatchNorm statistics; fake quantization is mode-independent
     for module in student.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.requires_grad_(False)
-    layers = [layer for _, layer in fake_quant_layers(student)]
-    scales = [q.log_scale for layer in layers for q in (layer.weight_quant, layer.input_quant)]
-    weights = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-    optimizer = torch.optim.Adam(
-        [{"params": weights, "lr": config.weight_lr}, {"params": scales, "lr": config.scale_lr}]
-    )
+    optimizer = _optimizer(student, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps)))
     )
+    observe_steps = 0 if config.learn_scales else math.ceil(config.observe_fraction * config.steps)
     losses: list[float] = []
-    emit(on_event, "finetune", 0, config.steps)
-    num_synthetic = 0 if synthetic is None else round(config.batch_size * config.synthetic_fraction)
-    num_real = config.batch_size - num_synthetic
-    for step in range(1, config.steps + 1):
-        batch = images[torch.randint(len(images), (num_real,), generator=generator)]
-        if num_synthetic:
-            picked = synthetic[torch.randint(len(synthetic), (num_synthetic,), generator=generator)]
-            batch = torch.cat([batch, picked])
-        batch = augment(batch, generator)
-        with torch.no_grad():
-            target = teacher(batch)
-        loss = distillation_loss(student(batch), target, config.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        emit(on_event, "finetune", step, config.steps, loss=losses[-1])
+    first = 1
+    if resume is not None:
+        first = resume["step"] + 1
+        student.load_state_dict(resume["student"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        batches.generator.set_state(resume["rng"])
+        losses = resume["losses"].tolist()
+        for (_, layer), observed in zip(fake_quant_layers(student), resume["observed"].tolist()):
+            layer.input_quant.observed = None if math.isnan(observed[0]) else tuple(observed)
+
+    def state(step: int) -> dict:
+        """A snapshot (copies, not live tensors) of everything the next steps depend on."""
+        observed = [layer.input_quant.observed or (math.nan, math.nan) for _, layer in fake_quant_layers(student)]
+        return copy.deepcopy({
+            "format": RESUME_FORMAT, "step": step, "student": student.state_dict(),
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "rng": batches.generator.get_state(), "losses": torch.tensor(losses, dtype=torch.float64),
+            "observed": torch.tensor(observed, dtype=torch.float64).reshape(-1, 2),
+        })
+
+    def holdout_top1() -> float | None:
+        return top1(predict(student, holdout[0]), holdout[1]) if len(holdout[1]) else None
+
+    emit(on_event, "finetune", first - 1, config.steps)
+    if on_checkpoint is not None and resume is None:
+        on_checkpoint(state(0))
+    try:
+        for step in range(first, config.steps + 1):
+            _set_observers(student, config.act_ema if step <= observe_steps else None)
+            if not config.learn_scales:
+                _set_weight_ranges(student)
+            images, labels = batches.next()
+            with torch.no_grad():
+                target = teacher(images)
+            loss = student_loss(student(images), target, labels, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            metrics = {"loss": losses[-1]}
+            if step == config.steps or step % config.checkpoint_every == 0:
+                accuracy = holdout_top1()
+                if accuracy is not None:
+                    metrics["holdout_top1"] = accuracy
+                if on_checkpoint is not None and step < config.steps:
+                    on_checkpoint(state(step))
+            emit(on_event, "finetune", step, config.steps, **metrics)
+    finally:
+        _set_observers(student, None)
+    if not config.learn_scales:
+        _set_weight_ranges(student)  # freeze the exported scales at the final weights
     window = max(1, min(20, len(losses) // 5))
-    first = sum(losses[:window]) / window if losses else float("nan")
-    last = sum(losses[-window:]) / window if losses else float("nan")
-    return FinetuneResult(config.steps, first, last, time.perf_counter() - start)
+    first_loss = sum(losses[:window]) / window if losses else float("nan")
+    last_loss = sum(losses[-window:]) / window if losses else float("nan")
+    return FinetuneResult(
+        config.steps, first_loss, last_loss, time.perf_counter() - start, len(holdout[1]),
+        holdout_top1(), None if resume is None else resume["step"],
+    )

@@ -6,9 +6,11 @@ distillation on real + synthetic images -> evaluate. Export and verification fol
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -133,12 +135,14 @@ def load_inputs(source: Source) -> Inputs:
     return Inputs(float_model, info, order, calib, val, time.perf_counter() - start)
 
 
+MAX_CURVE_POINTS = 500
+
+
 @dataclass
 class Synthesis:
     images: Tensor  # (N, C, H, W) in model-input space
     labels: Tensor  # (N,) int64
-    result: SynthResult
-    quality: dict[str, dict]  # "synthetic" (and "real_val" when labelled images were held out)
+    report: dict  # generator summary, quality figures, per-loss curves
     seconds: float
 
 
@@ -155,7 +159,14 @@ def synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | Non
     quality = {"synthetic": probe.measure(images, labels).to_json()}
     if inputs.val is not None:
         quality["real_val"] = probe.measure(inputs.val.images, inputs.val.labels).to_json()
-    return Synthesis(images, labels, result, quality, time.perf_counter() - start)
+    stride = max(1, len(result.curves["total"]) // MAX_CURVE_POINTS)
+    report = {
+        **result.summary(),
+        "images": len(labels),
+        "quality": quality,
+        "curves": {"every_n_steps": stride, **{k: v[::stride] for k, v in result.curves.items()}},
+    }
+    return Synthesis(images, labels, report, time.perf_counter() - start)
 
 
 @dataclass
@@ -170,8 +181,26 @@ class QuantizeResult:
     timings: dict[str, float]
 
 
-def quantize(source: Source, config: RunConfig, on_event: EventHandler | None = None) -> QuantizeResult:
-    """Run the whole job on CPU and return the fine-tuned fake-quant model with its numbers."""
+# A resumable state: {"config": RunConfig as a JSON string, "synthesis": {images, labels, report} or None,
+# "finetune": the fine-tuning loop's state}. `on_checkpoint` receives the latest one.
+ResumeState = dict
+ResumeHandler = Callable[[ResumeState], None]
+
+
+def quantize(
+    source: Source,
+    config: RunConfig,
+    on_event: EventHandler | None = None,
+    on_checkpoint: ResumeHandler | None = None,
+    resume: ResumeState | None = None,
+) -> QuantizeResult:
+    """Run the whole job on CPU and return the fine-tuned fake-quant model with its numbers.
+
+    `on_checkpoint` receives resumable states (after synthesis, then during fine-tuning);
+    `resume` continues from one, which must come from the same configuration."""
+    config_json = json.dumps(config.to_json(), sort_keys=True)
+    if resume is not None and resume["config"] != config_json:
+        raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
     inputs = load_inputs(source)
     timings = {"load": inputs.seconds}
 
@@ -182,15 +211,28 @@ def quantize(source: Source, config: RunConfig, on_event: EventHandler | None = 
     timings["calibrate"] = time.perf_counter() - start
 
     synthesis = None
-    if config.synth.num_images > 0 and config.finetune.steps > 0:
+    if resume is not None and resume["synthesis"] is not None:
+        saved = resume["synthesis"]
+        synthesis = Synthesis(saved["images"], saved["labels"], json.loads(saved["report"]), 0.0)
+    elif config.synth.num_images > 0 and config.finetune.steps > 0:
         synthesis = synthesize(inputs, config.synth, on_event)
         timings["synthesize"] = synthesis.seconds
+    saved_synthesis = None if synthesis is None else {
+        "images": synthesis.images, "labels": synthesis.labels, "report": json.dumps(synthesis.report),
+    }
+
+    def checkpoint(finetune_state: dict) -> None:
+        if on_checkpoint is not None:
+            on_checkpoint({"config": config_json, "synthesis": saved_synthesis, "finetune": finetune_state})
 
     start = time.perf_counter()
-    synthetic = None if synthesis is None else synthesis.images
-    tuned = finetune(model, inputs.float_model, inputs.calib.images, config.finetune, synthetic, on_event)
+    real = (inputs.calib.images, inputs.calib.labels)
+    synthetic = None if synthesis is None else (synthesis.images, synthesis.labels)
+    tuned = finetune(
+        model, inputs.float_model, real, config.finetune, synthetic, on_event, checkpoint,
+        None if resume is None else resume["finetune"],
+    )
     timings["finetune"] = time.perf_counter() - start
-
     float_top1 = quant_top1 = None
     if inputs.val is not None:
         start = time.perf_counter()

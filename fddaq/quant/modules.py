@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .primitives import MIN_SCALE, activation_range, fake_quant, weight_range
+from .primitives import MIN_SCALE, activation_params, activation_range, fake_quant, weight_range
 
 
 class WeightQuantizer(nn.Module):
@@ -25,6 +25,12 @@ class WeightQuantizer(nn.Module):
     def set_scale(self, scale: Tensor) -> None:
         with torch.no_grad():
             self.log_scale.copy_(scale.clamp(min=MIN_SCALE).log())
+
+    def min_max_scale(self, weight: Tensor) -> Tensor:
+        """Per-channel max |w| / qmax: the range-from-weights scale (never 0)."""
+        _, qmax = weight_range(self.bits)
+        w_max = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
+        return torch.where(w_max > 0, w_max / qmax, torch.ones_like(w_max))
 
     def _channel_scale(self, weight: Tensor) -> Tensor:
         return self.scale().reshape(-1, *[1] * (weight.dim() - 1))
@@ -45,12 +51,16 @@ class WeightQuantizer(nn.Module):
 class ActivationQuantizer(nn.Module):
     """Asymmetric per-tensor quantizer: learnable log step size, integer zero point.
 
-    `enabled = False` makes it the identity (used while observing float inputs)."""
+    `enabled = False` makes it the identity (used while observing float inputs).
+    `ema_momentum` set (e.g. 0.9) makes it an observer: each forward first moves a running
+    min/max towards the batch's (EMA) and sets the grid from it (the official FDDA recipe)."""
 
     def __init__(self, bits: int) -> None:
         super().__init__()
         self.bits = bits
         self.enabled = True
+        self.ema_momentum: float | None = None
+        self.observed: tuple[float, float] | None = None
         self.log_scale = nn.Parameter(torch.zeros(()))
         self.register_buffer("zero_point", torch.zeros(()))
 
@@ -62,9 +72,19 @@ class ActivationQuantizer(nn.Module):
             self.log_scale.fill_(math.log(max(scale, MIN_SCALE)))
             self.zero_point.fill_(zero_point)
 
+    def observe(self, x: Tensor) -> None:
+        lo, hi = x.detach().min().item(), x.detach().max().item()
+        if self.observed is not None:
+            m = self.ema_momentum
+            lo, hi = m * self.observed[0] + (1 - m) * lo, m * self.observed[1] + (1 - m) * hi
+        self.observed = (lo, hi)
+        self.set_params(*activation_params(lo, hi, self.bits))
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
+        if self.ema_momentum is not None:
+            self.observe(x)
         qmin, qmax = activation_range(self.bits)
         return fake_quant(x, self.scale(), self.zero_point, qmin, qmax)
 

@@ -96,3 +96,52 @@ def test_export_errors_and_version(tmp_path):
     assert result.exit_code == 1 and "checkpoint" in result.output and "does not exist" in result.output
     result = invoke("--version")
     assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    args = [*BASE, "--steps", "120", "--synth-steps", "3", "--synthetic", "32"]
+    result = invoke(*args, "--out", str(tmp_path / "straight"))
+    assert result.exit_code == 0, result.output
+
+    import cli.render
+
+    original = cli.render.ProgressRenderer.__call__
+
+    def interrupt_at_step_70(self, event):
+        if event.stage == "finetune" and event.step == 70:
+            raise KeyboardInterrupt
+        original(self, event)
+
+    monkeypatch.setattr(cli.render.ProgressRenderer, "__call__", interrupt_at_step_70)
+    out = tmp_path / "interrupted"
+    result = invoke(*args, "--out", str(out))
+    assert result.exit_code == 130 and "--resume" in result.output
+    assert (out / "resume.pt").exists() and not (out / "model.onnx").exists()
+    monkeypatch.setattr(cli.render.ProgressRenderer, "__call__", original)
+
+    result = invoke(*args, "--steps", "121", "--out", str(out), "--resume")
+    assert result.exit_code == 1 and "other options" in result.output
+    result = invoke(*args, "--out", str(out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert not (out / "resume.pt").exists()
+    assert (out / "model.onnx").read_bytes() == (tmp_path / "straight" / "model.onnx").read_bytes()
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["resumed_from"] == 50
+
+
+def test_resume_without_a_saved_state_is_a_clear_error(tmp_path):
+    result = invoke(*BASE, "--steps", "1", "--out", str(tmp_path), "--resume")
+    assert result.exit_code == 1 and "nothing to resume" in result.output
+
+
+def test_recipes_ptq_and_paper(tmp_path):
+    result = invoke(*BASE, "--recipe", "ptq", "--out", str(tmp_path / "ptq"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ptq" / "report.json").read_text())
+    assert report["config"]["recipe"] == "ptq" and report["synthesis"] is None
+    assert report["finetune"]["steps"] == 0
+    result = invoke(*BASE, "--recipe", "fdda-paper", "--steps", "5", "--synthetic", "16", "--synth-steps", "2",
+                    "--out", str(tmp_path / "paper"))
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "paper" / "report.json").read_text())["config"]
+    assert config["finetune"]["optimizer"] == "sgd" and config["finetune"]["temperature"] == 20.0

@@ -41,7 +41,7 @@ def test_finetune_lowers_distillation_loss_and_is_deterministic(tiny_model):
         calibrate(student, images)
         before = distillation_loss(predict(student, images), predict(tiny_model, images), 1.0).item()
         config = FinetuneConfig(steps=60, batch_size=16, weight_lr=1e-3, scale_lr=1e-2, seed=3)
-        result = finetune(student, tiny_model, images, config)
+        result = finetune(student, tiny_model, (images, torch.zeros(64, dtype=torch.long)), config)
         after = distillation_loss(predict(student, images), predict(tiny_model, images), 1.0).item()
         results.append((before, after, predict(student, images)))
         assert result.steps == 60 and result.selection == "last step"

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from fddaq.config import FinetuneConfig, QuantConfig
+from fddaq.errors import ConfigError
+from fddaq.finetune import _Batches, finetune, split_holdout, student_loss
+from fddaq.quant.calibrate import calibrate, fake_quant_layers
+from fddaq.recipes import recipe_config
+from tests.conftest import fake_quant_model
+
+
+def test_student_loss_weights_kd_and_cross_entropy():
+    teacher = torch.tensor([[2.0, 0.0, 0.0]])
+    labels = torch.tensor([1])
+    kd_only = student_loss(teacher, teacher, labels, FinetuneConfig(kd_weight=1.0, ce_weight=0.0))
+    assert kd_only.abs().item() < 1e-6
+    ce = torch.nn.functional.cross_entropy(teacher, labels).item()
+    both = student_loss(teacher, teacher, labels, FinetuneConfig(kd_weight=20.0, ce_weight=1.0, temperature=20.0))
+    assert both.item() == pytest.approx(ce, rel=1e-5)
+
+
+def test_holdout_is_stratified_seeded_and_spares_small_classes():
+    labels = torch.tensor([0] * 10 + [1] * 20 + [2] * 1)
+    train, holdout = split_holdout(labels, 0.1, seed=3)
+    assert labels[holdout].tolist() == [0, 1, 1]
+    assert sorted(torch.cat([train, holdout]).tolist()) == list(range(31))
+    again = split_holdout(labels, 0.1, seed=3)
+    assert torch.equal(again[1], holdout)
+    assert len(split_holdout(labels, 0.0, 0)[1]) == 0
+
+
+def test_batches_mix_real_and_synthetic_by_fraction():
+    real = (torch.zeros(10, 1, 8, 8), torch.zeros(10, dtype=torch.long))
+    synthetic = (torch.ones(10, 1, 8, 8), torch.ones(10, dtype=torch.long))
+    images, labels = _Batches(FinetuneConfig(batch_size=32, synthetic_fraction=0.5), real, synthetic).next()
+    assert labels.tolist() == [0] * 16 + [1] * 16
+    assert images[:16].max() == 0 and images[16:].min() == 1  # augmentation keeps each source's pixels
+    _, labels = _Batches(FinetuneConfig(batch_size=8), real, None).next()
+    assert labels.tolist() == [0] * 8
+
+
+def test_recipes():
+    quant = QuantConfig(4, 4)
+    ptq = recipe_config("ptq", quant)
+    assert ptq.finetune.steps == 0 and ptq.synth.num_images == 0 and ptq.recipe == "ptq"
+    paper = recipe_config("fdda-paper", quant, seed=2, steps=10)
+    f = paper.finetune
+    assert (f.optimizer, f.temperature, f.kd_weight, f.ce_weight, f.learn_scales) == ("sgd", 20.0, 20.0, 1.0, False)
+    assert f.steps == 10 and f.seed == 2 and paper.synth.seed == 2
+    assert recipe_config("fddaq", quant, synthetic=0).synth.num_images == 0
+    with pytest.raises(ConfigError, match="unknown recipe 'best'.*fddaq, fdda-paper, ptq"):
+        recipe_config("best", quant)
+
+
+class Stop(Exception):
+    pass
+
+
+def run(tiny_model, config, stop_at=None, resume=None, states=None):
+    student = fake_quant_model(tiny_model, weight_bits=4, act_bits=4)
+    images = torch.randn(40, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40) % 4
+    calibrate(student, images)
+    synthetic = (torch.randn(20, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 4)
+
+    def on_event(event):
+        if stop_at is not None and event.stage == "finetune" and event.step == stop_at:
+            raise Stop
+
+    try:
+        result = finetune(student, tiny_model, (images, labels), config, synthetic, on_event,
+                          None if states is None else states.append, resume)
+    except Stop:
+        return None, None
+    return student, result
+
+
+@pytest.mark.parametrize("recipe", ["fddaq", "fdda-paper"])
+def test_resume_reaches_the_uninterrupted_result(tiny_model, recipe):
+    config = recipe_config(recipe, QuantConfig(4, 4), seed=1, steps=12).finetune
+    config = type(config)(**{**config.__dict__, "batch_size": 8, "checkpoint_every": 5, "observe_fraction": 0.5})
+    reference, result = run(tiny_model, config)
+    states = []
+    assert run(tiny_model, config, stop_at=8, states=states) == (None, None)
+    assert [s["step"] for s in states] == [0, 5]
+    resumed, resumed_result = run(tiny_model, config, resume=states[-1])
+    assert resumed_result.resumed_from == 5 and resumed_result.last_loss == result.last_loss
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_paper_mode_uses_min_max_weights_and_frozen_ema_ranges(tiny_model):
+    config = recipe_config("fdda-paper", QuantConfig(4, 4), steps=6).finetune
+    config = type(config)(**{**config.__dict__, "batch_size": 8, "observe_fraction": 0.5})
+    student, _ = run(tiny_model, config)
+    for _, layer in fake_quant_layers(student):
+        assert torch.allclose(layer.weight_quant.scale(), layer.weight_quant.min_max_scale(layer.weight))
+        assert layer.input_quant.ema_momentum is None and layer.input_quant.observed is not None
