@@ -201,7 +201,24 @@ def quantize(
     config_json = json.dumps(config.to_json(), sort_keys=True)
     if resume is not None and resume["config"] != config_json:
         raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
-    inputs = load_inputs(source)
+    synthesis = None
+    if resume is not None and resume["synthesis"] is not None:
+        saved = resume["synthesis"]
+        synthesis = Synthesis(saved["images"], saved["labels"], json.loads(saved["report"]), 0.0)
+    return quantize_inputs(load_inputs(source), config, on_event, on_checkpoint, resume, synthesis)
+
+
+def quantize_inputs(
+    inputs: Inputs,
+    config: RunConfig,
+    on_event: EventHandler | None = None,
+    on_checkpoint: ResumeHandler | None = None,
+    resume: ResumeState | None = None,
+    synthesis: Synthesis | None = None,
+) -> QuantizeResult:
+    """`quantize` on loaded inputs; a given `synthesis` is used instead of training a
+    generator (benchmarks share one across recipes and bit widths)."""
+    config_json = json.dumps(config.to_json(), sort_keys=True)
     timings = {"load": inputs.seconds}
 
     start = time.perf_counter()
@@ -210,11 +227,7 @@ def quantize(
     calibrate(model, inputs.calib.images, config.calibration, on_event=on_event)
     timings["calibrate"] = time.perf_counter() - start
 
-    synthesis = None
-    if resume is not None and resume["synthesis"] is not None:
-        saved = resume["synthesis"]
-        synthesis = Synthesis(saved["images"], saved["labels"], json.loads(saved["report"]), 0.0)
-    elif config.synth.num_images > 0 and config.finetune.steps > 0:
+    if synthesis is None and config.synth.num_images > 0 and config.finetune.steps > 0:
         synthesis = synthesize(inputs, config.synth, on_event)
         timings["synthesize"] = synthesis.seconds
     saved_synthesis = None if synthesis is None else {

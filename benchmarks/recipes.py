@@ -1,0 +1,137 @@
+"""Fine-tuning recipes on the bundled Fashion-MNIST ResNet (issue 4): accuracy of the exported
+ONNX on the full 10,000-image test set, for W4A4 / W8A8 / W3A3 / W2A4 (all layers, first and
+last included; input image 8-bit), 1 and 10 calibration images per class, several seeds.
+
+    .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--per-class 1 10] [--bits 4/4 8/8 3/3 2/4]
+
+Methods: `ptq` (calibration only), `real-only` (the fddaq recipe without synthetic data),
+`fdda-paper` and `fddaq`, all at the same fine-tuning steps. One generator per (calibration set,
+seed) is trained and shared by the two recipes that use synthetic data (their synthesis settings
+are identical). Each (calibration set, seed) group runs in its own process; its peak resident
+memory is reported for the group. Needs `apt-get install dataset-fashion-mnist`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "fashion_mnist"
+sys.path.insert(0, str(EXAMPLE))
+import fmnist  # noqa: E402
+
+METHODS = ("ptq", "real-only", "fdda-paper", "fddaq")
+
+
+def test_set() -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = fmnist.read_split("t10k")
+    x = (torch.from_numpy(images).float().div(255).unsqueeze(1) - fmnist.MEAN) / fmnist.STD
+    return x, torch.from_numpy(labels)
+
+
+def group(per_class: int, seed: int, bits: list[str]) -> list[dict]:
+    """Every method and bit width for one calibration set and seed (run in a child process)."""
+    from exporters import export_qdq, run_onnx
+    from fddaq.config import QuantConfig
+    from fddaq.pipeline import Source, load_inputs, quantize_inputs, synthesize
+    from fddaq.recipes import recipe_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "calib"
+        for folder in sorted((EXAMPLE / "calib").iterdir()):
+            (calib / folder.name).mkdir(parents=True)
+            for png in sorted(folder.glob("*.png"))[:per_class]:
+                shutil.copy(png, calib / folder.name / png.name)
+        inputs = load_inputs(Source(EXAMPLE / "model.pth", "fddaq:fashion_resnet", calib))
+    x, y = test_set()
+    float_top1 = 100.0 * (run_float(inputs.float_model, x) == y).float().mean().item()
+    start = time.perf_counter()
+    synthesis = synthesize(inputs, recipe_config("fddaq", QuantConfig(), seed).synth)
+    synth_seconds = time.perf_counter() - start
+    rows = []
+    for setting in bits:
+        w, a = (int(v) for v in setting.split("/"))
+        for method in METHODS:
+            recipe = {"real-only": "fddaq"}.get(method, method)
+            config = recipe_config(recipe, QuantConfig(w, a), seed, synthetic=0 if method == "real-only" else None)
+            start = time.perf_counter()
+            result = quantize_inputs(inputs, config, synthesis=synthesis if config.synth.num_images else None)
+            onnx_model = export_qdq(result.model, inputs.input_shape)
+            seconds = time.perf_counter() - start
+            logits = run_onnx(onnx_model, x)
+            rows.append({
+                "per_class": per_class, "seed": seed, "bits": f"W{w}A{a}", "method": method,
+                "float_top1": float_top1,
+                "onnx_top1": 100.0 * float((logits.argmax(1) == y.numpy()).mean()),
+                "seconds": seconds + (synth_seconds if config.synth.num_images else 0.0),
+                "steps": config.finetune.steps,
+            })
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return [{**row, "group_peak_rss_mib": peak, "synth_seconds": synth_seconds} for row in rows]
+
+
+@torch.no_grad()
+def run_float(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model.eval()(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+
+
+def summary(rows: list[dict]) -> str:
+    keys = sorted({(r["per_class"], r["bits"]) for r in rows}, key=lambda k: (k[0], -int(k[1][1]), k[1]))
+    lines = [
+        "| calib/class | bits | float | " + " | ".join(METHODS) + " | wall s (ptq / real-only / paper / fddaq) |",
+        "|---|---|---|" + "---|" * len(METHODS) + "---|",
+    ]
+    for per_class, bits in keys:
+        cells, walls = [], []
+        for method in METHODS:
+            found = [r for r in rows if (r["per_class"], r["bits"], r["method"]) == (per_class, bits, method)]
+            accs = [r["onnx_top1"] for r in found]
+            spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+            cells.append(f"{statistics.mean(accs):.2f}{spread}" if accs else "-")
+            walls.append(f"{statistics.median(r['seconds'] for r in found):.0f}" if found else "-")
+        float_top1 = next(r["float_top1"] for r in rows if r["per_class"] == per_class)
+        lines.append(f"| {per_class} | {bits} | {float_top1:.2f} | " + " | ".join(cells) + f" | {' / '.join(walls)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--per-class", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--bits", nargs="+", default=["4/4", "8/8", "3/3", "2/4"])
+    parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(group(*args.child, args.bits)))
+        return
+    rows = []
+    for per_class in args.per_class:
+        for seed in args.seeds:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(per_class), str(seed), "--bits", *args.bits],
+                check=True, stdout=subprocess.PIPE, text=True,
+            )
+            rows += json.loads(out.stdout.strip().splitlines()[-1])
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+    print(summary(rows))
+    peaks = [r["group_peak_rss_mib"] for r in rows]
+    print(f"peak RSS per group: {min(peaks):.0f}-{max(peaks):.0f} MiB; "
+          f"generator training per group: {statistics.median(r['synth_seconds'] for r in rows):.0f} s (median)")
+
+
+if __name__ == "__main__":
+    main()
