@@ -16,6 +16,8 @@ tensor([ 3.5000, -3.5000])
 
 from __future__ import annotations
 
+import struct
+
 import torch
 from torch import Tensor
 
@@ -46,9 +48,149 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, qm
     return torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
 
 
+def _plain_zero_point(zero_point: Tensor | float) -> float | None:
+    """`zero_point` as a Python number when that is free (a number, or a one-element CPU tensor
+    without gradient), else None. `.item()` on a CPU tensor costs no device synchronisation."""
+    if not isinstance(zero_point, Tensor):
+        return float(zero_point)
+    if zero_point.numel() == 1 and zero_point.device.type == "cpu" and not zero_point.requires_grad:
+        return zero_point.item()
+    return None
+
+
+def _clamped_grid(
+    x: Tensor, scale: Tensor, zero_point: Tensor | float, zp: float | None, qmin: int, qmax: int
+) -> tuple[Tensor, float, float]:
+    """``(t, lo, hi)``: a fresh tensor ``t`` of integers (as floats) clamped to ``[lo, hi]``.
+
+    With a number zero point `zp`: ``t = clamp(round(x / scale), qmin - zp, qmax - zp)``, which
+    is ``clamp(round(x / scale) + zp, qmin, qmax) - zp`` exactly (integers are exact in floating
+    point) in 4 in-place kernels, ``+ 0`` turning the -0 of ``round`` into the +0 that adding
+    the zero point gives. Otherwise ``t = clamp(round(x / scale) + zero_point, qmin, qmax)``."""
+    if zp is not None:
+        return (x / scale).round_().add_(0.0).clamp_(qmin - zp, qmax - zp), qmin - zp, qmax - zp
+    return (x / scale).round_().add_(zero_point).clamp_(qmin, qmax), qmin, qmax
+
+
+def _scaled_bounds(lo: float, hi: float, scale: Tensor, dtype: torch.dtype) -> tuple[float, float]:
+    """``(lo * scale, hi * scale)`` rounded to `dtype` exactly as the tensor product ``q * scale``
+    rounds them (`scale`: one element, on the CPU)."""
+    if dtype == torch.float32 and scale.dtype == torch.float32:
+        # the double product of two floats is exact, so one rounding to float gives IEEE's product
+        s = scale.item()
+        try:
+            return struct.unpack("2f", struct.pack("2f", lo * s, hi * s))
+        except OverflowError:
+            pass
+    return tuple(torch.tensor([lo, hi], dtype=dtype).mul_(scale).tolist())
+
+
+def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
+    return t if t.shape == shape else t.sum_to_size(shape)
+
+
+def _weighted_sum(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
+    """``(a * b)`` summed to `shape` (a shape that `a` and `b` broadcast from): one dot product,
+    writing no product tensor, when that is a sum over everything of two same-layout tensors."""
+    if a.shape == b.shape and all(n == 1 for n in shape) and a.is_contiguous() and b.is_contiguous():
+        total = torch.dot(a.view(-1), b.view(-1))
+        return total if len(shape) == 0 else total.view(shape)
+    return (a * b).sum_to_size(shape)
+
+
+# grad * (lo < t < hi) in one kernel: bounds excluded, like the gradient of torch.clamp
+_gate = torch.ops.aten.hardtanh_backward.default
+
+
+class _FakeQuant(torch.autograd.Function):
+    """`fake_quant` with the straight-through / LSQ gradients of the autograd composition
+    ``(clamp(round_ste(x / s) + zp, qmin, qmax) - zp) * s``, computed by hand.
+
+    With ``v = x / s``, ``t = clamp(round(v) + zp, qmin, qmax)``, ``q = t - zp`` and ``inside``
+    = 1 where ``qmin < t < qmax`` else 0 (bounds excluded, like the gradient of `torch.clamp`
+    with number bounds in this torch: an element that rounds onto a bound gets no gradient to
+    x, and ``q`` to the scale):
+
+    - dy/dx = inside,
+    - dy/ds = q - inside * v (``round(v) - v`` inside the range, ``qmin - zp`` or ``qmax - zp``
+      outside), so ``grad_s = sum(g * q) - sum(grad_x * x) / s``: the composition's two terms
+      (its `mul` and `div` backward),
+    - dy/dzp = (inside - 1) * s.
+
+    ``t`` is clamped, so ``inside`` is ``qmin < t < qmax`` and ``grad_x`` is one fused kernel
+    (`hardtanh_backward`) on the saved ``t``. With one scale on the CPU and a number zero point
+    (every activation quantizer) nothing new is kept for the backward: ``y = q * s`` increases
+    with ``q``, so ``inside`` is also ``qmin' * s < y < qmax' * s`` (products rounded like
+    ``y``), and ``sum(g * q) = sum(g * y) / s`` up to rounding; the backward uses `x` and the
+    output ``y``, which the neighbouring layers keep anyway. Forward: 5 kernels and one new
+    tensor; backward: one kernel and two dot products; against the composition's 8 and ~12
+    kernels (its `clamp` backward alone builds bool masks and runs `where`, 5-30x slower than
+    float kernels on this CPU build) and 3 extra saved tensors. Gradients nobody asked for are
+    not computed; without any (no-grad mode, or no input requiring grad) `fake_quant` does not
+    use the Function at all: 5 in-place kernels on one new tensor. The output ``y`` and `x` are
+    saved, so modifying either in place before the backward raises autograd's usual error.
+
+    The result is bit-exact with the composition, signed zeros included: ``round`` gives -0 for
+    ``x / s`` in [-0.5, 0) and ``+ zp`` turns that into +0, so the number zero-point path adds 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        zp = _plain_zero_point(zero_point)
+        t, lo, hi = _clamped_grid(x, scale, zero_point, zp, qmin, qmax)
+        needs_zp = ctx.needs_input_grad[2]
+        ctx.x_shape = x.shape
+        ctx.zp_shape = zero_point.shape if needs_zp else None
+        if not isinstance(scale, Tensor):  # a number
+            ctx.scale_shape, ctx.scale_number = None, scale
+            scale_saved = None
+        else:
+            ctx.scale_shape, ctx.scale_number = scale.shape, None
+            scale_saved = scale
+        if zp is not None and scale_saved is not None and scale.numel() == 1 and scale.device.type == "cpu":
+            ctx.bounds = _scaled_bounds(lo, hi, scale, t.dtype)
+            ctx.output_saved = True
+            y = t.mul_(scale)
+            ctx.save_for_backward(x, y, scale_saved)
+            return y
+        q = t if zp is not None else t - zero_point
+        ctx.bounds = (lo, hi)
+        ctx.output_saved = False
+        ctx.save_for_backward(x, t, scale_saved, q)
+        return q * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        x, t, scale, *q = ctx.saved_tensors  # t: the output y, or t then q
+        if scale is None:
+            scale = ctx.scale_number
+        needs_x, needs_scale, needs_zp = ctx.needs_input_grad[:3]
+        gated = _gate(g, t, *ctx.bounds)  # g * inside
+        grad_x = grad_scale = grad_zp = None
+        if needs_x:
+            grad_x = _reduce_to(gated, ctx.x_shape)
+        if needs_scale:
+            shape = ctx.scale_shape
+            if ctx.output_saved:  # sum(g * y) / s = sum(g * q)
+                grad_scale = (_weighted_sum(g, t, shape) - _weighted_sum(gated, x, shape)) / scale
+            else:
+                grad_scale = _weighted_sum(g, q[0], shape) - _weighted_sum(gated, x, shape) / scale
+        if needs_zp:  # (inside - 1) * s * g
+            grad_zp = _reduce_to((gated - g).mul_(scale), ctx.zp_shape)
+        return grad_x, grad_scale, grad_zp, None, None
+
+
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
-    """Quantize then dequantize; gradients flow to `x` inside the range and to `scale` (LSQ)."""
-    return (quantize(x, scale, zero_point, qmin, qmax) - zero_point) * scale
+    """Quantize then dequantize; gradients flow to `x` inside the range and to `scale` (LSQ).
+
+    Bit-exact with ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``
+    (round half to even); the gradients are those of that expression with a straight-through
+    `round` (see `_FakeQuant`)."""
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in (x, scale, zero_point)):
+        return _FakeQuant.apply(x, scale, zero_point, qmin, qmax)
+    zp = _plain_zero_point(zero_point)
+    t, _, _ = _clamped_grid(x, scale, zero_point, zp, qmin, qmax)
+    return (t if zp is not None else t.sub_(zero_point)).mul_(scale)
 
 
 def mse_weight_scales(weight: Tensor, bits: int, grid: int = 100) -> Tensor:
@@ -63,7 +205,7 @@ def mse_weight_scales(weight: Tensor, bits: int, grid: int = 100) -> Tensor:
     best_err = torch.full_like(w_max, float("inf"))
     for ratio in torch.linspace(1.0, 1.0 / grid, grid):
         scale = torch.clamp(w_max * ratio / qmax, min=MIN_SCALE)[:, None]
-        err = (fake_quant(w, scale, 0.0, -qmax, qmax) - w).pow(2).sum(dim=1)
+        err = fake_quant(w, scale, 0.0, -qmax, qmax).sub_(w).square_().sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale[:, 0], best_scale)
@@ -97,7 +239,7 @@ def mse_activation_params(samples: Tensor, bits: int, grid: int = 24) -> tuple[f
     for a in lo_ratios:
         for b in hi_ratios:
             scale, zero_point = activation_params(lo * a, hi * b, bits)
-            err = (fake_quant(x, torch.tensor(scale), zero_point, qmin, qmax) - x).pow(2).mean().item()
+            err = fake_quant(x, torch.tensor(scale), zero_point, qmin, qmax).sub_(x).square_().mean().item()
             if err < best_err:
                 best, best_err = (scale, zero_point), err
     return best

@@ -95,3 +95,217 @@ def test_mse_activation_clips_outliers_and_keeps_relu_zero_point():
     scale, zp = mse_activation_params(x, 4)
     assert zp == 0.0
     assert scale * 15 < 40.0  # clipped the outlier
+
+
+# --- the custom autograd Function against the plain autograd composition --------------------
+
+
+def reference_fake_quant(x, scale, zero_point, qmin, qmax):
+    """The definition: divide, round half to even with a straight-through gradient, add the
+    zero point, clamp, dequantize; every gradient left to autograd."""
+    v = x / scale
+    return (torch.clamp(v + (torch.round(v) - v).detach() + zero_point, qmin, qmax) - zero_point) * scale
+
+
+def grid_values(scale: torch.Tensor, zero_point: float, qmin: int, qmax: int, n: int, seed: int) -> torch.Tensor:
+    """Random values over and beyond the grid, plus, per scale, every tie k + 0.5, values that
+    land exactly on the bounds, round onto them, or just miss them, and tiny negatives that
+    round to -0 (exactly so when the scale is a power of two)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = qmin - zero_point, qmax - zero_point
+    special = torch.tensor(
+        [k + 0.5 for k in range(int(lo) - 2, int(hi) + 2)]
+        + [lo, hi, lo - 0.25, hi + 0.25, lo - 0.5, hi + 0.5, lo - 1, hi + 1, lo + 0.75, hi - 0.75]
+        + [-0.25, -0.5, 0.0, 1e6, -1e6]
+    )
+    spread = (torch.rand(n, generator=g) * 1.6 - 0.3) * (hi - lo) + lo
+    units = torch.cat([special, spread])
+    return units * scale.reshape(-1, *[1] * (scale.dim() - 1)) if scale.dim() else units * scale
+
+
+def run_both(x, scale, zero_point, qmin, qmax, grad_seed=0, x_grad=True):
+    """(y, x.grad, scale.grad, zero_point.grad) of fake_quant and of the reference."""
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(grad_seed))
+    results = []
+    for fn in (fake_quant, reference_fake_quant):
+        xi = x.detach().clone().requires_grad_(x_grad)
+        si = scale.detach().clone().requires_grad_(True)
+        zi = zero_point
+        if isinstance(zero_point, torch.Tensor) and zero_point.requires_grad:
+            zi = zero_point.detach().clone().requires_grad_(True)
+        y = fn(xi, si, zi, qmin, qmax)
+        y.backward(g)
+        zgrad = zi.grad if isinstance(zi, torch.Tensor) else None
+        results.append((y.detach(), xi.grad, si.grad, zgrad, g))
+    return results
+
+
+def assert_same(ours, ref, x, scale):
+    y, gx, gs, gz, g = ours
+    y_ref, gx_ref, gs_ref, gz_ref, _ = ref
+    # forward: bit-exact, signed zeros included
+    assert torch.equal(y, y_ref)
+    assert torch.equal(torch.signbit(y), torch.signbit(y_ref))
+    # dL/dx: the same elements pass (ours is g exactly, the reference (g * s) / s)
+    if gx_ref is None:
+        assert gx is None
+    else:
+        assert torch.equal(gx == 0, gx_ref == 0)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=0)
+    # dL/ds: sums over many elements with cancellation (the reference has it too); compare
+    # within float32 rounding of the magnitude of the summed terms
+    magnitude = (g.abs() * ((x / scale).abs() + y.abs() / scale)).sum_to_size(scale.shape)
+    assert gs.shape == scale.shape
+    assert torch.all((gs - gs_ref).abs() <= 1e-6 * magnitude + 1e-6), (gs, gs_ref)
+    if gz_ref is not None:
+        torch.testing.assert_close(gz, gz_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "zero_point, qmin, qmax",
+    [
+        (torch.tensor(3.0), 0, 15), (torch.tensor(0.0), 0, 15), (0.0, -7, 7), (0, -127, 127),
+        (1.0, 0, 3), (0.0, -1, 1),
+    ],
+)
+@pytest.mark.parametrize("scale_value", [0.25, 2.0**-7, 0.1, 0.013])
+def test_fake_quant_per_tensor_matches_reference(zero_point, qmin, qmax, scale_value):
+    scale = torch.tensor(scale_value)
+    zp = float(zero_point)
+    x = grid_values(scale, zp, qmin, qmax, 1000, seed=1)[:1000].reshape(10, 100)
+    ours, ref = run_both(x, scale, zero_point, qmin, qmax)
+    assert_same(ours, ref, x, scale)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fake_quant_per_channel_conv_and_linear_weights_match_reference(bits):
+    qmin, qmax = weight_range(bits)
+    conv_scale = torch.tensor([0.5, 0.25, 2.0**-6, 0.07, 1.0, 0.0123]).reshape(-1, 1, 1, 1)
+    units = grid_values(torch.tensor(1.0), 0.0, qmin, qmax, 6 * 4 * 9, seed=2)
+    w = units[torch.randperm(len(units), generator=torch.Generator().manual_seed(3))[: 6 * 4 * 9]]
+    w = w.reshape(6, 4, 3, 3) * conv_scale
+    ours, ref = run_both(w, conv_scale, 0.0, qmin, qmax)
+    assert_same(ours, ref, w, conv_scale)
+
+    linear_scale = conv_scale.reshape(-1, 1)
+    w = w.reshape(6, -1)
+    ours, ref = run_both(w, linear_scale, 0.0, qmin, qmax, grad_seed=4)
+    assert_same(ours, ref, w, linear_scale)
+
+
+def test_fake_quant_large_activation_and_layouts_match_reference():
+    torch.manual_seed(5)
+    x = torch.randn(8, 16, 12, 12).relu() * 3
+    scale = torch.tensor(0.21)
+    ours, ref = run_both(x, scale, torch.tensor(0.0), 0, 15)
+    assert_same(ours, ref, x, scale)
+    # channels-last input and a scale of shape (1, 1, 1, 1)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    ours, ref = run_both(x_cl, scale.reshape(1, 1, 1, 1), 2.0, 0, 15)
+    assert_same(ours, ref, x_cl, scale.reshape(1, 1, 1, 1))
+
+
+def test_fake_quant_input_without_gradient_still_trains_the_scale():
+    x = grid_values(torch.tensor(0.5), 0.0, 0, 255, 500, seed=6)
+    ours, ref = run_both(x, torch.tensor(0.5), torch.tensor(0.0), 0, 255, x_grad=False)
+    assert ours[1] is None and ref[1] is None
+    assert_same(ours, ref, x, torch.tensor(0.5))
+
+
+def test_fake_quant_zero_point_tensor_per_channel_and_learnable():
+    scale = torch.tensor([[0.5], [0.125], [0.3]])
+    zero_point = torch.tensor([[0.0], [3.0], [8.0]], requires_grad=True)
+    x = torch.cat([grid_values(s, z, 0, 15, 60, seed=7)[None] for s, z in zip(scale, zero_point.detach())])
+    ours, ref = run_both(x, scale, zero_point, 0, 15)
+    assert ours[3] is not None and ours[3].shape == zero_point.shape
+    assert_same(ours, ref, x, scale)
+
+
+def test_fake_quant_upstream_gradient_of_a_sum_and_a_chain():
+    x = torch.linspace(-3, 3, 101, requires_grad=True)
+    s = torch.tensor(0.25, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    s_ref = s.detach().clone().requires_grad_()
+    fake_quant(fake_quant(x, s, 0.0, -7, 7) * 1.3, s, 0.0, -7, 7).sum().backward()  # expanded gradient
+    reference_fake_quant(reference_fake_quant(x_ref, s_ref, 0.0, -7, 7) * 1.3, s_ref, 0.0, -7, 7).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fake_quant_without_gradients_is_the_same_bits():
+    scale = torch.tensor([0.5, 2.0**-6, 0.07]).reshape(-1, 1)
+    x = torch.cat([grid_values(s, 0.0, -7, 7, 100, seed=8)[None] for s in scale])
+    with torch.no_grad():
+        y = fake_quant(x, scale, 0.0, -7, 7)
+    y_ref = reference_fake_quant(x, scale, 0.0, -7, 7)
+    assert torch.equal(y, y_ref) and torch.equal(torch.signbit(y), torch.signbit(y_ref))
+    x_act = grid_values(torch.tensor(0.1), 3.0, 0, 15, 300, seed=9)
+    y = fake_quant(x_act, torch.tensor(0.1), torch.tensor(3.0), 0, 15)  # nothing requires grad
+    y_ref = reference_fake_quant(x_act, torch.tensor(0.1), torch.tensor(3.0), 0, 15)
+    assert torch.equal(y, y_ref) and torch.equal(torch.signbit(y), torch.signbit(y_ref))
+    assert not y.requires_grad
+    learnable = torch.tensor(0.1, requires_grad=True)
+    with torch.no_grad():  # evaluation of a model with learnable scales
+        y = fake_quant(x_act.requires_grad_(), learnable, torch.tensor(3.0), 0, 15)
+    assert not y.requires_grad and torch.equal(y, y_ref) and torch.equal(torch.signbit(y), torch.signbit(y_ref))
+
+
+def test_fake_quant_does_not_modify_its_inputs():
+    x = torch.randn(50)
+    s = torch.tensor(0.3, requires_grad=True)
+    x_before = x.clone()
+    fake_quant(x, s, torch.tensor(2.0), 0, 15).sum().backward()
+    assert torch.equal(x, x_before) and s.item() == pytest.approx(0.3)
+
+
+# --- the range searches are unchanged: the loops they replaced, with the reference ----------
+
+
+def reference_mse_weight_scales(weight, bits, grid=100):
+    _, qmax = weight_range(bits)
+    w = weight.detach().reshape(weight.shape[0], -1)
+    w_max = w.abs().amax(dim=1)
+    best_scale = torch.ones_like(w_max)
+    best_err = torch.full_like(w_max, float("inf"))
+    for ratio in torch.linspace(1.0, 1.0 / grid, grid):
+        scale = torch.clamp(w_max * ratio / qmax, min=MIN_SCALE)[:, None]
+        err = (reference_fake_quant(w, scale, 0.0, -qmax, qmax) - w).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale[:, 0], best_scale)
+    return torch.where(w_max > 0, best_scale, torch.ones_like(best_scale))
+
+
+def reference_mse_activation_params(samples, bits, grid=24):
+    x = samples.detach().flatten().float()
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    if hi - lo <= 0:
+        return activation_params(0.0, 0.0, bits)
+    qmin, qmax = activation_range(bits)
+    ratios = torch.linspace(1.0, 1.0 / grid, grid).tolist()
+    best, best_err = activation_params(lo, hi, bits), float("inf")
+    for a in ratios if lo < 0 else [1.0]:
+        for b in ratios if hi > 0 else [1.0]:
+            scale, zero_point = activation_params(lo * a, hi * b, bits)
+            err = (reference_fake_quant(x, torch.tensor(scale), zero_point, qmin, qmax) - x).pow(2).mean().item()
+            if err < best_err:
+                best, best_err = (scale, zero_point), err
+    return best
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_mse_weight_scales_unchanged(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(12, 5, 3, 3) * torch.rand(12, 1, 1, 1)
+    w[3] = 0.0
+    w[4, 0, 0, 0] = 9.0
+    assert torch.equal(mse_weight_scales(w, bits), reference_mse_weight_scales(w, bits))
+
+
+@pytest.mark.parametrize("kind", ["relu", "signed", "negative"])
+def test_mse_activation_params_unchanged(kind):
+    torch.manual_seed(11)
+    x = torch.randn(4000)
+    x = {"relu": x.relu() ** 2, "signed": x, "negative": -x.abs() - 0.1}[kind]
+    grid = 8  # keeps the signed search (grid x grid) quick
+    assert mse_activation_params(x, 4, grid) == reference_mse_activation_params(x, 4, grid)
