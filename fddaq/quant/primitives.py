@@ -4,6 +4,9 @@ ONNX computes ``q = saturate(round_half_even(x / scale) + zero_point)`` and
 ``y = (q - zero_point) * scale``. The functions here *divide* by the scale exactly like the
 runtime (``torch.fake_quantize_*`` multiplies by ``1/scale`` and can flip a step at ties) and
 pass gradients straight through the rounding (STE), so scales and inputs stay learnable.
+`fake_quant` is a custom autograd Function with those gradients written out (a few fused
+kernels instead of a dozen autograd nodes per call: see `_FakeQuant` and
+`benchmarks/step_cost.py`).
 
 >>> import torch
 >>> fake_quant(torch.tensor([0.5, 1.5, 2.5, -0.5]), torch.tensor(1.0), 0, -8, 7)
