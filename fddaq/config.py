@@ -106,8 +106,8 @@ class SynthConfig:
     (`fdda-paper`); `steps` is scaled to a CPU budget. `deep_start` overrides the first deep BN
     layer (default: FDDA's rule). The paper divides the lr by 10 at 1/4, 1/2 and 3/4 of a
     schedule of 80k steps; at a budget of hundreds of steps that stops learning too early
-    (float top-1 on the synthetic images of the bundled example after 500 steps: 64% with decays
-    at 1/2 and 3/4, 84% with one at 0.8, 90% without), so `lr_milestones` (fractions of
+    (a one-off check on the bundled example: the float model recognised far fewer synthetic
+    images after 500 steps with decays than without), so `lr_milestones` (fractions of
     `steps`) is empty by default: a constant lr. The first `center_warmup` fraction of steps uses every
     calibration image for the centers, then misclassified images are dropped."""
 

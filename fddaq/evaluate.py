@@ -17,7 +17,3 @@ def top1(logits: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy in percent."""
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
-
-def agreement(a: Tensor, b: Tensor) -> float:
-    """Percent of samples on which two sets of logits predict the same class."""
-    return 100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item()
