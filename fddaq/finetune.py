@@ -159,6 +159,9 @@ def finetune(
     for module in student.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.requires_grad_(False)
+    scales = [q.log_scale for _, layer in fake_quant_layers(student) for q in (layer.weight_quant, layer.input_quant)]
+    for scale in scales:  # fixed step sizes need no gradient (about 10% of a step)
+        scale.requires_grad_(config.learn_scales)
     optimizer = _optimizer(student, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps)))
@@ -216,6 +219,8 @@ def finetune(
             emit(on_event, "finetune", step, config.steps, **metrics)
     finally:
         _set_observers(student, None)
+        for scale in scales:
+            scale.requires_grad_(True)
     if not config.learn_scales:
         _set_weight_ranges(student)  # freeze the exported scales at the final weights
     window = max(1, min(20, len(losses) // 5))
