@@ -2,12 +2,14 @@
 ONNX on the full 10,000-image test set, for W4A4 / W8A8 / W3A3 / W2A4 (all layers, first and
 last included; input image 8-bit), 1 and 10 calibration images per class, several seeds.
 
-    .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--per-class 1 10] [--bits 4/4 8/8 3/3 2/4]
+    .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--per-class 1 10] [--bits 4/4 8/8 3/3 2/4] [--ablate 10:4/4 10:2/4]
 
 Methods: `ptq` (calibration only), `real-only` (the fddaq recipe without synthetic data),
 `fdda-paper` and `fddaq`, all at the same fine-tuning steps. One generator per (calibration set,
 seed) is trained and shared by the two recipes that use synthetic data (their synthesis settings
-are identical). Each (calibration set, seed) group runs in its own process; its peak resident
+are identical). Ablations (`--ablate`, default 10/class at W4A4 and W2A4) switch off one fddaq
+ingredient at a time: per-image augmentation, learned step sizes (paper-style max|w| weight
+ranges and EMA activation ranges instead), or add CE on the labels. Each (calibration set, seed) group runs in its own process; its peak resident
 memory is reported for the group. Needs `apt-get install dataset-fashion-mnist`.
 """
 
@@ -32,6 +34,12 @@ sys.path.insert(0, str(EXAMPLE))
 import fmnist  # noqa: E402
 
 METHODS = ("ptq", "real-only", "fdda-paper", "fddaq")
+# One fddaq ingredient switched off (or CE added) at a time; run where --ablate asks.
+ABLATIONS = {
+    "fddaq no-augment": {"augment": False},
+    "fddaq fixed-ranges": {"learn_scales": False},
+    "fddaq +CE": {"ce_weight": 1.0},
+}
 
 
 def test_set() -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,9 +48,11 @@ def test_set() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(labels)
 
 
-def group(per_class: int, seed: int, bits: list[str]) -> list[dict]:
+def group(per_class: int, seed: int, bits: list[str], ablate: list[str]) -> list[dict]:
     """Every method and bit width for one calibration set and seed (run in a child process)."""
     from exporters import export_qdq, run_onnx
+    from dataclasses import replace
+
     from fddaq.config import QuantConfig
     from fddaq.pipeline import Source, load_inputs, quantize_inputs, synthesize
     from fddaq.recipes import recipe_config
@@ -62,9 +72,10 @@ def group(per_class: int, seed: int, bits: list[str]) -> list[dict]:
     rows = []
     for setting in bits:
         w, a = (int(v) for v in setting.split("/"))
-        for method in METHODS:
-            recipe = {"real-only": "fddaq"}.get(method, method)
+        for method in METHODS + (tuple(ABLATIONS) if f"{per_class}:{setting}" in ablate else ()):
+            recipe = "fddaq" if method == "real-only" or method in ABLATIONS else method
             config = recipe_config(recipe, QuantConfig(w, a), seed, synthetic=0 if method == "real-only" else None)
+            config = replace(config, finetune=replace(config.finetune, **ABLATIONS.get(method, {})))
             start = time.perf_counter()
             result = quantize_inputs(inputs, config, synthesis=synthesis if config.synth.num_images else None)
             onnx_model = export_qdq(result.model, inputs.input_shape)
@@ -87,15 +98,17 @@ def run_float(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model.eval()(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], methods: tuple[str, ...]) -> str:
+    """Markdown table: mean ± sample standard deviation over seeds, median wall time."""
+    rows = [r for r in rows if r["method"] in methods]
     keys = sorted({(r["per_class"], r["bits"]) for r in rows}, key=lambda k: (k[0], -int(k[1][1]), k[1]))
     lines = [
-        "| calib/class | bits | float | " + " | ".join(METHODS) + " | wall s (ptq / real-only / paper / fddaq) |",
-        "|---|---|---|" + "---|" * len(METHODS) + "---|",
+        "| calib/class | bits | float | " + " | ".join(methods) + f" | wall s ({' / '.join(methods)}) |",
+        "|---|---|---|" + "---|" * len(methods) + "---|",
     ]
     for per_class, bits in keys:
         cells, walls = [], []
-        for method in METHODS:
+        for method in methods:
             found = [r for r in rows if (r["per_class"], r["bits"], r["method"]) == (per_class, bits, method)]
             accs = [r["onnx_top1"] for r in found]
             spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
@@ -111,23 +124,28 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-class", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--bits", nargs="+", default=["4/4", "8/8", "3/3", "2/4"])
+    parser.add_argument("--ablate", nargs="*", default=["10:4/4", "10:2/4"],
+                        help="PER_CLASS:W/A settings that also run the fddaq ablations")
     parser.add_argument("--json", type=Path, help="write every row here")
     parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(group(*args.child, args.bits)))
+        print(json.dumps(group(*args.child, args.bits, args.ablate)))
         return
     rows = []
     for per_class in args.per_class:
         for seed in args.seeds:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", str(per_class), str(seed), "--bits", *args.bits],
+                [sys.executable, __file__, "--child", str(per_class), str(seed), "--bits", *args.bits,
+                 "--ablate", *args.ablate],
                 check=True, stdout=subprocess.PIPE, text=True,
             )
             rows += json.loads(out.stdout.strip().splitlines()[-1])
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
-    print(summary(rows))
+    print(summary(rows, METHODS))
+    if any(r["method"] in ABLATIONS for r in rows):
+        print("\nfddaq ablations:\n" + summary(rows, ("fddaq", *ABLATIONS)))
     peaks = [r["group_peak_rss_mib"] for r in rows]
     print(f"peak RSS per group: {min(peaks):.0f}-{max(peaks):.0f} MiB; "
           f"generator training per group: {statistics.median(r['synth_seconds'] for r in rows):.0f} s (median)")
