@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from fddaq import __version__
-from fddaq.checkpoint import checkpoint_bytes
+from fddaq.checkpoint import checkpoint_bytes, load_checkpoint
 from fddaq.config import RunConfig, SynthConfig
+from fddaq.data import load_image_folder
 from fddaq.errors import ConfigError
 from fddaq.events import EventHandler
 from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, tensors_bytes
@@ -55,6 +56,58 @@ def _synthesis_rows(synthesis: Synthesis) -> list[tuple[str, str]]:
         rows.append((f"{name}: float top-1 / separation / diversity",
                      f"{q['float_top1']:.1f}% / {q['separation']:.1f}% / {q['diversity']:.3f}"))
     return rows
+
+
+def _steps(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g} steps"
+
+
+def verify_rows(verify) -> list[tuple[str, str]]:
+    """Table rows of a `VerifyReport` (first row: the plain agreement)."""
+    ops = lambda counts: ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"  # noqa: E731
+    return [
+        (f"ONNX vs fake-quant top-1 agreement ({verify.samples} images)", _pct(verify.agreement)),
+        ("max / mean |logit diff|", f"{verify.max_abs_diff:.2e} / {verify.mean_abs_diff:.2e} "
+                                    f"({_steps(verify.max_step_diff)} / {_steps(verify.mean_step_diff)})"),
+        ("quantized activations that differ", f"{verify.activation_mismatches} of {verify.activation_values} "
+                                              f"(max {verify.activation_max_step_diff} steps)"),
+        ("graph optimizations on: agreement, max diff", f"{_pct(verify.optimized_agreement)}, "
+                                                        f"{_steps(verify.optimized_max_step_diff)}"),
+        ("optimized graph: integer / float kernels", f"{ops(verify.integer_ops)} / {ops(verify.float_ops)}"),
+    ]
+
+
+def run_verify(onnx_path: Path, checkpoint_path: Path, data_dir: Path, min_agreement: float) -> dict:
+    """Compare the ONNX file with the checkpoint's fake-quant model on the images of `data_dir`
+    (accuracies too when it has class folders); `passed` says whether both agreements reach
+    `min_agreement` percent."""
+    from exporters.runtime import verify
+
+    start = time.perf_counter()
+    if not 0 <= min_agreement <= 100:
+        raise ConfigError(f"--min-agreement={min_agreement} must be within 0..100 (a percentage)")
+    if not onnx_path.is_file():
+        raise ConfigError(f"ONNX file {onnx_path} does not exist")
+    checkpoint = load_checkpoint(checkpoint_path)
+    images = load_image_folder(data_dir, checkpoint.info.preprocess, checkpoint.info.class_names)
+    result = verify(onnx_path, checkpoint.model, images.images, images.labels if images.labelled else None)
+    passed = min(result.agreement, result.optimized_agreement) >= min_agreement
+    report = {
+        "fddaq_version": __version__,
+        "command": "verify",
+        "inputs": {"onnx": str(onnx_path), "checkpoint": str(checkpoint_path), "data": str(data_dir)},
+        "data": {"images": len(images), "skipped": images.skipped, "labelled": images.labelled},
+        "verify": result.to_json(),
+        "gate": {"min_agreement": min_agreement, "passed": passed},
+        "timings_s": {"total": time.perf_counter() - start},
+    }
+    report["table"] = [
+        *verify_rows(result),
+        ("ONNX top-1 (optimizations off / on)", f"{_pct(result.onnx_top1)} / {_pct(result.optimized_top1)}"),
+        ("fake-quant top-1", _pct(result.torch_top1)),
+        ("time", f"{report['timings_s']['total']:.2f}s"),
+    ]
+    return report
 
 
 def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHandler | None = None) -> dict:
@@ -146,8 +199,7 @@ def run_quantize(
         ("fake-quant top-1 (val)", _pct(result.quant_top1)),
         ("ONNX top-1 (val)", _pct(verify.onnx_top1)),
         (f"ONNX vs fake-quant top-1 agreement ({report['data']['verify_set']}, {verify.samples} images)", _pct(verify.agreement)),
-        ("ONNX max |logit diff| vs fake-quant", f"{verify.max_abs_diff:.2e}"),
-        ("same, onnxruntime graph optimizations on", f"{_pct(verify.optimized_agreement)} agree, max diff {verify.optimized_max_abs_diff:.2e}"),
+        *verify_rows(verify)[1:],
         ("ONNX size vs float ONNX", f"{len(deployment.onnx) / 1024:.1f} KiB / {deployment.float_size / 1024:.1f} KiB "
                                      f"= {report['size']['ratio']:.3f}x"),
         *([] if result.synthesis is None else _synthesis_rows(result.synthesis)),

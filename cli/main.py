@@ -257,6 +257,34 @@ def export(
     console.print(f"wrote {output} ({len(data) / 1024:.1f} KiB) in {time.perf_counter() - start:.1f}s")
 
 
+@app.command()
+@user_errors
+def verify(
+    onnx_file: Path = typer.Argument(..., help="QDQ ONNX file written by `fddaq quantize` or `fddaq export`."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="quantized.pt the file was exported from."),
+    data: Path = typer.Option(..., "--data", help="Images: DIR/<class>/<image> (accuracies too) or a flat folder."),
+    min_agreement: float = typer.Option(99.0, "--min-agreement", help="Exit 3 when a top-1 agreement (optimizations off or on) is below this percentage."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+) -> None:
+    """Check that onnxruntime (CPU, graph optimizations off and on) reproduces the checkpoint's
+    fake-quant model: top-1 agreement, logit and activation differences in quantization steps,
+    accuracies, and which kernels the optimized graph runs.
+
+    Example: fddaq verify out/model.onnx --checkpoint out/quantized.pt --data ./val
+    """
+    from fddaq.io import atomic_write_json
+
+    from .jobs import run_verify
+
+    report = run_verify(onnx_file, checkpoint, data, min_agreement)
+    console.print(table(f"fddaq verify: {onnx_file.name}", report["table"]))
+    if json_path is not None:
+        atomic_write_json(json_path, report)
+    if not report["gate"]["passed"]:
+        err_console.print(f"Verification failed: top-1 agreement below {min_agreement}%.")
+        raise typer.Exit(EXIT_GATE)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # a kill stops like Ctrl-C
     app()

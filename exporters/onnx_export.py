@@ -2,14 +2,15 @@
 the graph with `onnx.helper`.
 
 `torch.onnx.export` cannot write 4-bit Q/DQ, so the graph is built here: every quantized layer
-reads its input through QuantizeLinear -> DequantizeLinear and its weight from an INT4/INT8
-initializer through a per-output-channel DequantizeLinear. BatchNorm is folded into the
-preceding convolution's weight scales and bias (exact for per-channel weights).
+reads its input through QuantizeLinear -> DequantizeLinear, its weight from an INT4/INT8
+initializer through a per-output-channel DequantizeLinear and its bias from an INT32 initializer
+(step input scale x weight scale). The model is exported in its folded form
+(`fddaq.quant.fold.fold_batch_norms`: BatchNorm folded into the preceding convolution's weight
+scales and bias), the form PyTorch evaluates too. Tensors of a layer are named after its module.
 """
 
 from __future__ import annotations
 
-import copy
 import operator
 from typing import Any, Callable
 
@@ -24,15 +25,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fddaq import __version__
 from fddaq.errors import ExportError
+from fddaq.quant.fold import FAKE_QUANT_LAYERS, fold_batch_norms, trace
 from fddaq.quant.modules import FakeQuantConv2d, FakeQuantLinear
-from fddaq.quant.primitives import activation_range
+from fddaq.quant.primitives import BIAS_SPAN, activation_range
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "N"
 MIN_OPSET = 21  # INT4/UINT4 tensors and Q/DQ
-
-FAKE_QUANT_LAYERS = (FakeQuantConv2d, FakeQuantLinear)
+CONVS = (nn.Conv2d, FakeQuantConv2d)
 
 
 def export_qdq(
@@ -71,7 +72,7 @@ def _export(
         raise ExportError(
             f"opset={opset} is not supported: use {MIN_OPSET} (INT4/UINT4 Q/DQ) to {newest} (installed onnx {onnx.__version__})"
         )
-    model = copy.deepcopy(model).cpu().float().eval()
+    model = fold_batch_norms(model).cpu().float()  # a copy
     module = _trace(model)
     with torch.no_grad():
         try:
@@ -95,19 +96,11 @@ def _export(
     return onnx_model
 
 
-class _Tracer(fx.Tracer):
-    """Keeps torch.nn modules (Sequential excepted) and fake-quant layers as single nodes."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, FAKE_QUANT_LAYERS) or super().is_leaf_module(m, module_qualified_name)
-
-
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
-        graph = _Tracer().trace(model)
+        return trace(model)
     except Exception as error:  # fx raises many types (TraceError, TypeError, ...)
         raise ExportError(f"torch.fx cannot trace {type(model).__name__}: {_first_line(error)}") from error
-    return fx.GraphModule(model, graph)
 
 
 def _first_line(error: BaseException) -> str:
@@ -138,13 +131,6 @@ def _batch_norm_params(bn: nn.BatchNorm2d, name: str) -> tuple[np.ndarray, np.nd
     return gamma, beta, mean, var
 
 
-def _batch_norm_affine(bn: nn.BatchNorm2d, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (a, b) with bn(y) = a * y + b in eval mode, in float64."""
-    gamma, beta, mean, var = _batch_norm_params(bn, name)
-    a = gamma / np.sqrt(var + bn.eps)
-    return a, beta - a * mean
-
-
 class _GraphBuilder:
     """Walks the traced graph once, emitting ONNX nodes and initializers for each fx node."""
 
@@ -156,7 +142,11 @@ class _GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self.names: dict[fx.Node, str] = {}  # fx node -> ONNX tensor name
         self.batch_sizes: set[fx.Node] = set()  # `x.size(0)` nodes, only valid inside view/reshape
-        self.folds = self._foldable_batch_norms()
+        self.calls: dict[str, int] = {}
+        for node in module.graph.nodes:
+            if node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+        self.conv_pads: dict[fx.Node, list[int]] = {}  # conv -> zero padding folded into it
         relu = lambda node: self._unary(node, "Relu")  # noqa: E731
         self.module_handlers: dict[type[nn.Module], Callable[[fx.Node, Any], None]] = {
             nn.Conv2d: self._conv,
@@ -174,6 +164,8 @@ class _GraphBuilder:
             nn.Identity: self._pass_through,
             nn.Dropout: self._pass_through,
             nn.Dropout2d: self._pass_through,
+            nn.ZeroPad2d: lambda node, pad: self._pad(node, pad.padding, 0.0),
+            nn.ConstantPad2d: lambda node, pad: self._pad(node, pad.padding, pad.value),
         }
         self.function_handlers: dict[Any, Callable[[fx.Node], None]] = {
             operator.add: self._add,
@@ -182,6 +174,11 @@ class _GraphBuilder:
             F.relu: relu,
             torch.flatten: self._flatten_call,
             F.adaptive_avg_pool2d: lambda node: self._global_average_pool(node, _argument(node, 1, "output_size")),
+            F.pad: self._pad_call,
+            F.relu6: lambda node: self._clip_values(node, 0.0, 6.0),
+            F.hardtanh: lambda node: self._clip_values(
+                node, _argument(node, 1, "min_val", -1.0), _argument(node, 2, "max_val", 1.0)
+            ),
         }
         self.method_handlers: dict[str, Callable[[fx.Node], None]] = {
             "add": self._add,
@@ -200,8 +197,6 @@ class _GraphBuilder:
             raise ExportError(f"the model's forward must take one input tensor, not {len(placeholders)}")
         output = None
         for node in self.module.graph.nodes:
-            if node in self.names:  # a BatchNorm already folded into its convolution
-                continue
             if node.op == "placeholder":
                 self.names[node] = INPUT_NAME
             elif node.op == "call_module":
@@ -236,21 +231,11 @@ class _GraphBuilder:
             node.input[:] = [new if name == old else name for name in node.input]
             node.output[:] = [new if name == old else name for name in node.output]
 
-    def _foldable_batch_norms(self) -> dict[fx.Node, fx.Node]:
-        """Convolution node -> the BatchNorm2d node that is its only user."""
-        folds = {}
-        for node in self.module.graph.nodes:
-            if node.op != "call_module" or type(self.modules[node.target]) is not nn.BatchNorm2d:
-                continue
-            source = node.args[0]
-            if (
-                isinstance(source, fx.Node)
-                and source.op == "call_module"
-                and type(self.modules[source.target]) in (nn.Conv2d, FakeQuantConv2d)
-                and len(source.users) == 1
-            ):
-                folds[source] = node
-        return folds
+    def _prefix(self, node: fx.Node) -> str:
+        """Tensor names of a node: its module's name when the module is called once."""
+        if node.op == "call_module" and self.calls[node.target] == 1:
+            return node.target
+        return node.name
 
     def _describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -308,41 +293,38 @@ class _GraphBuilder:
         quantized = self._emit("QuantizeLinear", [x, *q_params], f"{prefix}.input_quantized")
         return self._emit("DequantizeLinear", [quantized, *q_params], f"{prefix}.input_dequantized")
 
-    def _weight(self, layer: nn.Conv2d | nn.Linear, gain: np.ndarray, prefix: str) -> str:
-        """The layer's weight times the per-output-channel `gain`: integers with a per-axis
-        DequantizeLinear for a fake-quant layer, a float initializer otherwise."""
+    def _weight_and_bias(self, layer: nn.Conv2d | nn.Linear, prefix: str) -> list[str]:
+        """The layer's weight and bias: integers with a per-axis DequantizeLinear for a
+        fake-quant layer (INT4/INT8 weights, INT32 bias), float initializers otherwise."""
+        bias = None if layer.bias is None else layer.bias.detach().cpu().numpy().astype(np.float32)
         if not (self.quantize and isinstance(layer, FAKE_QUANT_LAYERS)):
-            weight = _numpy(layer.weight) * gain.reshape(-1, *[1] * (layer.weight.dim() - 1))
-            return self._constant(f"{prefix}.weight", weight.astype(np.float32))
+            names = [self._constant(f"{prefix}.weight", layer.weight.detach().cpu().numpy().astype(np.float32))]
+            return names if bias is None else [*names, self._constant(f"{prefix}.bias", bias)]
         quant = layer.weight_quant
-        channel_shape = (-1, *[1] * (layer.weight.dim() - 1))
-        integers = _numpy(quant.quantize(layer.weight)) * np.sign(gain).reshape(channel_shape)
-        scale = (np.abs(gain) * _numpy(quant.scale())).astype(np.float32)
-        dead = scale == 0  # gamma 0: the channel is its bias alone
-        scale[dead] = 1.0
-        integers[dead] = 0
+        scale = quant.scale().detach().cpu().numpy().astype(np.float32)
         storage = ml_dtypes.int4 if quant.bits <= 4 else np.int8
-        inputs = [
-            self._constant(f"{prefix}.weight_quantized", integers.astype(storage)),
-            self._constant(f"{prefix}.weight_scale", scale),
-            self._constant(f"{prefix}.weight_zero_point", np.zeros(len(scale), storage)),
-        ]
-        return self._emit("DequantizeLinear", inputs, f"{prefix}.weight_dequantized", axis=0)
+        names = [self._dequantized(f"{prefix}.weight", _numpy(quant.quantize(layer.weight)).astype(storage), scale)]
+        if bias is None:
+            return names
+        if not layer.input_quant.enabled:
+            return [*names, self._constant(f"{prefix}.bias", bias)]
+        # the same float32 arithmetic as the fake-quant layer: step s_in * s_w, round half even
+        bias_scale = np.float32(layer.input_quant.scale().item()) * scale
+        integers = np.clip(np.round(bias / bias_scale), -BIAS_SPAN, BIAS_SPAN).astype(np.int32)
+        return [*names, self._dequantized(f"{prefix}.bias", integers, bias_scale)]
+
+    def _dequantized(self, name: str, integers: np.ndarray, scale: np.ndarray) -> str:
+        """Per-output-channel DequantizeLinear of `integers` (zero point 0: the default)."""
+        inputs = [self._constant(f"{name}_quantized", integers), self._constant(f"{name}_scale", scale)]
+        return self._emit("DequantizeLinear", inputs, f"{name}_dequantized", axis=0)
 
     def _conv(self, node: fx.Node, conv: nn.Conv2d) -> None:
         if conv.padding_mode != "zeros":
             raise ExportError(f"cannot export {self._describe(node)}: padding_mode={conv.padding_mode!r} is not supported")
-        gain, shift = np.ones(conv.out_channels), np.zeros(conv.out_channels)
-        bn_node = self.folds.get(node)
-        if bn_node is not None:
-            gain, shift = _batch_norm_affine(self.modules[bn_node.target], bn_node.target)
+        prefix = self._prefix(node)
         x = self._tensor(node.args[0], node)
         if isinstance(conv, FakeQuantConv2d):
-            x = self._quantized_input(x, conv, node.name)
-        inputs = [x, self._weight(conv, gain, node.name)]
-        if conv.bias is not None or bn_node is not None:
-            bias = shift if conv.bias is None else gain * _numpy(conv.bias) + shift
-            inputs.append(self._constant(f"{node.name}.bias", bias.astype(np.float32)))
+            x = self._quantized_input(x, conv, prefix)
         kernel = _pair(conv.kernel_size)
         dilation = _pair(conv.dilation)
         if conv.padding == "valid":
@@ -353,26 +335,58 @@ class _GraphBuilder:
             end = tuple(t - b for t, b in zip(total, begin))
         else:
             begin = end = _pair(conv.padding)
-        output = self._emit(
-            "Conv", inputs, node.name,
+        pads = [a + b for a, b in zip([*begin, *end], self.conv_pads.get(node, [0, 0, 0, 0]))]
+        self.names[node] = self._emit(
+            "Conv", [x, *self._weight_and_bias(conv, prefix)], prefix,
             kernel_shape=list(kernel), strides=list(_pair(conv.stride)), dilations=list(dilation),
-            pads=[*begin, *end], group=conv.groups,
+            pads=pads, group=conv.groups,
         )
-        self.names[node] = output
-        if bn_node is not None:
-            self.names[bn_node] = output
 
     def _linear(self, node: fx.Node, linear: nn.Linear) -> None:
         rank = len(node.args[0].meta["tensor_meta"].shape)
         if rank != 2:
             raise ExportError(f"cannot export {self._describe(node)}: its input has rank {rank}, only [N, features] is supported")
+        prefix = self._prefix(node)
         x = self._tensor(node.args[0], node)
         if isinstance(linear, FakeQuantLinear):
-            x = self._quantized_input(x, linear, node.name)
-        inputs = [x, self._weight(linear, np.ones(linear.out_features), node.name)]
-        if linear.bias is not None:
-            inputs.append(self._constant(f"{node.name}.bias", _numpy(linear.bias).astype(np.float32)))
-        self.names[node] = self._emit("Gemm", inputs, node.name, transB=1)
+            x = self._quantized_input(x, linear, prefix)
+        self.names[node] = self._emit("Gemm", [x, *self._weight_and_bias(linear, prefix)], prefix, transB=1)
+
+    # ---------------------------------------------------------------- padding
+
+    def _pad(self, node: fx.Node, padding: Any, value: float) -> None:
+        """Constant padding of the last two dims, torch order (left, right, top, bottom). Zero
+        padding read only by convolutions becomes their `pads` (exact: a quantizer maps 0 to
+        its zero point, which dequantizes to 0); otherwise an ONNX Pad."""
+        if isinstance(padding, int):
+            padding = (padding,) * 4
+        padding = [int(p) for p in padding] + [0] * (4 - len(padding))
+        if len(padding) != 4:
+            raise ExportError(f"cannot export {self._describe(node)}: only padding of the last two dims is supported")
+        left, right, top, bottom = padding
+        x = self._tensor(node.args[0], node)
+        readers = list(node.users)
+        if value == 0 and min(padding) >= 0 and readers and all(
+            user.op == "call_module" and type(self.modules[user.target]) in CONVS and user.args[0] is node
+            and self.modules[user.target].padding_mode == "zeros" for user in readers
+        ):
+            for user in readers:
+                self.conv_pads[user] = [top, left, bottom, right]
+            self.names[node] = x
+            return
+        rank = len(node.meta["tensor_meta"].shape)
+        pads = self._constant(f"{node.name}.pads", np.array(
+            [0] * (rank - 2) + [top, left] + [0] * (rank - 2) + [bottom, right], np.int64
+        ))
+        fill = self._constant(f"{node.name}.value", np.array(value, np.float32))
+        self.names[node] = self._emit("Pad", [x, pads, fill], node.name, mode="constant")
+
+    def _pad_call(self, node: fx.Node) -> None:
+        """F.pad(x, pad, mode='constant', value=0)."""
+        if _argument(node, 2, "mode", "constant") != "constant":
+            raise ExportError(f"cannot export {self._describe(node)}: only constant padding is supported")
+        value = _argument(node, 3, "value", None)
+        self._pad(node, _argument(node, 1, "pad"), 0.0 if value is None else float(value))
 
     # ---------------------------------------------------------------- other layers
 
@@ -386,9 +400,33 @@ class _GraphBuilder:
         self.names[node] = self._emit("BatchNormalization", [x, *params], node.name, epsilon=bn.eps)
 
     def _clip(self, node: fx.Node, module: nn.Hardtanh) -> None:
-        low = self._constant(f"{node.name}.min", np.array(module.min_val, np.float32))
-        high = self._constant(f"{node.name}.max", np.array(module.max_val, np.float32))
-        self.names[node] = self._emit("Clip", [self._tensor(node.args[0], node), low, high], node.name)
+        self._clip_values(node, module.min_val, module.max_val)
+
+    def _clip_values(self, node: fx.Node, low: float, high: float) -> None:
+        """ReLU6 and Hardtanh: Clip(x, low, high), or Min(Max(x, low), high) when a reader
+        quantizes to 4 bits or fewer: onnxruntime's ClipQuantFusion fails at session creation on
+        Clip -> QuantizeLinear with a UINT4 zero point."""
+        x = self._tensor(node.args[0], node)
+        low = self._constant(f"{node.name}.min", np.array(low, np.float32))
+        high = self._constant(f"{node.name}.max", np.array(high, np.float32))
+        if any(self._reads_at_4_bits_or_fewer(user) for user in node.users):
+            above = self._emit("Max", [x, low], f"{node.name}.above_min")
+            self.names[node] = self._emit("Min", [above, high], node.name)
+        else:
+            self.names[node] = self._emit("Clip", [x, low, high], node.name)
+
+    def _reads_at_4_bits_or_fewer(self, node: fx.Node) -> bool:
+        """Whether `node` quantizes its input to 4 bits or fewer, directly or through padding
+        and pass-through layers."""
+        if not self.quantize:
+            return False
+        passes = node.op == "call_function" and node.target is F.pad
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            if isinstance(module, FAKE_QUANT_LAYERS):
+                return module.input_quant.enabled and module.input_quant.bits <= 4
+            passes = isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.Identity, nn.Dropout, nn.Dropout2d))
+        return passes and any(self._reads_at_4_bits_or_fewer(user) for user in node.users)
 
     def _add(self, node: fx.Node) -> None:
         if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
@@ -434,17 +472,17 @@ class _GraphBuilder:
         self._flatten(node, _argument(node, 1, "start_dim", 0), _argument(node, 2, "end_dim", -1))
 
     def _size(self, node: fx.Node) -> None:
-        """x.size(0): the batch size, usable only in x.view(x.size(0), -1)."""
+        """t.size(0): the batch size (of any tensor), usable only in x.view(t.size(0), -1)."""
         if node.args[1:] != (0,) or node.kwargs:
             raise ExportError(f"cannot export {self._describe(node)}: only x.size(0) is supported")
         self.batch_sizes.add(node)
 
     def _view(self, node: fx.Node) -> None:
-        """x.view(x.size(0), -1) and x.reshape(...) of the same form: a flatten from dim 1."""
+        """x.view(t.size(0), -1) and x.reshape(...) of the same form: a flatten from dim 1."""
         x, *shape = node.args
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = list(shape[0])
         batch = shape[0] if shape else None
-        if not (len(shape) == 2 and batch in self.batch_sizes and batch.args[0] is x and shape[1] == -1):
+        if not (len(shape) == 2 and batch in self.batch_sizes and shape[1] == -1):
             raise ExportError(f"cannot export {self._describe(node)}: only x.{node.target}(x.size(0), -1) is supported")
         self._flatten(node, 1, -1)

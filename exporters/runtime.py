@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from fddaq.errors import ExportError
+from fddaq.quant.fold import FAKE_QUANT_LAYERS, fold_batch_norms
 
 
 def onnxruntime_module():
@@ -31,6 +34,37 @@ def _as_numpy(images: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
+def inference_session(model: onnx.ModelProto | bytes | str | Path, optimize: bool, optimized_path: Path | None = None):
+    """A CPU inference session; `optimize` turns on every graph optimization (onnxruntime's
+    fused integer kernels); `optimized_path` receives the optimized graph."""
+    ort = onnxruntime_module()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    if isinstance(source, Path):
+        source = str(source)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types for unusable models
+        raise ExportError(f"onnxruntime cannot load the model: {str(error).strip().splitlines()[0]}") from error
+
+
+def _batches(session, images: np.ndarray, batch_size: int, outputs: list[str] | None = None):
+    """Each batch's requested outputs (default: the first), as lists of arrays."""
+    input_name = session.get_inputs()[0].name
+    outputs = outputs or [session.get_outputs()[0].name]
+    for start in range(0, len(images), batch_size):
+        try:
+            yield session.run(outputs, {input_name: images[start : start + batch_size]})
+        except Exception as error:  # onnxruntime's own types: wrong input shape or type, ...
+            raise ExportError(f"onnxruntime cannot run the model on images of shape {images.shape[1:]}: "
+                              f"{str(error).strip().splitlines()[0]}") from error
+
+
 def run_onnx(
     model: onnx.ModelProto | bytes | str | Path,
     images: torch.Tensor | np.ndarray,
@@ -40,44 +74,58 @@ def run_onnx(
     """The model's first output (logits) for `images`, run on the CPU provider in batches.
 
     `optimize` turns on every graph optimization (onnxruntime's fused integer kernels)."""
-    ort = onnxruntime_module()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    if isinstance(source, Path):
-        source = str(source)
-    try:
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own exception types for unusable models
-        raise ExportError(f"onnxruntime cannot load the model: {str(error).strip().splitlines()[0]}") from error
-    input_name = session.get_inputs()[0].name
-    output_name = session.get_outputs()[0].name
-    images = _as_numpy(images)
-    batches = [
-        session.run([output_name], {input_name: images[start : start + batch_size]})[0]
-        for start in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(batches)
+    session = inference_session(model, optimize)
+    return np.concatenate([out[0] for out in _batches(session, _as_numpy(images), batch_size)])
+
+
+# Operators of onnxruntime's integer kernels (what QDQ node groups fuse into on the CPU).
+INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+               "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd",
+               "QLinearGlobalAveragePool", "QLinearAveragePool")
+FLOAT_OPS = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+
+
+def optimized_ops(model: onnx.ModelProto | bytes | str | Path) -> dict[str, int]:
+    """Operator counts of the graph onnxruntime runs with every CPU optimization on."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        inference_session(model, optimize=True, optimized_path=path)
+        graph = onnx.load(str(path)).graph
+    return dict(sorted(Counter(node.op_type for node in graph.node).items()))
 
 
 @dataclass(frozen=True)
 class VerifyReport:
     """How closely onnxruntime reproduces the PyTorch fake-quant model on the same images.
 
-    Agreements and accuracies are percentages; differences are of the logits."""
+    Agreements and accuracies are percentages. Logit differences are given as values and in
+    output steps: the last layer's integer accumulator step (input scale x weight scale of each
+    output channel), when the logits are that layer's output (else None). Activations: every
+    quantized layer input is compared as integers (graph optimizations off; an input whose zero
+    padding the graph folds into its conv is left out, its shape differs); `activation_*`
+    count the values compared, those that differ and the largest difference in steps.
+    `integer_ops`/`float_ops`: conv/matmul kernels of the optimized graph that run on integers
+    and in float."""
 
     samples: int
     agreement: float
     max_abs_diff: float
     mean_abs_diff: float
+    max_step_diff: float | None
+    mean_step_diff: float | None
+    activation_values: int
+    activation_mismatches: int
+    activation_max_step_diff: int
     onnx_top1: float | None
     torch_top1: float | None
     optimized_agreement: float
     optimized_max_abs_diff: float
+    optimized_max_step_diff: float | None
+    optimized_top1: float | None
+    integer_ops: dict[str, int]
+    float_ops: dict[str, int]
 
-    def to_json(self) -> dict[str, float | int | None]:
+    def to_json(self) -> dict:
         return asdict(self)
 
 
@@ -85,14 +133,35 @@ def _percent(mask: np.ndarray) -> float:
     return 100.0 * float(mask.mean())
 
 
-@torch.no_grad()
-def _run_torch(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
-    model = copy.deepcopy(model).cpu().float().eval()
-    batches = [
-        model(torch.from_numpy(images[start : start + batch_size])).numpy()
-        for start in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(batches)
+def _quantizer_outputs(model: nn.Module) -> dict[str, nn.Module]:
+    """Layer name -> its input quantizer, for every fake-quant layer with one enabled."""
+    return {
+        name: module.input_quant
+        for name, module in model.named_modules()
+        if isinstance(module, FAKE_QUANT_LAYERS) and module.input_quant.enabled
+    }
+
+
+def _codes(values: np.ndarray, quantizer: nn.Module) -> np.ndarray:
+    """Integer codes of dequantized values of `quantizer`'s grid."""
+    scale = np.float32(quantizer.scale().item())
+    return np.round(values / scale).astype(np.int64) + int(quantizer.zero_point.item())
+
+
+def _output_step(model: nn.Module, images: np.ndarray) -> np.ndarray | None:
+    """The last layer's accumulator step per output, when the model returns that layer's output."""
+    layers = [m for m in model.modules() if isinstance(m, FAKE_QUANT_LAYERS)]
+    if not layers:
+        return None
+    outputs = []
+    handle = layers[-1].register_forward_hook(lambda m, args, out: outputs.append(out))
+    with torch.no_grad():
+        result = model(torch.from_numpy(images[:1]))
+    handle.remove()
+    last = layers[-1]
+    if not outputs or outputs[-1] is not result or result.dim() != 2 or not last.input_quant.enabled:
+        return None
+    return (last.input_quant.scale() * last.weight_quant.scale()).detach().numpy().astype(np.float64)
 
 
 def verify(
@@ -102,27 +171,79 @@ def verify(
     labels: torch.Tensor | np.ndarray | None = None,
     batch_size: int = 256,
 ) -> VerifyReport:
-    """Run the ONNX graph (optimizations off, then on) and the PyTorch model (eval, CPU, float32)
-    on `images` and compare their logits and top-1 predictions."""
+    """Run the ONNX graph (optimizations off, then on) and the PyTorch model (folded, eval, CPU,
+    float32) on `images` and compare their logits, top-1 predictions and quantized activations."""
     images = _as_numpy(images)
     if len(images) == 0:
         raise ExportError("verification needs at least one image")
     if labels is not None and len(labels) != len(images):
         raise ExportError(f"verification got {len(labels)} labels for {len(images)} images")
-    reference = _run_torch(torch_model, images, batch_size)
-    plain = run_onnx(onnx_model, images, optimize=False, batch_size=batch_size)
+    if isinstance(onnx_model, (str, Path)):
+        onnx_model = onnx.load(str(onnx_model))
+    elif isinstance(onnx_model, bytes):
+        onnx_model = onnx.load_from_string(onnx_model)
+    model = fold_batch_norms(torch_model).cpu().float()  # a copy
+
+    # ONNX with every quantized layer input as an extra output, PyTorch with hooks on the same
+    quantizers = _quantizer_outputs(model)
+    produced = {output for node in onnx_model.graph.node for output in node.output}
+    compared = [name for name in quantizers if f"{name}.input_dequantized" in produced]
+    probed = copy.deepcopy(onnx_model)
+    probed.graph.output.extend(
+        onnx.helper.make_tensor_value_info(f"{name}.input_dequantized", onnx.TensorProto.FLOAT, None) for name in compared
+    )
+    session = inference_session(probed, optimize=False)
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        quantizers[name].register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, out))
+        for name in compared
+    ]
+    reference, plain = [], []
+    values = mismatches = worst = 0
+    try:
+        outputs = [session.get_outputs()[0].name] + [f"{name}.input_dequantized" for name in compared]
+        for start, (logits, *activations) in zip(range(0, len(images), batch_size), _batches(session, images, batch_size, outputs)):
+            with torch.no_grad():
+                reference.append(model(torch.from_numpy(images[start : start + batch_size])).numpy())
+            plain.append(logits)
+            for name, onnx_values in zip(compared, activations):
+                if onnx_values.shape != captured[name].shape:
+                    continue  # zero padding folded into the conv: the graph quantizes before padding
+                difference = np.abs(_codes(onnx_values, quantizers[name]) - _codes(captured[name].numpy(), quantizers[name]))
+                values += difference.size
+                mismatches += int(np.count_nonzero(difference))
+                worst = max(worst, int(difference.max(initial=0)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    reference, plain = np.concatenate(reference), np.concatenate(plain)
+    if reference.shape != plain.shape:
+        raise ExportError(f"the ONNX model outputs shape {plain.shape[1:]} where the PyTorch model outputs "
+                          f"{reference.shape[1:]}: they are not the same model")
     optimized = run_onnx(onnx_model, images, optimize=True, batch_size=batch_size)
+    step = _output_step(model, images)
     torch_pred = reference.argmax(axis=1)
     diff = np.abs(plain - reference)
+    optimized_diff = np.abs(optimized - reference)
     if labels is not None:
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    ops = optimized_ops(onnx_model)
     return VerifyReport(
         samples=len(images),
         agreement=_percent(plain.argmax(axis=1) == torch_pred),
         max_abs_diff=float(diff.max()),
         mean_abs_diff=float(diff.mean()),
+        max_step_diff=None if step is None else float((diff / step).max()),
+        mean_step_diff=None if step is None else float((diff / step).mean()),
+        activation_values=values,
+        activation_mismatches=mismatches,
+        activation_max_step_diff=worst,
         onnx_top1=None if labels is None else _percent(plain.argmax(axis=1) == labels),
         torch_top1=None if labels is None else _percent(torch_pred == labels),
         optimized_agreement=_percent(optimized.argmax(axis=1) == torch_pred),
-        optimized_max_abs_diff=float(np.abs(optimized - reference).max()),
+        optimized_max_abs_diff=float(optimized_diff.max()),
+        optimized_max_step_diff=None if step is None else float((optimized_diff / step).max()),
+        optimized_top1=None if labels is None else _percent(optimized.argmax(axis=1) == labels),
+        integer_ops={op: n for op, n in ops.items() if op in INTEGER_OPS},
+        float_ops={op: n for op, n in ops.items() if op in FLOAT_OPS},
     )

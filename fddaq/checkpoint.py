@@ -16,11 +16,12 @@ from . import __version__
 from .data import Preprocess
 from .errors import ModelError
 from .models import build_model
+from .quant.fold import fold_batch_norms
 from .quant.plan import LayerPlan
 from .quant.prepare import prepare
 
 FORMAT = "fddaq-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: BatchNorms folded into their convs (fddaq.quant.fold)
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,15 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    model: nn.Module  # the fake-quant model, eval mode
+    model: nn.Module  # the fake-quant model with BatchNorms folded (as exported), eval mode
     plan: LayerPlan
     info: ModelInfo
     recipe: dict  # everything stored besides tensors
 
 
 def checkpoint_bytes(model: nn.Module, plan: LayerPlan, info: ModelInfo, extra: dict | None = None) -> bytes:
-    """Serialise a fake-quant model: its state dict and a JSON recipe string."""
+    """Serialise a fake-quant model in its folded form (`fold_batch_norms`): its state dict and
+    a JSON recipe string."""
     recipe = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -65,7 +67,8 @@ def checkpoint_bytes(model: nn.Module, plan: LayerPlan, info: ModelInfo, extra: 
         "plan": plan.to_json(),
         **(extra or {}),
     }
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    folded = fold_batch_norms(model)  # a copy; no change to an already folded model
+    state = {k: v.detach().cpu().contiguous() for k, v in folded.state_dict().items()}
     buffer = io.BytesIO()
     torch.save({"recipe": json.dumps(recipe), "state_dict": state}, buffer)
     return buffer.getvalue()
@@ -91,7 +94,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         )
     info = ModelInfo.from_json(recipe["model"])
     plan = LayerPlan.from_json(recipe["plan"])
-    model = prepare(build_model(info.arch, info.num_classes), plan)
+    model = fold_batch_norms(prepare(build_model(info.arch, info.num_classes), plan))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -24,6 +24,7 @@ from .events import EventHandler
 from .finetune import FinetuneResult, finetune
 from .models import input_channels, layer_execution_order, load_float_model, num_outputs
 from .quant.calibrate import calibrate
+from .quant.fold import fold_batch_norms
 from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
 from .stats import batchnorm_layers, class_statistics
@@ -246,6 +247,7 @@ def quantize_inputs(
         None if resume is None else resume["finetune"],
     )
     timings["finetune"] = time.perf_counter() - start
+    model = fold_batch_norms(model)  # the deployed form: what is exported and evaluated
     float_top1 = quant_top1 = None
     if inputs.val is not None:
         start = time.perf_counter()

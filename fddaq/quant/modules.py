@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .primitives import MIN_SCALE, activation_params, activation_range, fake_quant, weight_range
+from .primitives import BIAS_SPAN, MIN_SCALE, activation_params, activation_range, fake_quant, weight_range
 
 
 class WeightQuantizer(nn.Module):
@@ -92,8 +92,18 @@ class ActivationQuantizer(nn.Module):
         return f"bits={self.bits}, per_tensor"
 
 
+def _quantized_bias(layer: "FakeQuantConv2d | FakeQuantLinear") -> Tensor | None:
+    """The bias as the int32 values integer kernels add, at step input scale x weight scale
+    (per channel; straight-through gradient to the bias). Unquantized while the input
+    quantizer is off (calibration observes float inputs)."""
+    if layer.bias is None or not layer.input_quant.enabled:
+        return layer.bias
+    scale = (layer.input_quant.scale() * layer.weight_quant.scale()).detach()
+    return fake_quant(layer.bias, scale, 0.0, -BIAS_SPAN, BIAS_SPAN)
+
+
 class FakeQuantConv2d(nn.Conv2d):
-    """`nn.Conv2d` whose input and weight pass through fake quantizers."""
+    """`nn.Conv2d` whose input and weight pass through fake quantizers; its bias is int32."""
 
     def __init__(self, *args, weight_bits: int, act_bits: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -112,11 +122,11 @@ class FakeQuantConv2d(nn.Conv2d):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+        return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), _quantized_bias(self))
 
 
 class FakeQuantLinear(nn.Linear):
-    """`nn.Linear` whose input and weight pass through fake quantizers."""
+    """`nn.Linear` whose input and weight pass through fake quantizers; its bias is int32."""
 
     def __init__(self, *args, weight_bits: int, act_bits: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -134,7 +144,7 @@ class FakeQuantLinear(nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+        return nn.functional.linear(self.input_quant(x), self.weight_quant(self.weight), _quantized_bias(self))
 
 
 FAKE_QUANT_TYPES: dict[type[nn.Module], type[nn.Module]] = {

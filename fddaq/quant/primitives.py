@@ -29,6 +29,11 @@ from torch import Tensor
 MIN_SCALE = 1e-8
 
 
+# Biases are int32 at step input_scale * weight_scale (what integer kernels add); they saturate
+# at +-2^30, a bound that float32 holds exactly (2^31 - 1 it does not).
+BIAS_SPAN = 2**30
+
+
 def weight_range(bits: int) -> tuple[int, int]:
     """Signed, symmetric, narrow range: zero point 0 and ``-q`` always representable, so a
     negative BatchNorm gamma can be folded by negating integers."""

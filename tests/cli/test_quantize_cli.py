@@ -91,6 +91,46 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_verify_command_measures_the_exported_graph(quick_run, tmp_path):
+    out, _ = quick_run
+    args = ["verify", str(out / "model.onnx"), "--checkpoint", str(out / "quantized.pt")]
+    result = invoke(*args, "--data", str(EXAMPLE / "calib"), "--json", str(tmp_path / "verify.json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "verify.json").read_text())
+    verify = report["verify"]
+    assert verify["samples"] == 100 and verify["agreement"] == verify["optimized_agreement"] == 100.0
+    assert verify["activation_values"] > 0 and verify["activation_mismatches"] == 0
+    assert verify["onnx_top1"] == verify["torch_top1"] > 80
+    assert report["gate"] == {"min_agreement": 99.0, "passed": True}
+    assert "quantized activations that differ" in result.output
+
+    # the graph of another model (8-bit, calibration only) fails the agreement gate: exit 3
+    other = tmp_path / "other"
+    assert invoke(*BASE, "--steps", "0", "--bits", "8", "--out", str(other)).exit_code == 0
+    result = invoke("verify", str(other / "model.onnx"), "--checkpoint", str(out / "quantized.pt"),
+                    "--data", str(EXAMPLE / "calib"), "--min-agreement", "99.9")
+    assert result.exit_code == 3, result.output
+    assert "Verification failed" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("missing.onnx",), "ONNX file missing.onnx does not exist"),
+        (("{out}/model.onnx", "--data", "/no/such/folder"), "image folder /no/such/folder does not exist"),
+        (("{out}/model.onnx", "--min-agreement", "120"), "--min-agreement=120.0 must be within 0..100"),
+    ],
+)
+def test_verify_errors(quick_run, args, message):
+    out, _ = quick_run
+    args = [a.format(out=out) for a in args]
+    defaults = {"--checkpoint": str(out / "quantized.pt"), "--data": str(EXAMPLE / "calib")}
+    options = [v for k, d in defaults.items() if k not in args for v in (k, d)]
+    result = invoke("verify", *args, *options)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and message in result.output
+
+
 def test_export_errors_and_version(tmp_path):
     result = invoke("export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "m.onnx"))
     assert result.exit_code == 1 and "checkpoint" in result.output and "does not exist" in result.output

@@ -53,16 +53,16 @@ def test_verify_reports_agreement_and_accuracy(exported, images):
     assert report.agreement == report.optimized_agreement == 100.0
     assert report.torch_top1 == report.onnx_top1 == 75.0
     assert report.max_abs_diff < 1e-6 and 0 <= report.mean_abs_diff <= report.max_abs_diff
-    assert report.optimized_max_abs_diff < 0.05
-    assert report.to_json() == {
-        "samples": 64,
-        "agreement": 100.0,
-        "max_abs_diff": report.max_abs_diff,
-        "mean_abs_diff": report.mean_abs_diff,
-        "onnx_top1": 75.0,
-        "torch_top1": 75.0,
-        "optimized_agreement": 100.0,
-        "optimized_max_abs_diff": report.optimized_max_abs_diff,
+    assert report.max_step_diff < 1e-3 and report.optimized_max_step_diff < 1e-3
+    assert report.onnx_top1 == report.optimized_top1 == 75.0
+    # the 4 quantized layer inputs (stem, conv1, conv2 and shortcut share one; fc) per image
+    assert report.activation_values > 64 * 3 * 16 * 16 and report.activation_mismatches == 0
+    assert report.float_ops.get("Conv", 0) >= 1  # 4-bit convolutions run in float
+    assert set(report.to_json()) == {
+        "samples", "agreement", "max_abs_diff", "mean_abs_diff", "max_step_diff", "mean_step_diff",
+        "activation_values", "activation_mismatches", "activation_max_step_diff", "onnx_top1", "torch_top1",
+        "optimized_agreement", "optimized_max_abs_diff", "optimized_max_step_diff", "optimized_top1",
+        "integer_ops", "float_ops",
     }
     assert verify(onnx_model, qmodel, images[:8]).torch_top1 is None
 
@@ -73,6 +73,31 @@ def test_verify_rejects_bad_inputs(exported, images):
         verify(onnx_model, qmodel, images, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ExportError, match="at least one image"):
         verify(onnx_model, qmodel, images[:0])
+
+
+def test_verify_counts_activation_mismatches_in_steps(exported, images):
+    """A graph whose first DequantizeLinear is one step off: every value of that input differs."""
+    onnx_model, qmodel = exported
+    shifted = onnx.ModelProto()
+    shifted.CopyFrom(onnx_model)
+    zero_point = next(t for t in shifted.graph.initializer if t.name == "stem.0.input_zero_point")
+    value = onnx.numpy_helper.to_array(zero_point)
+    shifted.graph.initializer.append(
+        onnx.numpy_helper.from_array((value.astype(np.int64) + 1).astype(value.dtype), "shifted_zero_point")
+    )
+    node = next(n for n in shifted.graph.node if n.name == "stem.0.input_dequantized")
+    node.input[2] = "shifted_zero_point"
+    report = verify(shifted, qmodel, images[:8])
+    assert report.activation_mismatches > 0 and report.activation_max_step_diff >= 1
+    assert report.max_step_diff > 1
+
+
+def test_verify_rejects_a_graph_of_another_model(exported, images, tiny_resnet, quantized):
+    onnx_model, _ = exported
+    other = quantized(tiny_resnet(), images, 8, 8)
+    other.fc = torch.nn.Linear(16, 3)
+    with pytest.raises(ExportError, match=r"outputs shape \(10,\) where the PyTorch model outputs \(3,\)"):
+        verify(onnx_model, other, images[:4])
 
 
 def test_verify_leaves_the_torch_model_alone(exported, images):

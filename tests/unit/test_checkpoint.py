@@ -9,6 +9,7 @@ from fddaq.data import preset
 from fddaq.errors import ModelError
 from fddaq.models import layer_execution_order
 from fddaq.quant.calibrate import calibrate
+from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.plan import resolve_layer_plan
 from fddaq.quant.prepare import prepare
 from fddaq.zoo.resnet import fashion_resnet
@@ -34,8 +35,10 @@ def test_round_trip_is_exact_and_weights_only(tmp_path, quantized):
     loaded = load_checkpoint(path)
     assert loaded.plan == plan and loaded.info == INFO and loaded.recipe["config"] == {"steps": 3}
     x = torch.randn(4, 1, 28, 28)
+    folded = fold_batch_norms(qmodel)  # what is stored: the deployed form
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.modules())
     with torch.no_grad():
-        assert torch.equal(loaded.model(x), qmodel(x))
+        assert torch.equal(loaded.model(x), folded(x))
 
 
 def test_rejects_foreign_and_future_files(tmp_path, quantized):
@@ -44,7 +47,7 @@ def test_rejects_foreign_and_future_files(tmp_path, quantized):
         load_checkpoint(tmp_path / "float.pth")
     qmodel, plan = quantized
     data = torch.load(io.BytesIO(checkpoint_bytes(qmodel, plan, INFO)), weights_only=True)
-    data["recipe"] = data["recipe"].replace('"format_version": 1', '"format_version": 99')
+    data["recipe"] = data["recipe"].replace('"format_version": 2', '"format_version": 99')
     torch.save(data, tmp_path / "future.pt")
     with pytest.raises(ModelError, match="format 99.*re-run `fddaq quantize`"):
         load_checkpoint(tmp_path / "future.pt")

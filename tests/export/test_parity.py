@@ -1,0 +1,224 @@
+"""Parity of the exported QDQ graph with the PyTorch fake-quant model in onnxruntime: every
+bit width 2..8, every supported layer kind, random layer shapes (hypothesis), measured as
+`verify` measures it: top-1 agreement, integer activation codes and logits in output steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto
+from torch import Tensor, nn
+
+from exporters import export_qdq, verify
+from exporters.runtime import optimized_ops
+
+from export_helpers import quantize_model, randomize_batch_norms
+
+INPUT = (3, 16, 16)
+
+# Quantized activations that may differ by one step between onnxruntime and PyTorch: float
+# convolutions sum in a different order, so a value within rounding error of a grid midpoint
+# can round the other way (measured below 1e-4 of the values on these models).
+MAX_MISMATCH_FRACTION = 1e-3
+
+
+def images(n: int = 48, seed: int = 1) -> Tensor:
+    return torch.randn(n, *INPUT, generator=torch.Generator().manual_seed(seed))
+
+
+class Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.body(x), 1))
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(12)
+        self.grouped = nn.Conv2d(12, 12, 3, padding=1, groups=3, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        return self.fc(self.pool(F.relu(self.bn2(self.grouped(x)))).flatten(1))
+
+
+class Depthwise(nn.Module):
+    """MobileNet block: depthwise 3x3 + BN + ReLU6, pointwise 1x1 + BN, average pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.pool = nn.AvgPool2d(4)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.pw(self.dw(self.stem(x)))).view(x.size(0), -1))
+
+
+class TFSamePadding(nn.Module):
+    """Stride-2 convolutions with TensorFlow 'SAME' padding: asymmetric zero padding in front
+    (nn.ZeroPad2d and F.pad), as EfficientNet-Lite ports do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu6(self.bn(self.conv(self.pad(x))))
+        x = F.relu6(self.bn2(self.conv2(F.pad(x, (1, 1, 1, 1)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class Residual(nn.Module):
+    """Residual adds quantized where the next conv reads them, an identity and a projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.b = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.project = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = F.relu(self.a(x) + x)
+        x = F.relu(self.b(x) + self.project(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+KINDS = {"plain": Plain, "grouped": Grouped, "depthwise": Depthwise, "tf_same_padding": TFSamePadding, "residual": Residual}
+
+
+def build(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batch_norms(KINDS[kind]())
+
+
+def check(report) -> None:
+    """Same top-1 everywhere; quantized activations equal but for rare one-step flips (a float
+    accumulation that lands within rounding error of a grid midpoint, then moving the values
+    computed from it); without such a flip, logits within half an accumulator step."""
+    assert report.agreement == report.optimized_agreement == 100.0
+    assert report.activation_values > 0
+    assert report.activation_max_step_diff <= 1
+    assert report.activation_mismatches <= MAX_MISMATCH_FRACTION * report.activation_values
+    if report.activation_mismatches == 0:  # then the logits differ by float rounding only
+        assert report.max_step_diff is not None and report.max_step_diff < 0.5
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_every_layer_kind_at_every_bit_width(kind, bits):
+    x = images()
+    qmodel = quantize_model(build(kind), x, bits, bits)
+    check(verify(export_qdq(qmodel, INPUT), qmodel, x))
+
+
+@pytest.mark.parametrize("weight_bits, act_bits", [(2, 4), (4, 8), (8, 4), (3, 6)])
+def test_mixed_weight_and_activation_bits(weight_bits, act_bits):
+    x = images()
+    qmodel = quantize_model(build("residual"), x, weight_bits, act_bits)
+    check(verify(export_qdq(qmodel, INPUT), qmodel, x))
+
+
+def test_zero_padding_folds_into_convolutions():
+    x = images(8)
+    graph = export_qdq(quantize_model(build("tf_same_padding"), x, 4, 4), INPUT).graph
+    assert "Pad" not in {node.op_type for node in graph.node}
+    pads = {node.name: [a.ints for a in node.attribute if a.name == "pads"][0] for node in graph.node if node.op_type == "Conv"}
+    assert pads == {"conv": [0, 0, 1, 1], "conv2": [1, 1, 1, 1]}
+
+
+class PaddedElsewhere(nn.Module):
+    """Zero padding also read by a pool, and padding with a non-zero value, stay ONNX Pads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.pool = nn.MaxPool2d(3, stride=1)
+        self.pad = nn.ConstantPad2d((2, 0, 1, 0), 0.5)
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.pad(x, (1, 1, 1, 1))
+        x = self.pad(self.conv(y) + self.pool(y))
+        return self.fc(F.adaptive_avg_pool2d(self.conv2(x), 1).flatten(1))
+
+
+def test_other_padding_stays_a_pad():
+    x = images(16)
+    qmodel = quantize_model(PaddedElsewhere(), x, 4, 4)
+    onnx_model = export_qdq(qmodel, INPUT)
+    assert [node.op_type for node in onnx_model.graph.node].count("Pad") == 2
+    check(verify(onnx_model, qmodel, x))
+
+
+def test_int32_biases_and_no_float_weights():
+    x = images(8)
+    qmodel = quantize_model(build("plain"), x, 4, 4)
+    graph = export_qdq(qmodel, INPUT).graph
+    tensors = {t.name: t for t in graph.initializer}
+    for name in ("body.0", "body.2", "fc"):
+        assert tensors[f"{name}.bias_quantized"].data_type == TensorProto.INT32
+        assert tensors[f"{name}.weight_quantized"].data_type == TensorProto.INT4
+    float_sizes = [int(np.prod(t.dims)) for t in graph.initializer if t.data_type == TensorProto.FLOAT]
+    assert max(float_sizes) <= 10  # per-channel scales only
+
+
+def test_8bit_graphs_run_on_integer_kernels():
+    """onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv when the conv
+    output feeds one quantized layer; counted in the optimized graph that verify reports."""
+    x = images(8)
+    qmodel = quantize_model(build("plain"), x, 8, 8)
+    onnx_model = export_qdq(qmodel, INPUT)
+    ops = optimized_ops(onnx_model)
+    assert ops.get("QLinearConv", 0) >= 1, ops
+    report = verify(onnx_model, qmodel, x)
+    assert report.integer_ops.get("QLinearConv", 0) >= 1
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    channels=st.integers(1, 6), width=st.integers(1, 4), kernel=st.integers(1, 4), stride=st.integers(1, 3),
+    padding=st.integers(0, 2), dilation=st.integers(1, 2), depthwise=st.booleans(), bias=st.booleans(),
+    batch_norm=st.booleans(), weight_bits=st.integers(2, 8), act_bits=st.integers(2, 8), size=st.integers(5, 12),
+)
+def test_random_layer_shapes(channels, width, kernel, stride, padding, dilation, depthwise, bias, batch_norm,
+                             weight_bits, act_bits, size):
+    out_channels = channels * width
+    layers: list[nn.Module] = [nn.Conv2d(channels, out_channels, kernel, stride, padding, dilation,
+                                         groups=channels if depthwise else 1, bias=bias)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(out_channels))
+    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_channels, 5)]
+    torch.manual_seed(0)
+    model = randomize_batch_norms(nn.Sequential(*layers))
+    x = torch.randn(16, channels, size, size, generator=torch.Generator().manual_seed(0))
+    if (size + 2 * padding - dilation * (kernel - 1) - 1) < 0:
+        return  # the kernel does not fit: not a model
+    qmodel = quantize_model(model, x, weight_bits, act_bits)
+    report = verify(export_qdq(qmodel, (channels, size, size)), qmodel, x)
+    check(report)
