@@ -101,7 +101,11 @@ def run_float(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def summary(rows: list[dict], methods: tuple[str, ...]) -> str:
     """Markdown table: mean ± sample standard deviation over seeds, median wall time."""
     rows = [r for r in rows if r["method"] in methods]
-    keys = sorted({(r["per_class"], r["bits"]) for r in rows}, key=lambda k: (k[0], -int(k[1][1]), k[1]))
+    present = {(r["per_class"], r["bits"], r["method"]) for r in rows}
+    keys = sorted(
+        {(p, b) for p, b, _ in present if all((p, b, m) in present for m in methods)},
+        key=lambda k: (k[0], -int(k[1][1]), k[1]),
+    )
     lines = [
         "| calib/class | bits | float | " + " | ".join(methods) + f" | wall s ({' / '.join(methods)}) |",
         "|---|---|---|" + "---|" * len(methods) + "---|",
