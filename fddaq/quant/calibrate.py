@@ -1,4 +1,4 @@
-"""Initial quantizer ranges from the real calibration images (MSE-optimal, or full at 6+ bits)."""
+"""Initial quantizer ranges from the real calibration images (MSE-optimal)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..config import CalibrationConfig
 from ..events import EventHandler, emit
 from .modules import FakeQuantConv2d, FakeQuantLinear
-from .primitives import activation_params, mse_activation_params, mse_weight_scales
+from .primitives import mse_activation_params, mse_weight_scales
 
 
 def fake_quant_layers(model: nn.Module) -> list[tuple[str, FakeQuantConv2d | FakeQuantLinear]]:
@@ -19,8 +19,9 @@ def fake_quant_layers(model: nn.Module) -> list[tuple[str, FakeQuantConv2d | Fak
 def _sample_layer_inputs(
     model: nn.Module, images: Tensor, config: CalibrationConfig, batch_size: int
 ) -> dict[str, Tensor]:
-    """For every fake-quant layer, up to `max_samples` values of its float input: a seeded
-    random subset of each batch plus the exact extremes (so the range search sees them)."""
+    """For every fake-quant layer, up to `max_samples` values of its input (activation
+    quantizers off, weights quantized as set): a seeded random subset of each batch plus the
+    exact extremes (so the range search sees them)."""
     layers = fake_quant_layers(model)
     generator = torch.Generator().manual_seed(config.seed)
     batches = range(0, len(images), batch_size)
@@ -49,13 +50,6 @@ def _sample_layer_inputs(
     return {name: torch.cat(parts) for name, parts in samples.items()}
 
 
-# From this many bits up, an activation range is the full observed range (min/max) rather than
-# the MSE-optimal one: at 8 bits the rounding error is so small that MSE trades clipping of
-# rare large values for it, and those values matter (on the bundled example, W8A8 calibration
-# only: 91.3% with MSE ranges, 92.1% with full ranges, float 92.1%; see benchmarks/RESULTS.md).
-FULL_RANGE_BITS = 6
-
-
 def calibrate(
     model: nn.Module,
     images: Tensor,
@@ -63,17 +57,14 @@ def calibrate(
     batch_size: int = 64,
     on_event: EventHandler | None = None,
 ) -> None:
-    """Set every weight quantizer to its per-channel MSE-optimal scales and every input
-    quantizer to a range of its float inputs on `images`: the MSE-optimal range below
-    `FULL_RANGE_BITS` bits, the full (min/max) range from there up."""
+    """Set every weight quantizer to its per-channel MSE-optimal scales, then every input
+    quantizer to the MSE-optimal range of its inputs on `images` (computed through the
+    quantized weights, with float activations)."""
     layers = fake_quant_layers(model)
+    for _, layer in layers:  # first the weights: the activations are sampled through them
+        layer.weight_quant.set_scale(mse_weight_scales(layer.weight, layer.weight_quant.bits))
     samples = _sample_layer_inputs(model.eval(), images, config, batch_size)
     emit(on_event, "calibrate", 0, len(layers))
     for index, (name, layer) in enumerate(layers, 1):
-        layer.weight_quant.set_scale(mse_weight_scales(layer.weight, layer.weight_quant.bits))
-        x, bits = samples[name], layer.input_quant.bits
-        if bits >= FULL_RANGE_BITS:
-            layer.input_quant.set_params(*activation_params(min(x.min().item(), 0.0), max(x.max().item(), 0.0), bits))
-        else:
-            layer.input_quant.set_params(*mse_activation_params(x, bits))
+        layer.input_quant.set_params(*mse_activation_params(samples[name], layer.input_quant.bits))
         emit(on_event, "calibrate", index, len(layers))
