@@ -7,7 +7,10 @@ first and last included, input 8-bit), calibrated only (`ptq`: a graph's size an
 depend on fine-tuning). Latency: onnxruntime CPU provider, all graph optimizations on, default
 threads; the three graphs are timed side by side, alternating within each round, and the
 median over rounds of the mean time per run is reported, at batch 1 and 32. Verification
-(optimizations off and on, activations compared as integers) runs on the verify images.
+(optimizations off and on, activations compared as integers) runs on the verify images; next
+to its share of differing activation codes stands the share that differs between two PyTorch
+runs of the same model in different memory layouts (float summation order alone), on the
+first 256 of those images.
 
 - fashion: the bundled Fashion-MNIST ResNet, calibration `examples/fashion_mnist/calib`
   (100 images), verified on `val/` (2,000 test images).
@@ -65,6 +68,33 @@ def latency_ms(sessions: dict, batch: int, shape: tuple[int, ...], rounds: int, 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+@torch.no_grad()
+def torch_noise_floor(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> tuple[int, int]:
+    """(differing, compared) quantized activation codes between two PyTorch runs of the same
+    model that differ only in memory layout (contiguous vs channels_last), i.e. in the order
+    float convolutions sum: how far float rounding alone moves the integers of this model."""
+    from exporters.runtime import _codes, _quantizer_outputs
+    from fddaq.quant.fold import fold_batch_norms
+
+    model = fold_batch_norms(model).eval()
+    quantizers = _quantizer_outputs(model)
+    runs: list[dict[str, torch.Tensor]] = [{}, {}]
+    for run, layout in zip(runs, (torch.contiguous_format, torch.channels_last)):
+        handles = [q.register_forward_hook(lambda m, a, out, n=n, run=run: run.setdefault(n, []).append(out.contiguous()))
+                   for n, q in quantizers.items()]
+        model = model.to(memory_format=layout)
+        for start in range(0, len(images), batch_size):
+            model(images[start : start + batch_size].contiguous(memory_format=layout))
+        for handle in handles:
+            handle.remove()
+    differing = compared = 0
+    for name, quantizer in quantizers.items():
+        for a, b in zip(runs[0][name], runs[1][name]):
+            codes = _codes(a.numpy(), quantizer) != _codes(b.numpy(), quantizer)
+            differing, compared = differing + int(codes.sum()), compared + codes.size
+    return differing, compared
+
+
 def measure(name: str, rounds: int) -> dict:
     from exporters import export_float, export_qdq, verify
     from exporters.deploy import onnx_metadata
@@ -94,6 +124,7 @@ def measure(name: str, rounds: int) -> dict:
         graphs[f"W{bits}A{bits}"] = proto.SerializeToString()
         result[f"W{bits}A{bits}"] = {
             "export_s": exported - start, "verify_s": verified - exported, "verify": report.to_json(),
+            "torch_noise_floor": torch_noise_floor(quantized.model, images[:256]),
         }
     result["bytes"] = {key: len(graph) for key, graph in graphs.items()}
     sessions = {key: inference_session(graph, optimize=True) for key, graph in graphs.items()}
@@ -104,8 +135,9 @@ def measure(name: str, rounds: int) -> dict:
 def table(results: list[dict]) -> str:
     lines = [
         "| model | graph | size KiB | vs float | latency b=1 ms | vs float | latency b=32 ms | vs float | "
-        "export s | verify s | agreement off / on | activations differing | integer / float kernels |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "export s | verify s | agreement off / on | activations differing (max steps) | same, PyTorch vs "
+        "PyTorch channels_last | integer / float kernels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         size, lat = r["bytes"], r["latency_ms"]
@@ -114,14 +146,15 @@ def table(results: list[dict]) -> str:
             for batch in ("1", "32"):
                 cells += [f"{lat[batch][graph]:.2f}", f"{lat[batch][graph] / lat[batch]['float']:.2f}x"]
             if graph == "float":
-                cells += ["-"] * 5
+                cells += ["-"] * 6
             else:
                 v = r[graph]["verify"]
                 kernels = lambda ops: ", ".join(f"{n} {op}" for op, n in ops.items()) or "none"  # noqa: E731
                 cells += [
                     f"{r[graph]['export_s']:.2f}", f"{r[graph]['verify_s']:.2f}",
                     f"{v['agreement']:.2f} / {v['optimized_agreement']:.2f}",
-                    f"{v['activation_mismatches']} of {v['activation_values']}",
+                    f"{v['activation_mismatches'] / v['activation_values']:.2e} ({v['activation_max_step_diff']})",
+                    "{:.2e}".format(r[graph]["torch_noise_floor"][0] / r[graph]["torch_noise_floor"][1]),
                     f"{kernels(v['integer_ops'])} / {kernels(v['float_ops'])}",
                 ]
             lines.append("| " + " | ".join(cells) + " |")
