@@ -44,6 +44,7 @@ def inference_session(model: onnx.ModelProto | bytes | str | Path, optimize: boo
     )
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+        options.log_severity_level = 3  # not the warning that an optimized graph is machine-specific
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     if isinstance(source, Path):
         source = str(source)
