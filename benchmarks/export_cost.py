@@ -73,11 +73,11 @@ def torch_noise_floor(model: torch.nn.Module, images: torch.Tensor, batch_size: 
     """(differing, compared) quantized activation codes between two PyTorch runs of the same
     model that differ only in memory layout (contiguous vs channels_last), i.e. in the order
     float convolutions sum: how far float rounding alone moves the integers of this model."""
-    from exporters.runtime import _codes, _quantizer_outputs
+    from exporters.runtime import input_quantizers, quantizer_codes
     from fddaq.quant.fold import fold_batch_norms
 
     model = fold_batch_norms(model).eval()
-    quantizers = _quantizer_outputs(model)
+    quantizers = input_quantizers(model)
     runs: list[dict[str, torch.Tensor]] = [{}, {}]
     for run, layout in zip(runs, (torch.contiguous_format, torch.channels_last)):
         handles = [q.register_forward_hook(lambda m, a, out, n=n, run=run: run.setdefault(n, []).append(out.contiguous()))
@@ -90,7 +90,7 @@ def torch_noise_floor(model: torch.nn.Module, images: torch.Tensor, batch_size: 
     differing = compared = 0
     for name, quantizer in quantizers.items():
         for a, b in zip(runs[0][name], runs[1][name]):
-            codes = _codes(a.numpy(), quantizer) != _codes(b.numpy(), quantizer)
+            codes = quantizer_codes(a.numpy(), quantizer) != quantizer_codes(b.numpy(), quantizer)
             differing, compared = differing + int(codes.sum()), compared + codes.size
     return differing, compared
 

@@ -25,8 +25,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fddaq import __version__
 from fddaq.errors import ExportError
-from fddaq.quant.fold import FAKE_QUANT_LAYERS, fold_batch_norms, trace
-from fddaq.quant.modules import FakeQuantConv2d, FakeQuantLinear
+from fddaq.quant.fold import fold_batch_norms, module_calls, trace
+from fddaq.quant.modules import FAKE_QUANT_LAYERS, FakeQuantConv2d, FakeQuantLinear
 from fddaq.quant.primitives import BIAS_SPAN, activation_range
 
 INPUT_NAME = "input"
@@ -142,10 +142,7 @@ class _GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self.names: dict[fx.Node, str] = {}  # fx node -> ONNX tensor name
         self.batch_sizes: set[fx.Node] = set()  # `x.size(0)` nodes, only valid inside view/reshape
-        self.calls: dict[str, int] = {}
-        for node in module.graph.nodes:
-            if node.op == "call_module":
-                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+        self.calls = module_calls(module.graph)
         self.conv_pads: dict[fx.Node, list[int]] = {}  # conv -> zero padding folded into it
         relu = lambda node: self._unary(node, "Relu")  # noqa: E731
         self.module_handlers: dict[type[nn.Module], Callable[[fx.Node, Any], None]] = {

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from fddaq.errors import ExportError
-from fddaq.quant.fold import FAKE_QUANT_LAYERS, fold_batch_norms
+from fddaq.quant.fold import fold_batch_norms
+from fddaq.quant.modules import FAKE_QUANT_LAYERS
 
 
 def onnxruntime_module():
@@ -134,7 +135,7 @@ def _percent(mask: np.ndarray) -> float:
     return 100.0 * float(mask.mean())
 
 
-def _quantizer_outputs(model: nn.Module) -> dict[str, nn.Module]:
+def input_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     """Layer name -> its input quantizer, for every fake-quant layer with one enabled."""
     return {
         name: module.input_quant
@@ -143,7 +144,7 @@ def _quantizer_outputs(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _codes(values: np.ndarray, quantizer: nn.Module) -> np.ndarray:
+def quantizer_codes(values: np.ndarray, quantizer: nn.Module) -> np.ndarray:
     """Integer codes of dequantized values of `quantizer`'s grid."""
     scale = np.float32(quantizer.scale().item())
     return np.round(values / scale).astype(np.int64) + int(quantizer.zero_point.item())
@@ -186,7 +187,7 @@ def verify(
     model = fold_batch_norms(torch_model).cpu().float()  # a copy
 
     # ONNX with every quantized layer input as an extra output, PyTorch with hooks on the same
-    quantizers = _quantizer_outputs(model)
+    quantizers = input_quantizers(model)
     produced = {output for node in onnx_model.graph.node for output in node.output}
     compared = [name for name in quantizers if f"{name}.input_dequantized" in produced]
     probed = copy.deepcopy(onnx_model)
@@ -210,7 +211,8 @@ def verify(
             for name, onnx_values in zip(compared, activations):
                 if onnx_values.shape != captured[name].shape:
                     continue  # zero padding folded into the conv: the graph quantizes before padding
-                difference = np.abs(_codes(onnx_values, quantizers[name]) - _codes(captured[name].numpy(), quantizers[name]))
+                codes = quantizer_codes(onnx_values, quantizers[name]), quantizer_codes(captured[name].numpy(), quantizers[name])
+                difference = np.abs(codes[0] - codes[1])
                 values += difference.size
                 mismatches += int(np.count_nonzero(difference))
                 worst = max(worst, int(difference.max(initial=0)))

@@ -111,13 +111,17 @@ class _Batches:
         return batch, torch.cat(labels)
 
 
+def _step_sizes(student: nn.Module) -> list[nn.Parameter]:
+    """The log step size of every weight and input quantizer."""
+    return [q.log_scale for _, layer in fake_quant_layers(student) for q in (layer.weight_quant, layer.input_quant)]
+
+
 def _optimizer(student: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
     layers = [layer for _, layer in fake_quant_layers(student)]
     weights = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
     groups = [{"params": weights, "lr": config.weight_lr}]
     if config.learn_scales:
-        scales = [q.log_scale for layer in layers for q in (layer.weight_quant, layer.input_quant)]
-        groups.append({"params": scales, "lr": config.scale_lr})
+        groups.append({"params": _step_sizes(student), "lr": config.scale_lr})
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.momentum > 0,
                                weight_decay=config.weight_decay)
@@ -159,7 +163,7 @@ def finetune(
     for module in student.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.requires_grad_(False)
-    scales = [q.log_scale for _, layer in fake_quant_layers(student) for q in (layer.weight_quant, layer.input_quant)]
+    scales = _step_sizes(student)
     for scale in scales:  # fixed step sizes need no gradient (about 10% of a step)
         scale.requires_grad_(config.learn_scales)
     optimizer = _optimizer(student, config)

@@ -199,9 +199,6 @@ def quantize(
 
     `on_checkpoint` receives resumable states (after synthesis, then during fine-tuning);
     `resume` continues from one, which must come from the same configuration."""
-    config_json = json.dumps(config.to_json(), sort_keys=True)
-    if resume is not None and resume["config"] != config_json:
-        raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
     synthesis = None
     if resume is not None and resume["synthesis"] is not None:
         saved = resume["synthesis"]
@@ -220,6 +217,8 @@ def quantize_inputs(
     """`quantize` on loaded inputs; a given `synthesis` is used instead of training a
     generator (benchmarks share one across recipes and bit widths)."""
     config_json = json.dumps(config.to_json(), sort_keys=True)
+    if resume is not None and resume["config"] != config_json:
+        raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
     timings = {"load": inputs.seconds}
 
     start = time.perf_counter()

@@ -7,12 +7,12 @@ from torch import Tensor, nn
 
 from ..config import CalibrationConfig
 from ..events import EventHandler, emit
-from .modules import FakeQuantConv2d, FakeQuantLinear
+from .modules import FAKE_QUANT_LAYERS, FakeQuantConv2d, FakeQuantLinear
 from .primitives import mse_activation_params, mse_weight_scales
 
 
 def fake_quant_layers(model: nn.Module) -> list[tuple[str, FakeQuantConv2d | FakeQuantLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (FakeQuantConv2d, FakeQuantLinear))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FAKE_QUANT_LAYERS)]
 
 
 @torch.no_grad()

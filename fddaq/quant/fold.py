@@ -19,10 +19,9 @@ import copy
 import torch
 from torch import fx, nn
 
-from .modules import FakeQuantConv2d, FakeQuantLinear
+from .modules import FAKE_QUANT_LAYERS, FakeQuantConv2d
 from .primitives import MIN_SCALE
 
-FAKE_QUANT_LAYERS = (FakeQuantConv2d, FakeQuantLinear)
 FOLDABLE_CONVS = (nn.Conv2d, FakeQuantConv2d)
 
 
@@ -36,6 +35,15 @@ class Tracer(fx.Tracer):
 def trace(model: nn.Module) -> fx.GraphModule:
     """The fx graph of `model` (raises whatever fx raises for an untraceable forward)."""
     return fx.GraphModule(model, Tracer().trace(model))
+
+
+def module_calls(graph: fx.Graph) -> dict[str, int]:
+    """How many times each module is called in `graph`."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
 
 
 def batch_norm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +62,7 @@ def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
     except Exception:  # fx raises many types (TraceError, TypeError, ...)
         return []
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(graph)
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or type(modules[node.target]) is not nn.BatchNorm2d:

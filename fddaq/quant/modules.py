@@ -151,3 +151,4 @@ FAKE_QUANT_TYPES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: FakeQuantConv2d,
     nn.Linear: FakeQuantLinear,
 }
+FAKE_QUANT_LAYERS = (FakeQuantConv2d, FakeQuantLinear)

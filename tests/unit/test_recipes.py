@@ -96,3 +96,16 @@ def test_paper_mode_uses_min_max_weights_and_frozen_ema_ranges(tiny_model):
     for _, layer in fake_quant_layers(student):
         assert torch.allclose(layer.weight_quant.scale(), layer.weight_quant.min_max_scale(layer.weight))
         assert layer.input_quant.ema_momentum is None and layer.input_quant.observed is not None
+
+
+def test_a_state_from_other_options_is_not_resumed():
+    from pathlib import Path
+
+    from fddaq.config import RunConfig
+    from fddaq.errors import ConfigError
+    from fddaq.pipeline import Source, load_inputs, quantize_inputs
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
+    inputs = load_inputs(Source(example / "model.pth", "fddaq:fashion_resnet", example / "calib"))
+    with pytest.raises(ConfigError, match="made with other options"):
+        quantize_inputs(inputs, RunConfig(), resume={"config": "{}", "synthesis": None, "finetune": {}})
