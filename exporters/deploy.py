@@ -29,11 +29,12 @@ class Deployment:
 
 def onnx_metadata(info: ModelInfo, plan: LayerPlan) -> dict[str, str]:
     """`metadata_props` of the exported graph: what a deployment needs to feed and read it."""
+    compact = lambda value: json.dumps(value, separators=(",", ":"))  # noqa: E731
     return {
         "fddaq_version": __version__,
-        "layer_plan": json.dumps(plan.to_json()),
-        "preprocessing": json.dumps(info.preprocess.to_json()),
-        "class_names": json.dumps(list(info.class_names)),
+        "layer_plan": compact(plan.to_json()),
+        "preprocessing": compact(info.preprocess.to_json()),
+        "class_names": compact(list(info.class_names)),
         "arch": info.arch,
     }
 

@@ -6,7 +6,13 @@ reads its input through QuantizeLinear -> DequantizeLinear, its weight from an I
 initializer through a per-output-channel DequantizeLinear and its bias from an INT32 initializer
 (step input scale x weight scale). The model is exported in its folded form
 (`fddaq.quant.fold.fold_batch_norms`: BatchNorm folded into the preceding convolution's weight
-scales and bias), the form PyTorch evaluates too. Tensors of a layer are named after its module.
+scales and bias), the form PyTorch evaluates too.
+
+Tensors of a layer are named after its module, tersely (names are a sizeable share of a 4-bit
+file): `conv.x_q` -> `conv.x` is its quantized then dequantized input (`conv.x_scale`, one
+shared `zero_point_uint4_0`-style zero point per value), `conv.w_q` -> `conv.w` its weight
+(`conv.w_scale`), `conv.b_q` -> `conv.b` its bias (`conv.b_scale`), `conv` its output. Only
+compute nodes carry a name (their output's); Q/DQ nodes are left unnamed.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ OUTPUT_NAME = "logits"
 BATCH_DIM = "N"
 MIN_OPSET = 21  # INT4/UINT4 tensors and Q/DQ
 CONVS = (nn.Conv2d, FakeQuantConv2d)
+
+
+def layer_input(layer: str) -> str:
+    """The tensor holding the dequantized input of the quantized layer (module) `layer`."""
+    return f"{layer}.x"
 
 
 def export_qdq(
@@ -140,6 +151,7 @@ class _GraphBuilder:
         self.modules = dict(module.named_modules())
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.zero_points: dict[tuple[str, int], str] = {}  # (storage type, value) -> shared initializer
         self.names: dict[fx.Node, str] = {}  # fx node -> ONNX tensor name
         self.batch_sizes: set[fx.Node] = set()  # `x.size(0)` nodes, only valid inside view/reshape
         self.calls = module_calls(module.graph)
@@ -251,7 +263,8 @@ class _GraphBuilder:
     # ---------------------------------------------------------------- emission helpers
 
     def _emit(self, op: str, inputs: list[str], output: str, **attributes: Any) -> str:
-        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
+        name = None if op in ("QuantizeLinear", "DequantizeLinear") else output
+        self.nodes.append(helper.make_node(op, inputs, [output], name=name, **attributes))
         return output
 
     def _constant(self, name: str, array: np.ndarray) -> str:
@@ -279,16 +292,16 @@ class _GraphBuilder:
             # QuantizeLinear saturates only to the storage type's range: clamp to the grid's.
             # Max/Min, not Clip: onnxruntime's ClipQuantFusion (basic optimizations, on by
             # default) fails at session creation on Clip -> QuantizeLinear with a UINT4 zero point.
-            low = self._constant(f"{prefix}.input_min", np.float32(qmin - zero_point) * scale)
-            high = self._constant(f"{prefix}.input_max", np.float32(qmax - zero_point) * scale)
-            x = self._emit("Max", [x, low], f"{prefix}.input_above_min")
-            x = self._emit("Min", [x, high], f"{prefix}.input_clamped")
-        q_params = [
-            self._constant(f"{prefix}.input_scale", np.array(scale, np.float32)),
-            self._constant(f"{prefix}.input_zero_point", np.array(zero_point, storage)),
-        ]
-        quantized = self._emit("QuantizeLinear", [x, *q_params], f"{prefix}.input_quantized")
-        return self._emit("DequantizeLinear", [quantized, *q_params], f"{prefix}.input_dequantized")
+            low = self._constant(f"{prefix}.x_min", np.float32(qmin - zero_point) * scale)
+            high = self._constant(f"{prefix}.x_max", np.float32(qmax - zero_point) * scale)
+            x = self._emit("Max", [x, low], f"{prefix}.x_above_min")
+            x = self._emit("Min", [x, high], f"{prefix}.x_clamped")
+        key = (np.dtype(storage).name, zero_point)
+        if key not in self.zero_points:
+            self.zero_points[key] = self._constant(f"zero_point_{key[0]}_{zero_point}", np.array(zero_point, storage))
+        q_params = [self._constant(f"{prefix}.x_scale", np.array(scale, np.float32)), self.zero_points[key]]
+        quantized = self._emit("QuantizeLinear", [x, *q_params], f"{prefix}.x_q")
+        return self._emit("DequantizeLinear", [quantized, *q_params], layer_input(prefix))
 
     def _weight_and_bias(self, layer: nn.Conv2d | nn.Linear, prefix: str) -> list[str]:
         """The layer's weight and bias: integers with a per-axis DequantizeLinear for a
@@ -300,7 +313,7 @@ class _GraphBuilder:
         quant = layer.weight_quant
         scale = quant.scale().detach().cpu().numpy().astype(np.float32)
         storage = ml_dtypes.int4 if quant.bits <= 4 else np.int8
-        names = [self._dequantized(f"{prefix}.weight", _numpy(quant.quantize(layer.weight)).astype(storage), scale)]
+        names = [self._dequantized(f"{prefix}.w", _numpy(quant.quantize(layer.weight)).astype(storage), scale)]
         if bias is None:
             return names
         if not layer.input_quant.enabled:
@@ -308,12 +321,12 @@ class _GraphBuilder:
         # the same float32 arithmetic as the fake-quant layer: step s_in * s_w, round half even
         bias_scale = np.float32(layer.input_quant.scale().item()) * scale
         integers = np.clip(np.round(bias / bias_scale), -BIAS_SPAN, BIAS_SPAN).astype(np.int32)
-        return [*names, self._dequantized(f"{prefix}.bias", integers, bias_scale)]
+        return [*names, self._dequantized(f"{prefix}.b", integers, bias_scale)]
 
     def _dequantized(self, name: str, integers: np.ndarray, scale: np.ndarray) -> str:
         """Per-output-channel DequantizeLinear of `integers` (zero point 0: the default)."""
-        inputs = [self._constant(f"{name}_quantized", integers), self._constant(f"{name}_scale", scale)]
-        return self._emit("DequantizeLinear", inputs, f"{name}_dequantized", axis=0)
+        inputs = [self._constant(f"{name}_q", integers), self._constant(f"{name}_scale", scale)]
+        return self._emit("DequantizeLinear", inputs, name, axis=0)
 
     def _conv(self, node: fx.Node, conv: nn.Conv2d) -> None:
         if conv.padding_mode != "zeros":
@@ -333,11 +346,12 @@ class _GraphBuilder:
         else:
             begin = end = _pair(conv.padding)
         pads = [a + b for a, b in zip([*begin, *end], self.conv_pads.get(node, [0, 0, 0, 0]))]
-        self.names[node] = self._emit(
-            "Conv", [x, *self._weight_and_bias(conv, prefix)], prefix,
-            kernel_shape=list(kernel), strides=list(_pair(conv.stride)), dilations=list(dilation),
-            pads=pads, group=conv.groups,
-        )
+        attributes: dict[str, Any] = {"kernel_shape": list(kernel), "strides": list(_pair(conv.stride)), "pads": pads}
+        if dilation != (1, 1):  # the defaults are left out: every byte counts in a 4-bit file
+            attributes["dilations"] = list(dilation)
+        if conv.groups != 1:
+            attributes["group"] = conv.groups
+        self.names[node] = self._emit("Conv", [x, *self._weight_and_bias(conv, prefix)], prefix, **attributes)
 
     def _linear(self, node: fx.Node, linear: nn.Linear) -> None:
         rank = len(node.args[0].meta["tensor_meta"].shape)

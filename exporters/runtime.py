@@ -17,6 +17,8 @@ from fddaq.errors import ExportError
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.modules import FAKE_QUANT_LAYERS
 
+from .onnx_export import layer_input
+
 
 def onnxruntime_module():
     """The onnxruntime module, or an ExportError naming the extra to install."""
@@ -192,10 +194,10 @@ def verify(
     # ONNX with every quantized layer input as an extra output, PyTorch with hooks on the same
     quantizers = input_quantizers(model)
     produced = {output for node in onnx_model.graph.node for output in node.output}
-    compared = [name for name in quantizers if f"{name}.input_dequantized" in produced]
+    compared = [name for name in quantizers if layer_input(name) in produced]
     probed = copy.deepcopy(onnx_model)
     probed.graph.output.extend(
-        onnx.helper.make_tensor_value_info(f"{name}.input_dequantized", onnx.TensorProto.FLOAT, None) for name in compared
+        onnx.helper.make_tensor_value_info(layer_input(name), onnx.TensorProto.FLOAT, None) for name in compared
     )
     session = inference_session(probed, optimize=False)
     captured: dict[str, torch.Tensor] = {}
@@ -206,7 +208,7 @@ def verify(
     reference, plain = [], []
     values = mismatches = worst = 0
     try:
-        outputs = [session.get_outputs()[0].name] + [f"{name}.input_dequantized" for name in compared]
+        outputs = [session.get_outputs()[0].name] + [layer_input(name) for name in compared]
         for start, (logits, *activations) in zip(range(0, len(images), batch_size), _batches(session, images, batch_size, outputs)):
             with torch.no_grad():
                 reference.append(model(torch.from_numpy(images[start : start + batch_size])).numpy())

@@ -11,6 +11,7 @@ import torch
 
 from exporters import VerifyReport, export_qdq, run_onnx, verify
 from fddaq.errors import ExportError
+from exporters.onnx_export import layer_input
 
 
 @pytest.fixture
@@ -80,12 +81,12 @@ def test_verify_counts_activation_mismatches_in_steps(exported, images):
     onnx_model, qmodel = exported
     shifted = onnx.ModelProto()
     shifted.CopyFrom(onnx_model)
-    zero_point = next(t for t in shifted.graph.initializer if t.name == "stem.0.input_zero_point")
+    node = next(n for n in shifted.graph.node if n.output[0] == layer_input("stem.0"))
+    zero_point = next(t for t in shifted.graph.initializer if t.name == node.input[2])
     value = onnx.numpy_helper.to_array(zero_point)
     shifted.graph.initializer.append(
         onnx.numpy_helper.from_array((value.astype(np.int64) + 1).astype(value.dtype), "shifted_zero_point")
     )
-    node = next(n for n in shifted.graph.node if n.name == "stem.0.input_dequantized")
     node.input[2] = "shifted_zero_point"
     report = verify(shifted, qmodel, images[:8])
     assert report.activation_mismatches > 0 and report.activation_max_step_diff >= 1

@@ -182,8 +182,8 @@ def test_int32_biases_and_no_float_weights():
     graph = export_qdq(qmodel, INPUT).graph
     tensors = {t.name: t for t in graph.initializer}
     for name in ("body.0", "body.2", "fc"):
-        assert tensors[f"{name}.bias_quantized"].data_type == TensorProto.INT32
-        assert tensors[f"{name}.weight_quantized"].data_type == TensorProto.INT4
+        assert tensors[f"{name}.b_q"].data_type == TensorProto.INT32
+        assert tensors[f"{name}.w_q"].data_type == TensorProto.INT4
     float_sizes = [int(np.prod(t.dims)) for t in graph.initializer if t.data_type == TensorProto.FLOAT]
     assert max(float_sizes) <= 10  # per-channel scales only
 
