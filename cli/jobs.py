@@ -71,6 +71,7 @@ def verify_rows(verify) -> list[tuple[str, str]]:
                                     f"({_steps(verify.max_step_diff)} / {_steps(verify.mean_step_diff)})"),
         ("quantized activations that differ", f"{verify.activation_mismatches} of {verify.activation_values} "
                                               f"(max {verify.activation_max_step_diff} steps)"),
+        ("  ... each layer fed the graph's inputs", f"{verify.local_mismatches} (max {verify.local_max_step_diff} steps)"),
         ("graph optimizations on: agreement, max diff", f"{_pct(verify.optimized_agreement)}, "
                                                         f"{_steps(verify.optimized_max_step_diff)}"),
         ("optimized graph: integer / float kernels", f"{ops(verify.integer_ops)} / {ops(verify.float_ops)}"),

@@ -110,7 +110,11 @@ class VerifyReport:
     output channel), when the logits are that layer's output (else None). Activations: every
     quantized layer input is compared as integers (graph optimizations off; an input whose zero
     padding the graph folds into its conv is left out, its shape differs); `activation_*`
-    count the values compared, those that differ and the largest difference in steps.
+    count the values compared, those that differ and the largest difference in steps, with
+    both models running freely (a one-step difference early on can grow through later layers).
+    `local_*`: the same, with every PyTorch quantizer fed the graph's values for the layers
+    before it, so that a difference is one layer's own arithmetic: an export error shows
+    here, while float32 summation order alone leaves a tiny fraction at one step.
     `integer_ops`/`float_ops`: conv/matmul kernels of the optimized graph that run on integers
     and in float."""
 
@@ -123,6 +127,8 @@ class VerifyReport:
     activation_values: int
     activation_mismatches: int
     activation_max_step_diff: int
+    local_mismatches: int
+    local_max_step_diff: int
     onnx_top1: float | None
     torch_top1: float | None
     optimized_agreement: float
@@ -140,7 +146,7 @@ def _percent(mask: np.ndarray) -> float:
     return 100.0 * float(mask.mean())
 
 
-def input_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+def _input_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     """Layer name -> its input quantizer, for every fake-quant layer with one enabled."""
     return {
         name: module.input_quant
@@ -149,10 +155,46 @@ def input_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def quantizer_codes(values: np.ndarray, quantizer: nn.Module) -> np.ndarray:
+def _quantizer_codes(values: np.ndarray, quantizer: nn.Module) -> np.ndarray:
     """Integer codes of dequantized values of `quantizer`'s grid."""
     scale = np.float32(quantizer.scale().item())
     return np.round(values / scale).astype(np.int64) + int(quantizer.zero_point.item())
+
+
+@dataclass
+class _Tally:
+    """Quantized activation values compared, those that differ, the largest difference."""
+
+    values: int = 0
+    mismatches: int = 0
+    worst: int = 0
+
+    def add(self, onnx_values: np.ndarray, torch_values: np.ndarray, quantizer: nn.Module) -> None:
+        difference = np.abs(_quantizer_codes(onnx_values, quantizer) - _quantizer_codes(torch_values, quantizer))
+        self.values += difference.size
+        self.mismatches += int(np.count_nonzero(difference))
+        self.worst = max(self.worst, int(difference.max(initial=0)))
+
+
+class _Probe:
+    """Forward hooks on input quantizers: each records its output and, for a quantizer in
+    `forced`, replaces the output by that value."""
+
+    def __init__(self, quantizers: dict[str, nn.Module]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.forced: dict[str, torch.Tensor] = {}
+        self.handles = [q.register_forward_hook(self._hook(name)) for name, q in quantizers.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            self.outputs[name] = output
+            return self.forced.get(name)  # None keeps the output
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _output_step(model: nn.Module, images: np.ndarray) -> np.ndarray | None:
@@ -192,7 +234,7 @@ def verify(
     model = fold_batch_norms(torch_model).cpu().float()  # a copy
 
     # ONNX with every quantized layer input as an extra output, PyTorch with hooks on the same
-    quantizers = input_quantizers(model)
+    quantizers = _input_quantizers(model)
     produced = {output for node in onnx_model.graph.node for output in node.output}
     compared = [name for name in quantizers if layer_input(name) in produced]
     probed = copy.deepcopy(onnx_model)
@@ -200,30 +242,30 @@ def verify(
         onnx.helper.make_tensor_value_info(layer_input(name), onnx.TensorProto.FLOAT, None) for name in compared
     )
     session = inference_session(probed, optimize=False)
-    captured: dict[str, torch.Tensor] = {}
-    handles = [
-        quantizers[name].register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, out))
-        for name in compared
-    ]
+    probe = _Probe({name: quantizers[name] for name in compared})
     reference, plain = [], []
-    values = mismatches = worst = 0
+    free, local = _Tally(), _Tally()
     try:
         outputs = [session.get_outputs()[0].name] + [layer_input(name) for name in compared]
         for start, (logits, *activations) in zip(range(0, len(images), batch_size), _batches(session, images, batch_size, outputs)):
-            with torch.no_grad():
-                reference.append(model(torch.from_numpy(images[start : start + batch_size])).numpy())
+            x = torch.from_numpy(images[start : start + batch_size])
             plain.append(logits)
-            for name, onnx_values in zip(compared, activations):
-                if onnx_values.shape != captured[name].shape:
-                    continue  # zero padding folded into the conv: the graph quantizes before padding
-                codes = quantizer_codes(onnx_values, quantizers[name]), quantizer_codes(captured[name].numpy(), quantizers[name])
-                difference = np.abs(codes[0] - codes[1])
-                values += difference.size
-                mismatches += int(np.count_nonzero(difference))
-                worst = max(worst, int(difference.max(initial=0)))
+            with torch.no_grad():
+                probe.forced = {}
+                reference.append(model(x).numpy())
+                # zero padding folded into a conv: the graph quantizes before padding, shapes differ
+                graph = {
+                    name: values for name, values in zip(compared, activations)
+                    if values.shape == probe.outputs[name].shape
+                }
+                for name, values in graph.items():
+                    free.add(values, probe.outputs[name].numpy(), quantizers[name])
+                probe.forced = {name: torch.from_numpy(values) for name, values in graph.items()}
+                model(x)
+                for name, values in graph.items():
+                    local.add(values, probe.outputs[name].numpy(), quantizers[name])
     finally:
-        for handle in handles:
-            handle.remove()
+        probe.remove()
     reference, plain = np.concatenate(reference), np.concatenate(plain)
     if reference.shape != plain.shape:
         raise ExportError(f"the ONNX model outputs shape {plain.shape[1:]} where the PyTorch model outputs "
@@ -246,9 +288,11 @@ def verify(
         mean_abs_diff=float(diff.mean()),
         max_step_diff=None if step is None else float((diff / step).max()),
         mean_step_diff=None if step is None else float((diff / step).mean()),
-        activation_values=values,
-        activation_mismatches=mismatches,
-        activation_max_step_diff=worst,
+        activation_values=free.values,
+        activation_mismatches=free.mismatches,
+        activation_max_step_diff=free.worst,
+        local_mismatches=local.mismatches,
+        local_max_step_diff=local.worst,
         onnx_top1=None if labels is None else _percent(plain.argmax(axis=1) == labels),
         torch_top1=None if labels is None else _percent(torch_pred == labels),
         optimized_agreement=_percent(optimized.argmax(axis=1) == torch_pred),

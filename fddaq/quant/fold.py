@@ -89,26 +89,40 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     if isinstance(conv, FakeQuantConv2d):
         quant = conv.weight_quant
         integers = quant.quantize(conv.weight).double() * torch.where(a < 0, -1.0, 1.0).reshape(channel)
-        scale = a.abs() * quant.scale().double()
-        # A channel whose integers are all 0 outputs its bias alone: give it the step size
-        # that makes the int32 bias exact to 2^-24 (the step of an unused weight is free).
-        dead = (integers.flatten(1) == 0).all(dim=1) | (scale < MIN_SCALE)
-        integers[dead] = 0.0
-        input_scale = conv.input_quant.scale().double()
-        scale[dead] = (bias[dead].abs() / (input_scale * 2.0**24)).clamp(min=MIN_SCALE)
-        quant.set_scale(scale.float())
-        conv.weight.copy_(integers.float() * quant.scale().reshape(channel))
+        conv.bias = nn.Parameter(bias.float(), requires_grad=conv.weight.requires_grad)
+        _set_weight(conv, integers, a.abs() * quant.scale().double())
     else:
         conv.weight.copy_(conv.weight.double() * a.reshape(channel))
-    conv.bias = nn.Parameter(bias.float(), requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(bias.float(), requires_grad=conv.weight.requires_grad)
+
+
+@torch.no_grad()
+def _set_weight(layer: nn.Module, integers: torch.Tensor, scale: torch.Tensor) -> None:
+    """Make a fake-quant layer's weight `integers` x `scale` (per output channel). A channel
+    whose integers are all 0 outputs its bias alone: it gets the step size that makes its int32
+    bias exact to 2^-24 (the step of an unused weight is free; otherwise the bias would be
+    rounded to the step input scale x weight scale of whatever scale calibration left)."""
+    dead = (integers.flatten(1) == 0).all(dim=1) | (scale < MIN_SCALE)
+    integers[dead] = 0.0
+    if layer.bias is not None and layer.input_quant.enabled:
+        input_scale = layer.input_quant.scale().double()
+        scale[dead] = (layer.bias.double()[dead].abs() / (input_scale * 2.0**24)).clamp(min=MIN_SCALE)
+    layer.weight_quant.set_scale(scale.float())
+    layer.weight.copy_(integers.float() * layer.weight_quant.scale().reshape(-1, *[1] * (integers.dim() - 1)))
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
-    """A copy of `model` (eval mode) with every foldable BatchNorm2d folded into its conv and
-    replaced by `nn.Identity`; a model without any is returned as an unchanged copy."""
+    """A copy of `model` (eval mode) in its deployed form: every foldable BatchNorm2d folded
+    into its conv and replaced by `nn.Identity`, and every fake-quant layer's weight set to its
+    integers x step size (see `_set_weight` for all-zero channels)."""
     model = copy.deepcopy(model).eval()
-    for conv_name, bn_name in foldable_pairs(model):
+    pairs = foldable_pairs(model)
+    for conv_name, bn_name in pairs:
         _fold(model.get_submodule(conv_name), model.get_submodule(bn_name))
         parent_name, _, child = bn_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, nn.Identity())
+    folded = {conv_name for conv_name, _ in pairs}
+    for name, layer in model.named_modules():
+        if isinstance(layer, FAKE_QUANT_LAYERS) and name not in folded:
+            _set_weight(layer, layer.weight_quant.quantize(layer.weight).double(), layer.weight_quant.scale().double())
     return model

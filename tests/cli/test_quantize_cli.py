@@ -102,6 +102,7 @@ def test_verify_command_measures_the_exported_graph(quick_run, tmp_path):
     # rare one-step flips from the float summation order (measured: 1.4e-4 of the values)
     assert 0 <= verify["activation_mismatches"] <= 1e-3 * verify["activation_values"]
     assert verify["activation_max_step_diff"] <= 1
+    assert verify["local_mismatches"] <= 1e-3 * verify["activation_values"] and verify["local_max_step_diff"] <= 1
     assert verify["onnx_top1"] == verify["torch_top1"] > 80
     assert report["gate"] == {"min_agreement": 99.0, "passed": True}
     assert "quantized activations that differ" in result.output

@@ -58,10 +58,12 @@ def test_verify_reports_agreement_and_accuracy(exported, images):
     assert report.onnx_top1 == report.optimized_top1 == 75.0
     # the 4 quantized layer inputs (stem, conv1, conv2 and shortcut share one; fc) per image
     assert report.activation_values > 64 * 3 * 16 * 16 and report.activation_mismatches == 0
+    assert report.local_mismatches == report.local_max_step_diff == 0
     assert report.float_ops.get("Conv", 0) >= 1  # 4-bit convolutions run in float
     assert set(report.to_json()) == {
         "samples", "agreement", "max_abs_diff", "mean_abs_diff", "max_step_diff", "mean_step_diff",
-        "activation_values", "activation_mismatches", "activation_max_step_diff", "onnx_top1", "torch_top1",
+        "activation_values", "activation_mismatches", "activation_max_step_diff", "local_mismatches",
+        "local_max_step_diff", "onnx_top1", "torch_top1",
         "optimized_agreement", "optimized_max_abs_diff", "optimized_max_step_diff", "optimized_top1",
         "integer_ops", "float_ops",
     }
@@ -77,7 +79,9 @@ def test_verify_rejects_bad_inputs(exported, images):
 
 
 def test_verify_counts_activation_mismatches_in_steps(exported, images):
-    """A graph whose first DequantizeLinear is one step off: every value of that input differs."""
+    """A graph whose first DequantizeLinear is one step off: every value of that input differs
+    by one step. Running freely, the later layers differ too; fed the graph's values, PyTorch
+    reproduces the later layers, and the local count is exactly the first input's values."""
     onnx_model, qmodel = exported
     shifted = onnx.ModelProto()
     shifted.CopyFrom(onnx_model)
@@ -89,7 +93,8 @@ def test_verify_counts_activation_mismatches_in_steps(exported, images):
     )
     node.input[2] = "shifted_zero_point"
     report = verify(shifted, qmodel, images[:8])
-    assert report.activation_mismatches > 0 and report.activation_max_step_diff >= 1
+    assert report.local_mismatches == 8 * 3 * 16 * 16 and report.local_max_step_diff == 1
+    assert report.activation_mismatches > report.local_mismatches and report.activation_max_step_diff >= 1
     assert report.max_step_diff > 1
 
 

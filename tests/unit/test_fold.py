@@ -131,3 +131,24 @@ def test_bias_is_simulated_as_int32_at_input_times_weight_step():
     with torch.no_grad():
         torch.testing.assert_close(linear(torch.zeros(1, 3))[0], linear.bias.detach(), rtol=0, atol=0)
 
+
+
+def test_all_zero_rows_of_an_unfolded_layer_keep_their_bias_exact():
+    """A pruned Linear row (no BatchNorm to fold) outputs its bias alone: the deployed form gives
+    it the step that makes the int32 bias exact to 2^-24, not the step calibration left."""
+    linear = FakeQuantLinear(3, 3, weight_bits=4, act_bits=4)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[0.5, -0.25, 0.1], [0.0, 0.0, 0.0], [0.01, 0.0, -0.01]]))
+        linear.bias.copy_(torch.tensor([0.123456, -0.987654, 0.345678]))
+        linear.weight_quant.set_scale(torch.tensor([0.07, 1.0, 0.1]))  # row 2 rounds to all zeros
+        linear.input_quant.set_params(0.1, 0.0)
+    x = torch.tensor([[0.3, 0.8, 1.2]])
+    with torch.no_grad():
+        before = linear(x)[0]
+        deployed = fold_batch_norms(linear)
+        after = deployed(x)[0]
+    assert before[0] == after[0]  # live rows: same integers, same steps, same output
+    for row in (1, 2):
+        assert abs(before[row] - linear.bias[row]) > 1e-3  # the coarse step s_in x s_w
+        torch.testing.assert_close(after[row], linear.bias[row].detach(), rtol=2.0**-23, atol=0)
+    assert not deployed.weight_quant.quantize(deployed.weight)[1:].any()
