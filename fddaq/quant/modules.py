@@ -53,7 +53,11 @@ class ActivationQuantizer(nn.Module):
 
     `enabled = False` makes it the identity (used while observing float inputs).
     `ema_momentum` set (e.g. 0.9) makes it an observer: each forward first moves a running
-    min/max towards the batch's (EMA) and sets the grid from it (the official FDDA recipe)."""
+    min/max towards the batch's (EMA) and sets the grid from it (the official FDDA recipe).
+    `bounds` (low, high): the input is clipped to that range (ReLU6, Hardtanh; set by
+    `prepare`): the step size is capped so that no grid point lies outside it. Such points
+    could never be used, and onnxruntime removes the Clip, and so runs 8-bit integer kernels,
+    only when the grid lies within it."""
 
     def __init__(self, bits: int) -> None:
         super().__init__()
@@ -61,11 +65,21 @@ class ActivationQuantizer(nn.Module):
         self.enabled = True
         self.ema_momentum: float | None = None
         self.observed: tuple[float, float] | None = None
+        self.bounds: tuple[float, float] | None = None
         self.log_scale = nn.Parameter(torch.zeros(()))
         self.register_buffer("zero_point", torch.zeros(()))
 
     def scale(self) -> Tensor:
-        return self.log_scale.exp().clamp(min=MIN_SCALE)
+        scale = self.log_scale.exp()
+        if self.bounds is not None:
+            low, high = self.bounds
+            qmin, qmax = activation_range(self.bits)
+            margin = 1 - 2.0**-20  # float32 rounding of (q - zero_point) * scale stays inside
+            if high > 0:
+                scale = torch.minimum(scale, margin * high / (qmax - self.zero_point).clamp(min=1))
+            if low < 0:
+                scale = torch.minimum(scale, margin * low / (qmin - self.zero_point).clamp(max=-1))
+        return scale.clamp(min=MIN_SCALE)
 
     def set_params(self, scale: float, zero_point: float) -> None:
         with torch.no_grad():

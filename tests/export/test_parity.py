@@ -202,6 +202,25 @@ def test_8bit_graphs_run_on_integer_kernels():
     assert report.integer_ops.get("QLinearConv", 0) >= 1
 
 
+def test_8bit_relu6_graphs_run_on_integer_kernels_after_the_step_grew():
+    """Conv -> ReLU6 -> QuantizeLinear fuses only when the grid lies inside [0, 6] (onnxruntime
+    removes the Clip first); a step size that grew past 6/255 in fine-tuning is capped."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5),
+    ))
+    x = images(8)
+    qmodel = quantize_model(model, x, 8, 8)
+    for layer in (qmodel[3], qmodel[6]):
+        layer.input_quant.set_params(8 / 255, 0.0)  # as fine-tuning can leave it
+    onnx_model = export_qdq(qmodel, INPUT)
+    ops = optimized_ops(onnx_model)
+    assert ops.get("QLinearConv", 0) >= 2 and "Clip" not in ops, ops
+    check(verify(onnx_model, qmodel, x))
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     channels=st.integers(1, 6), width=st.integers(1, 4), kernel=st.integers(1, 4), stride=st.integers(1, 3),

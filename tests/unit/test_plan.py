@@ -53,3 +53,42 @@ def test_prepare_keeps_weights_and_float_model(tiny_model):
 def test_bits_out_of_range(field, value):
     with pytest.raises(ConfigError, match=f"{field}={value} is outside the supported 2..8"):
         QuantConfig(**{field: value})
+
+
+class Clipped(nn.Module):
+    """Inputs clipped by ReLU6 (through zero padding and pooling), by F.hardtanh, and not at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3)
+        self.relu6 = nn.ReLU6()
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.pool = nn.MaxPool2d(2)
+        self.conv = nn.Conv2d(4, 4, 3)
+        self.other = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.conv(self.pool(self.pad(self.relu6(self.stem(x)))))
+        x = self.other(nn.functional.hardtanh(x, -2.0, 3.0))
+        return self.fc(torch.relu(x).mean((2, 3)))
+
+
+def test_clipped_inputs_cap_the_step_size_so_the_grid_stays_inside_the_clip():
+    """onnxruntime removes Clip -> QuantizeLinear (and then runs integer kernels) only when the
+    grid lies inside the clip; a learned step may not grow past that."""
+    model = Clipped()
+    order = ["stem", "conv", "other", "fc"]
+    qmodel = prepare(model, resolve_layer_plan(model, order, QuantConfig(8, 8)))
+    bounds = {name: qmodel.get_submodule(name).input_quant.bounds for name in order}
+    assert bounds == {"stem": None, "conv": (0.0, 6.0), "other": (-2.0, 3.0), "fc": None}
+    conv, other = qmodel.conv.input_quant, qmodel.other.input_quant
+    conv.set_params(10 / 255, 0.0)  # as if fine-tuning had grown the step
+    assert 255 * conv.scale().item() <= 6.0 and 255 * conv.scale().item() > 6.0 - 1e-4
+    top = torch.tensor(255.0) * conv.scale().float()  # what a runtime computes, in float32
+    assert top.item() <= 6.0
+    other.set_params(0.05, 100.0)  # grid -5 .. 7.75: capped by both ends
+    low, high = (0 - 100) * other.scale().item(), (255 - 100) * other.scale().item()
+    assert -2.0 <= low and high <= 3.0 and high > 3.0 - 1e-4
+    qmodel.conv.input_quant.set_params(0.01, 0.0)  # inside: untouched
+    assert qmodel.conv.input_quant.scale().item() == pytest.approx(0.01)
