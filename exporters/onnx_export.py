@@ -107,6 +107,17 @@ def _export(
     return onnx_model
 
 
+def conv_pads(conv: nn.Conv2d) -> list[int]:
+    """A convolution's own zero padding as ONNX `pads`: [top, left, bottom, right]."""
+    if conv.padding == "valid":
+        return [0, 0, 0, 0]
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(_pair(conv.dilation), _pair(conv.kernel_size))]
+        begin = [t // 2 for t in total]
+        return [*begin, *(t - b for t, b in zip(total, begin))]
+    return [*_pair(conv.padding), *_pair(conv.padding)]
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
         return trace(model)
@@ -155,7 +166,7 @@ class _GraphBuilder:
         self.names: dict[fx.Node, str] = {}  # fx node -> ONNX tensor name
         self.batch_sizes: set[fx.Node] = set()  # `x.size(0)` nodes, only valid inside view/reshape
         self.calls = module_calls(module.graph)
-        self.conv_pads: dict[fx.Node, list[int]] = {}  # conv -> zero padding folded into it
+        self.folded_pads: dict[fx.Node, list[int]] = {}  # conv -> zero padding folded into it
         relu = lambda node: self._unary(node, "Relu")  # noqa: E731
         self.module_handlers: dict[type[nn.Module], Callable[[fx.Node, Any], None]] = {
             nn.Conv2d: self._conv,
@@ -337,15 +348,7 @@ class _GraphBuilder:
             x = self._quantized_input(x, conv, prefix)
         kernel = _pair(conv.kernel_size)
         dilation = _pair(conv.dilation)
-        if conv.padding == "valid":
-            begin = end = (0, 0)
-        elif conv.padding == "same":
-            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-            begin = tuple(t // 2 for t in total)
-            end = tuple(t - b for t, b in zip(total, begin))
-        else:
-            begin = end = _pair(conv.padding)
-        pads = [a + b for a, b in zip([*begin, *end], self.conv_pads.get(node, [0, 0, 0, 0]))]
+        pads = [a + b for a, b in zip(conv_pads(conv), self.folded_pads.get(node, [0, 0, 0, 0]))]
         attributes: dict[str, Any] = {"kernel_shape": list(kernel), "strides": list(_pair(conv.stride)), "pads": pads}
         if dilation != (1, 1):  # the defaults are left out: every byte counts in a 4-bit file
             attributes["dilations"] = list(dilation)
@@ -382,7 +385,7 @@ class _GraphBuilder:
             and self.modules[user.target].padding_mode == "zeros" for user in readers
         ):
             for user in readers:
-                self.conv_pads[user] = [top, left, bottom, right]
+                self.folded_pads[user] = [top, left, bottom, right]
             self.names[node] = x
             return
         rank = len(node.meta["tensor_meta"].shape)

@@ -17,7 +17,7 @@ from fddaq.errors import ExportError
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.modules import FAKE_QUANT_LAYERS
 
-from .onnx_export import layer_input
+from .onnx_export import conv_pads, layer_input
 
 
 def onnxruntime_module():
@@ -108,8 +108,8 @@ class VerifyReport:
     Agreements and accuracies are percentages. Logit differences are given as values and in
     output steps: the last layer's integer accumulator step (input scale x weight scale of each
     output channel), when the logits are that layer's output (else None). Activations: every
-    quantized layer input is compared as integers (graph optimizations off; an input whose zero
-    padding the graph folds into its conv is left out, its shape differs); `activation_*`
+    quantized layer input is compared as integers (graph optimizations off; where the graph
+    folds zero padding into a conv it quantizes before padding, and the border is left out); `activation_*`
     count the values compared, those that differ and the largest difference in steps, with
     both models running freely (a one-step difference early on can grow through later layers).
     `local_*`: the same, with every PyTorch quantizer fed the graph's values for the layers
@@ -197,6 +197,40 @@ class _Probe:
             handle.remove()
 
 
+def _folded_padding(onnx_model: onnx.ModelProto, model: nn.Module, layers: list[str]) -> dict[str, list[int]]:
+    """Layer -> zero padding [top, left, bottom, right] the graph folded into its Conv node
+    (named after the layer): its pads beyond the module's own."""
+    found = {}
+    for node in onnx_model.graph.node:
+        if node.op_type == "Conv" and node.name in layers:
+            pads = next((list(a.ints) for a in node.attribute if a.name == "pads"), [0, 0, 0, 0])
+            extra = [p - own for p, own in zip(pads, conv_pads(model.get_submodule(node.name)))]
+            if any(extra):
+                found[node.name] = extra
+    return found
+
+
+def _cropped(values: torch.Tensor, padding: list[int] | None, shape: tuple[int, ...]) -> np.ndarray:
+    """PyTorch's quantized input without the padding the graph adds after quantizing."""
+    if padding is not None:
+        top, left, bottom, right = padding
+        values = values[..., top : values.shape[-2] - bottom, left : values.shape[-1] - right]
+    if tuple(values.shape) != tuple(shape):
+        raise ExportError(f"a quantized layer input has shape {tuple(shape)} in the ONNX graph and "
+                          f"{tuple(values.shape)} in the PyTorch model: they are not the same model")
+    return values.numpy()
+
+
+def _padded(values: np.ndarray, padding: list[int] | None) -> torch.Tensor:
+    """The graph's quantized input as PyTorch's quantizer outputs it: zero padding added (zero
+    quantizes to the zero point, which dequantizes to zero)."""
+    tensor = torch.from_numpy(values)
+    if padding is None:
+        return tensor
+    top, left, bottom, right = padding
+    return torch.nn.functional.pad(tensor, (left, right, top, bottom))
+
+
 def _output_step(model: nn.Module, images: np.ndarray) -> np.ndarray | None:
     """The last layer's accumulator step per output, when the model returns that layer's output."""
     layers = [m for m in model.modules() if isinstance(m, FAKE_QUANT_LAYERS)]
@@ -242,6 +276,7 @@ def verify(
         onnx.helper.make_tensor_value_info(layer_input(name), onnx.TensorProto.FLOAT, None) for name in compared
     )
     session = inference_session(probed, optimize=False)
+    padding = _folded_padding(onnx_model, model, compared)
     probe = _Probe({name: quantizers[name] for name in compared})
     reference, plain = [], []
     free, local = _Tally(), _Tally()
@@ -253,17 +288,13 @@ def verify(
             with torch.no_grad():
                 probe.forced = {}
                 reference.append(model(x).numpy())
-                # zero padding folded into a conv: the graph quantizes before padding, shapes differ
-                graph = {
-                    name: values for name, values in zip(compared, activations)
-                    if values.shape == probe.outputs[name].shape
-                }
+                graph = dict(zip(compared, activations))
                 for name, values in graph.items():
-                    free.add(values, probe.outputs[name].numpy(), quantizers[name])
-                probe.forced = {name: torch.from_numpy(values) for name, values in graph.items()}
+                    free.add(values, _cropped(probe.outputs[name], padding.get(name), values.shape), quantizers[name])
+                probe.forced = {name: _padded(values, padding.get(name)) for name, values in graph.items()}
                 model(x)
                 for name, values in graph.items():
-                    local.add(values, probe.outputs[name].numpy(), quantizers[name])
+                    local.add(values, _cropped(probe.outputs[name], padding.get(name), values.shape), quantizers[name])
     finally:
         probe.remove()
     reference, plain = np.concatenate(reference), np.concatenate(plain)

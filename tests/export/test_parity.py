@@ -153,6 +153,17 @@ def test_zero_padding_folds_into_convolutions():
     assert pads == {"conv": [0, 0, 1, 1], "conv2": [1, 1, 1, 1]}
 
 
+def test_verify_compares_inputs_whose_padding_the_graph_folds():
+    """The graph quantizes before the folded padding, PyTorch after: verify crops PyTorch's
+    border off to compare, and pads the graph's values to feed PyTorch's layers."""
+    x = images(8)
+    qmodel = quantize_model(build("tf_same_padding"), x, 4, 4)
+    report = verify(export_qdq(qmodel, INPUT), qmodel, x)
+    # unpadded inputs of conv (3x16x16), conv2 (8x8x8) and fc (8), per image
+    assert report.activation_values == 8 * (3 * 16 * 16 + 8 * 8 * 8 + 8)
+    check(report)
+
+
 class PaddedElsewhere(nn.Module):
     """Zero padding also read by a pool, and padding with a non-zero value, stay ONNX Pads."""
 
