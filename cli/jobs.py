@@ -13,7 +13,7 @@ from fddaq import __version__
 from fddaq.checkpoint import checkpoint_bytes, load_checkpoint
 from fddaq.config import RunConfig, SynthConfig
 from fddaq.data import load_image_folder
-from fddaq.errors import ConfigError
+from fddaq.errors import ConfigError, first_line
 from fddaq.events import EventHandler
 from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, tensors_bytes
 from fddaq.pipeline import Inputs, Source, Synthesis, load_inputs, quantize, synthesize
@@ -43,6 +43,16 @@ def _data(inputs: Inputs) -> dict:
         "val_images": None if inputs.val is None else len(inputs.val),
         "val_skipped": None if inputs.val is None else inputs.val.skipped,
     }
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no infinity: None for a layer whose output equals the float one."""
+    return None if value is None or value == float("inf") else round(value, 3)
+
+
+def _worst_layers(sqnr: dict[str, float], count: int = 3) -> str:
+    worst = sorted(sqnr.items(), key=lambda item: item[1])[:count]
+    return ", ".join(f"{name} {value:.1f} dB" for name, value in worst) or "-"
 
 
 def _synthesis_rows(synthesis: Synthesis) -> list[tuple[str, str]]:
@@ -111,6 +121,65 @@ def run_verify(onnx_path: Path, checkpoint_path: Path, data_dir: Path, min_agree
     return report
 
 
+def run_eval(model_path: Path, data_dir: Path, source: Source | None) -> dict:
+    """Accuracy on the labelled images of `data_dir` of an ONNX file (onnxruntime, all graph
+    optimizations), a quantized checkpoint (`source` None) or a float model (`source`)."""
+    import json
+
+    import numpy as np
+
+    from fddaq.data import Preprocess
+    from fddaq.errors import DataError
+    from fddaq.evaluate import predict
+
+    start = time.perf_counter()
+    if source is not None:
+        kind = "float"
+        inputs = load_inputs(source)
+        images, logits = inputs.calib, predict(inputs.float_model, inputs.calib.images).numpy()
+    elif model_path.suffix == ".onnx":
+        from exporters.deploy import read_onnx_metadata
+        from exporters.runtime import run_onnx
+
+        kind = "onnx"
+        props = read_onnx_metadata(model_path)
+        if "preprocessing" not in props or "class_names" not in props:
+            raise ConfigError(f"{model_path} has no fddaq metadata (preprocessing, class names): "
+                              "evaluate the float model with --arch, or export the ONNX with fddaq")
+        preprocess = Preprocess.from_json(json.loads(props["preprocessing"]))
+        images = load_image_folder(data_dir, preprocess, tuple(json.loads(props["class_names"])))
+        logits = run_onnx(model_path, images.images, optimize=True)
+    else:
+        kind = "checkpoint"
+        checkpoint = load_checkpoint(model_path)
+        images = load_image_folder(data_dir, checkpoint.info.preprocess, checkpoint.info.class_names)
+        logits = predict(checkpoint.model, images.images).numpy()
+    if not images.labelled:
+        raise DataError(f"{data_dir} must hold one folder per class to measure accuracy")
+    labels = images.labels.numpy()
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    result = {
+        "top1": 100.0 * float((logits.argmax(1) == labels).mean()),
+        "top5": 100.0 * float((top5 == labels[:, None]).any(1).mean()),
+    }
+    report = {
+        "fddaq_version": __version__,
+        "command": "eval",
+        "kind": kind,
+        "inputs": {"model": str(model_path), "data": str(data_dir)},
+        "data": {"images": len(images), "skipped": images.skipped, "classes": len(images.class_names)},
+        "accuracy": result,
+        "timings_s": {"total": time.perf_counter() - start},
+    }
+    report["table"] = [
+        ("images", f"{len(images)} ({images.skipped} skipped)"),
+        ("top-1", _pct(result["top1"])),
+        ("top-5", _pct(result["top5"])),
+        ("time", f"{report['timings_s']['total']:.2f}s"),
+    ]
+    return report
+
+
 def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHandler | None = None) -> dict:
     """Train the generator; write synthetic.pt, preview.png and report.json into `out`."""
     start = time.perf_counter()
@@ -147,7 +216,7 @@ def read_resume_state(out: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
-        raise ConfigError(f"{path} is not a resumable fddaq state ({str(exc).splitlines()[0]}): run without --resume") from exc
+        raise ConfigError(f"{path} is not a resumable fddaq state ({first_line(exc)}): run without --resume") from exc
 
 
 def run_quantize(
@@ -192,6 +261,9 @@ def run_quantize(
             "ratio": len(deployment.onnx) / deployment.float_size,
         },
         "finetune": result.finetune.to_json(),
+        "layers": [
+            {**entry, "sqnr_db": _finite(result.layer_sqnr.get(entry["name"]))} for entry in result.plan.to_json()
+        ],
         "timings_s": timings,
         "gate": {"drop": drop},
     }
@@ -203,6 +275,7 @@ def run_quantize(
         *verify_rows(verify)[1:],
         ("ONNX size vs float ONNX", f"{len(deployment.onnx) / 1024:.1f} KiB / {deployment.float_size / 1024:.1f} KiB "
                                      f"= {report['size']['ratio']:.3f}x"),
+        ("lowest layer SQNR vs float", _worst_layers(result.layer_sqnr)),
         *([] if result.synthesis is None else _synthesis_rows(result.synthesis)),
         *((f"time: {stage}", f"{seconds:.2f}s") for stage, seconds in timings.items()),
     ]

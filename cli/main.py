@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import time
 from pathlib import Path
@@ -10,11 +11,12 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from fddaq import __version__
 from fddaq.errors import ConfigError, FddaqError
 
-from .render import ProgressRenderer, table
+from .render import ProgressRenderer, markdown, table
 
 app = typer.Typer(
     help="Quantize CNNs to low bits with a handful of real images, export QDQ ONNX, verify it.",
@@ -27,8 +29,8 @@ err_console = Console(stderr=True)
 
 EXIT_GATE = 3
 EXIT_INTERRUPTED = 130
-QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json", "preview.png")
-SYNTH_OUTPUTS = ("synthetic.pt", "preview.png", "report.json")
+QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json", "preview.png", "config.toml", "summary.md")
+SYNTH_OUTPUTS = ("synthetic.pt", "preview.png", "report.json", "config.toml", "summary.md")
 
 
 def user_errors(command):
@@ -71,11 +73,59 @@ def _root(
     """fddaq: FDDA post-training quantization to QDQ ONNX."""
 
 
-def _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std):
+def _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model):
     from fddaq.pipeline import PreprocessOptions, Source
 
     options = PreprocessOptions(preset, input_size, resize, _floats(mean, "--mean"), _floats(std, "--std"))
-    return Source(model, arch, calib, val, num_classes, classes, options)
+    return Source(model, arch, calib, val, num_classes, classes, options, trust_model)
+
+
+def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """Eager: the file's values become the command's defaults, so flags given still win."""
+    if value is not None:
+        from .config_file import read_config
+
+        try:
+            defaults = read_config(value, ctx.command)
+        except FddaqError as exc:
+            err_console.print(f"Error: {exc}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _config_option():
+    return typer.Option(
+        None, "--config", callback=_read_config, is_eager=True,
+        help="TOML file of option values (keys: option names, e.g. bits = 4); flags given win.",
+    )
+
+
+def _save_config(ctx: typer.Context, out: Path) -> None:
+    """The resolved options, for `--config` to repeat the run."""
+    from fddaq.io import atomic_write_bytes
+
+    from .config_file import config_toml
+
+    atomic_write_bytes(out / "config.toml", config_toml(ctx.command.name, ctx.params).encode())
+
+
+def _show(title: str, report: dict, out: Optional[Path] = None) -> None:
+    """Print the command's table; write its Markdown summary to out/summary.md (when `out`)
+    and append it to the GitHub Actions job summary (when GITHUB_STEP_SUMMARY is set)."""
+    console.print(table(title, report["table"]))
+    summary = markdown(title, report["table"], report.get("layers"))
+    if out is not None:
+        from fddaq.io import atomic_write_bytes
+
+        atomic_write_bytes(out / "summary.md", summary.encode())
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary:
+        try:
+            with open(step_summary, "a", encoding="utf-8") as handle:
+                handle.write(summary + "\n")
+        except OSError as exc:  # the run itself succeeded: say so, do not fail it
+            err_console.print(f"Warning: cannot append to GITHUB_STEP_SUMMARY ({step_summary}): {exc}")
 
 
 def _check_outputs(out: Path, names: tuple[str, ...], force: bool) -> None:
@@ -125,6 +175,35 @@ def _std_option():
     return typer.Option(None, "--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")
 
 
+def _bits_options():
+    """--bits, --weight-bits, --act-bits, --first-last-bits, --layer-bits (quantize and plan)."""
+    return {
+        "bits": typer.Option(4, "--bits", help="Weight and activation bits of every layer, first and last included."),
+        "weight_bits": typer.Option(None, "--weight-bits", help="Weight bits (default: --bits)."),
+        "act_bits": typer.Option(None, "--act-bits", help="Activation bits (default: --bits)."),
+        "first_last_bits": typer.Option(None, "--first-last-bits", help="Bits of the first and last layer (default: as the others)."),
+        "layer_bits": typer.Option(
+            None, "--layer-bits",
+            help="Per-layer override PATTERN=BITS, PATTERN=W/A or PATTERN=float (repeatable; shell patterns, "
+                 "e.g. --layer-bits 'fc=8' --layer-bits 'stages.*.shortcut.*=float'). A pattern matching no layer is an error.",
+        ),
+    }
+
+
+def _quant_config(bits: int, weight_bits: Optional[int], act_bits: Optional[int], first_last_bits: Optional[int],
+                  layer_bits: Optional[list[str]]):
+    from fddaq.config import QuantConfig
+
+    return QuantConfig(weight_bits or bits, act_bits or bits, first_last_bits, layers=tuple(layer_bits or ()))
+
+
+def _trust_model_option():
+    return typer.Option(
+        False, "--trust-model",
+        help="Accept a pickled whole model (torch.save(model)): unpickling runs code from the file, so only for files you trust.",
+    )
+
+
 def _seed_option():
     return typer.Option(0, "--seed", help="Random seed.")
 
@@ -137,17 +216,23 @@ def _quiet_option():
     return typer.Option(False, "--quiet", "-q", help="No progress output; the table is still printed.")
 
 
+_BITS = _bits_options()  # Typer reads option objects per command: one set each
+_PLAN_BITS = _bits_options()
+
+
 @app.command()
 @user_errors
 def quantize(
+    ctx: typer.Context,
     model: Path = _model_option(),
     arch: str = _arch_option(),
     calib: Path = _calib_option(),
     val: Optional[Path] = typer.Option(None, "--val", help="Labelled validation images, same layout; used only to report."),
-    bits: int = typer.Option(4, "--bits", help="Weight and activation bits of every layer, first and last included."),
-    weight_bits: Optional[int] = typer.Option(None, "--weight-bits", help="Weight bits (default: --bits)."),
-    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="Activation bits (default: --bits)."),
-    first_last_bits: Optional[int] = typer.Option(None, "--first-last-bits", help="Bits of the first and last layer (default: as the others)."),
+    bits: int = _BITS["bits"],
+    weight_bits: Optional[int] = _BITS["weight_bits"],
+    act_bits: Optional[int] = _BITS["act_bits"],
+    first_last_bits: Optional[int] = _BITS["first_last_bits"],
+    layer_bits: Optional[list[str]] = _BITS["layer_bits"],
     recipe: str = typer.Option("fddaq", "--recipe", help="fddaq (default), fdda-paper (the official recipe) or ptq (calibration only)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps (recipe default: 400; 0: calibration only)."),
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="FDDA synthetic images mixed into fine-tuning (recipe default: 1024; 0: real images only)."),
@@ -160,32 +245,36 @@ def quantize(
     resize: Optional[int] = _resize_option(),
     mean: Optional[str] = _mean_option(),
     std: Optional[str] = _std_option(),
+    trust_model: bool = _trust_model_option(),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float."),
     out: Path = typer.Option(Path("out"), "--out", help="Output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same options)."),
     force: bool = _force_option(),
     quiet: bool = _quiet_option(),
+    config: Optional[Path] = _config_option(),
 ) -> None:
     """Quantize a float model: calibrate on real images, synthesize FDDA data, fine-tune by
-    distillation, export a QDQ ONNX graph and verify it in onnxruntime.
+    distillation, export a QDQ ONNX graph and verify it in onnxruntime. Writes quantized.pt,
+    model.onnx, report.json, config.toml (these options, for --config) and preview.png.
 
     Example: fddaq quantize examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet
     --calib examples/fashion_mnist/calib --val examples/fashion_mnist/val --bits 4 --out out/
     """
     from cli.jobs import run_quantize
-    from fddaq.config import QuantConfig
     from fddaq.recipes import recipe_config
 
     _check_outputs(out, QUANTIZE_OUTPUTS, force)
     if max_drop is not None and val is None:
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
-    quant = QuantConfig(weight_bits or bits, act_bits or bits, first_last_bits)
-    config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps)
-    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std)
+    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits)
+    run_config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps)
+    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model)
     with ProgressRenderer(console, quiet) as progress:
-        report = run_quantize(source, config, out, progress, resume)
-    console.print(table(f"fddaq quantize: {model.name} at W{quant.weight_bits}A{quant.act_bits}, recipe {recipe}", report["table"]))
-    console.print(f"wrote {out / 'quantized.pt'}, {out / 'model.onnx'}, {out / 'report.json'}")
+        report = run_quantize(source, run_config, out, progress, resume)
+    _save_config(ctx, out)
+    _show(f"fddaq quantize: {model.name} at W{quant.weight_bits}A{quant.act_bits}, recipe {recipe}", report, out)
+    console.print(f"wrote {out / 'quantized.pt'}, {out / 'model.onnx'}, {out / 'report.json'}, "
+                  f"{out / 'config.toml'}, {out / 'summary.md'}")
     gate = report["gate"]
     if max_drop is not None and gate["drop"] is not None and gate["drop"] > max_drop:
         err_console.print(f"Quality gate failed: ONNX top-1 is {gate['drop']:.2f} points below float (--max-drop {max_drop})")
@@ -195,6 +284,7 @@ def quantize(
 @app.command()
 @user_errors
 def synth(
+    ctx: typer.Context,
     model: Path = _model_option(),
     arch: str = _arch_option(),
     calib: Path = _calib_option(),
@@ -209,9 +299,11 @@ def synth(
     resize: Optional[int] = _resize_option(),
     mean: Optional[str] = _mean_option(),
     std: Optional[str] = _std_option(),
+    trust_model: bool = _trust_model_option(),
     out: Path = typer.Option(Path("synth"), "--out", help="Output folder."),
     force: bool = _force_option(),
     quiet: bool = _quiet_option(),
+    config: Optional[Path] = _config_option(),
 ) -> None:
     """Train FDDA's conditional generator on the calibration images' BatchNorm statistics and
     write labelled synthetic images (synthetic.pt), a preview grid and a report.
@@ -225,12 +317,14 @@ def synth(
     _check_outputs(out, SYNTH_OUTPUTS, force)
     if num < 1:
         raise ConfigError(f"--num={num} must be at least 1")
-    config = SynthConfig(steps=steps, num_images=num, seed=seed)
-    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std)
+    synth_config = SynthConfig(steps=steps, num_images=num, seed=seed)
+    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model)
     with ProgressRenderer(console, quiet) as progress:
-        report = run_synth(source, config, out, progress)
-    console.print(table(f"fddaq synth: {model.name}", report["table"]))
-    console.print(f"wrote {out / 'synthetic.pt'}, {out / 'preview.png'}, {out / 'report.json'}")
+        report = run_synth(source, synth_config, out, progress)
+    _save_config(ctx, out)
+    _show(f"fddaq synth: {model.name}", report, out)
+    console.print(f"wrote {out / 'synthetic.pt'}, {out / 'preview.png'}, {out / 'report.json'}, "
+                  f"{out / 'config.toml'}, {out / 'summary.md'}")
 
 
 @app.command()
@@ -277,12 +371,95 @@ def verify(
     from .jobs import run_verify
 
     report = run_verify(onnx_file, checkpoint, data, min_agreement)
-    console.print(table(f"fddaq verify: {onnx_file.name}", report["table"]))
+    _show(f"fddaq verify: {onnx_file.name}", report)
     if json_path is not None:
         atomic_write_json(json_path, report)
     if not report["gate"]["passed"]:
         err_console.print(f"Verification failed: top-1 agreement below {min_agreement}%.")
         raise typer.Exit(EXIT_GATE)
+
+
+@app.command()
+@user_errors
+def plan(
+    model: Path = _model_option(),
+    arch: str = _arch_option(),
+    bits: int = _PLAN_BITS["bits"],
+    weight_bits: Optional[int] = _PLAN_BITS["weight_bits"],
+    act_bits: Optional[int] = _PLAN_BITS["act_bits"],
+    first_last_bits: Optional[int] = _PLAN_BITS["first_last_bits"],
+    layer_bits: Optional[list[str]] = _PLAN_BITS["layer_bits"],
+    num_classes: Optional[int] = _num_classes_option(),
+    preset: Optional[str] = _preset_option(),
+    input_size: Optional[int] = _input_size_option(),
+    resize: Optional[int] = _resize_option(),
+    mean: Optional[str] = _mean_option(),
+    std: Optional[str] = _std_option(),
+    trust_model: bool = _trust_model_option(),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON to this file."),
+    config: Optional[Path] = _config_option(),
+) -> None:
+    """Show which layers `quantize` would quantize, at which bits and why, without images.
+
+    Example: fddaq plan examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet --bits 4
+    --layer-bits 'fc=8'
+    """
+    from fddaq.io import atomic_write_json
+    from fddaq.pipeline import PreprocessOptions, load_float, plan_layers
+
+    options = PreprocessOptions(preset, input_size, resize, _floats(mean, "--mean"), _floats(std, "--std"))
+    loaded = load_float(model, arch, num_classes, options, trust_model)
+    layers = plan_layers(loaded, _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits))
+    out = Table(title=f"fddaq plan: {model.name} ({arch})", title_justify="left")
+    out.add_column("layer", no_wrap=True)
+    for column in ("kind", "weight bits", "input bits", "why"):
+        out.add_column(column)
+    for entry in layers.layers:
+        out.add_row(entry.name, entry.kind, str(entry.weight_bits or "-"), str(entry.act_bits or "-"), entry.reason)
+    console.print(out)
+    kept = len(layers.layers) - len(layers.quantized)
+    console.print(f"{len(layers.quantized)} layers quantized, {kept} kept float")
+    if json_path is not None:
+        atomic_write_json(json_path, {"model": str(model), "arch": arch, "plan": layers.to_json()})
+
+
+@app.command(name="eval")
+@user_errors
+def evaluate(
+    model: Path = typer.Argument(..., help="A float state dict (with --arch), a quantized.pt checkpoint or an ONNX file."),
+    data: Path = typer.Option(..., "--data", help="Labelled images: DIR/<class>/<image>."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a float state dict (not needed for a checkpoint or ONNX file)."),
+    num_classes: Optional[int] = _num_classes_option(),
+    classes: Optional[Path] = _classes_option(),
+    preset: Optional[str] = _preset_option(),
+    input_size: Optional[int] = _input_size_option(),
+    resize: Optional[int] = _resize_option(),
+    mean: Optional[str] = _mean_option(),
+    std: Optional[str] = _std_option(),
+    trust_model: bool = _trust_model_option(),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+    config: Optional[Path] = _config_option(),
+) -> None:
+    """Top-1 and top-5 accuracy of a float model, a quantized checkpoint (PyTorch fake-quant) or
+    an ONNX file (onnxruntime, preprocessing and classes from its metadata) on labelled images.
+
+    Example: fddaq eval out/model.onnx --data examples/fashion_mnist/val
+    """
+    from fddaq.io import atomic_write_json
+
+    from .jobs import run_eval
+
+    if arch is not None and model.suffix == ".onnx":
+        raise ConfigError("--arch is for a float state dict: an ONNX file carries its own graph")
+    options = (preset, input_size, resize, mean, std)
+    if arch is None and any(v is not None for v in (*options, num_classes, classes)):
+        raise ConfigError("preprocessing and class options are for a float state dict (with --arch): "
+                          "a checkpoint or ONNX file carries its own")
+    source = _source(model, arch, data, None, num_classes, classes, *options, trust_model) if arch is not None else None
+    report = run_eval(model, data, source)
+    _show(f"fddaq eval: {model.name} ({report['kind']})", report)
+    if json_path is not None:
+        atomic_write_json(json_path, report)
 
 
 def main() -> None:

@@ -69,3 +69,19 @@ def table(title: str, rows: list[tuple[str, str]]) -> Table:
     for key, value in rows:
         out.add_row(key, value)
     return out
+
+
+def markdown(title: str, rows: list[tuple[str, str]], layers: list[dict] | None = None) -> str:
+    """The Markdown summary of a command: its table, then the layer plan with each layer's
+    SQNR when given (a CI job summary, `summary.md`)."""
+    cell = lambda value: str(value).replace("|", "\\|")  # noqa: E731
+    lines = [f"### {cell(title)}", "", "| | |", "|---|---|", *(f"| {cell(k)} | {cell(v)} |" for k, v in rows)]
+    if layers:
+        lines += ["", "| layer | kind | weight bits | input bits | SQNR vs float (dB) | why |", "|---|---|---|---|---|---|"]
+        for entry in layers:
+            sqnr = entry.get("sqnr_db")
+            lines.append(
+                f"| {cell(entry['name'])} | {entry['kind']} | {entry['weight_bits'] or '-'} | {entry['act_bits'] or '-'} | "
+                f"{'-' if sqnr is None else f'{sqnr:.1f}'} | {cell(entry['reason'])} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
 from fddaq import __version__
 from fddaq.checkpoint import Checkpoint, ModelInfo
+from fddaq.errors import ExportError, first_line
 from fddaq.quant.plan import LayerPlan
 
 from .onnx_export import export_float, export_qdq
@@ -37,6 +40,18 @@ def onnx_metadata(info: ModelInfo, plan: LayerPlan) -> dict[str, str]:
         "class_names": compact(list(info.class_names)),
         "arch": info.arch,
     }
+
+
+def read_onnx_metadata(path: Path) -> dict[str, str]:
+    """The `metadata_props` of an ONNX file (an ExportError when it is not one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, onnx its own types
+        raise ExportError(f"{path} is not a readable ONNX file: {first_line(exc)}") from exc
+    return {prop.key: prop.value for prop in model.metadata_props}
 
 
 def _input_shape(info: ModelInfo) -> tuple[int, int, int]:

@@ -30,7 +30,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fddaq import __version__
-from fddaq.errors import ExportError
+from fddaq.errors import ExportError, first_line
 from fddaq.quant.fold import fold_batch_norms, module_calls, trace
 from fddaq.quant.modules import FAKE_QUANT_LAYERS, FakeQuantConv2d, FakeQuantLinear
 from fddaq.quant.primitives import BIAS_SPAN, activation_range
@@ -90,7 +90,7 @@ def _export(
             ShapeProp(module).propagate(torch.zeros(1, *input_shape))
         except Exception as error:  # any failure of the user's forward on this shape
             raise ExportError(
-                f"{type(model).__name__} does not run on input shape {tuple(input_shape)}: {_first_line(error)}"
+                f"{type(model).__name__} does not run on input shape {tuple(input_shape)}: {first_line(error)}"
             ) from error
     graph = _GraphBuilder(module, quantize).build(tuple(input_shape))
     onnx_model = helper.make_model_gen_version(
@@ -103,7 +103,7 @@ def _export(
     try:
         onnx.checker.check_model(onnx_model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ExportError(f"the exported graph is not valid ONNX: {_first_line(error)}") from error
+        raise ExportError(f"the exported graph is not valid ONNX: {first_line(error)}") from error
     return onnx_model
 
 
@@ -122,12 +122,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     try:
         return trace(model)
     except Exception as error:  # fx raises many types (TraceError, TypeError, ...)
-        raise ExportError(f"torch.fx cannot trace {type(model).__name__}: {_first_line(error)}") from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise ExportError(f"torch.fx cannot trace {type(model).__name__}: {first_line(error)}") from error
 
 
 def _pair(value: Any) -> tuple[Any, Any]:

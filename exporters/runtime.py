@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from fddaq.errors import ExportError
+from fddaq.errors import ExportError, first_line
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.modules import FAKE_QUANT_LAYERS
 
@@ -54,7 +54,7 @@ def inference_session(model: onnx.ModelProto | bytes | str | Path, optimize: boo
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types for unusable models
-        raise ExportError(f"onnxruntime cannot load the model: {str(error).strip().splitlines()[0]}") from error
+        raise ExportError(f"onnxruntime cannot load the model: {first_line(error)}") from error
 
 
 def _batches(session, images: np.ndarray, batch_size: int, outputs: list[str] | None = None):
@@ -66,7 +66,7 @@ def _batches(session, images: np.ndarray, batch_size: int, outputs: list[str] | 
             yield session.run(outputs, {input_name: images[start : start + batch_size]})
         except Exception as error:  # onnxruntime's own types: wrong input shape or type, ...
             raise ExportError(f"onnxruntime cannot run the model on images of shape {images.shape[1:]}: "
-                              f"{str(error).strip().splitlines()[0]}") from error
+                              f"{first_line(error)}") from error
 
 
 def run_onnx(

@@ -14,8 +14,8 @@ from torch import nn
 
 from . import __version__
 from .data import Preprocess
-from .errors import ModelError
-from .models import build_model
+from .errors import ModelError, first_line
+from .models import build_model, load_weights
 from .quant.fold import fold_batch_norms
 from .quant.plan import LayerPlan
 from .quant.prepare import prepare
@@ -83,20 +83,22 @@ def load_checkpoint(path: Path) -> Checkpoint:
         data = torch.load(path, map_location="cpu", weights_only=True)
         recipe = json.loads(data["recipe"])
         state = data["state_dict"]
-    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
-        raise ModelError(f"{path} is not an fddaq checkpoint (written by `fddaq quantize`): {exc}") from exc
-    if recipe.get("format") != FORMAT:
+    except pickle.UnpicklingError as exc:  # torch's message would suggest weights_only=False
+        raise ModelError(f"{path} is not an fddaq checkpoint (written by `fddaq quantize`)") from exc
+    except Exception as exc:  # torch and json raise many types for a file that is not one
+        raise ModelError(f"{path} is not an fddaq checkpoint (written by `fddaq quantize`): {first_line(exc)}") from exc
+    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         raise ModelError(f"{path} is not an fddaq checkpoint (written by `fddaq quantize`)")
     if recipe.get("format_version") != FORMAT_VERSION:
         raise ModelError(
             f"{path} has checkpoint format {recipe.get('format_version')} (fddaq {recipe.get('fddaq_version')}); "
             f"this fddaq {__version__} reads format {FORMAT_VERSION}: re-run `fddaq quantize`"
         )
-    info = ModelInfo.from_json(recipe["model"])
-    plan = LayerPlan.from_json(recipe["plan"])
-    model = fold_batch_norms(prepare(build_model(info.arch, info.num_classes), plan))
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelError(f"{path} does not fit architecture {info.arch}: {exc}") from exc
+        info = ModelInfo.from_json(recipe["model"])
+        plan = LayerPlan.from_json(recipe["plan"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path} is a damaged fddaq checkpoint ({first_line(exc)}): re-run `fddaq quantize`") from exc
+    model = fold_batch_norms(prepare(build_model(info.arch, info.num_classes), plan))
+    load_weights(model, state, f"{path} does not fit architecture {info.arch}")
     return Checkpoint(model.eval(), plan, info, recipe)

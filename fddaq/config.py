@@ -24,16 +24,44 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 class QuantConfig:
     """Bit widths. `first_last_bits` (weights and activations of the first and last layer)
     defaults to the other layers' bits: the paper's F4L4 at `--bits 4`. `input_bits` is the
-    model-input image quantizer."""
+    model-input image quantizer. `layers`: per-layer overrides "PATTERN=SPEC", applied in
+    order after the rest (the last match wins): PATTERN is a module name or a shell-style
+    pattern (`stages.*.conv1`), SPEC `W` (weights and input), `W/A` or `float`."""
 
     weight_bits: int = 4
     act_bits: int = 4
     first_last_bits: int | None = None
     input_bits: int = 8
+    layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits", "first_last_bits", "input_bits"):
             _check_bits(name, getattr(self, name))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        for override in self.layers:
+            parse_layer_override(override)
+
+
+def parse_layer_override(text: str) -> tuple[str, int | None, int | None]:
+    """"PATTERN=W", "PATTERN=W/A" or "PATTERN=float" as (pattern, weight bits, input bits);
+    float is (pattern, None, None)."""
+    pattern, sep, spec = text.partition("=")
+    pattern, spec = pattern.strip(), spec.strip().lower()
+    usage = f"layer override {text!r} must be PATTERN=BITS, PATTERN=WEIGHT_BITS/ACT_BITS or PATTERN=float (e.g. fc=8, 'stages.*'=4/8)"
+    if not sep or not pattern or not spec:
+        raise ConfigError(usage)
+    if spec == "float":
+        return pattern, None, None
+    try:
+        bits = [int(part) for part in spec.split("/")]
+    except ValueError:
+        raise ConfigError(usage) from None
+    if len(bits) not in (1, 2):
+        raise ConfigError(usage)
+    for value in bits:
+        if not MIN_BITS <= value <= MAX_BITS:
+            raise ConfigError(f"layer override {text!r}: {value} bits is outside the supported {MIN_BITS}..{MAX_BITS}")
+    return pattern, bits[0], bits[-1]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from .errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 UNLABELLED = -1
+
+
+MAX_SIZE = 4096  # pixels: a larger crop is a typo, and one forward pass would exhaust memory
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,14 @@ class Preprocess:
         for name in ("mean", "std"):
             if len(getattr(self, name)) not in (1, self.channels):
                 raise ConfigError(f"{name} has {len(getattr(self, name))} values; the model takes {self.channels} channels")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ConfigError(f"mean={self.mean} and std={self.std} must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std={self.std} must be positive")
-        if self.input_size < 1 or (self.resize is not None and self.resize < self.input_size):
-            raise ConfigError(f"resize={self.resize} must be at least input_size={self.input_size}")
+        if not 1 <= self.input_size <= MAX_SIZE:
+            raise ConfigError(f"input_size={self.input_size} must be within 1..{MAX_SIZE} pixels")
+        if self.resize is not None and not self.input_size <= self.resize <= 2 * MAX_SIZE:
+            raise ConfigError(f"resize={self.resize} must be within input_size={self.input_size}..{2 * MAX_SIZE} pixels")
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             raise ConfigError(f"interpolation={self.interpolation!r} is not one of bilinear, bicubic, nearest")
 

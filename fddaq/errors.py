@@ -24,3 +24,10 @@ class ExportError(FddaqError):
 
 class VerificationError(FddaqError):
     """The exported graph does not reproduce the PyTorch model."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): library errors
+    wrapped into a user error must stay one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

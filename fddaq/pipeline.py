@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import ModelInfo
-from .config import RunConfig, SynthConfig
+from .config import QuantConfig, RunConfig, SynthConfig
 from .data import ImageSet, Preprocess, load_image_folder, preset
 from .errors import ConfigError, DataError
-from .evaluate import predict, top1
+from .evaluate import layer_sqnr, predict, top1
 from .events import EventHandler
 from .finetune import FinetuneResult, finetune
 from .models import input_channels, layer_execution_order, load_float_model, num_outputs
@@ -56,6 +56,7 @@ class Source:
     num_classes: int | None = None
     classes_file: Path | None = None
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
+    trust_model: bool = False  # unpickle a whole-model file (runs code from it)
 
 
 @dataclass
@@ -110,13 +111,33 @@ def _class_names(source: Source, calib_dir_names: tuple[str, ...], outputs: int)
     )
 
 
+@dataclass
+class FloatModel:
+    model: nn.Module
+    preprocess: Preprocess
+    order: list[str]  # Conv2d/Linear names in execution order
+
+
+def load_float(model_path: Path, arch: str, num_classes: int | None = None,
+               options: PreprocessOptions = PreprocessOptions(), trust_model: bool = False) -> FloatModel:
+    """The float model (loaded safely unless `trust_model`), its preprocessing and its layers
+    in execution order."""
+    model = load_float_model(model_path, arch, num_classes, trust_model)
+    preprocess = resolve_preprocess(arch, input_channels(model), options)
+    example = torch.zeros(1, preprocess.channels, preprocess.input_size, preprocess.input_size)
+    return FloatModel(model, preprocess, layer_execution_order(model, example))
+
+
+def plan_layers(model: FloatModel, quant: QuantConfig) -> LayerPlan:
+    """The layer plan `quantize` follows (no images needed)."""
+    return resolve_layer_plan(model.model, model.order, quant)
+
+
 def load_inputs(source: Source) -> Inputs:
     """Load the float model (safely) and decode the image folders for it."""
     start = time.perf_counter()
-    float_model = load_float_model(source.model_path, source.arch, source.num_classes)
-    preprocess = resolve_preprocess(source.arch, input_channels(float_model), source.preprocess)
-    example = torch.zeros(1, preprocess.channels, preprocess.input_size, preprocess.input_size)
-    order = layer_execution_order(float_model, example)
+    loaded = load_float(source.model_path, source.arch, source.num_classes, source.preprocess, source.trust_model)
+    float_model, preprocess, order = loaded.model, loaded.preprocess, loaded.order
     outputs = num_outputs(float_model, order)
     names = None
     if source.classes_file is not None:
@@ -137,6 +158,7 @@ def load_inputs(source: Source) -> Inputs:
 
 
 MAX_CURVE_POINTS = 500
+SQNR_IMAGES = 256  # images for the per-layer SQNR
 
 
 @dataclass
@@ -180,6 +202,7 @@ class QuantizeResult:
     float_top1: float | None  # on val, percent
     quant_top1: float | None
     timings: dict[str, float]
+    layer_sqnr: dict[str, float]  # dB per quantized layer's output vs float (val, else calib)
 
 
 # A resumable state: {"config": RunConfig as a JSON string, "synthesis": {images, labels, report} or None,
@@ -222,7 +245,7 @@ def quantize_inputs(
     timings = {"load": inputs.seconds}
 
     start = time.perf_counter()
-    plan = resolve_layer_plan(inputs.float_model, inputs.order, config.quant)
+    plan = plan_layers(FloatModel(inputs.float_model, inputs.info.preprocess, inputs.order), config.quant)
     model = prepare(inputs.float_model, plan)
     calibrate(model, inputs.calib.images, config.calibration, on_event=on_event)
     timings["calibrate"] = time.perf_counter() - start
@@ -253,5 +276,9 @@ def quantize_inputs(
         float_top1 = top1(predict(inputs.float_model, inputs.val.images), inputs.val.labels)
         quant_top1 = top1(predict(model, inputs.val.images), inputs.val.labels)
         timings["evaluate"] = time.perf_counter() - start
-    return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings)
+    start = time.perf_counter()
+    images = (inputs.val or inputs.calib).images[:SQNR_IMAGES]
+    sqnr = layer_sqnr(fold_batch_norms(inputs.float_model), model, [e.name for e in plan.quantized], images)
+    timings["layer_sqnr"] = time.perf_counter() - start
+    return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr)
 

@@ -2,31 +2,9 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cli.main import app
+from cli_helpers import BASE, EXAMPLE, invoke
 from fddaq import __version__
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
-BASE = [
-    "quantize", str(EXAMPLE / "model.pth"), "--arch", "fddaq:fashion_resnet",
-    "--calib", str(EXAMPLE / "calib"), "--quiet",
-]
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args))
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    result = invoke(*BASE, "--val", str(EXAMPLE / "val"), "--steps", "5",
-                    "--synth-steps", "3", "--synthetic", "64", "--out", str(out))
-    assert result.exit_code == 0, result.output
-    return out, result
 
 
 def test_quantize_writes_checkpoint_onnx_and_report(quick_run):
@@ -188,3 +166,32 @@ def test_recipes_ptq_and_paper(tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "paper" / "report.json").read_text())["config"]
     assert config["finetune"]["optimizer"] == "sgd" and config["finetune"]["temperature"] == 20.0
+
+
+@pytest.mark.slow
+def test_a_killed_process_resumes(tmp_path):
+    """SIGKILL in the middle of fine-tuning (no cleanup runs): the last state written every 50
+    steps remains, nothing else is there, and --resume finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from cli.main import main; main()", *BASE[:-1], "--steps", "300",
+               "--synthetic", "0", "--out", str(out)]
+    env = {**os.environ, "COLUMNS": "200"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in process.stdout:  # plain progress lines: not a terminal
+        if "Fine-tuning (distillation): 120/300" in line:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert (out / "resume.pt").exists() and not (out / "model.onnx").exists() and not (out / "report.json").exists()
+
+    result = subprocess.run([*command, "--resume", "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["resumed_from"] in (50, 100) and report["finetune"]["steps"] == 300
+    assert not (out / "resume.pt").exists()

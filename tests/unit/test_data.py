@@ -76,3 +76,7 @@ def test_presets_and_validation():
         preset("cifar", 3)
     with pytest.raises(ConfigError, match="mean has 2 values"):
         Preprocess(input_size=4, mean=(0.1, 0.2), std=(1.0,), channels=3)
+    with pytest.raises(ConfigError, match="input_size=100000 must be within 1..4096 pixels"):
+        Preprocess(input_size=100000, mean=(0.5,), std=(1.0,), channels=1)  # one forward pass: 40 GB
+    with pytest.raises(ConfigError, match="resize=100 must be within input_size=224..8192"):
+        Preprocess(input_size=224, resize=100, mean=(0.5,), std=(1.0,), channels=1)

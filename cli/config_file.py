@@ -1,0 +1,70 @@
+"""`--config FILE.toml`: option values read from a file (flags given on the command line win),
+and the resolved options written next to a command's outputs so the run can be repeated.
+
+Keys are the option names without the leading dashes (`bits = 4`, `max-drop = 1.0`; `max_drop`
+works too) plus `model` for the MODEL argument, at the top level or under a table named after
+the command (`[quantize]`), which wins."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the same parser, before it joined the standard library
+    import tomli as tomllib
+
+from fddaq.errors import ConfigError
+
+# Options that say how to run, not what to compute: never saved.
+NOT_SAVED = {"config", "force", "resume", "quiet", "json_path"}
+
+
+def read_config(path: Path, command: Any) -> dict[str, Any]:
+    """The default map for `command` (the Click command Typer built: its `name` and `params`)
+    from the TOML file `path`; a ConfigError names any key that is not one of its options."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    names = {param.name for param in command.params if param.name != "config"}
+    values = {key: value for key, value in data.items() if not isinstance(value, dict)}
+    section = data.get(command.name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: [{command.name}] must be a table of options")
+    values.update(section)
+    defaults = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            known = ", ".join(sorted(n.replace("_", "-") for n in names))
+            raise ConfigError(f"config file {path}: {key!r} is not an option of `fddaq {command.name}` (options: {known})")
+        defaults[name] = value
+    return defaults
+
+
+def config_toml(command: str, params: dict[str, Any]) -> str:
+    """The resolved options of a run as a TOML file that `--config` reads back."""
+    lines = [f"# fddaq {command}: the options of this run; repeat it with `fddaq {command} --config THIS_FILE`", f"[{command}]"]
+    for name, value in params.items():
+        if name in NOT_SAVED or value is None or value == () or value == []:
+            continue
+        lines.append(f"{name.replace('_', '-')} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
