@@ -88,7 +88,8 @@ def verify_rows(verify) -> list[tuple[str, str]]:
     ]
 
 
-def run_verify(onnx_path: Path, checkpoint_path: Path, data_dir: Path, min_agreement: float) -> dict:
+def run_verify(onnx_path: Path, checkpoint_path: Path, data_dir: Path, min_agreement: float,
+               on_event: EventHandler | None = None) -> dict:
     """Compare the ONNX file with the checkpoint's fake-quant model on the images of `data_dir`
     (accuracies too when it has class folders); `passed` says whether both agreements reach
     `min_agreement` percent."""
@@ -101,7 +102,7 @@ def run_verify(onnx_path: Path, checkpoint_path: Path, data_dir: Path, min_agree
         raise ConfigError(f"ONNX file {onnx_path} does not exist")
     checkpoint = load_checkpoint(checkpoint_path)
     images = load_image_folder(data_dir, checkpoint.info.preprocess, checkpoint.info.class_names)
-    result = verify(onnx_path, checkpoint.model, images.images, images.labels if images.labelled else None)
+    result = verify(onnx_path, checkpoint.model, images.images, images.labels if images.labelled else None, on_event=on_event)
     passed = min(result.agreement, result.optimized_agreement) >= min_agreement
     report = {
         "fddaq_version": __version__,
@@ -234,7 +235,7 @@ def run_quantize(
     checkpoint = checkpoint_bytes(result.model, result.plan, inputs.info, {"config": config.to_json()})
     check = inputs.val or inputs.calib
     deployment = deploy(result.model, inputs.float_model, inputs.info, result.plan, check.images,
-                        check.labels if inputs.val is not None else None)
+                        check.labels if inputs.val is not None else None, on_event=on_event)
     timings = {**result.timings, **deployment.timings, "total": time.perf_counter() - start}
     verify = deployment.verify
     drop = None

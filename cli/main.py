@@ -334,6 +334,7 @@ def export(
     output: Path = typer.Option(Path("model.onnx"), "-o", "--output", help="ONNX file to write."),
     opset: int = typer.Option(21, "--opset", help="ONNX opset (21 or newer: INT4 types)."),
     force: bool = _force_option(),
+    config: Optional[Path] = _config_option(),
 ) -> None:
     """Re-export the QDQ ONNX graph from a checkpoint alone.
 
@@ -359,6 +360,8 @@ def verify(
     data: Path = typer.Option(..., "--data", help="Images: DIR/<class>/<image> (accuracies too) or a flat folder."),
     min_agreement: float = typer.Option(99.0, "--min-agreement", help="Exit 3 when a top-1 agreement (optimizations off or on) is below this percentage."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+    quiet: bool = _quiet_option(),
+    config: Optional[Path] = _config_option(),
 ) -> None:
     """Check that onnxruntime (CPU, graph optimizations off and on) reproduces the checkpoint's
     fake-quant model: top-1 agreement, logit and activation differences in quantization steps,
@@ -370,7 +373,8 @@ def verify(
 
     from .jobs import run_verify
 
-    report = run_verify(onnx_file, checkpoint, data, min_agreement)
+    with ProgressRenderer(console, quiet) as progress:
+        report = run_verify(onnx_file, checkpoint, data, min_agreement, progress)
     _show(f"fddaq verify: {onnx_file.name}", report)
     if json_path is not None:
         atomic_write_json(json_path, report)

@@ -15,6 +15,9 @@ STAGE_TITLES = {
     "synthesize": "Training the FDDA generator",
     "generate": "Generating synthetic images",
     "finetune": "Fine-tuning (distillation)",
+    "evaluate": "Evaluating (accuracy, per-layer SQNR)",
+    "export": "Exporting ONNX",
+    "verify": "Verifying in onnxruntime",
 }
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from fddaq import __version__
 from fddaq.checkpoint import Checkpoint, ModelInfo
 from fddaq.errors import ExportError, first_line
+from fddaq.events import EventHandler, emit
 from fddaq.quant.plan import LayerPlan
 
 from .onnx_export import export_float, export_qdq
@@ -73,15 +74,17 @@ def deploy(
     images: torch.Tensor,
     labels: torch.Tensor | None,
     opset: int = 21,
+    on_event: EventHandler | None = None,
 ) -> Deployment:
     """Export `model` (fake-quant) and verify it in onnxruntime on `images`."""
-    import onnx
-
     start = time.perf_counter()
+    emit(on_event, "export", 0, 2)
     proto = export_qdq(model, _input_shape(info), onnx_metadata(info, plan), opset)
+    emit(on_event, "export", 1, 2)
     float_size = len(export_float(float_model, _input_shape(info), opset=opset).SerializeToString())
+    emit(on_event, "export", 2, 2)
     exported = time.perf_counter()
-    report = verify(proto, model, images, labels)
+    report = verify(proto, model, images, labels, on_event=on_event)
     verified = time.perf_counter()
     return Deployment(
         proto.SerializeToString(), float_size, report,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fddaq.errors import ExportError, first_line
+from fddaq.events import EventHandler, emit
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.modules import FAKE_QUANT_LAYERS
 
@@ -253,9 +254,11 @@ def verify(
     images: torch.Tensor | np.ndarray,
     labels: torch.Tensor | np.ndarray | None = None,
     batch_size: int = 256,
+    on_event: EventHandler | None = None,
 ) -> VerifyReport:
     """Run the ONNX graph (optimizations off, then on) and the PyTorch model (folded, eval, CPU,
-    float32) on `images` and compare their logits, top-1 predictions and quantized activations."""
+    float32) on `images` and compare their logits, top-1 predictions and quantized activations.
+    `on_event` gets "verify" progress: one step per batch, of both passes."""
     images = _as_numpy(images)
     if len(images) == 0:
         raise ExportError("verification needs at least one image")
@@ -280,9 +283,12 @@ def verify(
     probe = _Probe({name: quantizers[name] for name in compared})
     reference, plain = [], []
     free, local = _Tally(), _Tally()
+    batches = -(-len(images) // batch_size)
+    emit(on_event, "verify", 0, 2 * batches)
     try:
         outputs = [session.get_outputs()[0].name] + [layer_input(name) for name in compared]
         for start, (logits, *activations) in zip(range(0, len(images), batch_size), _batches(session, images, batch_size, outputs)):
+            emit(on_event, "verify", start // batch_size + 1, 2 * batches)
             x = torch.from_numpy(images[start : start + batch_size])
             plain.append(logits)
             with torch.no_grad():
@@ -304,7 +310,11 @@ def verify(
     with tempfile.TemporaryDirectory() as tmp:  # one optimized session: run it, count its kernels
         path = Path(tmp) / "optimized.onnx"
         session = inference_session(onnx_model, optimize=True, optimized_path=path)
-        optimized = np.concatenate([out[0] for out in _batches(session, images, batch_size)])
+        optimized = []
+        for index, (logits,) in enumerate(_batches(session, images, batch_size)):
+            optimized.append(logits)
+            emit(on_event, "verify", batches + index + 1, 2 * batches)
+        optimized = np.concatenate(optimized)
         ops = _op_counts(path)
     step = _output_step(model, images)
     torch_pred = reference.argmax(axis=1)

@@ -20,7 +20,7 @@ from .config import QuantConfig, RunConfig, SynthConfig
 from .data import ImageSet, Preprocess, load_image_folder, preset
 from .errors import ConfigError, DataError
 from .evaluate import layer_sqnr, predict, top1
-from .events import EventHandler
+from .events import EventHandler, emit
 from .finetune import FinetuneResult, finetune
 from .models import input_channels, layer_execution_order, load_float_model, num_outputs
 from .quant.calibrate import calibrate
@@ -271,14 +271,16 @@ def quantize_inputs(
     timings["finetune"] = time.perf_counter() - start
     model = fold_batch_norms(model)  # the deployed form: what is exported and evaluated
     float_top1 = quant_top1 = None
-    if inputs.val is not None:
-        start = time.perf_counter()
-        float_top1 = top1(predict(inputs.float_model, inputs.val.images), inputs.val.labels)
-        quant_top1 = top1(predict(model, inputs.val.images), inputs.val.labels)
-        timings["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
+    emit(on_event, "evaluate", 0, 3)
+    if inputs.val is not None:
+        float_top1 = top1(predict(inputs.float_model, inputs.val.images), inputs.val.labels)
+        emit(on_event, "evaluate", 1, 3)
+        quant_top1 = top1(predict(model, inputs.val.images), inputs.val.labels)
+        emit(on_event, "evaluate", 2, 3)
     images = (inputs.val or inputs.calib).images[:SQNR_IMAGES]
     sqnr = layer_sqnr(fold_batch_norms(inputs.float_model), model, [e.name for e in plan.quantized], images)
-    timings["layer_sqnr"] = time.perf_counter() - start
+    emit(on_event, "evaluate", 3, 3)
+    timings["evaluate"] = time.perf_counter() - start
     return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr)
 

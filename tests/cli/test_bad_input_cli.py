@@ -1,0 +1,125 @@
+"""Each mistake a user makes gets one `Error:` line naming it and what would fix it, exit code
+1, no traceback and nothing written."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import EXAMPLE, invoke
+
+CLASSES = sorted(p.name for p in (EXAMPLE / "calib").iterdir())
+
+
+def copy_calib(root: Path, per_class: int = 1) -> Path:
+    calib = root / "calib"
+    if calib.exists():
+        return calib
+    for name in CLASSES:
+        (calib / name).mkdir(parents=True)
+        for image in sorted((EXAMPLE / "calib" / name).glob("*.png"))[:per_class]:
+            shutil.copy(image, calib / name)
+    return calib
+
+
+def quantize(root: Path, *args: str, model: Path | None = None, calib: Path | None = None):
+    model = model or EXAMPLE / "model.pth"
+    calib = calib or copy_calib(root)
+    return invoke("quantize", str(model), "--arch", "fddaq:fashion_resnet", "--calib", str(calib),
+                  "--steps", "0", "--synthetic", "0", "--quiet", "--out", str(root / "out"), *args)
+
+
+def expect_error(result, root: Path, message: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and message in result.output, result.output
+    assert result.output.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert not (root / "out").exists()
+
+
+def test_model_file_mistakes(tmp_path):
+    expect_error(quantize(tmp_path, model=tmp_path / "nope.pth"), tmp_path, "model file")
+    (tmp_path / "noise.pth").write_bytes(b"\x80\x04not a torch file")
+    expect_error(quantize(tmp_path, model=tmp_path / "noise.pth"), tmp_path, "is not a readable PyTorch file")
+    state = torch.load(EXAMPLE / "model.pth", weights_only=True)
+    state["fc.weight"] = state["fc.weight"][:5]
+    del state["stem.0.weight"]
+    state["head.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "other.pth")
+    expect_error(quantize(tmp_path, model=tmp_path / "other.pth"), tmp_path,
+                 "does not fit architecture fddaq:fashion_resnet: missing: stem.0.weight (1); "
+                 "unexpected: head.weight (1); shape mismatch: fc.weight (1)")
+
+
+def test_image_folder_mistakes(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expect_error(quantize(tmp_path, calib=empty), tmp_path, "holds no image files")
+    expect_error(quantize(tmp_path, calib=tmp_path / "missing"), tmp_path, "does not exist")
+
+    junk = tmp_path / "junk"
+    (junk / CLASSES[0]).mkdir(parents=True)
+    for i in range(3):
+        (junk / CLASSES[0] / f"{i}.png").write_bytes(b"not an image")
+    expect_error(quantize(tmp_path, calib=junk), tmp_path, "none of the 3 files in")
+
+    expect_error(quantize(tmp_path, "--input-size", "64", calib=copy_calib(tmp_path / "a")), tmp_path,
+                 "smaller than the 64x64 crop: use larger images or set --resize")
+
+    extra = copy_calib(tmp_path / "b")
+    (extra / "zebra").mkdir()
+    shutil.copy(next((EXAMPLE / "calib" / CLASSES[0]).glob("*.png")), extra / "zebra")
+    expect_error(quantize(tmp_path, calib=extra), tmp_path, "has 11 class folders but the model has 10 outputs")
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES))
+    expect_error(quantize(tmp_path, "--classes", str(tmp_path / "classes.txt"), calib=extra), tmp_path,
+                 "class folders the model does not know: zebra")
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path):
+    calib = copy_calib(tmp_path)
+    (calib / CLASSES[0] / "broken.png").write_bytes(b"\x89PNG truncated")
+    (calib / CLASSES[1] / "notes.jpg").write_bytes(b"hello")
+    result = quantize(tmp_path, calib=calib)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "report.json").read_text())["data"]
+    assert data["calib_images"] == 10 and data["calib_skipped"] == 2
+
+
+def test_rgb_images_for_a_grey_model_are_converted(tmp_path):
+    from PIL import Image
+
+    calib = copy_calib(tmp_path)
+    for image in calib.glob("*/*.png"):
+        Image.open(image).convert("RGB").save(image)  # what a user exporting from a viewer gets
+    assert quantize(tmp_path, calib=calib).exit_code == 0
+
+
+def test_option_mistakes(tmp_path):
+    expect_error(quantize(tmp_path, "--bits", "9"), tmp_path, "weight_bits=9 is outside the supported 2..8 bits")
+    expect_error(quantize(tmp_path, "--layer-bits", "classifier=8"), tmp_path, "layer override 'classifier=8' matches no layer")
+    expect_error(quantize(tmp_path, "--arch", "torchvision:resnet1"), tmp_path, "unknown torchvision classification model")
+    expect_error(quantize(tmp_path, "--arch", "mymodels:build"), tmp_path, "cannot import module 'mymodels'")
+
+
+def test_checkpoint_from_another_format_version(tmp_path, quick_run):
+    out, _ = quick_run
+    data = torch.load(out / "quantized.pt", weights_only=True)
+    recipe = json.loads(data["recipe"])
+    recipe["format_version"] = 1
+    data["recipe"] = json.dumps(recipe)
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    (tmp_path / "old.pt").write_bytes(buffer.getvalue())
+    result = invoke("export", str(tmp_path / "old.pt"), "-o", str(tmp_path / "out" / "m.onnx"))
+    expect_error(result, tmp_path, "has checkpoint format 1")
+    assert "re-run `fddaq quantize`" in result.output
+
+
+@pytest.mark.parametrize("command", ["quantize", "synth", "plan", "eval", "verify", "export"])
+def test_every_command_has_help_with_a_working_example(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "Example: fddaq " + command in " ".join(result.output.split())
