@@ -3,10 +3,12 @@ written atomically, and only once everything it depends on has succeeded."""
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fddaq import __version__
@@ -122,39 +124,50 @@ def run_verify(onnx_path: Path, checkpoint_path: Path, data_dir: Path, min_agree
     return report
 
 
-def run_eval(model_path: Path, data_dir: Path, source: Source | None) -> dict:
+def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: EventHandler | None = None) -> dict:
     """Accuracy on the labelled images of `data_dir` of an ONNX file (onnxruntime, all graph
     optimizations), a quantized checkpoint (`source` None) or a float model (`source`)."""
-    import json
-
-    import numpy as np
-
     from fddaq.data import Preprocess
     from fddaq.errors import DataError
     from fddaq.evaluate import predict
+    from fddaq.events import emit
+
+    def batches(run, x: torch.Tensor, size: int = 256) -> np.ndarray:
+        total = -(-len(x) // size)
+        emit(on_event, "evaluate", 0, total)
+        out = []
+        for index in range(total):
+            out.append(np.asarray(run(x[index * size : (index + 1) * size])))
+            emit(on_event, "evaluate", index + 1, total)
+        return np.concatenate(out)
 
     start = time.perf_counter()
     if source is not None:
         kind = "float"
         inputs = load_inputs(source)
-        images, logits = inputs.calib, predict(inputs.float_model, inputs.calib.images).numpy()
+        images, logits = inputs.calib, batches(lambda x: predict(inputs.float_model, x), inputs.calib.images)
     elif model_path.suffix == ".onnx":
         from exporters.deploy import read_onnx_metadata
-        from exporters.runtime import run_onnx
+        from exporters.runtime import inference_session, run_session
 
         kind = "onnx"
         props = read_onnx_metadata(model_path)
         if "preprocessing" not in props or "class_names" not in props:
             raise ConfigError(f"{model_path} has no fddaq metadata (preprocessing, class names): "
                               "evaluate the float model with --arch, or export the ONNX with fddaq")
-        preprocess = Preprocess.from_json(json.loads(props["preprocessing"]))
-        images = load_image_folder(data_dir, preprocess, tuple(json.loads(props["class_names"])))
-        logits = run_onnx(model_path, images.images, optimize=True)
+        try:
+            preprocess = Preprocess.from_json(json.loads(props["preprocessing"]))
+            class_names = tuple(str(name) for name in json.loads(props["class_names"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"{model_path} has malformed fddaq metadata ({first_line(exc)}): re-export it") from exc
+        images = load_image_folder(data_dir, preprocess, class_names)
+        session = inference_session(model_path, optimize=True)
+        logits = batches(lambda x: run_session(session, x), images.images)
     else:
         kind = "checkpoint"
         checkpoint = load_checkpoint(model_path)
         images = load_image_folder(data_dir, checkpoint.info.preprocess, checkpoint.info.class_names)
-        logits = predict(checkpoint.model, images.images).numpy()
+        logits = batches(lambda x: predict(checkpoint.model, x), images.images)
     if not images.labelled:
         raise DataError(f"{data_dir} must hold one folder per class to measure accuracy")
     labels = images.labels.numpy()

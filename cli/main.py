@@ -128,6 +128,11 @@ def _show(title: str, report: dict, out: Optional[Path] = None) -> None:
             err_console.print(f"Warning: cannot append to GITHUB_STEP_SUMMARY ({step_summary}): {exc}")
 
 
+def _check_file(path: Optional[Path], force: bool) -> None:
+    if path is not None and path.exists() and not force:
+        raise ConfigError(f"{path} exists: pass --force to overwrite it")
+
+
 def _check_outputs(out: Path, names: tuple[str, ...], force: bool) -> None:
     existing = [name for name in names if (out / name).exists()]
     if existing and not force:
@@ -344,8 +349,7 @@ def export(
     from fddaq.checkpoint import load_checkpoint
     from fddaq.io import atomic_write_bytes
 
-    if output.exists() and not force:
-        raise ConfigError(f"{output} exists: pass --force to overwrite it")
+    _check_file(output, force)
     start = time.perf_counter()
     data = export_checkpoint(load_checkpoint(checkpoint), opset)
     atomic_write_bytes(output, data)
@@ -360,6 +364,7 @@ def verify(
     data: Path = typer.Option(..., "--data", help="Images: DIR/<class>/<image> (accuracies too) or a flat folder."),
     min_agreement: float = typer.Option(99.0, "--min-agreement", help="Exit 3 when a top-1 agreement (optimizations off or on) is below this percentage."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+    force: bool = _force_option(),
     quiet: bool = _quiet_option(),
     config: Optional[Path] = _config_option(),
 ) -> None:
@@ -373,6 +378,7 @@ def verify(
 
     from .jobs import run_verify
 
+    _check_file(json_path, force)
     with ProgressRenderer(console, quiet) as progress:
         report = run_verify(onnx_file, checkpoint, data, min_agreement, progress)
     _show(f"fddaq verify: {onnx_file.name}", report)
@@ -401,6 +407,7 @@ def plan(
     std: Optional[str] = _std_option(),
     trust_model: bool = _trust_model_option(),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON to this file."),
+    force: bool = _force_option(),
     config: Optional[Path] = _config_option(),
 ) -> None:
     """Show which layers `quantize` would quantize, at which bits and why, without images.
@@ -411,6 +418,7 @@ def plan(
     from fddaq.io import atomic_write_json
     from fddaq.pipeline import PreprocessOptions, load_float, plan_layers
 
+    _check_file(json_path, force)
     options = PreprocessOptions(preset, input_size, resize, _floats(mean, "--mean"), _floats(std, "--std"))
     loaded = load_float(model, arch, num_classes, options, trust_model)
     layers = plan_layers(loaded, _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits))
@@ -442,6 +450,8 @@ def evaluate(
     std: Optional[str] = _std_option(),
     trust_model: bool = _trust_model_option(),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+    force: bool = _force_option(),
+    quiet: bool = _quiet_option(),
     config: Optional[Path] = _config_option(),
 ) -> None:
     """Top-1 and top-5 accuracy of a float model, a quantized checkpoint (PyTorch fake-quant) or
@@ -460,7 +470,9 @@ def evaluate(
         raise ConfigError("preprocessing and class options are for a float state dict (with --arch): "
                           "a checkpoint or ONNX file carries its own")
     source = _source(model, arch, data, None, num_classes, classes, *options, trust_model) if arch is not None else None
-    report = run_eval(model, data, source)
+    _check_file(json_path, force)
+    with ProgressRenderer(console, quiet) as progress:
+        report = run_eval(model, data, source, progress)
     _show(f"fddaq eval: {model.name} ({report['kind']})", report)
     if json_path is not None:
         atomic_write_json(json_path, report)

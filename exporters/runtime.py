@@ -79,7 +79,11 @@ def run_onnx(
     """The model's first output (logits) for `images`, run on the CPU provider in batches.
 
     `optimize` turns on every graph optimization (onnxruntime's fused integer kernels)."""
-    session = inference_session(model, optimize)
+    return run_session(inference_session(model, optimize), images, batch_size)
+
+
+def run_session(session, images: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The first output (logits) of an `inference_session` for `images`, in batches."""
     return np.concatenate([out[0] for out in _batches(session, _as_numpy(images), batch_size)])
 
 
