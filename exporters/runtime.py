@@ -114,9 +114,10 @@ class VerifyReport:
     output steps: the last layer's integer accumulator step (input scale x weight scale of each
     output channel), when the logits are that layer's output (else None). Activations: every
     quantized layer input is compared as integers (graph optimizations off; where the graph
-    folds zero padding into a conv it quantizes before padding, and the border is left out); `activation_*`
-    count the values compared, those that differ and the largest difference in steps, with
-    both models running freely (a one-step difference early on can grow through later layers).
+    folds zero padding into a conv it quantizes before padding, and the border is left out);
+    `activation_*` count the values compared, those that differ and the largest difference in
+    steps, with both models running freely (a one-step difference early on can grow through
+    later layers).
     `local_*`: the same, with every PyTorch quantizer fed the graph's values for the layers
     before it, so that a difference is one layer's own arithmetic: an export error shows
     here, while float32 summation order alone leaves a tiny fraction at one step.

@@ -29,7 +29,7 @@ from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
 from .stats import batchnorm_layers, class_statistics
 from .synth.quality import QualityProbe
-from .synth.train import SynthResult, generate, train_generator
+from .synth.train import generate, train_generator
 from .zoo import ZOO
 
 
@@ -245,7 +245,7 @@ def quantize_inputs(
     timings = {"load": inputs.seconds}
 
     start = time.perf_counter()
-    plan = plan_layers(FloatModel(inputs.float_model, inputs.info.preprocess, inputs.order), config.quant)
+    plan = resolve_layer_plan(inputs.float_model, inputs.order, config.quant)
     model = prepare(inputs.float_model, plan)
     calibrate(model, inputs.calib.images, config.calibration, on_event=on_event)
     timings["calibrate"] = time.perf_counter() - start
