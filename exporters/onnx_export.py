@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.ops import stochastic_depth
 
 from fddaq import __version__
 from fddaq.errors import ExportError, first_line
@@ -163,6 +164,12 @@ class _GraphBuilder:
         self.calls = module_calls(module.graph)
         self.folded_pads: dict[fx.Node, list[int]] = {}  # conv -> zero padding folded into it
         relu = lambda node: self._unary(node, "Relu")  # noqa: E731
+        hardswish = lambda node, *_: self._unary(node, "HardSwish")  # noqa: E731
+        hardsigmoid = lambda node, *_: self._unary(node, "HardSigmoid", alpha=1.0 / 6, beta=0.5)  # noqa: E731
+        sigmoid = lambda node, *_: self._unary(node, "Sigmoid")  # noqa: E731
+        silu = lambda node, *_: self._silu(node)  # noqa: E731
+        add = lambda node: self._binary(node, "Add")  # noqa: E731
+        mul = lambda node: self._binary(node, "Mul")  # noqa: E731
         self.module_handlers: dict[type[nn.Module], Callable[[fx.Node, Any], None]] = {
             nn.Conv2d: self._conv,
             FakeQuantConv2d: self._conv,
@@ -172,6 +179,10 @@ class _GraphBuilder:
             nn.ReLU: lambda node, module: relu(node),
             nn.ReLU6: self._clip,
             nn.Hardtanh: self._clip,
+            nn.Hardswish: hardswish,
+            nn.Hardsigmoid: hardsigmoid,
+            nn.Sigmoid: sigmoid,
+            nn.SiLU: silu,
             nn.AdaptiveAvgPool2d: lambda node, pool: self._global_average_pool(node, pool.output_size),
             nn.AvgPool2d: self._average_pool,
             nn.MaxPool2d: self._max_pool,
@@ -183,8 +194,15 @@ class _GraphBuilder:
             nn.ConstantPad2d: lambda node, pad: self._pad(node, pad.padding, pad.value),
         }
         self.function_handlers: dict[Any, Callable[[fx.Node], None]] = {
-            operator.add: self._add,
-            torch.add: self._add,
+            operator.add: add,
+            torch.add: add,
+            operator.mul: mul,
+            torch.mul: mul,
+            F.hardswish: hardswish,
+            F.hardsigmoid: hardsigmoid,
+            torch.sigmoid: sigmoid,
+            F.silu: silu,
+            stochastic_depth: self._stochastic_depth,
             torch.relu: relu,
             F.relu: relu,
             torch.flatten: self._flatten_call,
@@ -196,7 +214,9 @@ class _GraphBuilder:
             ),
         }
         self.method_handlers: dict[str, Callable[[fx.Node], None]] = {
-            "add": self._add,
+            "add": add,
+            "mul": mul,
+            "sigmoid": sigmoid,
             "relu": relu,
             "flatten": self._flatten_call,
             "view": self._view,
@@ -437,11 +457,29 @@ class _GraphBuilder:
             passes = isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.Identity, nn.Dropout, nn.Dropout2d))
         return passes and any(self._reads_at_4_bits_or_fewer(user) for user in node.users)
 
-    def _add(self, node: fx.Node) -> None:
-        if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
-            raise ExportError(f"cannot export {self._describe(node)}: only a plain sum of two tensors is supported")
-        inputs = [self._tensor(arg, node) for arg in node.args]
-        self.names[node] = self._emit("Add", inputs, node.name)
+    def _binary(self, node: fx.Node, op: str) -> None:
+        """Add or Mul of two tensors (a residual sum, a squeeze-excite scale), or of a tensor and
+        a number."""
+        if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2 or not any(isinstance(a, fx.Node) for a in node.args):
+            raise ExportError(f"cannot export {self._describe(node)}: only {op} of two tensors (or a tensor and a number) is supported")
+        inputs = [
+            self._constant(f"{node.name}.{i}", np.array(arg, np.float32)) if isinstance(arg, (int, float))
+            else self._tensor(arg, node)
+            for i, arg in enumerate(node.args)
+        ]
+        self.names[node] = self._emit(op, inputs, node.name)
+
+    def _stochastic_depth(self, node: fx.Node) -> None:
+        """torchvision's stochastic_depth(x, p, mode, training): the identity in eval mode."""
+        if _argument(node, 3, "training", True):
+            raise ExportError(f"cannot export {self._describe(node)}: the model is in training mode")
+        self.names[node] = self._tensor(node.args[0], node)
+
+    def _silu(self, node: fx.Node) -> None:
+        """x * sigmoid(x) (ONNX has no SiLU before opset 24)."""
+        x = self._tensor(node.args[0], node)
+        gate = self._emit("Sigmoid", [x], f"{node.name}.sigmoid")
+        self.names[node] = self._emit("Mul", [x, gate], node.name)
 
     def _global_average_pool(self, node: fx.Node, output_size: Any) -> None:
         if _pair(output_size) != (1, 1):

@@ -222,10 +222,12 @@ def mse_weight_scales(weight: Tensor, bits: int, grid: int = 100) -> Tensor:
 
 def activation_params(lo: float, hi: float, bits: int) -> tuple[float, float]:
     """Scale and integer zero point of the affine grid covering [lo, hi] (0 always inside, so
-    zero padding is exact)."""
+    zero padding is exact). An empty range (an input that was always 0, e.g. behind a dead
+    ReLU) gets the grid of [0, 1], not the smallest step: any grid holds 0 exactly, and a
+    1e-8 step would turn float noise of 1e-7 into ten steps."""
     qmin, qmax = activation_range(bits)
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / (qmax - qmin), MIN_SCALE)
+    scale = max((hi - lo if hi > lo else 1.0) / (qmax - qmin), MIN_SCALE)
     zero_point = float(min(max(round(qmin - lo / scale), qmin), qmax))
     return scale, zero_point
 

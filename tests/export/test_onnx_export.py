@@ -90,6 +90,35 @@ def test_layer_forms_export(images, quantize):
     assert ("QuantizeLinear" in ops) == quantize
 
 
+class Gates(nn.Module):
+    """The functional and method forms of mobile activations and gates: Hardswish, a
+    Hardsigmoid squeeze-excite scale, SiLU, a sigmoid gate, products with a number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.squeeze = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.hardswish(self.conv(x))
+        x = torch.mul(F.hardsigmoid(self.squeeze(F.adaptive_avg_pool2d(x, 1))), x)
+        x = F.silu(x) * x.sigmoid() * 0.5
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_mobile_activation_forms_export(images, quantize):
+    torch.manual_seed(0)
+    model = Gates().eval()
+    if quantize:
+        model = quantize_model(model, images, 8, 8)
+    onnx_model = (export_qdq if quantize else export_float)(model, (3, 16, 16))
+    np.testing.assert_allclose(run_onnx(onnx_model, images), torch_logits(model, images), rtol=1e-4, atol=1e-5)
+    ops = {node.op_type for node in onnx_model.graph.node}
+    assert {"HardSwish", "HardSigmoid", "Sigmoid", "Mul"} <= ops
+
+
 def conv_batch_norm_pairs(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
     """Conv name -> the BatchNorm registered right after it (how SmallResNet pairs them)."""
     modules = list(model.named_modules())
@@ -195,13 +224,13 @@ def test_batch_norm_folding_corner_cases(images):
     assert scale[1] == pytest.approx(gain * model.bn.weight[1].item() * qmodel.conv.weight_quant.scale()[1].item())
 
 
-class Sigmoid(nn.Module):
+class Tanh(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.conv(x)).flatten(1)
+        return torch.tanh(self.conv(x)).flatten(1)
 
 
 class Branchy(nn.Module):
@@ -212,7 +241,7 @@ class Branchy(nn.Module):
 @pytest.mark.parametrize(
     "model, message",
     [
-        (Sigmoid(), r"function sigmoid \(node 'sigmoid'\)"),
+        (Tanh(), r"function tanh \(node 'tanh'\)"),
         (nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten()), r"module '1' \(GELU\)"),
         (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(0)), r"only flattening from dim 1"),
         (nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten()), "output_size 1 only"),

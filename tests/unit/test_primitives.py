@@ -86,6 +86,8 @@ def test_activation_params_cover_zero_and_use_integer_zero_point():
 def test_constant_activation_never_gives_zero_scale():
     scale, zp = mse_activation_params(torch.zeros(100), 4)
     assert scale >= MIN_SCALE and math.isfinite(scale)
+    # an input that was always 0 gets the grid of [0, 1]: float noise stays at code 0
+    assert (scale, zp) == (1.0 / 15, 0.0) == activation_params(0.0, 0.0, 4)
 
 
 def test_mse_activation_clips_outliers_and_keeps_relu_zero_point():
