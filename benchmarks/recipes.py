@@ -4,6 +4,8 @@ last included; input image 8-bit), 1 and 10 calibration images per class, severa
 
     .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--per-class 1 10] [--bits 4/4 8/8 3/3 2/4] [--ablate 10:4/4 10:2/4]
 
+`--bits W/A/F` sets the first and last layers to F bits (`4/4/8`: the W4A4-fl8 rows).
+
 Methods: `ptq` (calibration only), `real-only` (the fddaq recipe without synthetic data),
 `fdda-paper` and `fddaq`, all at the same fine-tuning steps. One generator per (calibration set,
 seed) is trained and shared by the two recipes that use synthetic data (their synthesis settings
@@ -71,10 +73,12 @@ def group(per_class: int, seed: int, bits: list[str], ablate: list[str]) -> list
     synth_seconds = time.perf_counter() - start
     rows = []
     for setting in bits:
-        w, a = (int(v) for v in setting.split("/"))
+        w, a, *first_last = (int(v) for v in setting.split("/"))
+        fl = first_last[0] if first_last else None
+        label = f"W{w}A{a}" + (f"-fl{fl}" if fl else "")
         for method in METHODS + (tuple(ABLATIONS) if f"{per_class}:{setting}" in ablate else ()):
             recipe = "fddaq" if method == "real-only" or method in ABLATIONS else method
-            config = recipe_config(recipe, QuantConfig(w, a), seed, synthetic=0 if method == "real-only" else None)
+            config = recipe_config(recipe, QuantConfig(w, a, fl), seed, synthetic=0 if method == "real-only" else None)
             config = replace(config, finetune=replace(config.finetune, **ABLATIONS.get(method, {})))
             start = time.perf_counter()
             result = quantize_inputs(inputs, config, synthesis=synthesis if config.synth.num_images else None)
@@ -82,7 +86,7 @@ def group(per_class: int, seed: int, bits: list[str], ablate: list[str]) -> list
             seconds = time.perf_counter() - start
             logits = run_onnx(onnx_model, x)
             rows.append({
-                "per_class": per_class, "seed": seed, "bits": f"W{w}A{a}", "method": method,
+                "per_class": per_class, "seed": seed, "bits": label, "method": method,
                 "float_top1": float_top1,
                 "onnx_top1": 100.0 * float((logits.argmax(1) == y.numpy()).mean()),
                 "seconds": seconds + (synth_seconds if config.synth.num_images else 0.0),
