@@ -19,6 +19,7 @@ Needs `apt-get install dataset-fashion-mnist`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -80,14 +81,15 @@ def quantize(float_path: Path, out: Path, images: np.ndarray, setting: str, meth
         overrides[first.input[1]] = [{"quant_type": QuantType.QInt8, "axis": 0}]
         overrides[last.input[1]] = [{"quant_type": QuantType.QInt8, "axis": 0}]
         overrides[last.input[0]] = [{"quant_type": QuantType.QUInt8}]
-    quantize_static(
-        str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt4 if low else QuantType.QUInt8,
-        weight_type=QuantType.QInt4 if low else QuantType.QInt8,
-        calibrate_method=getattr(CalibrationMethod, method),
-        # logits stay float, as in fddaq's graphs (quantizing them at 4 bits would make ties)
-        extra_options={"TensorQuantOverrides": overrides, "OpTypesToExcludeOutputQuantization": ["Gemm"]},
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # its calibrators print progress: keep stdout for the table
+        quantize_static(
+            str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt4 if low else QuantType.QUInt8,
+            weight_type=QuantType.QInt4 if low else QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, method),
+            # logits stay float, as in fddaq's graphs (quantizing them at 4 bits would make ties)
+            extra_options={"TensorQuantOverrides": overrides, "OpTypesToExcludeOutputQuantization": ["Gemm"]},
+        )
 
 
 def run(float_path: str, per_class: int, setting: str, method: str) -> dict:
