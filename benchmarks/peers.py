@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -44,8 +45,6 @@ def calibration_images(per_class: int) -> np.ndarray:
     from fddaq.data import load_image_folder, preset
 
     with tempfile.TemporaryDirectory() as tmp:
-        import shutil
-
         for folder in sorted((EXAMPLE / "calib").iterdir()):
             (Path(tmp) / folder.name).mkdir()
             for png in sorted(folder.glob("*.png"))[:per_class]:

@@ -14,8 +14,8 @@ import torch
 from fddaq import __version__
 from fddaq.checkpoint import checkpoint_bytes, load_checkpoint
 from fddaq.config import RunConfig, SynthConfig
-from fddaq.data import load_image_folder
-from fddaq.errors import ConfigError, first_line
+from fddaq.data import class_folders, load_image_folder
+from fddaq.errors import ConfigError, DataError, first_line
 from fddaq.events import EventHandler
 from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, tensors_bytes
 from fddaq.pipeline import Inputs, Source, Synthesis, load_inputs, quantize, synthesize
@@ -128,7 +128,6 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
     """Accuracy on the labelled images of `data_dir` of an ONNX file (onnxruntime, all graph
     optimizations), a quantized checkpoint (`source` None) or a float model (`source`)."""
     from fddaq.data import Preprocess
-    from fddaq.errors import DataError
     from fddaq.evaluate import predict
     from fddaq.events import emit
 
@@ -144,6 +143,9 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
     start = time.perf_counter()
     if source is not None:
         kind = "float"
+        # a flat folder would be labelled by the float model's own predictions: refuse it first
+        if data_dir.is_dir() and not class_folders(data_dir):
+            raise DataError(f"{data_dir} must hold one folder per class to measure accuracy")
         inputs = load_inputs(source)
         images, logits = inputs.calib, batches(lambda x: predict(inputs.float_model, x), inputs.calib.images)
     elif model_path.suffix == ".onnx":

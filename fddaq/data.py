@@ -120,6 +120,11 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def class_folders(root: Path) -> list[Path]:
+    """The class folders of an ImageFolder layout (none: a flat folder of images)."""
+    return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def load_image_folder(
     root: Path, preprocess: Preprocess, class_names: tuple[str, ...] | None = None
 ) -> ImageSet:
@@ -130,7 +135,7 @@ def load_image_folder(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = class_folders(root)
     if folders:
         names = tuple(p.name for p in folders) if class_names is None else tuple(class_names)
         unknown = [p.name for p in folders if p.name not in names]

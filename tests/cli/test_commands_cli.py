@@ -68,6 +68,7 @@ def test_eval_errors(quick_run, tmp_path):
     (flat / first.name).write_bytes(first.read_bytes())
     cases = [
         (["eval", str(out / "model.onnx"), "--data", str(flat)], "must hold one folder per class"),
+        (["eval", *MODEL_ARGS, "--data", str(flat)], "must hold one folder per class"),  # not its own predictions
         (["eval", str(out / "model.onnx"), "--arch", "fddaq:fashion_resnet", "--data", str(flat)], "--arch is for a float state dict"),
         (["eval", str(out / "quantized.pt"), "--preset", "imagenet", "--data", str(flat)], "a checkpoint or ONNX file carries its own"),
         (["eval", str(EXAMPLE / "model.pth"), "--data", str(flat)], "is not an fddaq checkpoint"),
