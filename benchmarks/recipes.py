@@ -7,7 +7,8 @@ last included; input image 8-bit), 1 and 10 calibration images per class, severa
 `--bits W/A/F` sets the first and last layers to F bits (`4/4/8`: the W4A4-fl8 rows).
 
 Methods: `ptq` (calibration only), `real-only` (the fddaq recipe without synthetic data),
-`fdda-paper` and `fddaq`, all at the same fine-tuning steps. One generator per (calibration set,
+`fdda-paper` and `fddaq`, all at the same fine-tuning steps; `--per-class 0` runs the
+`data-free` recipe instead (no real image; its generator is trained for that group). One generator per (calibration set,
 seed) is trained and shared by the two recipes that use synthetic data (their synthesis settings
 are identical). Ablations (`--ablate`, default 10/class at W4A4 and W2A4) switch off one fddaq
 ingredient at a time: per-image augmentation, learned step sizes (paper-style max|w| weight
@@ -63,20 +64,22 @@ def group(per_class: int, seed: int, bits: list[str], ablate: list[str]) -> list
         calib = Path(tmp) / "calib"
         for folder in sorted((EXAMPLE / "calib").iterdir()):
             (calib / folder.name).mkdir(parents=True)
-            for png in sorted(folder.glob("*.png"))[:per_class]:
+            for png in sorted(folder.glob("*.png"))[:max(1, per_class)]:  # data-free: loaded, never used
                 shutil.copy(png, calib / folder.name / png.name)
         inputs = load_inputs(Source(EXAMPLE / "model.pth", "fddaq:fashion_resnet", calib))
     x, y = test_set()
     float_top1 = 100.0 * (run_float(inputs.float_model, x) == y).float().mean().item()
+    methods = ("data-free",) if per_class == 0 else METHODS
     start = time.perf_counter()
-    synthesis = synthesize(inputs, recipe_config("fddaq", QuantConfig(), seed).synth)
+    synth_config = recipe_config("data-free" if per_class == 0 else "fddaq", QuantConfig(), seed)
+    synthesis = synthesize(inputs, synth_config.synth, real_images=synth_config.real_images)
     synth_seconds = time.perf_counter() - start
     rows = []
     for setting in bits:
         w, a, *first_last = (int(v) for v in setting.split("/"))
         fl = first_last[0] if first_last else None
         label = f"W{w}A{a}" + (f"-fl{fl}" if fl else "")
-        for method in METHODS + (tuple(ABLATIONS) if f"{per_class}:{setting}" in ablate else ()):
+        for method in methods + (tuple(ABLATIONS) if f"{per_class}:{setting}" in ablate else ()):
             recipe = "fddaq" if method == "real-only" or method in ABLATIONS else method
             config = recipe_config(recipe, QuantConfig(w, a, fl), seed, synthetic=0 if method == "real-only" else None)
             config = replace(config, finetune=replace(config.finetune, **ABLATIONS.get(method, {})))

@@ -180,11 +180,20 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """A whole run. `real_images=False` is data-free: the generator learns from the float
+    model's BatchNorm running statistics alone, and calibration and fine-tuning see only its
+    synthetic images (real images may still serve to measure the result)."""
+
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     recipe: str = "custom"
+    real_images: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.real_images and self.synth.num_images == 0:
+            raise ConfigError("a data-free run (no real images) needs synthetic images: num_images must be > 0")
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -27,7 +27,7 @@ from .quant.calibrate import calibrate
 from .quant.fold import fold_batch_norms
 from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
-from .stats import batchnorm_layers, class_statistics
+from .stats import ClassStatistics, batchnorm_layers, class_statistics
 from .synth.quality import QualityProbe
 from .synth.train import generate, train_generator
 from .zoo import ZOO
@@ -169,14 +169,19 @@ class Synthesis:
     seconds: float
 
 
-def synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | None = None) -> Synthesis:
+def synthesize(
+    inputs: Inputs, config: SynthConfig, on_event: EventHandler | None = None, real_images: bool = True
+) -> Synthesis:
     """Train FDDA's generator on the calibration images' BNS centers and draw
-    `config.num_images` labelled images; measure them against held-out real images."""
+    `config.num_images` labelled images; measure them against the calibration images' centers
+    (and held-out real images). Without `real_images` (data-free) the generator learns from
+    the BN running statistics alone; the real images then only serve the measurement."""
     start = time.perf_counter()
     model = inputs.float_model
     layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
     statistics = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
-    result = train_generator(model, layers, statistics, inputs.input_shape, config, on_event)
+    teacher = statistics if real_images else ClassStatistics.without_images(layers, inputs.num_classes)
+    result = train_generator(model, layers, teacher, inputs.input_shape, config, on_event)
     images, labels = generate(result.generator, config.num_images, config.seed, on_event=on_event)
     probe = QualityProbe(model, layers, statistics, result.deep_start)
     quality = {"synthetic": probe.measure(images, labels).to_json()}
@@ -244,15 +249,15 @@ def quantize_inputs(
         raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
     timings = {"load": inputs.seconds}
 
+    needs_synthesis = config.synth.num_images > 0 and (config.finetune.steps > 0 or not config.real_images)
+    if synthesis is None and needs_synthesis:
+        synthesis = synthesize(inputs, config.synth, on_event, config.real_images)
+        timings["synthesize"] = synthesis.seconds
     start = time.perf_counter()
     plan = resolve_layer_plan(inputs.float_model, inputs.order, config.quant)
     model = prepare(inputs.float_model, plan)
-    calibrate(model, inputs.calib.images, config.calibration, on_event=on_event)
+    calibrate(model, (inputs.calib if config.real_images else synthesis).images, config.calibration, on_event=on_event)
     timings["calibrate"] = time.perf_counter() - start
-
-    if synthesis is None and config.synth.num_images > 0 and config.finetune.steps > 0:
-        synthesis = synthesize(inputs, config.synth, on_event)
-        timings["synthesize"] = synthesis.seconds
     saved_synthesis = None if synthesis is None else {
         "images": synthesis.images, "labels": synthesis.labels, "report": json.dumps(synthesis.report),
     }
@@ -264,6 +269,8 @@ def quantize_inputs(
     start = time.perf_counter()
     real = (inputs.calib.images, inputs.calib.labels)
     synthetic = None if synthesis is None else (synthesis.images, synthesis.labels)
+    if not config.real_images:  # data-free: the synthetic images take the real ones' place
+        real, synthetic = synthetic, None
     tuned = finetune(
         model, inputs.float_model, real, config.finetune, synthetic, on_event, checkpoint,
         None if resume is None else resume["finetune"],

@@ -11,6 +11,10 @@
   both sources, the cosine schedule spans exactly the steps run, and the last step is kept
   (the official code selects the best of ~350 evaluations on the validation set).
 - `ptq`: calibration only (MSE ranges on the real images), no synthesis, no fine-tuning.
+- `data-free`: no real image is used. The generator learns from the float model's BatchNorm
+  running statistics and its class labels alone (FDDA's global BNS and CE losses: the GDFQ
+  baseline the paper improves on); calibration and the `fddaq` fine-tuning see only its
+  images. Real images, when given, only measure the result.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import replace
 from .config import CalibrationConfig, FinetuneConfig, QuantConfig, RunConfig, SynthConfig
 from .errors import ConfigError
 
-RECIPES = ("fddaq", "fdda-paper", "ptq")
+RECIPES = ("fddaq", "fdda-paper", "ptq", "data-free")
 
 
 def recipe_config(
@@ -44,10 +48,14 @@ def recipe_config(
     if name == "ptq":
         finetune = replace(finetune, steps=0)
         synth = replace(synth, num_images=0)
+    if name == "data-free":
+        synth = replace(synth, cbns_weight=0.0, dbns_weight=0.0, ce_single_weight=0.0)
+        finetune = replace(finetune, holdout=0.0)  # no real image to hold out
     if steps is not None:
         finetune = replace(finetune, steps=steps)
     if synthetic is not None:
         synth = replace(synth, num_images=synthetic)
     if synth_steps is not None:
         synth = replace(synth, steps=synth_steps)
-    return RunConfig(quant=quant, calibration=CalibrationConfig(seed=seed), synth=synth, finetune=finetune, recipe=name)
+    return RunConfig(quant=quant, calibration=CalibrationConfig(seed=seed), synth=synth, finetune=finetune, recipe=name,
+                     real_images=name != "data-free")

@@ -128,6 +128,13 @@ class ClassStatistics:
                 out[k] = (sq[members].mean() / size).sqrt()
         return out
 
+    @classmethod
+    def without_images(cls, layers: list[tuple[str, nn.BatchNorm2d]], num_classes: int) -> "ClassStatistics":
+        """Statistics of no image: no class has a center (data-free synthesis)."""
+        empty = [torch.zeros(0, bn.num_features) for _, bn in layers]
+        nothing = torch.zeros(0, dtype=torch.long)
+        return cls(empty, [e.clone() for e in empty], nothing, nothing.bool(), num_classes)
+
     @property
     def misclassified(self) -> int:
         return int((~self.correct).sum())

@@ -48,7 +48,7 @@ def test_recipes():
     assert (f.optimizer, f.temperature, f.kd_weight, f.ce_weight, f.learn_scales) == ("sgd", 20.0, 20.0, 1.0, False)
     assert f.steps == 10 and f.seed == 2 and paper.synth.seed == 2
     assert recipe_config("fddaq", quant, synthetic=0).synth.num_images == 0
-    with pytest.raises(ConfigError, match="unknown recipe 'best'.*fddaq, fdda-paper, ptq"):
+    with pytest.raises(ConfigError, match="unknown recipe 'best'.*fddaq, fdda-paper, ptq, data-free"):
         recipe_config("best", quant)
 
 
@@ -109,3 +109,36 @@ def test_a_state_from_other_options_is_not_resumed():
     inputs = load_inputs(Source(example / "model.pth", "fddaq:fashion_resnet", example / "calib"))
     with pytest.raises(ConfigError, match="made with other options"):
         quantize_inputs(inputs, RunConfig(), resume={"config": "{}", "synthesis": None, "finetune": {}})
+
+
+def test_data_free_recipe_trains_on_synthetic_images_only():
+    """Whatever the calibration images hold, a data-free run gives the same model: they may
+    only measure it. The real-image recipe, given the same swap, does change."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from fddaq.pipeline import Source, load_inputs, quantize_inputs
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
+    inputs = load_inputs(Source(example / "model.pth", "fddaq:fashion_resnet", example / "calib"))
+    noise = replace(inputs, calib=replace(inputs.calib, images=torch.randn_like(inputs.calib.images)))
+
+    def weights(recipe, inputs):
+        config = recipe_config(recipe, QuantConfig(4, 4), steps=3, synthetic=32, synth_steps=3)
+        result = quantize_inputs(inputs, replace(config, finetune=replace(config.finetune, batch_size=8)))
+        return result, result.model.state_dict()
+
+    free, free_weights = weights("data-free", inputs)
+    assert not free.inputs.calib.images.equal(noise.calib.images)
+    assert free.synthesis.report["classes_with_center"] == 0 and free.finetune.holdout_images == 0
+    _, free_noise_weights = weights("data-free", noise)
+    for key, value in free_weights.items():
+        assert torch.equal(free_noise_weights[key], value), key
+    _, real_weights = weights("fddaq", inputs)
+    _, real_noise_weights = weights("fddaq", noise)
+    assert any(not torch.equal(real_noise_weights[k], v) for k, v in real_weights.items())
+
+
+def test_data_free_needs_synthetic_images():
+    with pytest.raises(ConfigError, match="data-free.*num_images"):
+        recipe_config("data-free", QuantConfig(4, 4), synthetic=0)
