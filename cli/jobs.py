@@ -15,6 +15,7 @@ from fddaq import __version__
 from fddaq.checkpoint import checkpoint_bytes, load_checkpoint
 from fddaq.config import RunConfig, SynthConfig
 from fddaq.data import class_folders, load_image_folder
+from fddaq.distributed import current
 from fddaq.errors import ConfigError, DataError, first_line
 from fddaq.events import EventHandler
 from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, tensors_bytes
@@ -25,17 +26,23 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}%"
 
 
-def _header(command: str, source: Source, config: dict) -> dict:
+def _header(command: str, source: Source, config: dict, device: torch.device) -> dict:
     return {
         "fddaq_version": __version__,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "command": command,
+        "device": _device_name(device),
+        "processes": current().world,
         "inputs": {
             "model": str(source.model_path), "arch": source.arch, "calib": str(source.calib_dir),
             "val": None if source.val_dir is None else str(source.val_dir),
         },
         "config": config,
     }
+
+
+def _device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def _data(inputs: Inputs) -> dict:
@@ -124,9 +131,12 @@ def run_verify(onnx_path: Path, checkpoint_path: Path, data_dir: Path, min_agree
     return report
 
 
-def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: EventHandler | None = None) -> dict:
+def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: EventHandler | None = None,
+             device: torch.device = torch.device("cpu")) -> dict:
     """Accuracy on the labelled images of `data_dir` of an ONNX file (onnxruntime, all graph
-    optimizations), a quantized checkpoint (`source` None) or a float model (`source`)."""
+    optimizations), a quantized checkpoint (`source` None) or a float model (`source`); PyTorch
+    models run on `device`."""
+    from fddaq.device import place
     from fddaq.data import Preprocess
     from fddaq.evaluate import predict
     from fddaq.events import emit
@@ -147,7 +157,8 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
         if data_dir.is_dir() and not class_folders(data_dir):
             raise DataError(f"{data_dir} must hold one folder per class to measure accuracy")
         inputs = load_inputs(source)
-        images, logits = inputs.calib, batches(lambda x: predict(inputs.float_model, x), inputs.calib.images)
+        model = place(inputs.float_model, device)
+        images, logits = inputs.calib, batches(lambda x: predict(model, x), inputs.calib.images)
     elif model_path.suffix == ".onnx":
         from exporters.deploy import read_onnx_metadata
         from exporters.runtime import inference_session, run_session
@@ -169,7 +180,8 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
         kind = "checkpoint"
         checkpoint = load_checkpoint(model_path)
         images = load_image_folder(data_dir, checkpoint.info.preprocess, checkpoint.info.class_names)
-        logits = batches(lambda x: predict(checkpoint.model, x), images.images)
+        model = place(checkpoint.model, device)
+        logits = batches(lambda x: predict(model, x), images.images)
     if not images.labelled:
         raise DataError(f"{data_dir} must hold one folder per class to measure accuracy")
     labels = images.labels.numpy()
@@ -182,6 +194,7 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
         "fddaq_version": __version__,
         "command": "eval",
         "kind": kind,
+        "device": "cpu (onnxruntime)" if kind == "onnx" else _device_name(device),
         "inputs": {"model": str(model_path), "data": str(data_dir)},
         "data": {"images": len(images), "skipped": images.skipped, "classes": len(images.class_names)},
         "accuracy": result,
@@ -196,13 +209,16 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
     return report
 
 
-def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHandler | None = None) -> dict:
-    """Train the generator; write synthetic.pt, preview.png and report.json into `out`."""
+def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHandler | None = None,
+              device: torch.device = torch.device("cpu")) -> dict | None:
+    """Train the generator on `device`; write synthetic.pt, preview.png and report.json into `out`."""
     start = time.perf_counter()
     inputs = load_inputs(source)
-    synthesis = synthesize(inputs, config, on_event)
+    synthesis = synthesize(inputs, config, on_event, device=device)
+    if not current().is_main:  # a torchrun job: rank 0 writes
+        return None
     report = {
-        **_header("synth", source, config.to_json()),
+        **_header("synth", source, config.to_json(), device),
         "model": inputs.info.to_json(),
         "data": _data(inputs),
         "synthesis": synthesis.report,
@@ -236,16 +252,21 @@ def read_resume_state(out: Path) -> dict:
 
 
 def run_quantize(
-    source: Source, config: RunConfig, out: Path, on_event: EventHandler | None = None, resume: bool = False
-) -> dict:
-    """Quantize, export, verify; write quantized.pt, model.onnx, report.json (and preview.png
-    when synthetic data was used) into `out`. While fine-tuning, `out/resume.pt` holds the
+    source: Source, config: RunConfig, out: Path, on_event: EventHandler | None = None, resume: bool = False,
+    device: torch.device = torch.device("cpu"),
+) -> dict | None:
+    """Quantize (on `device`), export, verify (on the CPU, against onnxruntime's CPU kernels);
+    write quantized.pt, model.onnx, report.json (and preview.png when synthetic data was used)
+    into `out`. While fine-tuning, `out/resume.pt` holds the
     latest resumable state; `resume` continues from it. It is removed once all is written."""
     from exporters.deploy import deploy
 
     start = time.perf_counter()
     state = read_resume_state(out) if resume else None
-    result = quantize(source, config, on_event, lambda s: atomic_write_bytes(out / RESUME_FILE, tensors_bytes(s)), state)
+    result = quantize(source, config, on_event, lambda s: atomic_write_bytes(out / RESUME_FILE, tensors_bytes(s)), state,
+                      device)
+    if not current().is_main:  # a torchrun job: rank 0 exports, verifies and writes
+        return None
     inputs = result.inputs
     checkpoint = checkpoint_bytes(result.model, result.plan, inputs.info, {"config": config.to_json()})
     check = inputs.val or inputs.calib
@@ -256,7 +277,7 @@ def run_quantize(
     drop = None
     if result.float_top1 is not None and verify.onnx_top1 is not None:
         drop = result.float_top1 - verify.onnx_top1
-    header = _header("quantize", source, config.to_json())
+    header = _header("quantize", source, config.to_json(), device)
     header["versions"].update(deployment.versions)
     report = {
         **header,

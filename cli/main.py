@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -209,6 +210,27 @@ def _trust_model_option():
     )
 
 
+def _device_option():
+    return typer.Option("auto", "--device", help="Where PyTorch runs: auto (a CUDA GPU when there is one), cpu, cuda or cuda:INDEX.")
+
+
+def _resolve_device(spec: str):
+    from fddaq.device import resolve_device
+
+    return resolve_device(spec)
+
+
+@contextlib.contextmanager
+def _processes(device):
+    """The torchrun job this process belongs to (a job of one without torchrun), left at the end."""
+    from fddaq.distributed import join, leave
+
+    try:
+        yield join(device)
+    finally:
+        leave()
+
+
 def _seed_option():
     return typer.Option(0, "--seed", help="Random seed.")
 
@@ -254,6 +276,7 @@ def quantize(
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float."),
     out: Path = typer.Option(Path("out"), "--out", help="Output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same options)."),
+    device: str = _device_option(),
     force: bool = _force_option(),
     quiet: bool = _quiet_option(),
     config: Optional[Path] = _config_option(),
@@ -274,8 +297,11 @@ def quantize(
     quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits)
     run_config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps)
     source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model)
-    with ProgressRenderer(console, quiet) as progress:
-        report = run_quantize(source, run_config, out, progress, resume)
+    where = _resolve_device(device)
+    with _processes(where) as ranks, ProgressRenderer(console, quiet or not ranks.is_main) as progress:
+        report = run_quantize(source, run_config, out, progress, resume, where)
+    if report is None:  # another rank than 0 of a torchrun job: rank 0 reports
+        return
     _save_config(ctx, out)
     _show(f"fddaq quantize: {model.name} at W{quant.weight_bits}A{quant.act_bits}, recipe {recipe}", report, out)
     console.print(f"wrote {out / 'quantized.pt'}, {out / 'model.onnx'}, {out / 'report.json'}, "
@@ -306,6 +332,7 @@ def synth(
     std: Optional[str] = _std_option(),
     trust_model: bool = _trust_model_option(),
     out: Path = typer.Option(Path("synth"), "--out", help="Output folder."),
+    device: str = _device_option(),
     force: bool = _force_option(),
     quiet: bool = _quiet_option(),
     config: Optional[Path] = _config_option(),
@@ -324,8 +351,11 @@ def synth(
         raise ConfigError(f"--num={num} must be at least 1")
     synth_config = SynthConfig(steps=steps, num_images=num, seed=seed)
     source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model)
-    with ProgressRenderer(console, quiet) as progress:
-        report = run_synth(source, synth_config, out, progress)
+    where = _resolve_device(device)
+    with _processes(where) as ranks, ProgressRenderer(console, quiet or not ranks.is_main) as progress:
+        report = run_synth(source, synth_config, out, progress, where)
+    if report is None:
+        return
     _save_config(ctx, out)
     _show(f"fddaq synth: {model.name}", report, out)
     console.print(f"wrote {out / 'synthetic.pt'}, {out / 'preview.png'}, {out / 'report.json'}, "
@@ -450,6 +480,7 @@ def evaluate(
     std: Optional[str] = _std_option(),
     trust_model: bool = _trust_model_option(),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+    device: str = _device_option(),
     force: bool = _force_option(),
     quiet: bool = _quiet_option(),
     config: Optional[Path] = _config_option(),
@@ -471,8 +502,9 @@ def evaluate(
                           "a checkpoint or ONNX file carries its own")
     source = _source(model, arch, data, None, num_classes, classes, *options, trust_model) if arch is not None else None
     _check_file(json_path, force)
+    where = _resolve_device(device)
     with ProgressRenderer(console, quiet) as progress:
-        report = run_eval(model, data, source, progress)
+        report = run_eval(model, data, source, progress, where)
     _show(f"fddaq eval: {model.name} ({report['kind']})", report)
     if json_path is not None:
         atomic_write_json(json_path, report)

@@ -7,12 +7,18 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .device import model_device
+
 
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Logits of `model` (eval mode) for `images`, batch by batch."""
+    """Logits of `model` (eval mode) for `images`, batch by batch on the model's device, as a
+    float32 CPU tensor."""
     model.eval()
-    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    device = model_device(model)
+    return torch.cat([
+        model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)
+    ])
 
 
 def top1(logits: Tensor, labels: Tensor) -> float:
@@ -40,7 +46,7 @@ def layer_sqnr(float_model: nn.Module, quant_model: nn.Module, layers: list[str]
     ]
     try:
         for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
+            batch = images[start : start + batch_size].to(model_device(float_model))
             float_model.eval()(batch)
             quant_model.eval()(batch)
             for name in layers:

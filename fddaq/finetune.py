@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FinetuneConfig
+from .device import fast_float, model_device
+from .distributed import Ranks, average, current, data_parallel
+from .errors import ConfigError
 from .evaluate import predict, top1
 from .events import EventHandler, emit
 from .quant.calibrate import fake_quant_layers
@@ -64,10 +67,11 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
-    flip = torch.rand(n, generator=generator) < 0.5
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].to(x.device)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].to(x.device)
+    images = torch.arange(n, device=x.device)[:, None, None, None]
+    out = padded[images, torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
@@ -89,20 +93,23 @@ def student_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
 
 
 class _Batches:
-    """Seeded batches mixing real and synthetic images (with their labels), augmented per image."""
+    """Seeded batches mixing real and synthetic images (with their labels), augmented per image;
+    under torchrun, this rank's share of each global batch, from its own seed."""
 
-    def __init__(self, config: FinetuneConfig, real: tuple[Tensor, Tensor], synthetic: tuple[Tensor, Tensor] | None):
+    def __init__(self, config: FinetuneConfig, real: tuple[Tensor, Tensor], synthetic: tuple[Tensor, Tensor] | None,
+                 ranks: Ranks = Ranks()):
         self.config, self.real, self.synthetic = config, real, synthetic
-        self.num_synthetic = 0 if synthetic is None else round(config.batch_size * config.synthetic_fraction)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.batch_size = ranks.share(config.batch_size, "batch_size")
+        self.num_synthetic = 0 if synthetic is None else round(self.batch_size * config.synthetic_fraction)
+        self.generator = torch.Generator().manual_seed(config.seed + ranks.rank)
 
     def next(self) -> tuple[Tensor, Tensor]:
-        parts = [(self.real, self.config.batch_size - self.num_synthetic)]
+        parts = [(self.real, self.batch_size - self.num_synthetic)]
         if self.num_synthetic:
             parts.append((self.synthetic, self.num_synthetic))
         images, labels = [], []
         for (x, y), count in parts:
-            picked = torch.randint(len(x), (count,), generator=self.generator)
+            picked = torch.randint(len(x), (count,), generator=self.generator).to(x.device)
             images.append(x[picked])
             labels.append(y[picked])
         batch = torch.cat(images)
@@ -138,6 +145,16 @@ def _set_observers(student: nn.Module, momentum: float | None) -> None:
         layer.input_quant.ema_momentum = momentum
 
 
+def _sync_observers(student: nn.Module, ranks: Ranks) -> None:
+    """Every rank's observed activation ranges replaced by their mean over the ranks."""
+    quantizers = [layer.input_quant for _, layer in fake_quant_layers(student) if layer.input_quant.observed]
+    if ranks.world == 1 or not quantizers:
+        return
+    observed = torch.tensor([q.observed for q in quantizers], dtype=torch.float64, device=model_device(student))
+    for q, (lo, hi) in zip(quantizers, average(observed, ranks).tolist()):
+        q.set_observed(lo, hi)
+
+
 def finetune(
     student: nn.Module,
     teacher: nn.Module,
@@ -153,11 +170,26 @@ def finetune(
 
     `on_checkpoint(state)` receives a resumable state before the first step and every
     `checkpoint_every` steps (an interrupted run loses at most those steps); `resume`
-    continues from such a state to the same result as an uninterrupted run."""
+    continues from such a state to the same result as an uninterrupted run. Under torchrun
+    each rank trains on its own share of every batch (see `distributed`); rank 0 alone hands
+    out states."""
     start = time.perf_counter()
+    device = model_device(student)
+    ranks = current()
+    if resume is not None and ranks.world > 1:
+        raise ConfigError("resuming is for one process: a state holds one rank's random draws")
+    if not ranks.is_main:
+        on_checkpoint = None
     train_idx, holdout_idx = split_holdout(real[1], config.holdout, config.seed)
     holdout = (real[0][holdout_idx], real[1][holdout_idx])
-    batches = _Batches(config, (real[0][train_idx], real[1][train_idx]), synthetic)
+
+    def on_device(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:  # pre-decoded: moved once
+        return images.to(device), labels.to(device)
+
+    batches = _Batches(
+        config, on_device(real[0][train_idx], real[1][train_idx]), None if synthetic is None else on_device(*synthetic),
+        ranks,
+    )
     teacher.eval()
     student.eval()  # frozen BatchNorm statistics; fake quantization is mode-independent
     for module in student.modules():
@@ -167,6 +199,7 @@ def finetune(
     for scale in scales:  # fixed step sizes need no gradient (about 10% of a step)
         scale.requires_grad_(config.learn_scales)
     optimizer = _optimizer(student, config)
+    trainer = data_parallel(student, ranks)  # after requires_grad is settled: DDP syncs what trains
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps)))
     )
@@ -205,13 +238,15 @@ def finetune(
             if not config.learn_scales:
                 _set_weight_ranges(student)
             images, labels = batches.next()
-            with torch.no_grad():
-                target = teacher(images)
-            loss = student_loss(student(images), target, labels, config)
+            with torch.no_grad(), fast_float(device):
+                target = teacher(images).float()
+            loss = student_loss(trainer(images), target, labels, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            if step <= observe_steps:
+                _sync_observers(student, ranks)  # after backward: its graph holds the zero points
             losses.append(loss.item())
             metrics = {"loss": losses[-1]}
             if step == config.steps or step % config.checkpoint_every == 0:

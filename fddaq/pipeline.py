@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .checkpoint import ModelInfo
 from .config import QuantConfig, RunConfig, SynthConfig
 from .data import ImageSet, Preprocess, load_image_folder, preset
+from .device import place, placed
 from .errors import ConfigError, DataError
 from .evaluate import layer_sqnr, predict, top1
 from .events import EventHandler, emit
@@ -157,6 +158,7 @@ def load_inputs(source: Source) -> Inputs:
     return Inputs(float_model, info, order, calib, val, time.perf_counter() - start)
 
 
+CPU = torch.device("cpu")
 MAX_CURVE_POINTS = 500
 SQNR_IMAGES = 256  # images for the per-layer SQNR
 
@@ -170,12 +172,19 @@ class Synthesis:
 
 
 def synthesize(
-    inputs: Inputs, config: SynthConfig, on_event: EventHandler | None = None, real_images: bool = True
+    inputs: Inputs, config: SynthConfig, on_event: EventHandler | None = None, real_images: bool = True,
+    device: torch.device = CPU,
 ) -> Synthesis:
     """Train FDDA's generator on the calibration images' BNS centers and draw
     `config.num_images` labelled images; measure them against the calibration images' centers
     (and held-out real images). Without `real_images` (data-free) the generator learns from
-    the BN running statistics alone; the real images then only serve the measurement."""
+    the BN running statistics alone; the real images then only serve the measurement. Runs on
+    `device`; the images come back on the CPU."""
+    with placed(inputs.float_model, device):
+        return _synthesize(inputs, config, on_event, real_images)
+
+
+def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | None, real_images: bool) -> Synthesis:
     start = time.perf_counter()
     model = inputs.float_model
     layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
@@ -222,8 +231,10 @@ def quantize(
     on_event: EventHandler | None = None,
     on_checkpoint: ResumeHandler | None = None,
     resume: ResumeState | None = None,
+    device: torch.device = CPU,
 ) -> QuantizeResult:
-    """Run the whole job on CPU and return the fine-tuned fake-quant model with its numbers.
+    """Run the whole job on `device` and return the fine-tuned fake-quant model (on the CPU)
+    with its numbers.
 
     `on_checkpoint` receives resumable states (after synthesis, then during fine-tuning);
     `resume` continues from one, which must come from the same configuration."""
@@ -231,7 +242,7 @@ def quantize(
     if resume is not None and resume["synthesis"] is not None:
         saved = resume["synthesis"]
         synthesis = Synthesis(saved["images"], saved["labels"], json.loads(saved["report"]), 0.0)
-    return quantize_inputs(load_inputs(source), config, on_event, on_checkpoint, resume, synthesis)
+    return quantize_inputs(load_inputs(source), config, on_event, on_checkpoint, resume, synthesis, device)
 
 
 def quantize_inputs(
@@ -241,9 +252,25 @@ def quantize_inputs(
     on_checkpoint: ResumeHandler | None = None,
     resume: ResumeState | None = None,
     synthesis: Synthesis | None = None,
+    device: torch.device = CPU,
 ) -> QuantizeResult:
     """`quantize` on loaded inputs; a given `synthesis` is used instead of training a
     generator (benchmarks share one across recipes and bit widths)."""
+    with placed(inputs.float_model, device):
+        result = _quantize(inputs, config, on_event, on_checkpoint, resume, synthesis, device)
+    place(result.model, CPU)
+    return result
+
+
+def _quantize(
+    inputs: Inputs,
+    config: RunConfig,
+    on_event: EventHandler | None,
+    on_checkpoint: ResumeHandler | None,
+    resume: ResumeState | None,
+    synthesis: Synthesis | None,
+    device: torch.device,
+) -> QuantizeResult:
     config_json = json.dumps(config.to_json(), sort_keys=True)
     if resume is not None and resume["config"] != config_json:
         raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
@@ -251,11 +278,11 @@ def quantize_inputs(
 
     needs_synthesis = config.synth.num_images > 0 and (config.finetune.steps > 0 or not config.real_images)
     if synthesis is None and needs_synthesis:
-        synthesis = synthesize(inputs, config.synth, on_event, config.real_images)
+        synthesis = synthesize(inputs, config.synth, on_event, config.real_images, device)
         timings["synthesize"] = synthesis.seconds
     start = time.perf_counter()
     plan = resolve_layer_plan(inputs.float_model, inputs.order, config.quant)
-    model = prepare(inputs.float_model, plan)
+    model = place(prepare(inputs.float_model, plan), device)  # new quantizer parameters start on the CPU
     calibrate(model, (inputs.calib if config.real_images else synthesis).images, config.calibration, on_event=on_event)
     timings["calibrate"] = time.perf_counter() - start
     saved_synthesis = None if synthesis is None else {

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from .device import model_device
 from .errors import ModelError
 
 
@@ -52,7 +53,7 @@ def record_bn_inputs(layers: list[tuple[str, nn.BatchNorm2d]], per_image: bool) 
     dims = (2, 3) if per_image else (0, 2, 3)
 
     def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0]
+        x = args[0].float()  # float32 statistics, also under autocast
         stats.append((x.mean(dims), x.var(dims, unbiased=False)))
 
     handles = [bn.register_forward_pre_hook(hook) for _, bn in layers]
@@ -68,18 +69,19 @@ def image_statistics(
     model: nn.Module, layers: list[tuple[str, nn.BatchNorm2d]], images: Tensor, batch_size: int = 64
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """Per-image BN-input statistics: a (N, C_l) mean and variance tensor per layer, and the
-    model's logits (N, K)."""
+    model's logits (N, K); computed on the model's device, returned on the CPU."""
     model.eval()
+    device = model_device(model)
     means: list[list[Tensor]] = [[] for _ in layers]
     variances: list[list[Tensor]] = [[] for _ in layers]
     logits = []
     with record_bn_inputs(layers, per_image=True) as stats:
         for start in range(0, len(images), batch_size):
             stats.clear()
-            logits.append(model(images[start : start + batch_size]))
+            logits.append(model(images[start : start + batch_size].to(device)).float().cpu())
             for index, (mean, var) in enumerate(stats):
-                means[index].append(mean)
-                variances[index].append(var)
+                means[index].append(mean.cpu())
+                variances[index].append(var.cpu())
     return [torch.cat(m) for m in means], [torch.cat(v) for v in variances], torch.cat(logits)
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CalibrationConfig
+from ..device import model_device
 from ..events import EventHandler, emit
 from .modules import FAKE_QUANT_LAYERS, FakeQuantConv2d, FakeQuantLinear
 from .primitives import mse_activation_params, mse_weight_scales
@@ -31,8 +32,8 @@ def _sample_layer_inputs(
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().flatten()
-            keep = torch.randint(len(x), (min(per_batch, len(x)),), generator=generator)
-            samples[name].append(torch.cat([x[keep], x.min()[None], x.max()[None]]))
+            keep = torch.randint(len(x), (min(per_batch, len(x)),), generator=generator).to(x.device)
+            samples[name].append(torch.cat([x[keep], x.min()[None], x.max()[None]]).float().cpu())
 
         return record
 
@@ -40,8 +41,9 @@ def _sample_layer_inputs(
     for _, m in layers:
         m.input_quant.enabled = False
     try:
+        device = model_device(model)
         for start in batches:
-            model(images[start : start + batch_size])
+            model(images[start : start + batch_size].to(device))
     finally:
         for handle in handles:
             handle.remove()

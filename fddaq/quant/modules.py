@@ -91,6 +91,10 @@ class ActivationQuantizer(nn.Module):
         if self.observed is not None:
             m = self.ema_momentum
             lo, hi = m * self.observed[0] + (1 - m) * lo, m * self.observed[1] + (1 - m) * hi
+        self.set_observed(lo, hi)
+
+    def set_observed(self, lo: float, hi: float) -> None:
+        """The observed range (lo, hi), and the grid that covers it."""
         self.observed = (lo, hi)
         self.set_params(*activation_params(lo, hi, self.bits))
 

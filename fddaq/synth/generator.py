@@ -62,5 +62,5 @@ class Generator(nn.Module):
 
     def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images for `labels` from fresh latent noise."""
-        z = torch.randn(len(labels), self.latent_dim, generator=generator)
+        z = torch.randn(len(labels), self.latent_dim, generator=generator).to(labels.device)
         return self(z, labels)

@@ -35,8 +35,8 @@ def distorted_bns_loss(
     element (std `mean_std` on means, `var_std` on variances), imitating intra-class spread."""
     losses = []
     for (m, v), (cm, cv) in zip(stats, centers, strict=True):
-        noise_m = torch.randn(cm.shape, generator=generator, device=cm.device) * mean_std
-        noise_v = torch.randn(cv.shape, generator=generator, device=cv.device) * var_std
+        noise_m = torch.randn(cm.shape, generator=generator).to(cm.device) * mean_std  # drawn on the CPU: seeded alike on any device
+        noise_v = torch.randn(cv.shape, generator=generator).to(cv.device) * var_std
         losses.append(bns_loss(m, v, cm + noise_m, cv + noise_v))
     return torch.stack(losses).mean()
 

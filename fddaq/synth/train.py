@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..config import SynthConfig
+from ..device import fast_float, model_device, place
+from ..distributed import current, data_parallel
 from ..errors import ConfigError
 from ..events import EventHandler, emit
 from ..stats import ClassStatistics, deep_layer_start, record_bn_inputs
@@ -51,21 +54,28 @@ def train_generator(
 ) -> SynthResult:
     """Train a conditional generator whose images match the teacher's BN running statistics
     (all layers) and, batch by batch for one class at a time, that class's real BNS center in
-    the deep layers (C-BNS) and the center plus noise (D-BNS)."""
+    the deep layers (C-BNS) and the center plus noise (D-BNS). Under torchrun each rank draws
+    its own share of every batch (see `distributed`)."""
     start = time.perf_counter()
+    ranks = current()
+    batch_size = ranks.share(config.batch_size, "synthesis batch_size")
     torch.manual_seed(config.seed)
-    rng = torch.Generator().manual_seed(config.seed)
+    rng = torch.Generator().manual_seed(config.seed + ranks.rank)
     channels, size, _ = image_shape
     num_classes = statistics.num_classes
     deep = deep_layer_start(len(layers)) if config.deep_start is None else config.deep_start
     if deep >= len(layers):
         raise ConfigError(f"deep_start={deep} but the model has only {len(layers)} BatchNorm layers")
-    generator = Generator(num_classes, channels, size, config.latent_dim, config.width).train()
+    device = model_device(teacher)
+    generator = place(Generator(num_classes, channels, size, config.latent_dim, config.width), device).train()
     optimizer = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(0.5, 0.999))
     milestones = [int(config.steps * f) for f in config.lr_milestones]
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     running = [(bn.running_mean, bn.running_var) for _, bn in layers]
-    centers = {flag: statistics.centers(flag) for flag in (False, True)}
+    centers = {
+        flag: ([m.to(device) for m in means], [v.to(device) for v in variances], has_center)
+        for flag, (means, variances, has_center) in ((f, statistics.centers(f)) for f in (False, True))
+    }
     use_centers = config.cbns_weight > 0 or config.dbns_weight > 0 or config.ce_single_weight > 0
     warmup = int(config.center_warmup * config.steps)
     curves: dict[str, list[float]] = {name: [] for name in LOSS_NAMES}
@@ -73,21 +83,31 @@ def train_generator(
     frozen = [p for p in teacher.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+    trainer = data_parallel(generator, ranks)
+
+    def teacher_logits(labels: Tensor) -> Tensor:
+        z = torch.randn(len(labels), config.latent_dim, generator=rng).to(device)
+        with fast_float(device):
+            return teacher(trainer(z, labels)).float()
+
     emit(on_event, "synthesize", 0, config.steps)
     try:
         with record_bn_inputs(layers, per_image=False) as stats:
             for step in range(1, config.steps + 1):
-                labels = torch.randint(num_classes, (config.batch_size,), generator=rng)
-                stats.clear()
-                logits = teacher(generator.sample(labels, rng))
-                parts = {"ce": class_loss(logits, labels), "bns": global_bns_loss(stats, running)}
                 mean_c, var_c, has_center = centers[step > warmup]
                 candidates = has_center.nonzero().flatten()
-                if use_centers and len(candidates):
+                two_passes = use_centers and len(candidates) > 0
+                labels = torch.randint(num_classes, (batch_size,), generator=rng).to(device)
+                stats.clear()
+                # DDP syncs gradients once per backward: only the last pass before it prepares that
+                with trainer.no_sync() if two_passes and trainer is not generator else nullcontext():
+                    logits = teacher_logits(labels)
+                parts = {"ce": class_loss(logits, labels), "bns": global_bns_loss(stats, running)}
+                if two_passes:
                     label = candidates[torch.randint(len(candidates), (1,), generator=rng)].item()
-                    single = torch.full((config.batch_size,), label, dtype=torch.long)
+                    single = torch.full((batch_size,), label, dtype=torch.long, device=device)
                     stats.clear()
-                    logits = teacher(generator.sample(single, rng))
+                    logits = teacher_logits(single)
                     deep_stats = stats[deep:]
                     targets = [(m[label], v[label]) for m, v in zip(mean_c[deep:], var_c[deep:])]
                     parts["cbns"] = centralized_bns_loss(deep_stats, targets)
@@ -134,7 +154,10 @@ def generate(
     generator.train()
     images = []
     emit(on_event, "generate", 0, num)
+    device = model_device(generator)
     for start in range(0, num, batch_size):
-        images.append(generator.sample(labels[start : start + batch_size], rng))
+        batch = labels[start : start + batch_size].to(device)
+        with fast_float(device):
+            images.append(generator.sample(batch, rng).float().cpu())
         emit(on_event, "generate", min(num, start + batch_size), num)
     return torch.cat(images), labels

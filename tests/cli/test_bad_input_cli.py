@@ -103,6 +103,15 @@ def test_option_mistakes(tmp_path):
     expect_error(quantize(tmp_path, "--layer-bits", "classifier=8"), tmp_path, "layer override 'classifier=8' matches no layer")
     expect_error(quantize(tmp_path, "--arch", "torchvision:resnet1"), tmp_path, "unknown torchvision classification model")
     expect_error(quantize(tmp_path, "--arch", "mymodels:build"), tmp_path, "cannot import module 'mymodels'")
+    expect_error(quantize(tmp_path, "--device", "tpu"), tmp_path, "--device 'tpu' is not one of auto, cpu, cuda")
+
+
+def test_a_gpu_that_is_not_there_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expect_error(quantize(tmp_path, "--device", "cuda"), tmp_path, "--device cuda was requested but torch sees no CUDA GPU")
+    result = invoke("eval", str(EXAMPLE / "model.pth"), "--arch", "fddaq:fashion_resnet", "--data",
+                    str(copy_calib(tmp_path)), "--device", "cuda:1", "--quiet")
+    expect_error(result, tmp_path, "--device cuda:1 was requested")
 
 
 def test_checkpoint_from_another_format_version(tmp_path, quick_run):
