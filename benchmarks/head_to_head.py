@@ -8,7 +8,7 @@
 Rows: onnxruntime `quantize_static` (QDQ, per-channel; MinMax, Entropy, Percentile; see
 `peers.py`) and fddaq's `ptq`, `real-only`, `fdda-paper` and `fddaq` recipes (see
 `recipes.py`, whose child processes run them); per class 0 is fddaq's `data-free` recipe (no
-real image at all). `--quick` (about 6 minutes on 2 cores): one seed, 0 and 10 images per
+real image at all). `--quick` (5 minutes on 2 cores): one seed, 0 and 10 images per
 class, W8A8 and W4A4, onnxruntime MinMax and Percentile. Needs
 `apt-get install dataset-fashion-mnist`. Then EfficientNet-Lite0's table (`efficientnet.py`: one seed,
 about an hour on 2 cores; `--models fashion` skips it, as `--quick` does).
