@@ -11,7 +11,7 @@ Rows: onnxruntime `quantize_static` (QDQ, per-channel; MinMax, Entropy, Percenti
 real image at all). `--quick` (5 minutes on 2 cores): one seed, 0 and 10 images per
 class, W8A8 and W4A4, onnxruntime MinMax and Percentile. Needs
 `apt-get install dataset-fashion-mnist`. Then EfficientNet-Lite0's table (`efficientnet.py`: one seed,
-about an hour on 2 cores; `--models fashion` skips it, as `--quick` does).
+80 minutes on 2 cores; `--models fashion` skips it, as `--quick` does).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main() -> None:
         args.models = ["fashion"]
     if "fashion" in args.models:
         fashion(args)
-    if "efficientnet" in args.models:  # one seed, its own script's defaults (about an hour on 2 cores)
+    if "efficientnet" in args.models:  # one seed, its own script's defaults (80 minutes on 2 cores)
         command = [sys.executable, efficientnet.__file__]
         if args.json:
             command += ["--json", str(args.json.with_name(args.json.stem + "-efficientnet.json"))]
