@@ -136,7 +136,7 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
     """Accuracy on the labelled images of `data_dir` of an ONNX file (onnxruntime, all graph
     optimizations), a quantized checkpoint (`source` None) or a float model (`source`); PyTorch
     models run on `device`."""
-    from fddaq.device import place
+    from fddaq.device import pin, place
     from fddaq.data import Preprocess
     from fddaq.evaluate import predict
     from fddaq.events import emit
@@ -156,7 +156,7 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
         # a flat folder would be labelled by the float model's own predictions: refuse it first
         if data_dir.is_dir() and not class_folders(data_dir):
             raise DataError(f"{data_dir} must hold one folder per class to measure accuracy")
-        inputs = load_inputs(source)
+        inputs = load_inputs(source, device)
         model = place(inputs.float_model, device)
         images, logits = inputs.calib, batches(lambda x: predict(model, x), inputs.calib.images)
     elif model_path.suffix == ".onnx":
@@ -179,7 +179,8 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
     else:
         kind = "checkpoint"
         checkpoint = load_checkpoint(model_path)
-        images = load_image_folder(data_dir, checkpoint.info.preprocess, checkpoint.info.class_names)
+        images = load_image_folder(data_dir, checkpoint.info.preprocess, checkpoint.info.class_names,
+                                   pin_memory=pin(device))
         model = place(checkpoint.model, device)
         logits = batches(lambda x: predict(model, x), images.images)
     if not images.labelled:
@@ -213,7 +214,7 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
               device: torch.device = torch.device("cpu")) -> dict | None:
     """Train the generator on `device`; write synthetic.pt, preview.png and report.json into `out`."""
     start = time.perf_counter()
-    inputs = load_inputs(source)
+    inputs = load_inputs(source, device)
     synthesis = synthesize(inputs, config, on_event, device=device)
     if not current().is_main:  # a torchrun job: rank 0 writes
         return None

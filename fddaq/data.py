@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -116,6 +118,39 @@ def _decode(path: Path, preprocess: Preprocess) -> np.ndarray | None:
     return array.reshape(size, size, preprocess.channels)
 
 
+def default_workers() -> int:
+    """Decoding threads: the CPUs this process may use (shared by the torchrun processes on
+    this machine), at most 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def _decode_into(
+    paths: list[Path], preprocess: Preprocess, workers: int, pin_memory: bool
+) -> tuple[torch.Tensor, list[int]]:
+    """Decode `paths` into one (N, C, H, W) float32 tensor in model-input space (pinned when
+    asked), `workers` files at a time, each written in place: peak memory is the tensor itself.
+    Returns it with the indices of the readable files (unreadable ones are dropped)."""
+    size, channels = preprocess.input_size, preprocess.channels
+    out = torch.empty((len(paths), channels, size, size), dtype=torch.float32, pin_memory=pin_memory)
+    mean = torch.tensor(preprocess.mean, dtype=torch.float32).reshape(-1, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float32).reshape(-1, 1, 1)
+
+    def decode(index: int) -> bool:
+        array = _decode(paths[index], preprocess)
+        if array is None:
+            return False
+        torch.sub(torch.from_numpy(array).permute(2, 0, 1), mean, out=out[index]).div_(std)
+        return True
+
+    # PIL releases the GIL while it decodes and resizes, so threads decode in parallel
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        readable = [i for i, ok in enumerate(pool.map(decode, range(len(paths)))) if ok]
+    if len(readable) < len(paths):
+        out = out[readable].pin_memory() if pin_memory else out[readable]
+    return out, readable
+
+
 def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -126,12 +161,15 @@ def class_folders(root: Path) -> list[Path]:
 
 
 def load_image_folder(
-    root: Path, preprocess: Preprocess, class_names: tuple[str, ...] | None = None
+    root: Path, preprocess: Preprocess, class_names: tuple[str, ...] | None = None,
+    workers: int | None = None, pin_memory: bool = False,
 ) -> ImageSet:
     """Read `root/<class>/<image>` (labels by position of the folder name in `class_names`,
     or in the sorted folder names when None) or a flat `root/<image>` folder (unlabelled).
 
-    Unreadable files are skipped and counted; no usable image at all is an error."""
+    Unreadable files are skipped and counted; no usable image at all is an error. Files are
+    decoded by `workers` threads (default: `default_workers()`); `pin_memory` puts the images
+    in page-locked memory, for fast asynchronous copies to a CUDA GPU."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder")
@@ -150,16 +188,9 @@ def load_image_folder(
         files = [(path, UNLABELLED) for path in _list_images(root)]
     if not files:
         raise DataError(f"{root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    arrays, labels, paths = [], [], []
-    for path, label in files:
-        array = _decode(path, preprocess)
-        if array is not None:
-            arrays.append(array)
-            labels.append(label)
-            paths.append(str(path))
-    if not arrays:
+    workers = default_workers() if workers is None else workers
+    images, readable = _decode_into([path for path, _ in files], preprocess, workers, pin_memory)
+    if not readable:
         raise DataError(f"none of the {len(files)} files in {root} is a readable image")
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    mean = torch.tensor(preprocess.mean, dtype=torch.float32).reshape(1, -1, 1, 1)
-    std = torch.tensor(preprocess.std, dtype=torch.float32).reshape(1, -1, 1, 1)
-    return ImageSet((x - mean) / std, torch.tensor(labels, dtype=torch.int64), names, tuple(paths), len(files) - len(arrays))
+    labels = torch.tensor([files[i][1] for i in readable], dtype=torch.int64)
+    return ImageSet(images, labels, names, tuple(str(files[i][0]) for i in readable), len(files) - len(readable))

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .distributed import launched
 from .errors import ConfigError
@@ -75,6 +75,19 @@ def placed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         yield model
     finally:
         place(model, before)
+
+
+def pin(device: torch.device) -> bool:
+    """Whether images bound for `device` should sit in page-locked host memory (CUDA only)."""
+    return device.type == "cuda"
+
+
+def batches(images: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:
+    """`images` in consecutive batches, on `device`. Copies from pinned memory are
+    asynchronous: as long as the caller keeps its results on the device, the next batch's copy
+    overlaps the current batch's compute."""
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size].to(device, non_blocking=True)
 
 
 def model_device(model: nn.Module) -> torch.device:

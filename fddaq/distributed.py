@@ -2,8 +2,10 @@
 
 Every rank trains on its own batches (seeds offset by the rank; per-rank batch = global batch
 / N); DistributedDataParallel averages the gradients, so N processes take the steps one
-process would take at the same global batch. Ranks hold identical models throughout, and
-rank 0 alone writes outputs. One process (no torchrun) is the plain case of world size 1."""
+process would take at the same global batch. Ranks hold identical models throughout;
+evaluation splits the images into one part per rank (`Ranks.part`, then `gather` or
+`total`), and rank 0 alone writes outputs. One process (no torchrun) is the plain case of
+world size 1."""
 
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ class Ranks:
         if global_batch % self.world:
             raise ConfigError(f"{name}={global_batch} must be a multiple of the {self.world} processes")
         return global_batch // self.world
+
+    def part(self, count: int) -> slice:
+        """This rank's contiguous part of `count` items (parts differ by at most one item)."""
+        return slice(self.rank * count // self.world, (self.rank + 1) * count // self.world)
 
 
 def launched() -> Ranks:
@@ -75,7 +81,25 @@ def data_parallel(model: nn.Module, ranks: Ranks) -> nn.Module:
 
 def average(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """The mean of `values` over the ranks (in place; returned for convenience)."""
+    return total(values, ranks).div_(ranks.world)
+
+
+def gather(rows: torch.Tensor, count: int, ranks: Ranks) -> torch.Tensor:
+    """Every rank's `rows` for its `part(count)`, concatenated in rank order, on every rank
+    (on the ranks' device: NCCL gathers GPU tensors)."""
+    if ranks.world == 1:
+        return rows
+    longest = -(-count // ranks.world)
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[: len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(ranks.world)]
+    dist.all_gather(parts, padded)
+    kept = (Ranks(r, ranks.world).part(count) for r in range(ranks.world))
+    return torch.cat([part[: own.stop - own.start] for part, own in zip(parts, kept)])
+
+
+def total(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """The sum of `values` over the ranks (in place; returned for convenience)."""
     if ranks.world > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= ranks.world
     return values

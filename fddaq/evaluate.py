@@ -7,18 +7,21 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .device import model_device
+from .device import batches, model_device
+from .distributed import Ranks, gather, total
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+def predict(model: nn.Module, images: Tensor, batch_size: int = 256, ranks: Ranks = Ranks()) -> Tensor:
     """Logits of `model` (eval mode) for `images`, batch by batch on the model's device, as a
-    float32 CPU tensor."""
+    float32 CPU tensor. With several `ranks` (which must all call it), each computes its part
+    of the images and all receive all logits."""
     model.eval()
-    device = model_device(model)
-    return torch.cat([
-        model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)
-    ])
+    if len(images) < ranks.world:  # too few to give every rank a part
+        ranks = Ranks()
+    part = images[ranks.part(len(images))]
+    logits = torch.cat([model(batch).float() for batch in batches(part, batch_size, model_device(model))])
+    return gather(logits, len(images), ranks).cpu()
 
 
 def top1(logits: Tensor, labels: Tensor) -> float:
@@ -26,16 +29,16 @@ def top1(logits: Tensor, labels: Tensor) -> float:
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
-
 @torch.no_grad()
 def layer_sqnr(float_model: nn.Module, quant_model: nn.Module, layers: list[str], images: Tensor,
-               batch_size: int = 64) -> dict[str, float]:
+               batch_size: int = 64, ranks: Ranks = Ranks()) -> dict[str, float]:
     """Signal-to-quantization-noise ratio in dB of each named layer's output: the quantized
     model's (errors of the layers before it included) against the float model's, over `images`:
     10 log10(sum f^2 / sum (f - q)^2). Both models must have the same layers, in the same form
-    (BatchNorm folded in both or in neither); infinity where the outputs are equal."""
-    signal = dict.fromkeys(layers, 0.0)
-    noise = dict.fromkeys(layers, 0.0)
+    (BatchNorm folded in both or in neither); infinity where the outputs are equal. With
+    several `ranks` (which must all call it), each measures its part of the images."""
+    device = model_device(float_model)
+    sums = torch.zeros(2, len(layers), dtype=torch.float64, device=device)  # signal and noise per layer
     outputs: dict[str, dict[str, Tensor]] = {"float": {}, "quant": {}}
     handles = [
         model.get_submodule(name).register_forward_hook(
@@ -45,18 +48,15 @@ def layer_sqnr(float_model: nn.Module, quant_model: nn.Module, layers: list[str]
         for name in layers
     ]
     try:
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(model_device(float_model))
+        for batch in batches(images[ranks.part(len(images))], batch_size, device):
             float_model.eval()(batch)
             quant_model.eval()(batch)
-            for name in layers:
+            for index, name in enumerate(layers):
                 f, q = outputs["float"][name], outputs["quant"][name]
-                signal[name] += float(f.square().sum())
-                noise[name] += float((f - q).square().sum())
+                sums[0, index] += f.square().sum()
+                sums[1, index] += (f - q).square().sum()
     finally:
         for handle in handles:
             handle.remove()
-    return {
-        name: math.inf if noise[name] == 0 else 10 * math.log10(max(signal[name], 1e-300) / noise[name])
-        for name in layers
-    }
+    signal, noise = total(sums, ranks).tolist()
+    return {name: math.inf if n == 0 else 10 * math.log10(max(s, 1e-300) / n) for name, s, n in zip(layers, signal, noise)}

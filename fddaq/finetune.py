@@ -227,7 +227,7 @@ def finetune(
         })
 
     def holdout_top1() -> float | None:
-        return top1(predict(student, holdout[0]), holdout[1]) if len(holdout[1]) else None
+        return top1(predict(student, holdout[0], ranks=ranks), holdout[1]) if len(holdout[1]) else None
 
     emit(on_event, "finetune", first - 1, config.steps)
     if on_checkpoint is not None and resume is None:

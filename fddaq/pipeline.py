@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from .checkpoint import ModelInfo
 from .config import QuantConfig, RunConfig, SynthConfig
 from .data import ImageSet, Preprocess, load_image_folder, preset
-from .device import place, placed
+from .device import pin, place, placed
+from .distributed import current
 from .errors import ConfigError, DataError
 from .evaluate import layer_sqnr, predict, top1
 from .events import EventHandler, emit
@@ -32,6 +33,8 @@ from .stats import ClassStatistics, batchnorm_layers, class_statistics
 from .synth.quality import QualityProbe
 from .synth.train import generate, train_generator
 from .zoo import ZOO
+
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,9 @@ def plan_layers(model: FloatModel, quant: QuantConfig) -> LayerPlan:
     return resolve_layer_plan(model.model, model.order, quant)
 
 
-def load_inputs(source: Source) -> Inputs:
-    """Load the float model (safely) and decode the image folders for it."""
+def load_inputs(source: Source, device: torch.device = CPU) -> Inputs:
+    """Load the float model (safely) and decode the image folders for it, pinned in host
+    memory when they are bound for a GPU `device` (the model stays on the CPU)."""
     start = time.perf_counter()
     loaded = load_float(source.model_path, source.arch, source.num_classes, source.preprocess, source.trust_model)
     float_model, preprocess, order = loaded.model, loaded.preprocess, loaded.order
@@ -143,7 +147,7 @@ def load_inputs(source: Source) -> Inputs:
     names = None
     if source.classes_file is not None:
         names = _class_names(source, (), outputs)
-    calib = load_image_folder(source.calib_dir, preprocess, names)
+    calib = load_image_folder(source.calib_dir, preprocess, names, pin_memory=pin(device))
     if calib.labelled:
         names = names or _class_names(source, calib.class_names, outputs)
     else:
@@ -151,14 +155,13 @@ def load_inputs(source: Source) -> Inputs:
         calib = replace(calib, labels=predict(float_model, calib.images).argmax(1), class_names=names)
     val = None
     if source.val_dir is not None:
-        val = load_image_folder(source.val_dir, preprocess, names)
+        val = load_image_folder(source.val_dir, preprocess, names, pin_memory=pin(device))
         if not val.labelled:
             raise DataError(f"{source.val_dir} must hold one folder per class to measure accuracy")
     info = ModelInfo(source.arch, source.num_classes, preprocess, names)
     return Inputs(float_model, info, order, calib, val, time.perf_counter() - start)
 
 
-CPU = torch.device("cpu")
 MAX_CURVE_POINTS = 500
 SQNR_IMAGES = 256  # images for the per-layer SQNR
 
@@ -242,7 +245,7 @@ def quantize(
     if resume is not None and resume["synthesis"] is not None:
         saved = resume["synthesis"]
         synthesis = Synthesis(saved["images"], saved["labels"], json.loads(saved["report"]), 0.0)
-    return quantize_inputs(load_inputs(source), config, on_event, on_checkpoint, resume, synthesis, device)
+    return quantize_inputs(load_inputs(source, device), config, on_event, on_checkpoint, resume, synthesis, device)
 
 
 def quantize_inputs(
@@ -307,13 +310,14 @@ def _quantize(
     float_top1 = quant_top1 = None
     start = time.perf_counter()
     emit(on_event, "evaluate", 0, 3)
+    ranks = current()  # under torchrun, each rank evaluates its part of the images
     if inputs.val is not None:
-        float_top1 = top1(predict(inputs.float_model, inputs.val.images), inputs.val.labels)
+        float_top1 = top1(predict(inputs.float_model, inputs.val.images, ranks=ranks), inputs.val.labels)
         emit(on_event, "evaluate", 1, 3)
-        quant_top1 = top1(predict(model, inputs.val.images), inputs.val.labels)
+        quant_top1 = top1(predict(model, inputs.val.images, ranks=ranks), inputs.val.labels)
         emit(on_event, "evaluate", 2, 3)
     images = (inputs.val or inputs.calib).images[:SQNR_IMAGES]
-    sqnr = layer_sqnr(fold_batch_norms(inputs.float_model), model, [e.name for e in plan.quantized], images)
+    sqnr = layer_sqnr(fold_batch_norms(inputs.float_model), model, [e.name for e in plan.quantized], images, ranks=ranks)
     emit(on_event, "evaluate", 3, 3)
     timings["evaluate"] = time.perf_counter() - start
     return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr)

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .device import model_device
+from .device import batches, model_device
 from .errors import ModelError
 
 
@@ -71,18 +71,17 @@ def image_statistics(
     """Per-image BN-input statistics: a (N, C_l) mean and variance tensor per layer, and the
     model's logits (N, K); computed on the model's device, returned on the CPU."""
     model.eval()
-    device = model_device(model)
     means: list[list[Tensor]] = [[] for _ in layers]
     variances: list[list[Tensor]] = [[] for _ in layers]
     logits = []
     with record_bn_inputs(layers, per_image=True) as stats:
-        for start in range(0, len(images), batch_size):
+        for batch in batches(images, batch_size, model_device(model)):
             stats.clear()
-            logits.append(model(images[start : start + batch_size].to(device)).float().cpu())
+            logits.append(model(batch).float())
             for index, (mean, var) in enumerate(stats):
-                means[index].append(mean.cpu())
-                variances[index].append(var.cpu())
-    return [torch.cat(m) for m in means], [torch.cat(v) for v in variances], torch.cat(logits)
+                means[index].append(mean)
+                variances[index].append(var)
+    return [torch.cat(m).cpu() for m in means], [torch.cat(v).cpu() for v in variances], torch.cat(logits).cpu()
 
 
 @dataclass(frozen=True)

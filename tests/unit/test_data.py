@@ -80,3 +80,46 @@ def test_presets_and_validation():
         Preprocess(input_size=100000, mean=(0.5,), std=(1.0,), channels=1)  # one forward pass: 40 GB
     with pytest.raises(ConfigError, match="resize=100 must be within input_size=224..8192"):
         Preprocess(input_size=224, resize=100, mean=(0.5,), std=(1.0,), channels=1)
+
+
+def test_decoding_threads_keep_order_labels_and_values(tmp_path):
+    rng = np.random.default_rng(0)
+    for index in range(24):
+        folder = tmp_path / f"class_{index % 3}"
+        if index % 7 == 3:  # unreadable files between readable ones
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{index:02d}.jpg").write_bytes(b"not an image")
+        else:
+            save(folder / f"{index:02d}.png", rng.integers(0, 256, (9, 12, 3)))
+    prep = Preprocess(input_size=6, resize=7, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4), channels=3,
+                      interpolation="bicubic")
+    serial = load_image_folder(tmp_path, prep, workers=1)
+    threaded = load_image_folder(tmp_path, prep, workers=4)
+    assert len(serial) == 21 and serial.skipped == threaded.skipped == 3
+    assert torch.equal(serial.images, threaded.images) and serial.images.is_contiguous()
+    assert serial.labels.tolist() == threaded.labels.tolist() == [int(p.split("class_")[1][0]) for p in serial.paths]
+    assert serial.paths == threaded.paths
+    # each image is its own file's pixels, normalised: check one by hand
+    from PIL import Image
+
+    with Image.open(serial.paths[5]) as img:
+        pixels = np.asarray(img.convert("RGB").resize((9, 7), Image.BICUBIC), dtype=np.float32) / 255
+    crop = torch.from_numpy(pixels[:6, 1:7]).permute(2, 0, 1)
+    expected = (crop - torch.tensor([0.4, 0.5, 0.6])[:, None, None]) / torch.tensor([0.2, 0.3, 0.4])[:, None, None]
+    assert torch.allclose(threaded.images[5], expected, atol=1e-6)
+
+
+def test_decoding_threads_raise_a_too_small_image(tmp_path):
+    for index in range(8):
+        save(tmp_path / "c" / f"{index}.png", np.zeros((4, 4) if index != 5 else (2, 2)))
+    with pytest.raises(DataError, match="5.png is 2x2, smaller than the 4x4 crop"):
+        load_image_folder(tmp_path, GREY, workers=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_images_match_pageable_ones(tmp_path):
+    for index in range(4):
+        save(tmp_path / "c" / f"{index}.png", np.full((4, 4), 60 * index))
+    (tmp_path / "c" / "bad.png").write_bytes(b"garbage")
+    pinned = load_image_folder(tmp_path, GREY, pin_memory=True)
+    assert pinned.images.is_pinned() and torch.equal(pinned.images, load_image_folder(tmp_path, GREY).images)

@@ -25,7 +25,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from fddaq.distributed import join, leave
+    from fddaq.distributed import current, join, leave
+    from fddaq.evaluate import layer_sqnr, predict
     from fddaq.finetune import finetune
     from fddaq.quant.calibrate import calibrate, fake_quant_layers
     from fddaq.stats import batchnorm_layers, class_statistics
@@ -54,6 +55,12 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
             results[recipe + "_ranges"] = torch.tensor([layer.input_quant.observed or (0.0, 0.0)
                                                         for _, layer in fake_quant_layers(student)])
             results[recipe + "_checkpoints"] = torch.tensor(len(checkpoints))
+        # evaluation: each rank takes its part of an odd number of images, all get the whole answer
+        ranks, odd, names = current(), images[:7], [name for name, _ in fake_quant_layers(student)]
+        results["predict"] = torch.stack([predict(student, odd, batch_size=2, ranks=ranks), predict(student, odd)])
+        results["predict_one"] = torch.stack([predict(student, odd[:1], ranks=ranks), predict(student, odd[:1])])
+        sqnr = [layer_sqnr(teacher, student, names, odd, batch_size=2, ranks=r) for r in (ranks, Ranks())]
+        results["sqnr"] = torch.tensor([[s[name] for name in names] for s in sqnr])
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         leave()
@@ -73,9 +80,20 @@ def test_two_processes_train_in_step_on_different_batches(tmp_path):
     assert not torch.equal(first["synth_losses"], second["synth_losses"])  # each rank drew its own batches
     assert first["fdda-paper_ranges"].abs().sum() > 0
     assert first["fddaq_checkpoints"].item() > 0 and second["fddaq_checkpoints"].item() == 0  # rank 0 alone
+    for results in (first, second):
+        assert torch.allclose(results["predict"][0], results["predict"][1], atol=1e-6)
+        assert torch.equal(results["predict_one"][0], results["predict_one"][1])
+        assert torch.allclose(results["sqnr"][0], results["sqnr"][1], rtol=1e-9)
 
 
 def test_a_global_batch_must_split_evenly():
     with pytest.raises(ConfigError, match="batch_size=9 must be a multiple of the 2 processes"):
         Ranks(1, 2).share(9, "batch_size")
     assert Ranks(1, 4).share(32, "batch_size") == 8 and Ranks().share(9, "batch_size") == 9
+
+
+@pytest.mark.parametrize("count, world", [(7, 2), (5, 4), (3, 4), (0, 3), (10, 1)])
+def test_ranks_split_items_into_contiguous_nearly_equal_parts(count, world):
+    parts = [range(count)[Ranks(rank, world).part(count)] for rank in range(world)]
+    assert [i for part in parts for i in part] == list(range(count))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
