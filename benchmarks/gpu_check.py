@@ -9,8 +9,9 @@ Both loops run through the library's own `train_generator` and `finetune` (W4A4 
 the `fddaq` recipe's batch sizes: 16 per generator pass, 32 per fine-tuning step); step times
 are medians over the steps after `--warmup`. For each loop: images/s, seconds per step, peak
 GPU memory, the FLOPs of one step (counted by torch's FlopCounterMode: forward and backward)
-and the fraction of the GPU's dense bf16 peak they reach. Then a projection of whole runs from
-the step times: the official FDDA recipe (80k generator steps; 70k student steps after the
+and the fraction of the GPU's dense bf16 peak they reach; the forward FLOPs per image of the
+model and of the generator. Then the FLOPs and projected wall time of whole runs from the
+step times: the official FDDA recipe (80k generator steps; 70k student steps after the
 first 10k) and fddaq's ImageNet budget (`--budget GENERATOR_STEPS FINETUNE_STEPS`).
 `--device cpu --steps 3` is a smoke check.
 """
@@ -63,8 +64,8 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
     """FLOPs of a convolution's backward: each requested gradient (input, weight) costs what
     the forward costs. Replaces torch 2.14's formula, whose weight-gradient term ignores
-    `groups` and so counts a depthwise convolution's C channels C times over (EfficientNet's
-    fine-tuning step came out at 14x its real FLOPs)."""
+    `groups` and so counts a depthwise convolution's weight gradient C times over
+    (EfficientNet's fine-tuning step came out at 10.7x its real FLOPs)."""
     from torch.utils.flop_counter import conv_flop_count
 
     return conv_flop_count(x_shape, w_shape, grad_out_shape, transposed) * (int(output_mask[0]) + int(output_mask[1]))
@@ -87,6 +88,17 @@ def measure(run, stage: str, device: torch.device, steps: int, warmup: int) -> d
     return {"seconds_per_step": seconds, "flops_per_step": flops, "flops_per_s": flops / seconds, "peak_gib": peak}
 
 
+@torch.no_grad()
+def forward_flops_per_image(module: torch.nn.Module, *inputs: torch.Tensor) -> float:
+    """FLOPs of one eval-mode forward pass, per image of the batch `inputs` describe."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        module.eval()(*inputs)
+    return counter.get_total_flops() / len(inputs[0])
+
+
 def check(name: str, device: torch.device, steps: int, warmup: int) -> dict:
     from dataclasses import replace
 
@@ -99,6 +111,7 @@ def check(name: str, device: torch.device, steps: int, warmup: int) -> dict:
     from fddaq.quant.prepare import prepare
     from fddaq.recipes import recipe_config
     from fddaq.stats import ClassStatistics, batchnorm_layers, image_statistics
+    from fddaq.synth.generator import Generator
     from fddaq.synth.train import train_generator
 
     torch.manual_seed(0)
@@ -130,7 +143,12 @@ def check(name: str, device: torch.device, steps: int, warmup: int) -> dict:
         finetune(student, teacher, real, tuned, synthetic, on_event)
 
     passes = 2  # a generator step draws a random-label batch and a single-class batch
-    rows = {}
+    generator = place(Generator(1000, 3, 224, synth.latent_dim, synth.width), device)
+    rows = {"forward": {
+        "model_flops_per_image": forward_flops_per_image(teacher, images[:2].to(device)),
+        "generator_flops_per_image": forward_flops_per_image(
+            generator, torch.randn(2, synth.latent_dim, device=device), torch.arange(2, device=device)),
+    }}
     for stage, run, images_per_step in (
         ("synthesize", generator_steps, passes * synth.batch_size),
         ("finetune", finetune_steps, config.finetune.batch_size),
@@ -163,16 +181,24 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():
         for stage, r in rows.items():
+            if stage == "forward":
+                continue
             share = f"{100 * r['flops_per_s'] / peak:.1f}%" if peak else "-"
             memory = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
             print(f"| {name} | {stage} | {r['images_per_s']:.0f} | {r['seconds_per_step']:.4f} | "
                   f"{r['flops_per_step'] / 1e9:.1f} | {r['flops_per_s'] / 1e12:.2f} | {share} | {memory} |")
-    print("\n| model | run | generator steps | fine-tuning steps | projected hours |")
-    print("|---|---|---|---|---|")
+    print("\n| model | forward GFLOP per image: model | generator |\n|---|---|---|")
     for name, rows in results.items():
-        gen, ft = rows["synthesize"]["seconds_per_step"], rows["finetune"]["seconds_per_step"]
+        forward = rows["forward"]
+        print(f"| {name} | {forward['model_flops_per_image'] / 1e9:.2f} | {forward['generator_flops_per_image'] / 1e9:.2f} |")
+    print("\n| model | run | generator steps | fine-tuning steps | PFLOP | projected hours |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        gen, ft = rows["synthesize"], rows["finetune"]
         for run, (g, f) in (("official FDDA recipe", OFFICIAL.values()), ("fddaq budget", args.budget)):
-            print(f"| {name} | {run} | {g} | {f} | {(g * gen + f * ft) / 3600:.2f} |")
+            pflop = (g * gen["flops_per_step"] + f * ft["flops_per_step"]) / 1e15
+            hours = (g * gen["seconds_per_step"] + f * ft["seconds_per_step"]) / 3600
+            print(f"| {name} | {run} | {g} | {f} | {pflop:.1f} | {hours:.2f} |")
 
 
 if __name__ == "__main__":

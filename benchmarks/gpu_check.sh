@@ -27,8 +27,8 @@ status=0
 part() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$@" || { rc=$?; echo "!! exit $rc: $*"; [ $status -ne 0 ] || status=$rc; }; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-part 240 "$PYTHON" benchmarks/gpu_check.py --device "$DEVICE" --json "$OUT/gpu_check.json" "${args[@]}"
-part 45 "$PYTHON" benchmarks/load_cost.py --json "$OUT/load_cost.json"
+part 230 "$PYTHON" benchmarks/gpu_check.py --device "$DEVICE" --json "$OUT/gpu_check.json" "${args[@]}"
+part 60 "$PYTHON" benchmarks/load_cost.py --repeats 3 --json "$OUT/load_cost.json"
 example=examples/fashion_mnist
 part 150 "$FDDAQ" quantize "$example/model.pth" --arch fddaq:fashion_resnet --calib "$example/calib" \
     --val "$example/val" --bits 4 --device "$DEVICE" --out "$OUT/e2e" --force
