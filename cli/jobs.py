@@ -13,14 +13,33 @@ import torch
 
 from fddaq import __version__
 from fddaq.checkpoint import checkpoint_bytes, load_checkpoint
-from fddaq.config import RunConfig, SynthConfig
+from fddaq.config import QuantConfig, RunConfig, SynthConfig
 from fddaq.data import class_folders, load_image_folder
 from fddaq.distributed import current
 from fddaq.errors import ConfigError, DataError, first_line
 from fddaq.events import EventHandler
 from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, tensors_bytes
-from fddaq.pipeline import Inputs, Source, Synthesis, load_inputs, quantize, synthesize
+from fddaq.pipeline import (FloatModel, Inputs, Source, Synthesis, check_trainable, load_float, load_inputs, plan_layers,
+                            quantize, synthesize)
 from fddaq.synth.preview import preview_grid
+
+def checked_float(source: Source, quant: QuantConfig, config: RunConfig | None = None,
+                  on_event: EventHandler | None = None) -> tuple[FloatModel, float]:
+    """The float model of `source`, after everything that could fail later was tried on it:
+    the capture of what it computes, the layer plan, and a dry run of the export of it and of
+    its quantized form (`exporters.dry_run`). Returns it and the seconds the checks took."""
+    from exporters.dry_run import dry_run
+    from fddaq.events import emit
+
+    start = time.perf_counter()
+    emit(on_event, "check", 0, 1)
+    loaded = load_float(source)
+    if config is not None:
+        check_trainable(loaded, config)
+    dry_run(loaded.model, loaded.capture, plan_layers(loaded, quant), loaded.output)
+    emit(on_event, "check", 1, 1)
+    return loaded, time.perf_counter() - start
+
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}%"
@@ -138,7 +157,7 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
     models run on `device`."""
     from fddaq.device import pin, place
     from fddaq.data import Preprocess
-    from fddaq.evaluate import predict
+    from fddaq.evaluate import class_logits, predict
     from fddaq.events import emit
 
     def batches(run, x: torch.Tensor, size: int = 256) -> np.ndarray:
@@ -157,7 +176,7 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
         if data_dir.is_dir() and not class_folders(data_dir):
             raise DataError(f"{data_dir} must hold one folder per class to measure accuracy")
         inputs = load_inputs(source, device)
-        model = place(inputs.float_model, device)
+        model = place(inputs.teacher, device)
         images, logits = inputs.calib, batches(lambda x: predict(model, x), inputs.calib.images)
     elif model_path.suffix == ".onnx":
         from exporters.deploy import read_onnx_metadata
@@ -186,6 +205,7 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
     if not images.labelled:
         raise DataError(f"{data_dir} must hold one folder per class to measure accuracy")
     labels = images.labels.numpy()
+    logits = class_logits(torch.from_numpy(logits)).numpy()
     top5 = np.argsort(-logits, axis=1)[:, :5]
     result = {
         "top1": 100.0 * float((logits.argmax(1) == labels).mean()),
@@ -214,7 +234,8 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
               device: torch.device = torch.device("cpu")) -> dict | None:
     """Train the generator on `device`; write synthetic.pt, preview.png and report.json into `out`."""
     start = time.perf_counter()
-    inputs = load_inputs(source, device)
+    loaded, checked = checked_float(source, QuantConfig(), on_event=on_event)
+    inputs = load_inputs(source, device, loaded)
     synthesis = synthesize(inputs, config, on_event, device=device)
     if not current().is_main:  # a torchrun job: rank 0 writes
         return None
@@ -223,7 +244,8 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
         "model": inputs.info.to_json(),
         "data": _data(inputs),
         "synthesis": synthesis.report,
-        "timings_s": {"load": inputs.seconds, "synthesize": synthesis.seconds, "total": time.perf_counter() - start},
+        "timings_s": {"check": checked, "load": inputs.seconds, "synthesize": synthesis.seconds,
+                      "total": time.perf_counter() - start},
     }
     report["table"] = [
         ("synthetic images", str(len(synthesis.labels))),
@@ -264,8 +286,9 @@ def run_quantize(
 
     start = time.perf_counter()
     state = read_resume_state(out) if resume else None
+    loaded, checked = checked_float(source, config.quant, config, on_event)
     result = quantize(source, config, on_event, lambda s: atomic_write_bytes(out / RESUME_FILE, tensors_bytes(s)), state,
-                      device)
+                      device, loaded)
     if not current().is_main:  # a torchrun job: rank 0 exports, verifies and writes
         return None
     inputs = result.inputs
@@ -273,7 +296,7 @@ def run_quantize(
     check = inputs.val or inputs.calib
     deployment = deploy(result.model, inputs.float_model, inputs.info, result.plan, check.images,
                         check.labels if inputs.val is not None else None, on_event=on_event)
-    timings = {**result.timings, **deployment.timings, "total": time.perf_counter() - start}
+    timings = {"check": checked, **result.timings, **deployment.timings, "total": time.perf_counter() - start}
     verify = deployment.verify
     drop = None
     if result.float_top1 is not None and verify.onnx_top1 is not None:

@@ -74,11 +74,12 @@ def _root(
     """fddaq: FDDA post-training quantization to QDQ ONNX."""
 
 
-def _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model):
+def _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
+            arch_args=None, output=None):
     from fddaq.pipeline import PreprocessOptions, Source
 
     options = PreprocessOptions(preset, input_size, resize, _floats(mean, "--mean"), _floats(std, "--std"))
-    return Source(model, arch, calib, val, num_classes, classes, options, trust_model)
+    return Source(model, arch, calib, val, num_classes, classes, options, trust_model, tuple(arch_args or ()), output)
 
 
 def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
@@ -146,7 +147,18 @@ def _model_option():
 
 
 def _arch_option():
-    return typer.Option(..., "--arch", help="Architecture: fddaq:NAME, torchvision:NAME or package.module:callable.")
+    return typer.Option(..., "--arch", help="Architecture: fddaq:NAME, torchvision:NAME, timm:NAME, package.module:callable "
+                                            "or path/to/file.py:callable (nothing is downloaded).")
+
+
+def _arch_arg_option():
+    return typer.Option(None, "--arch-arg", help="Argument of the architecture factory, repeatable: VALUE (positional) or "
+                                                 "KEY=VALUE; Python literals are parsed, e.g. --arch-arg efficientnet-b0.")
+
+
+def _output_option():
+    return typer.Option(None, "--output", help="For models returning several tensors: the output scored and distilled, "
+                                               "by name (out, aux, 0.1) or index (default: the only one, else out, else the first).")
 
 
 def _calib_option():
@@ -273,6 +285,8 @@ def quantize(
     mean: Optional[str] = _mean_option(),
     std: Optional[str] = _std_option(),
     trust_model: bool = _trust_model_option(),
+    arch_arg: Optional[list[str]] = _arch_arg_option(),
+    output: Optional[str] = _output_option(),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float."),
     out: Path = typer.Option(Path("out"), "--out", help="Output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same options)."),
@@ -296,7 +310,8 @@ def quantize(
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
     quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits)
     run_config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps)
-    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model)
+    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
+                     arch_arg, output)
     where = _resolve_device(device)
     with _processes(where) as ranks, ProgressRenderer(console, quiet or not ranks.is_main) as progress:
         report = run_quantize(source, run_config, out, progress, resume, where)
@@ -331,6 +346,8 @@ def synth(
     mean: Optional[str] = _mean_option(),
     std: Optional[str] = _std_option(),
     trust_model: bool = _trust_model_option(),
+    arch_arg: Optional[list[str]] = _arch_arg_option(),
+    output: Optional[str] = _output_option(),
     out: Path = typer.Option(Path("synth"), "--out", help="Output folder."),
     device: str = _device_option(),
     force: bool = _force_option(),
@@ -350,7 +367,8 @@ def synth(
     if num < 1:
         raise ConfigError(f"--num={num} must be at least 1")
     synth_config = SynthConfig(steps=steps, num_images=num, seed=seed)
-    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model)
+    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
+                     arch_arg, output)
     where = _resolve_device(device)
     with _processes(where) as ranks, ProgressRenderer(console, quiet or not ranks.is_main) as progress:
         report = run_synth(source, synth_config, out, progress, where)
@@ -436,33 +454,45 @@ def plan(
     mean: Optional[str] = _mean_option(),
     std: Optional[str] = _std_option(),
     trust_model: bool = _trust_model_option(),
+    arch_arg: Optional[list[str]] = _arch_arg_option(),
+    output: Optional[str] = _output_option(),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON to this file."),
     force: bool = _force_option(),
     config: Optional[Path] = _config_option(),
 ) -> None:
-    """Show which layers `quantize` would quantize, at which bits and why, without images.
+    """Show which layers `quantize` would quantize, at which bits and why, without images, after
+    checking that the model and its quantized form export (a dry run of the export in
+    onnxruntime): what would fail at the end of `quantize` fails here, in seconds.
 
     Example: fddaq plan examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet --bits 4
     --layer-bits 'fc=8'
     """
+    from exporters.dry_run import dry_run
     from fddaq.io import atomic_write_json
-    from fddaq.pipeline import PreprocessOptions, load_float, plan_layers
+    from fddaq.pipeline import load_float, plan_layers
 
     _check_file(json_path, force)
-    options = PreprocessOptions(preset, input_size, resize, _floats(mean, "--mean"), _floats(std, "--std"))
-    loaded = load_float(model, arch, num_classes, options, trust_model)
+    source = _source(model, arch, None, None, num_classes, None, preset, input_size, resize, mean, std, trust_model,
+                     arch_arg, output)
+    loaded = load_float(source)
     layers = plan_layers(loaded, _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits))
+    checked = dry_run(loaded.model, loaded.capture, layers, loaded.output)
+    kinds = {layer.name: layer for layer in loaded.capture.layers}
     out = Table(title=f"fddaq plan: {model.name} ({arch})", title_justify="left")
     out.add_column("layer", no_wrap=True)
-    for column in ("kind", "weight bits", "input bits", "why"):
+    for column in ("kind", "module", "weight bits", "input bits", "why"):
         out.add_column(column)
     for entry in layers.layers:
-        out.add_row(entry.name, entry.kind, str(entry.weight_bits or "-"), str(entry.act_bits or "-"), entry.reason)
+        module = kinds[entry.name].module_type if entry.name in kinds else "-"
+        out.add_row(entry.name, entry.kind, module, str(entry.weight_bits or "-"), str(entry.act_bits or "-"), entry.reason)
     console.print(out)
     kept = len(layers.layers) - len(layers.quantized)
-    console.print(f"{len(layers.quantized)} layers quantized, {kept} kept float")
+    outputs = ", ".join(f"{o.name} {list(o.shape)}" for o in loaded.capture.outputs)
+    console.print(f"{len(layers.quantized)} layers quantized, {kept} kept float; outputs: {outputs} "
+                  f"(scored: {loaded.output}); export dry run passed in {checked.seconds:.1f}s")
     if json_path is not None:
-        atomic_write_json(json_path, {"model": str(model), "arch": arch, "plan": layers.to_json()})
+        atomic_write_json(json_path, {"model": str(model), "arch": arch, "plan": layers.to_json(),
+                                      "outputs": [o.name for o in loaded.capture.outputs], "scored_output": loaded.output})
 
 
 @app.command(name="eval")
@@ -479,6 +509,8 @@ def evaluate(
     mean: Optional[str] = _mean_option(),
     std: Optional[str] = _std_option(),
     trust_model: bool = _trust_model_option(),
+    arch_arg: Optional[list[str]] = _arch_arg_option(),
+    output: Optional[str] = _output_option(),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
     device: str = _device_option(),
     force: bool = _force_option(),
@@ -497,10 +529,11 @@ def evaluate(
     if arch is not None and model.suffix == ".onnx":
         raise ConfigError("--arch is for a float state dict: an ONNX file carries its own graph")
     options = (preset, input_size, resize, mean, std)
-    if arch is None and any(v is not None for v in (*options, num_classes, classes)):
+    if arch is None and any(v is not None for v in (*options, num_classes, classes, arch_arg, output)):
         raise ConfigError("preprocessing and class options are for a float state dict (with --arch): "
                           "a checkpoint or ONNX file carries its own")
-    source = _source(model, arch, data, None, num_classes, classes, *options, trust_model) if arch is not None else None
+    source = _source(model, arch, data, None, num_classes, classes, *options, trust_model, arch_arg,
+                     output) if arch is not None else None
     _check_file(json_path, force)
     where = _resolve_device(device)
     with ProgressRenderer(console, quiet) as progress:

@@ -11,6 +11,7 @@ from rich.table import Table
 from fddaq.events import Event
 
 STAGE_TITLES = {
+    "check": "Checking the model exports (capture, dry run)",
     "calibrate": "Calibrating ranges",
     "synthesize": "Training the FDDA generator",
     "generate": "Generating synthetic images",

@@ -16,6 +16,7 @@ from fddaq import __version__
 from fddaq.checkpoint import Checkpoint, ModelInfo
 from fddaq.errors import ExportError, first_line
 from fddaq.events import EventHandler, emit
+from fddaq.quant.modules import QuantizedModel
 from fddaq.quant.plan import LayerPlan
 
 from .onnx_export import export_float, export_qdq
@@ -40,6 +41,7 @@ def onnx_metadata(info: ModelInfo, plan: LayerPlan) -> dict[str, str]:
         "preprocessing": compact(info.preprocess.to_json()),
         "class_names": compact(list(info.class_names)),
         "arch": info.arch,
+        "scored_output": info.output,
     }
 
 
@@ -55,19 +57,14 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     return {prop.key: prop.value for prop in model.metadata_props}
 
 
-def _input_shape(info: ModelInfo) -> tuple[int, int, int]:
-    p = info.preprocess
-    return (p.channels, p.input_size, p.input_size)
-
-
 def export_checkpoint(checkpoint: Checkpoint, opset: int = 21) -> bytes:
     """The serialized QDQ graph of a loaded checkpoint."""
-    proto = export_qdq(checkpoint.model, _input_shape(checkpoint.info), onnx_metadata(checkpoint.info, checkpoint.plan), opset)
+    proto = export_qdq(checkpoint.model, onnx_metadata(checkpoint.info, checkpoint.plan), opset)
     return proto.SerializeToString()
 
 
 def deploy(
-    model: nn.Module,
+    model: QuantizedModel,
     float_model: nn.Module,
     info: ModelInfo,
     plan: LayerPlan,
@@ -79,9 +76,9 @@ def deploy(
     """Export `model` (fake-quant) and verify it in onnxruntime on `images`."""
     start = time.perf_counter()
     emit(on_event, "export", 0, 2)
-    proto = export_qdq(model, _input_shape(info), onnx_metadata(info, plan), opset)
+    proto = export_qdq(model, onnx_metadata(info, plan), opset)
     emit(on_event, "export", 1, 2)
-    float_size = len(export_float(float_model, _input_shape(info), opset=opset).SerializeToString())
+    float_size = len(export_float(float_model, info.input_shape, opset=opset).SerializeToString())
     emit(on_event, "export", 2, 2)
     exported = time.perf_counter()
     report = verify(proto, model, images, labels, on_event=on_event)

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from fddaq.errors import ExportError, first_line
+from fddaq.evaluate import class_logits
 from fddaq.events import EventHandler, emit
+from fddaq.quant.capture import output_leaves
 from fddaq.quant.fold import fold_batch_norms
-from fddaq.quant.modules import FAKE_QUANT_LAYERS
+from fddaq.quant.modules import QuantizedModel, QuantLayer
 
-from .onnx_export import conv_pads, layer_input
+from .onnx_export import layer_input
 
 
 def onnxruntime_module():
@@ -110,14 +112,17 @@ def optimized_ops(model: onnx.ModelProto | bytes | str | Path) -> dict[str, int]
 class VerifyReport:
     """How closely onnxruntime reproduces the PyTorch fake-quant model on the same images.
 
-    Agreements and accuracies are percentages. Logit differences are given as values and in
-    output steps: the last layer's integer accumulator step (input scale x weight scale of each
-    output channel), when the logits are that layer's output (else None). Activations: every
-    quantized layer input is compared as integers (graph optimizations off; where the graph
-    folds zero padding into a conv it quantizes before padding, and the border is left out);
-    `activation_*` count the values compared, those that differ and the largest difference in
-    steps, with both models running freely (a one-step difference early on can grow through
-    later layers).
+    Every output of the model is compared. Agreements and accuracies are percentages; an
+    agreement is that of the top-1 class (dimension 1) at every position of an output (per
+    image for logits, per pixel for a segmentation map), `agreement` and
+    `optimized_agreement` the lowest over the outputs (`outputs` has each one's agreement and
+    largest difference, optimizations off and on). Logit differences are given as values and,
+    for the scored output, in output steps: the last layer's integer accumulator step (input
+    scale x weight scale of each output channel), when that output is that layer's output
+    (else None). Activations: every quantized layer input is compared as integers (graph
+    optimizations off); `activation_*` count the values compared, those that differ and the
+    largest difference in steps, with both models running freely (a one-step difference early
+    on can grow through later layers).
     `local_*`: the same, with every PyTorch quantizer fed the graph's values for the layers
     before it, so that a difference is one layer's own arithmetic: an export error shows
     here, while float32 summation order alone leaves a tiny fraction at one step.
@@ -143,6 +148,7 @@ class VerifyReport:
     optimized_top1: float | None
     integer_ops: dict[str, int]
     float_ops: dict[str, int]
+    outputs: dict[str, dict[str, float]]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -152,13 +158,11 @@ def _percent(mask: np.ndarray) -> float:
     return 100.0 * float(mask.mean())
 
 
-def _input_quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    """Layer name -> its input quantizer, for every fake-quant layer with one enabled."""
-    return {
-        name: module.input_quant
-        for name, module in model.named_modules()
-        if isinstance(module, FAKE_QUANT_LAYERS) and module.input_quant.enabled
-    }
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Top-1 agreement over dimension 1 at every position (of a single value: its sign)."""
+    if a.ndim < 2:
+        return _percent(np.sign(a) == np.sign(b))
+    return _percent(a.argmax(axis=1) == b.argmax(axis=1))
 
 
 def _quantizer_codes(values: np.ndarray, quantizer: nn.Module) -> np.ndarray:
@@ -176,6 +180,9 @@ class _Tally:
     worst: int = 0
 
     def add(self, onnx_values: np.ndarray, torch_values: np.ndarray, quantizer: nn.Module) -> None:
+        if onnx_values.shape != torch_values.shape:
+            raise ExportError(f"a quantized layer input has shape {onnx_values.shape} in the ONNX graph and "
+                              f"{torch_values.shape} in the PyTorch model: they are not the same model")
         difference = np.abs(_quantizer_codes(onnx_values, quantizer) - _quantizer_codes(torch_values, quantizer))
         self.values += difference.size
         self.mismatches += int(np.count_nonzero(difference))
@@ -183,87 +190,66 @@ class _Tally:
 
 
 class _Probe:
-    """Forward hooks on input quantizers: each records its output and, for a quantizer in
-    `forced`, replaces the output by that value."""
+    """A `QuantizedModel.tap` that records each compared layer's quantized input at its first
+    call and, for a layer in `forced`, goes on with that value instead."""
 
-    def __init__(self, quantizers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: list[str]) -> None:
+        self.layers = set(layers)
         self.outputs: dict[str, torch.Tensor] = {}
         self.forced: dict[str, torch.Tensor] = {}
-        self.handles = [q.register_forward_hook(self._hook(name)) for name, q in quantizers.items()]
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            self.outputs[name] = output
-            return self.forced.get(name)  # None keeps the output
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+    def __call__(self, layer: QuantLayer, role: str, raw: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if role != "x" or layer.name not in self.layers or layer.name in self.outputs:
+            return value
+        self.outputs[layer.name] = value
+        return self.forced.get(layer.name, value)
 
 
-def _folded_padding(onnx_model: onnx.ModelProto, model: nn.Module, layers: list[str]) -> dict[str, list[int]]:
-    """Layer -> zero padding [top, left, bottom, right] the graph folded into its Conv node
-    (named after the layer): its pads beyond the module's own."""
-    found = {}
-    for node in onnx_model.graph.node:
-        if node.op_type == "Conv" and node.name in layers:
-            pads = next((list(a.ints) for a in node.attribute if a.name == "pads"), [0, 0, 0, 0])
-            extra = [p - own for p, own in zip(pads, conv_pads(model.get_submodule(node.name)))]
-            if any(extra):
-                found[node.name] = extra
-    return found
-
-
-def _cropped(values: torch.Tensor, padding: list[int] | None, shape: tuple[int, ...]) -> np.ndarray:
-    """PyTorch's quantized input without the padding the graph adds after quantizing."""
-    if padding is not None:
-        top, left, bottom, right = padding
-        values = values[..., top : values.shape[-2] - bottom, left : values.shape[-1] - right]
-    if tuple(values.shape) != tuple(shape):
-        raise ExportError(f"a quantized layer input has shape {tuple(shape)} in the ONNX graph and "
-                          f"{tuple(values.shape)} in the PyTorch model: they are not the same model")
-    return values.numpy()
-
-
-def _padded(values: np.ndarray, padding: list[int] | None) -> torch.Tensor:
-    """The graph's quantized input as PyTorch's quantizer outputs it: zero padding added (zero
-    quantizes to the zero point, which dequantizes to zero)."""
-    tensor = torch.from_numpy(values)
-    if padding is None:
-        return tensor
-    top, left, bottom, right = padding
-    return torch.nn.functional.pad(tensor, (left, right, top, bottom))
-
-
-def _output_step(model: nn.Module, images: np.ndarray) -> np.ndarray | None:
-    """The last layer's accumulator step per output, when the model returns that layer's output."""
-    layers = [m for m in model.modules() if isinstance(m, FAKE_QUANT_LAYERS)]
-    if not layers:
+def _output_step(model: QuantizedModel, images: np.ndarray) -> np.ndarray | None:
+    """The last layer's accumulator step per output channel, when the scored output is that
+    layer's output [N, channels]."""
+    if not model.layers:
         return None
-    outputs = []
-    handle = layers[-1].register_forward_hook(lambda m, args, out: outputs.append(out))
-    with torch.no_grad():
-        result = model(torch.from_numpy(images[:1]))
-    handle.remove()
-    last = layers[-1]
-    if not outputs or outputs[-1] is not result or result.dim() != 2 or not last.input_quant.enabled:
+    last = model.quant_layer(model.capture.layers[-1].name) if any(
+        layer.name == model.capture.layers[-1].name for layer in model.layers) else None
+    if last is None or not last.input_quant.enabled:
+        return None
+    model.outputs = {}
+    try:
+        with torch.no_grad():
+            result = model(torch.from_numpy(images[:1]))
+        produced = model.outputs.get(last.name)
+    finally:
+        model.outputs = None
+    if produced is None or result.dim() != 2 or produced.shape != result.shape or not torch.equal(produced, result):
         return None
     return (last.input_quant.scale() * last.weight_quant.scale()).detach().numpy().astype(np.float64)
 
 
+def _compare(reference: dict[str, np.ndarray], onnx_outputs: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Per output: (agreement, largest absolute difference)."""
+    found = {}
+    for name, expected in reference.items():
+        got = onnx_outputs[name]
+        if got.shape != expected.shape:
+            raise ExportError(f"the ONNX model's output {name!r} has shape {got.shape[1:]} where the PyTorch model's "
+                              f"has {expected.shape[1:]}: they are not the same model")
+        found[name] = (_agreement(got, expected), float(np.abs(got - expected).max(initial=0.0)))
+    return found
+
+
 def verify(
     onnx_model: onnx.ModelProto | bytes | str | Path,
-    torch_model: nn.Module,
+    torch_model: QuantizedModel,
     images: torch.Tensor | np.ndarray,
     labels: torch.Tensor | np.ndarray | None = None,
     batch_size: int = 256,
     on_event: EventHandler | None = None,
 ) -> VerifyReport:
-    """Run the ONNX graph (optimizations off, then on) and the PyTorch model (folded, eval, CPU,
-    float32) on `images` and compare their logits, top-1 predictions and quantized activations.
-    `on_event` gets "verify" progress: one step per batch, of both passes."""
+    """Run the ONNX graph (optimizations off, then on) and the PyTorch model (deployed, eval,
+    CPU, float32) on `images` and compare every output, the scored output's top-1 predictions
+    and the quantized activations. `on_event` gets "verify" progress: one step per batch, of
+    both passes."""
     images = _as_numpy(images)
     if len(images) == 0:
         raise ExportError("verification needs at least one image")
@@ -274,9 +260,11 @@ def verify(
     elif isinstance(onnx_model, bytes):
         onnx_model = onnx.load_from_string(onnx_model)
     model = fold_batch_norms(torch_model).cpu().float()  # a copy
+    output_names = [output.name for output in onnx_model.graph.output]
+    scored = model.output
 
-    # ONNX with every quantized layer input as an extra output, PyTorch with hooks on the same
-    quantizers = _input_quantizers(model)
+    # ONNX with every quantized layer input as an extra output, PyTorch with a tap on the same
+    quantizers = {layer.name: layer.input_quant for layer in model.layers if layer.input_quant.enabled}
     produced = {output for node in onnx_model.graph.node for output in node.output}
     compared = [name for name in quantizers if layer_input(name) in produced]
     probed = copy.deepcopy(onnx_model)
@@ -284,52 +272,61 @@ def verify(
         onnx.helper.make_tensor_value_info(layer_input(name), onnx.TensorProto.FLOAT, None) for name in compared
     )
     session = inference_session(probed, optimize=False)
-    padding = _folded_padding(onnx_model, model, compared)
-    probe = _Probe({name: quantizers[name] for name in compared})
-    reference, plain = [], []
+    probe = _Probe(compared)
+    model.tap = probe
+    reference: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+    plain: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     free, local = _Tally(), _Tally()
     batches = -(-len(images) // batch_size)
     emit(on_event, "verify", 0, 2 * batches)
-    try:
-        outputs = [session.get_outputs()[0].name] + [layer_input(name) for name in compared]
-        for start, (logits, *activations) in zip(range(0, len(images), batch_size), _batches(session, images, batch_size, outputs)):
-            emit(on_event, "verify", start // batch_size + 1, 2 * batches)
-            x = torch.from_numpy(images[start : start + batch_size])
-            plain.append(logits)
-            with torch.no_grad():
-                probe.forced = {}
-                reference.append(model(x).numpy())
-                graph = dict(zip(compared, activations))
-                for name, values in graph.items():
-                    free.add(values, _cropped(probe.outputs[name], padding.get(name), values.shape), quantizers[name])
-                probe.forced = {name: _padded(values, padding.get(name)) for name, values in graph.items()}
-                model(x)
-                for name, values in graph.items():
-                    local.add(values, _cropped(probe.outputs[name], padding.get(name), values.shape), quantizers[name])
-    finally:
-        probe.remove()
-    reference, plain = np.concatenate(reference), np.concatenate(plain)
-    if reference.shape != plain.shape:
-        raise ExportError(f"the ONNX model outputs shape {plain.shape[1:]} where the PyTorch model outputs "
-                          f"{reference.shape[1:]}: they are not the same model")
+    requested = output_names + [layer_input(name) for name in compared]
+    for start, values in zip(range(0, len(images), batch_size), _batches(session, images, batch_size, requested)):
+        emit(on_event, "verify", start // batch_size + 1, 2 * batches)
+        x = torch.from_numpy(images[start : start + batch_size])
+        for name, value in zip(output_names, values):
+            plain[name].append(value)
+        graph = dict(zip(compared, values[len(output_names):]))
+        with torch.no_grad():
+            probe.outputs, probe.forced = {}, {}
+            outputs = dict(output_leaves(model.forward_all(x)))
+            missing = [name for name in output_names if name not in outputs]
+            if missing:
+                raise ExportError(f"the ONNX model has outputs {missing} that the PyTorch model does not return: "
+                                  "they are not the same model")
+            for name in output_names:
+                reference[name].append(outputs[name].numpy())
+            for name, value in graph.items():
+                free.add(value, probe.outputs[name].numpy(), quantizers[name])
+            probe.outputs, probe.forced = {}, {name: torch.from_numpy(value) for name, value in graph.items()}
+            model.forward_all(x)
+            for name, value in graph.items():
+                local.add(value, probe.outputs[name].numpy(), quantizers[name])
+    model.tap = None
+    reference = {name: np.concatenate(parts) for name, parts in reference.items()}
+    plain = {name: np.concatenate(parts) for name, parts in plain.items()}
     with tempfile.TemporaryDirectory() as tmp:  # one optimized session: run it, count its kernels
         path = Path(tmp) / "optimized.onnx"
         session = inference_session(onnx_model, optimize=True, optimized_path=path)
-        optimized = []
-        for index, (logits,) in enumerate(_batches(session, images, batch_size)):
-            optimized.append(logits)
+        optimized: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+        for index, values in enumerate(_batches(session, images, batch_size, output_names)):
+            for name, value in zip(output_names, values):
+                optimized[name].append(value)
             emit(on_event, "verify", batches + index + 1, 2 * batches)
-        optimized = np.concatenate(optimized)
+        optimized = {name: np.concatenate(parts) for name, parts in optimized.items()}
         ops = _op_counts(path)
+    off, on = _compare(reference, plain), _compare(reference, optimized)
     step = _output_step(model, images)
-    torch_pred = reference.argmax(axis=1)
-    diff = np.abs(plain - reference)
-    optimized_diff = np.abs(optimized - reference)
+    diff = np.abs(plain[scored] - reference[scored])
+    optimized_diff = np.abs(optimized[scored] - reference[scored])
     if labels is not None:
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+
+    def top1(values: np.ndarray) -> float | None:
+        return None if labels is None else _percent(class_logits(torch.from_numpy(values)).argmax(1).numpy() == labels)
+
     return VerifyReport(
         samples=len(images),
-        agreement=_percent(plain.argmax(axis=1) == torch_pred),
+        agreement=min(agreement for agreement, _ in off.values()),
         max_abs_diff=float(diff.max()),
         mean_abs_diff=float(diff.mean()),
         max_step_diff=None if step is None else float((diff / step).max()),
@@ -339,12 +336,15 @@ def verify(
         activation_max_step_diff=free.worst,
         local_mismatches=local.mismatches,
         local_max_step_diff=local.worst,
-        onnx_top1=None if labels is None else _percent(plain.argmax(axis=1) == labels),
-        torch_top1=None if labels is None else _percent(torch_pred == labels),
-        optimized_agreement=_percent(optimized.argmax(axis=1) == torch_pred),
+        onnx_top1=top1(plain[scored]),
+        torch_top1=top1(reference[scored]),
+        optimized_agreement=min(agreement for agreement, _ in on.values()),
         optimized_max_abs_diff=float(optimized_diff.max()),
         optimized_max_step_diff=None if step is None else float((optimized_diff / step).max()),
-        optimized_top1=None if labels is None else _percent(optimized.argmax(axis=1) == labels),
+        optimized_top1=top1(optimized[scored]),
         integer_ops={op: n for op, n in ops.items() if op in INTEGER_OPS},
         float_ops={op: n for op, n in ops.items() if op in FLOAT_OPS},
+        outputs={name: {"agreement": off[name][0], "max_abs_diff": off[name][1],
+                        "optimized_agreement": on[name][0], "optimized_max_abs_diff": on[name][1]}
+                 for name in output_names},
     )

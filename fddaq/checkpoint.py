@@ -15,49 +15,62 @@ from torch import nn
 from . import __version__
 from .data import Preprocess
 from .errors import ModelError, first_line
-from .models import build_model, load_weights
+from .models import build_model, input_channels, load_weights
+from .quant.capture import capture
 from .quant.fold import fold_batch_norms
+from .quant.modules import QuantizedModel
 from .quant.plan import LayerPlan
 from .quant.prepare import prepare
 
 FORMAT = "fddaq-checkpoint"
-FORMAT_VERSION = 2  # 2: BatchNorms folded into their convs (fddaq.quant.fold)
+FORMAT_VERSION = 3  # 3: the float model's state plus each layer's quantizers and integer weights
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What is needed to rebuild and feed the model: architecture spec, number of classes
-    (None: the architecture's default), preprocessing and class names."""
+    """What is needed to rebuild and feed the model: architecture spec and its factory's
+    arguments, number of classes (None: the architecture's default), preprocessing, class
+    names and the name of the scored output."""
 
     arch: str
     num_classes: int | None
     preprocess: Preprocess
     class_names: tuple[str, ...]
+    arch_args: tuple[str, ...] = ()
+    output: str = "logits"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        p = self.preprocess
+        return (p.channels, p.input_size, p.input_size)
 
     def to_json(self) -> dict:
         return {
             "arch": self.arch,
+            "arch_args": list(self.arch_args),
             "num_classes": self.num_classes,
             "preprocess": self.preprocess.to_json(),
             "class_names": list(self.class_names),
+            "output": self.output,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelInfo":
-        return cls(data["arch"], data["num_classes"], Preprocess.from_json(data["preprocess"]), tuple(data["class_names"]))
+        return cls(data["arch"], data["num_classes"], Preprocess.from_json(data["preprocess"]), tuple(data["class_names"]),
+                   tuple(data["arch_args"]), data["output"])
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    model: nn.Module  # the fake-quant model with BatchNorms folded (as exported), eval mode
+    model: QuantizedModel  # deployed: integer weights, BatchNorms folded (as exported), eval mode
     plan: LayerPlan
     info: ModelInfo
     recipe: dict  # everything stored besides tensors
 
 
-def checkpoint_bytes(model: nn.Module, plan: LayerPlan, info: ModelInfo, extra: dict | None = None) -> bytes:
-    """Serialise a fake-quant model in its folded form (`fold_batch_norms`): its state dict and
-    a JSON recipe string."""
+def checkpoint_bytes(model: QuantizedModel, plan: LayerPlan, info: ModelInfo, extra: dict | None = None) -> bytes:
+    """Serialise a fake-quant model in its deployed form (`fold_batch_norms`): its state dict
+    and a JSON recipe string."""
     recipe = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -99,6 +112,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
         plan = LayerPlan.from_json(recipe["plan"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path} is a damaged fddaq checkpoint ({first_line(exc)}): re-run `fddaq quantize`") from exc
-    model = fold_batch_norms(prepare(build_model(info.arch, info.num_classes), plan))
+    model = rebuild(info, plan)
     load_weights(model, state, f"{path} does not fit architecture {info.arch}")
     return Checkpoint(model.eval(), plan, info, recipe)
+
+
+def rebuild(info: ModelInfo, plan: LayerPlan) -> QuantizedModel:
+    """The deployed quantized model of `info` and `plan`, with random weights to be loaded."""
+    model = build_model(info.arch, info.num_classes, info.arch_args).eval()
+    if input_channels(model) != info.preprocess.channels:
+        raise ModelError(f"architecture {info.arch} takes {input_channels(model)} input channels, "
+                         f"the checkpoint's preprocessing {info.preprocess.channels}")
+    found = capture(model, torch.zeros(1, *info.input_shape))
+    return fold_batch_norms(prepare(model, found, plan, info.output))

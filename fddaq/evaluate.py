@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 
 from .device import batches, model_device
 from .distributed import Ranks, gather, total
+from .quant.modules import QuantizedModel, quant_layers
 
 
 @torch.no_grad()
@@ -24,39 +26,41 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 256, ranks: Rank
     return gather(logits, len(images), ranks).cpu()
 
 
+def class_logits(logits: Tensor) -> Tensor:
+    """[N, classes] logits: a dense output [N, classes, *positions] averaged over its positions."""
+    return logits if logits.dim() <= 2 else logits.flatten(2).mean(2)
+
+
 def top1(logits: Tensor, labels: Tensor) -> float:
-    """Top-1 accuracy in percent."""
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    """Top-1 accuracy in percent (of `class_logits`)."""
+    return 100.0 * (class_logits(logits).argmax(1) == labels).float().mean().item()
 
 
 @torch.no_grad()
-def layer_sqnr(float_model: nn.Module, quant_model: nn.Module, layers: list[str], images: Tensor,
-               batch_size: int = 64, ranks: Ranks = Ranks()) -> dict[str, float]:
-    """Signal-to-quantization-noise ratio in dB of each named layer's output: the quantized
-    model's (errors of the layers before it included) against the float model's, over `images`:
-    10 log10(sum f^2 / sum (f - q)^2). Both models must have the same layers, in the same form
-    (BatchNorm folded in both or in neither); infinity where the outputs are equal. With
-    several `ranks` (which must all call it), each measures its part of the images."""
-    device = model_device(float_model)
+def layer_sqnr(model: QuantizedModel, images: Tensor, batch_size: int = 64, ranks: Ranks = Ranks()) -> dict[str, float]:
+    """Signal-to-quantization-noise ratio in dB of each quantized layer's output: the
+    fake-quant model's (errors of the layers before it included) against the float model's
+    (the same model with every layer's quantization off), over `images`:
+    10 log10(sum f^2 / sum (f - q)^2); infinity where the outputs are equal. With several
+    `ranks` (which must all call it), each measures its part of the images."""
+    reference = copy.deepcopy(model)
+    for layer in quant_layers(reference):
+        layer.enabled = False
+    layers = [layer.name for layer in quant_layers(model)]
+    device = model_device(model)
     sums = torch.zeros(2, len(layers), dtype=torch.float64, device=device)  # signal and noise per layer
-    outputs: dict[str, dict[str, Tensor]] = {"float": {}, "quant": {}}
-    handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda m, args, out, name=name, side=side: outputs[side].__setitem__(name, out.detach().double())
-        )
-        for side, model in (("float", float_model), ("quant", quant_model))
-        for name in layers
-    ]
-    try:
-        for batch in batches(images[ranks.part(len(images))], batch_size, device):
-            float_model.eval()(batch)
-            quant_model.eval()(batch)
-            for index, name in enumerate(layers):
-                f, q = outputs["float"][name], outputs["quant"][name]
-                sums[0, index] += f.square().sum()
-                sums[1, index] += (f - q).square().sum()
-    finally:
-        for handle in handles:
-            handle.remove()
+    for batch in batches(images[ranks.part(len(images))], batch_size, device):
+        outputs = []
+        for side in (reference, model):
+            side.outputs = {}
+            try:
+                side.eval()(batch)
+                outputs.append(side.outputs)
+            finally:
+                side.outputs = None
+        for index, name in enumerate(layers):
+            f, q = outputs[0][name].double(), outputs[1][name].double()
+            sums[0, index] += f.square().sum()
+            sums[1, index] += (f - q).square().sum()
     signal, noise = total(sums, ranks).tolist()
     return {name: math.inf if n == 0 else 10 * math.log10(max(s, 1e-300) / n) for name, s, n in zip(layers, signal, noise)}

@@ -24,7 +24,7 @@ from .distributed import Ranks, average, current, data_parallel
 from .errors import ConfigError
 from .evaluate import predict, top1
 from .events import EventHandler, emit
-from .quant.calibrate import fake_quant_layers
+from .quant.modules import QuantizedModel, quant_layers
 
 RESUME_FORMAT = 1
 Checkpointer = Callable[[dict], None]
@@ -120,13 +120,11 @@ class _Batches:
 
 def _step_sizes(student: nn.Module) -> list[nn.Parameter]:
     """The log step size of every weight and input quantizer."""
-    return [q.log_scale for _, layer in fake_quant_layers(student) for q in (layer.weight_quant, layer.input_quant)]
+    return [q.log_scale for layer in quant_layers(student) for q in (layer.weight_quant, layer.input_quant)]
 
 
-def _optimizer(student: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
-    layers = [layer for _, layer in fake_quant_layers(student)]
-    weights = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-    groups = [{"params": weights, "lr": config.weight_lr}]
+def _optimizer(student: QuantizedModel, config: FinetuneConfig) -> torch.optim.Optimizer:
+    groups = [{"params": student.trainable_weights(), "lr": config.weight_lr}]
     if config.learn_scales:
         groups.append({"params": _step_sizes(student), "lr": config.scale_lr})
     if config.optimizer == "sgd":
@@ -135,19 +133,20 @@ def _optimizer(student: nn.Module, config: FinetuneConfig) -> torch.optim.Optimi
     return torch.optim.Adam(groups, weight_decay=config.weight_decay)
 
 
-def _set_weight_ranges(student: nn.Module) -> None:
-    for _, layer in fake_quant_layers(student):
-        layer.weight_quant.set_scale(layer.weight_quant.min_max_scale(layer.weight))
+def _set_weight_ranges(student: QuantizedModel) -> None:
+    weights = student.layer_weights()
+    for layer in quant_layers(student):
+        layer.weight_quant.set_scale(layer.weight_quant.min_max_scale(weights[layer.name]))
 
 
 def _set_observers(student: nn.Module, momentum: float | None) -> None:
-    for _, layer in fake_quant_layers(student):
+    for layer in quant_layers(student):
         layer.input_quant.ema_momentum = momentum
 
 
 def _sync_observers(student: nn.Module, ranks: Ranks) -> None:
     """Every rank's observed activation ranges replaced by their mean over the ranks."""
-    quantizers = [layer.input_quant for _, layer in fake_quant_layers(student) if layer.input_quant.observed]
+    quantizers = [layer.input_quant for layer in quant_layers(student) if layer.input_quant.observed]
     if ranks.world == 1 or not quantizers:
         return
     observed = torch.tensor([q.observed for q in quantizers], dtype=torch.float64, device=model_device(student))
@@ -156,7 +155,7 @@ def _sync_observers(student: nn.Module, ranks: Ranks) -> None:
 
 
 def finetune(
-    student: nn.Module,
+    student: QuantizedModel,
     teacher: nn.Module,
     real: tuple[Tensor, Tensor],
     config: FinetuneConfig = FinetuneConfig(),
@@ -213,12 +212,12 @@ def finetune(
         schedule.load_state_dict(resume["schedule"])
         batches.generator.set_state(resume["rng"])
         losses = resume["losses"].tolist()
-        for (_, layer), observed in zip(fake_quant_layers(student), resume["observed"].tolist()):
+        for layer, observed in zip(quant_layers(student), resume["observed"].tolist()):
             layer.input_quant.observed = None if math.isnan(observed[0]) else tuple(observed)
 
     def state(step: int) -> dict:
         """A snapshot (copies, not live tensors) of everything the next steps depend on."""
-        observed = [layer.input_quant.observed or (math.nan, math.nan) for _, layer in fake_quant_layers(student)]
+        observed = [layer.input_quant.observed or (math.nan, math.nan) for layer in quant_layers(student)]
         return copy.deepcopy({
             "format": RESUME_FORMAT, "step": step, "student": student.state_dict(),
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),

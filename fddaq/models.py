@@ -1,11 +1,16 @@
-"""Load float models safely and find their layers in execution order."""
+"""Build architectures from their spec and load float models safely."""
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import functools
 import importlib
+import importlib.util
 import inspect
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import torch
@@ -14,57 +19,144 @@ from torch import nn
 from .errors import ModelError, first_line
 from .zoo import ZOO
 
-LAYER_TYPES = (nn.Conv2d, nn.Linear)
+def build_model(spec: str, num_classes: int | None = None, args: tuple[str, ...] = ()) -> nn.Module:
+    """Instantiate the architecture named by `spec` with random weights (nothing downloads).
 
-
-def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
-    """Instantiate the architecture named by `spec` with random weights.
-
-    `torchvision:<builder>`, `fddaq:<zoo name>` or `package.module:callable`."""
-    prefix, sep, name = spec.partition(":")
+    `fddaq:NAME` (the zoo), `torchvision:NAME` (any torchvision builder, `weights=None`),
+    `timm:NAME` (`timm.create_model(NAME, pretrained=False)`), `package.module:callable` or
+    `path/to/file.py:callable` (a factory returning an `nn.Module`; `callable` may be dotted,
+    `EfficientNet.from_name`). `args` are passed to the factory: `VALUE` positionally,
+    `KEY=VALUE` by keyword, each value a Python literal when it reads as one, else a string."""
+    prefix, sep, name = spec.rpartition(":")
     if not sep or not prefix or not name:
         raise ModelError(
-            f"architecture spec {spec!r} is not of the form 'torchvision:NAME', 'fddaq:NAME' "
-            "or 'package.module:callable'"
+            f"architecture spec {spec!r} is not of the form 'fddaq:NAME', 'torchvision:NAME', 'timm:NAME', "
+            "'package.module:callable' or 'path/to/file.py:callable'"
         )
     if num_classes is not None and num_classes < 1:
         raise ModelError(f"--num-classes={num_classes} must be at least 1")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    positional, keywords = parse_arch_args(args)
+    if num_classes is not None:
+        keywords["num_classes"] = num_classes
     if prefix == "fddaq":
         if name not in ZOO:
             raise ModelError(f"unknown architecture {spec!r}; fddaq's zoo has: {', '.join(sorted(ZOO))}")
         factory = ZOO[name].factory
     elif prefix == "torchvision":
-        import torchvision
-
-        available = torchvision.models.list_models(module=torchvision.models)
-        if name not in available:
-            raise ModelError(f"unknown torchvision classification model {name!r} (e.g. resnet18, mobilenet_v2)")
-        factory = functools.partial(torchvision.models.get_model, name, weights=None)
+        factory = _torchvision_builder(name)
+        keywords = {**_no_weights(factory), **keywords}
+    elif prefix == "timm":
+        factory = _timm_builder(name)
     else:
-        try:
-            module = importlib.import_module(prefix)
-        except ImportError as exc:
-            raise ModelError(f"cannot import module {prefix!r} of architecture spec {spec!r}: {exc}") from exc
-        factory = getattr(module, name, None)
-        if not callable(factory):
-            raise ModelError(f"module {prefix!r} has no callable {name!r} (architecture spec {spec!r})")
-    if kwargs and prefix != "torchvision" and "num_classes" not in _parameters(factory):
+        factory = _user_factory(prefix, name, spec)
+    accepted = _parameters(factory)
+    if "num_classes" in keywords and "num_classes" not in accepted and "**" not in accepted:
         raise ModelError(f"{spec} does not take num_classes")
     try:
-        model = factory(**kwargs)
-    except Exception as exc:  # the factory is the user's (or torchvision's) code
-        raise ModelError(f"building {spec}{f' with num_classes={num_classes}' if kwargs else ''} failed: {first_line(exc)}") from exc
+        model = factory(*positional, **keywords)
+    except Exception as exc:  # the factory is the user's (or a library's) code
+        given = ", ".join([*map(repr, positional), *(f"{k}={v!r}" for k, v in keywords.items())])
+        raise ModelError(f"building {spec}({given}) failed: {first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def _parameters(factory) -> tuple[str, ...]:
+def parse_arch_args(args: tuple[str, ...]) -> tuple[list, dict]:
+    """`--arch-arg` values as (positional, keyword) arguments."""
+    positional, keywords = [], {}
+    for text in args:
+        key, sep, value = text.partition("=")
+        if sep and key.isidentifier():
+            keywords[key] = _literal(value)
+        elif keywords:
+            raise ModelError(f"--arch-arg {text!r}: positional arguments come before KEY=VALUE ones")
+        else:
+            positional.append(_literal(text))
+    return positional, keywords
+
+
+def _literal(text: str):
     try:
-        return tuple(inspect.signature(factory).parameters)
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _torchvision_builder(name: str):
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ModelError(f"unknown torchvision model {name!r} (e.g. resnet18, mobilenet_v2, lraspp_mobilenet_v3_large)")
+    return torchvision.models.get_model_builder(name)
+
+
+def _no_weights(factory) -> dict:
+    """weights=None (and weights_backbone=None where the builder has one): nothing downloads."""
+    accepted = _parameters(factory)
+    return {key: None for key in ("weights", "weights_backbone") if key in accepted}
+
+
+def _timm_builder(name: str):
+    try:
+        import timm
+    except ImportError as exc:
+        raise ModelError(f"timm:{name} needs the timm package: pip install timm") from exc
+    if not timm.is_model(name):
+        raise ModelError(f"unknown timm model {name!r} (e.g. mobilenetv3_large_100, tf_efficientnet_lite0)")
+    return functools.partial(timm.create_model, name, pretrained=False)
+
+
+def _user_factory(prefix: str, name: str, spec: str):
+    """The callable `name` (dotted) of the module `prefix`: a file path ending in .py, or a
+    module imported with the current folder on the import path."""
+    if prefix.endswith(".py"):
+        path = Path(prefix)
+        if not path.is_file():
+            raise ModelError(f"architecture file {path} does not exist (spec {spec!r})")
+        module_name = f"fddaq_user_{path.stem}_{abs(hash(str(path.resolve()))):x}"
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        with _on_import_path(str(path.resolve().parent)):
+            sys.modules[module_name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as exc:  # the user's file
+                del sys.modules[module_name]
+                raise ModelError(f"cannot load {path}: {type(exc).__name__}: {first_line(exc)}") from exc
+    else:
+        try:
+            with _on_import_path(os.getcwd()):
+                module = importlib.import_module(prefix)
+        except ImportError as exc:
+            raise ModelError(f"cannot import module {prefix!r} of architecture spec {spec!r}: {exc}") from exc
+    factory = module
+    for part in name.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise ModelError(f"module {prefix!r} has no callable {name!r} (architecture spec {spec!r})")
+    return factory
+
+
+@contextlib.contextmanager
+def _on_import_path(folder: str):
+    added = folder not in sys.path
+    if added:
+        sys.path.append(folder)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(folder)
+
+
+def _parameters(factory) -> tuple[str, ...]:
+    """The factory's parameter names, with "**" when it takes any keyword."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):  # some builtins have no signature
-        return ()
+        return ("**",)
+    return tuple("**" if p.kind is p.VAR_KEYWORD else p.name for p in parameters)
 
 
 def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
@@ -99,11 +191,12 @@ def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     return data
 
 
-def load_float_model(path: Path, spec: str, num_classes: int | None = None, trust: bool = False) -> nn.Module:
-    """The architecture `spec` with the weights of state dict `path`, in eval mode (`trust`:
-    see `read_state_dict`)."""
+def load_float_model(path: Path, spec: str, num_classes: int | None = None, trust: bool = False,
+                     args: tuple[str, ...] = ()) -> nn.Module:
+    """The architecture `spec` (built with `args`) with the weights of state dict `path`, in eval
+    mode (`trust`: see `read_state_dict`)."""
     state = read_state_dict(path, trust)
-    model = build_model(spec, num_classes)
+    model = build_model(spec, num_classes, args)
     load_weights(model, state, f"{path} does not fit architecture {spec}")
     return model.eval()
 
@@ -127,36 +220,13 @@ def load_weights(model: nn.Module, state: dict, problem: str) -> None:
     model.load_state_dict(state)
 
 
-def layer_execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the Conv2d/Linear modules in the order one forward pass calls them (each once)."""
-    order: list[str] = []
-    handles = [
-        module.register_forward_pre_hook(lambda m, args, name=name: order.append(name) if name not in order else None)
-        for name, module in model.named_modules()
-        if isinstance(module, LAYER_TYPES)
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    except Exception as exc:
-        raise ModelError(f"the model fails on an input of shape {tuple(example.shape)}: {exc}") from exc
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not order:
-        raise ModelError("the model has no Conv2d or Linear layer to quantize")
-    return order
-
-
 def input_channels(model: nn.Module) -> int:
-    """Channels of the model input, from its first conv (1 = grey, 3 = RGB)."""
+    """Channels of the model input, from its first convolution (1 = grey, 3 = RGB): the first
+    `nn.Conv2d`, else the first 4-dimensional parameter (a weight used by F.conv2d)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             return module.in_channels
-    raise ModelError("the model has no Conv2d layer, so its input channels are unknown")
-
-
-def num_outputs(model: nn.Module, order: list[str]) -> int:
-    """Number of classes: the output size of the last layer in execution order."""
-    last = model.get_submodule(order[-1])
-    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
+    for parameter in model.parameters():
+        if parameter.dim() == 4:
+            return parameter.shape[1]
+    raise ModelError("the model has no 2-d convolution, so its input channels are unknown")

@@ -21,12 +21,14 @@ from .data import ImageSet, Preprocess, load_image_folder, preset
 from .device import pin, place, placed
 from .distributed import current
 from .errors import ConfigError, DataError
-from .evaluate import layer_sqnr, predict, top1
+from .evaluate import class_logits, layer_sqnr, predict, top1
 from .events import EventHandler, emit
 from .finetune import FinetuneResult, finetune
-from .models import input_channels, layer_execution_order, load_float_model, num_outputs
+from .models import input_channels, load_float_model
 from .quant.calibrate import calibrate
+from .quant.capture import Capture, capture, resolve_output
 from .quant.fold import fold_batch_norms
+from .quant.modules import Selected
 from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
 from .stats import ClassStatistics, batchnorm_layers, class_statistics
@@ -51,23 +53,27 @@ class PreprocessOptions:
 @dataclass(frozen=True)
 class Source:
     """What the user points at: a float model, its architecture and image folders.
-    `classes_file` lists the model's class folder names, one per line (line i = class i)."""
+    `classes_file` lists the model's class folder names, one per line (line i = class i);
+    `arch_args` are passed to the architecture factory; `output` names (or indexes) the output
+    that is scored and distilled (`capture.resolve_output`)."""
 
     model_path: Path
     arch: str
-    calib_dir: Path
+    calib_dir: Path | None = None  # needed by load_inputs, not by load_float
     val_dir: Path | None = None
     num_classes: int | None = None
     classes_file: Path | None = None
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
     trust_model: bool = False  # unpickle a whole-model file (runs code from it)
+    arch_args: tuple[str, ...] = ()
+    output: str | None = None
 
 
 @dataclass
 class Inputs:
-    float_model: nn.Module
+    float_model: nn.Module  # as the architecture builds it (all its outputs)
     info: ModelInfo
-    order: list[str]  # Conv2d/Linear names in execution order
+    capture: Capture
     calib: ImageSet  # labels: folder labels, or the float model's predictions for a flat folder
     val: ImageSet | None
     seconds: float
@@ -75,6 +81,11 @@ class Inputs:
     @property
     def num_classes(self) -> int:
         return len(self.info.class_names)
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The float model returning its scored output."""
+        return Selected(self.float_model, self.info.output)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -119,32 +130,48 @@ def _class_names(source: Source, calib_dir_names: tuple[str, ...], outputs: int)
 class FloatModel:
     model: nn.Module
     preprocess: Preprocess
-    order: list[str]  # Conv2d/Linear names in execution order
+    capture: Capture  # what the model computes (its layers, folds, outputs)
+    output: str  # the scored output
+
+    @property
+    def classes(self) -> int:
+        """Size of the scored output's dimension 1 (classes)."""
+        shape = next(o.shape for o in self.capture.outputs if o.name == self.output)
+        return shape[0] if shape else 1
+
+    @property
+    def dense(self) -> bool:
+        """Whether the scored output has positions besides classes (segmentation maps)."""
+        return len(next(o.shape for o in self.capture.outputs if o.name == self.output)) > 1
 
 
-def load_float(model_path: Path, arch: str, num_classes: int | None = None,
-               options: PreprocessOptions = PreprocessOptions(), trust_model: bool = False) -> FloatModel:
-    """The float model (loaded safely unless `trust_model`), its preprocessing and its layers
-    in execution order."""
-    model = load_float_model(model_path, arch, num_classes, trust_model)
-    preprocess = resolve_preprocess(arch, input_channels(model), options)
+def load_float(source: Source) -> FloatModel:
+    """The float model of `source` (loaded safely unless `trust_model`), its preprocessing and
+    what it computes, captured on one example (a `ModelError` names what it cannot run)."""
+    model = load_float_model(source.model_path, source.arch, source.num_classes, source.trust_model, source.arch_args)
+    preprocess = resolve_preprocess(source.arch, input_channels(model), source.preprocess)
     example = torch.zeros(1, preprocess.channels, preprocess.input_size, preprocess.input_size)
-    return FloatModel(model, preprocess, layer_execution_order(model, example))
+    found = capture(model, example)
+    return FloatModel(model, preprocess, found, resolve_output(found.outputs, source.output))
 
 
 def plan_layers(model: FloatModel, quant: QuantConfig) -> LayerPlan:
     """The layer plan `quantize` follows (no images needed)."""
-    return resolve_layer_plan(model.model, model.order, quant)
+    return resolve_layer_plan(model.capture, quant)
 
 
-def load_inputs(source: Source, device: torch.device = CPU) -> Inputs:
-    """Load the float model (safely) and decode the image folders for it, pinned in host
-    memory when they are bound for a GPU `device` (the model stays on the CPU)."""
+def load_inputs(source: Source, device: torch.device = CPU, loaded: FloatModel | None = None) -> Inputs:
+    """Load the float model (safely; `loaded` when already done) and decode the image folders
+    for it, pinned in host memory when they are bound for a GPU `device` (the model stays on
+    the CPU)."""
     start = time.perf_counter()
-    loaded = load_float(source.model_path, source.arch, source.num_classes, source.preprocess, source.trust_model)
-    float_model, preprocess, order = loaded.model, loaded.preprocess, loaded.order
-    outputs = num_outputs(float_model, order)
+    loaded = loaded or load_float(source)
+    float_model, preprocess = loaded.model, loaded.preprocess
+    teacher = Selected(float_model, loaded.output)
+    outputs = loaded.classes
     names = None
+    if source.calib_dir is None:
+        raise ConfigError("calibration images are needed: give --calib DIR")
     if source.classes_file is not None:
         names = _class_names(source, (), outputs)
     calib = load_image_folder(source.calib_dir, preprocess, names, pin_memory=pin(device))
@@ -152,14 +179,14 @@ def load_inputs(source: Source, device: torch.device = CPU) -> Inputs:
         names = names or _class_names(source, calib.class_names, outputs)
     else:
         names = names or tuple(str(i) for i in range(outputs))
-        calib = replace(calib, labels=predict(float_model, calib.images).argmax(1), class_names=names)
+        calib = replace(calib, labels=class_logits(predict(teacher, calib.images)).argmax(1), class_names=names)
     val = None
     if source.val_dir is not None:
         val = load_image_folder(source.val_dir, preprocess, names, pin_memory=pin(device))
         if not val.labelled:
             raise DataError(f"{source.val_dir} must hold one folder per class to measure accuracy")
-    info = ModelInfo(source.arch, source.num_classes, preprocess, names)
-    return Inputs(float_model, info, order, calib, val, time.perf_counter() - start)
+    info = ModelInfo(source.arch, source.num_classes, preprocess, names, source.arch_args, loaded.output)
+    return Inputs(float_model, info, loaded.capture, calib, val, time.perf_counter() - start)
 
 
 MAX_CURVE_POINTS = 500
@@ -187,9 +214,21 @@ def synthesize(
         return _synthesize(inputs, config, on_event, real_images)
 
 
+def check_trainable(model: FloatModel, config: RunConfig) -> None:
+    """Synthesis and fine-tuning distil class logits: a scored output with positions (a
+    segmentation map) is refused before any work."""
+    needs_logits = config.finetune.steps > 0 or (config.synth.num_images > 0 and not config.real_images)
+    if model.dense and needs_logits:
+        shape = next(o.shape for o in model.capture.outputs if o.name == model.output)
+        raise ConfigError(
+            f"the scored output {model.output!r} has shape {shape} (classes and positions): fine-tuning and FDDA "
+            "synthesis distil class logits [N, classes]; use --recipe ptq, or --output for a logits output"
+        )
+
+
 def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | None, real_images: bool) -> Synthesis:
     start = time.perf_counter()
-    model = inputs.float_model
+    model = inputs.teacher
     layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
     statistics = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
     teacher = statistics if real_images else ClassStatistics.without_images(layers, inputs.num_classes)
@@ -235,9 +274,10 @@ def quantize(
     on_checkpoint: ResumeHandler | None = None,
     resume: ResumeState | None = None,
     device: torch.device = CPU,
+    loaded: FloatModel | None = None,
 ) -> QuantizeResult:
     """Run the whole job on `device` and return the fine-tuned fake-quant model (on the CPU)
-    with its numbers.
+    with its numbers (`loaded`: the float model of `source`, when already loaded).
 
     `on_checkpoint` receives resumable states (after synthesis, then during fine-tuning);
     `resume` continues from one, which must come from the same configuration."""
@@ -245,7 +285,9 @@ def quantize(
     if resume is not None and resume["synthesis"] is not None:
         saved = resume["synthesis"]
         synthesis = Synthesis(saved["images"], saved["labels"], json.loads(saved["report"]), 0.0)
-    return quantize_inputs(load_inputs(source, device), config, on_event, on_checkpoint, resume, synthesis, device)
+    loaded = loaded or load_float(source)
+    check_trainable(loaded, config)
+    return quantize_inputs(load_inputs(source, device, loaded), config, on_event, on_checkpoint, resume, synthesis, device)
 
 
 def quantize_inputs(
@@ -284,8 +326,8 @@ def _quantize(
         synthesis = synthesize(inputs, config.synth, on_event, config.real_images, device)
         timings["synthesize"] = synthesis.seconds
     start = time.perf_counter()
-    plan = resolve_layer_plan(inputs.float_model, inputs.order, config.quant)
-    model = place(prepare(inputs.float_model, plan), device)  # new quantizer parameters start on the CPU
+    plan = resolve_layer_plan(inputs.capture, config.quant)
+    model = place(prepare(inputs.float_model, inputs.capture, plan, inputs.info.output), device)  # new quantizer parameters start on the CPU
     calibrate(model, (inputs.calib if config.real_images else synthesis).images, config.calibration, on_event=on_event)
     timings["calibrate"] = time.perf_counter() - start
     saved_synthesis = None if synthesis is None else {
@@ -302,22 +344,22 @@ def _quantize(
     if not config.real_images:  # data-free: the synthetic images take the real ones' place
         real, synthetic = synthetic, None
     tuned = finetune(
-        model, inputs.float_model, real, config.finetune, synthetic, on_event, checkpoint,
+        model, inputs.teacher, real, config.finetune, synthetic, on_event, checkpoint,
         None if resume is None else resume["finetune"],
     )
     timings["finetune"] = time.perf_counter() - start
-    model = fold_batch_norms(model)  # the deployed form: what is exported and evaluated
     float_top1 = quant_top1 = None
     start = time.perf_counter()
     emit(on_event, "evaluate", 0, 3)
     ranks = current()  # under torchrun, each rank evaluates its part of the images
+    images = (inputs.val or inputs.calib).images[:SQNR_IMAGES]
+    sqnr = layer_sqnr(model, images, ranks=ranks)  # before folding: every layer's own output
+    model = fold_batch_norms(model)  # the deployed form: what is exported and evaluated
     if inputs.val is not None:
-        float_top1 = top1(predict(inputs.float_model, inputs.val.images, ranks=ranks), inputs.val.labels)
+        float_top1 = top1(predict(inputs.teacher, inputs.val.images, ranks=ranks), inputs.val.labels)
         emit(on_event, "evaluate", 1, 3)
         quant_top1 = top1(predict(model, inputs.val.images, ranks=ranks), inputs.val.labels)
         emit(on_event, "evaluate", 2, 3)
-    images = (inputs.val or inputs.calib).images[:SQNR_IMAGES]
-    sqnr = layer_sqnr(fold_batch_norms(inputs.float_model), model, [e.name for e in plan.quantized], images, ranks=ranks)
     emit(on_event, "evaluate", 3, 3)
     timings["evaluate"] = time.perf_counter() - start
     return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from fddaq.config import QuantConfig
-from fddaq.models import layer_execution_order
+from fddaq.quant.capture import capture
 from fddaq.quant.plan import resolve_layer_plan
 from fddaq.quant.prepare import prepare
 
@@ -49,5 +49,5 @@ def tiny_model() -> nn.Module:
 
 
 def fake_quant_model(model: nn.Module, input_shape=(1, 16, 16), **bits) -> nn.Module:
-    order = layer_execution_order(model, torch.zeros(1, *input_shape))
-    return prepare(model, resolve_layer_plan(model, order, QuantConfig(**bits)))
+    found = capture(model, torch.zeros(1, *input_shape))
+    return prepare(model, found, resolve_layer_plan(found, QuantConfig(**bits)), found.outputs[0].name)

@@ -8,22 +8,18 @@ from torch import Tensor, nn
 from ..config import CalibrationConfig
 from ..device import model_device
 from ..events import EventHandler, emit
-from .modules import FAKE_QUANT_LAYERS, FakeQuantConv2d, FakeQuantLinear
-from .primitives import mse_activation_params, mse_weight_scales
-
-
-def fake_quant_layers(model: nn.Module) -> list[tuple[str, FakeQuantConv2d | FakeQuantLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, FAKE_QUANT_LAYERS)]
+from .modules import QuantizedModel, quant_layers
+from .primitives import activation_params, mse_activation_params, mse_weight_scales
 
 
 @torch.no_grad()
 def _sample_layer_inputs(
-    model: nn.Module, images: Tensor, config: CalibrationConfig, batch_size: int
+    model: QuantizedModel, images: Tensor, config: CalibrationConfig, batch_size: int
 ) -> dict[str, Tensor]:
     """For every fake-quant layer, up to `max_samples` values of its input (activation
     quantizers off, weights quantized as set): a seeded random subset of each batch plus the
     exact extremes (so the range search sees them)."""
-    layers = fake_quant_layers(model)
+    layers = [(layer.name, layer) for layer in quant_layers(model)]
     generator = torch.Generator().manual_seed(config.seed)
     batches = range(0, len(images), batch_size)
     per_batch = max(1, config.max_samples // len(batches))
@@ -37,7 +33,7 @@ def _sample_layer_inputs(
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
+    handles = [m.input_quant.register_forward_pre_hook(hook(name)) for name, m in layers]
     for _, m in layers:
         m.input_quant.enabled = False
     try:
@@ -53,7 +49,7 @@ def _sample_layer_inputs(
 
 
 def calibrate(
-    model: nn.Module,
+    model: QuantizedModel,
     images: Tensor,
     config: CalibrationConfig = CalibrationConfig(),
     batch_size: int = 64,
@@ -62,11 +58,27 @@ def calibrate(
     """Set every weight quantizer to its per-channel MSE-optimal scales, then every input
     quantizer to the MSE-optimal range of its inputs on `images` (computed through the
     quantized weights, with float activations)."""
-    layers = fake_quant_layers(model)
-    for _, layer in layers:  # first the weights: the activations are sampled through them
-        layer.weight_quant.set_scale(mse_weight_scales(layer.weight, layer.weight_quant.bits))
+    layers = [(layer.name, layer) for layer in quant_layers(model)]
+    weights = model.layer_weights()
+    for name, layer in layers:  # first the weights: the activations are sampled through them
+        quant = layer.weight_quant
+        quant.set_scale(mse_weight_scales(quant.channels_first(weights[name]), quant.bits))
     samples = _sample_layer_inputs(model.eval(), images, config, batch_size)
     emit(on_event, "calibrate", 0, len(layers))
     for index, (name, layer) in enumerate(layers, 1):
         layer.input_quant.set_params(*mse_activation_params(samples[name], layer.input_quant.bits))
         emit(on_event, "calibrate", index, len(layers))
+
+
+@torch.no_grad()
+def calibrate_min_max(model: QuantizedModel, images: Tensor, batch_size: int = 64) -> None:
+    """Cheap ranges, no search: per-channel max |w| and each input's observed min and max on
+    `images` (export dry runs and tests)."""
+    weights = model.layer_weights()
+    layers = quant_layers(model)
+    for layer in layers:
+        layer.weight_quant.set_scale(layer.weight_quant.min_max_scale(weights[layer.name]))
+    samples = _sample_layer_inputs(model.eval(), images, CalibrationConfig(max_samples=1024), batch_size)
+    for layer in layers:
+        values = samples[layer.name]
+        layer.input_quant.set_params(*activation_params(values.min().item(), values.max().item(), layer.input_quant.bits))

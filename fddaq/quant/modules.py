@@ -1,5 +1,13 @@
-"""Fake-quantized layers: the float layer plus a per-channel weight quantizer and a per-tensor
-input quantizer. They subclass the float layers, so code that inspects `nn.Conv2d` still works."""
+"""The fake-quant model: the float model, unchanged, run under a function mode that quantizes
+each planned layer's input, weight and bias where the layer is called.
+
+`QuantizedModel` wraps the user's module tree as it is (no module is swapped, so model code
+nobody here wrote keeps working) and owns one `QuantLayer` per quantized layer of the plan:
+a per-channel weight quantizer and a per-tensor input quantizer. Its forward runs the model
+under `_Quantizing`, which finds a layer call by its weight (the parameter itself, or the
+parameters a computed weight comes from, as `capture` recorded them) and hands it to the
+layer's `QuantLayer`. Once deployed (`fold.fold_batch_norms`), a `QuantLayer` holds its integer
+weights and its (BatchNorm-folded) bias, and the folded BatchNorm calls become the identity."""
 
 from __future__ import annotations
 
@@ -8,15 +16,20 @@ import math
 import torch
 from torch import Tensor, nn
 
+from typing import Any, Callable
+
+from .capture import Capture, select_output
+from .intercept import Dataflow, Interceptor, batch_norm_arguments, channel_axis, layer_arguments
 from .primitives import BIAS_SPAN, MIN_SCALE, activation_params, activation_range, fake_quant, weight_range
 
 
 class WeightQuantizer(nn.Module):
     """Symmetric per-output-channel quantizer (zero point 0) with a learnable log step size."""
 
-    def __init__(self, bits: int, channels: int) -> None:
+    def __init__(self, bits: int, channels: int, axis: int = 0) -> None:
         super().__init__()
         self.bits = bits
+        self.axis = axis  # the weight axis of the output channels
         self.log_scale = nn.Parameter(torch.zeros(channels))
 
     def scale(self) -> Tensor:
@@ -29,11 +42,21 @@ class WeightQuantizer(nn.Module):
     def min_max_scale(self, weight: Tensor) -> Tensor:
         """Per-channel max |w| / qmax: the range-from-weights scale (never 0)."""
         _, qmax = weight_range(self.bits)
-        w_max = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
+        w_max = self.channels_first(weight.detach()).flatten(1).abs().amax(dim=1)
         return torch.where(w_max > 0, w_max / qmax, torch.ones_like(w_max))
 
+    def channels_first(self, weight: Tensor) -> Tensor:
+        """`weight` with its output-channel axis first."""
+        return weight if self.axis == 0 else weight.movedim(self.axis, 0)
+
+    def channel_shape(self, weight: Tensor) -> list[int]:
+        """The shape that broadcasts per-channel values over `weight`."""
+        shape = [1] * weight.dim()
+        shape[self.axis] = -1
+        return shape
+
     def _channel_scale(self, weight: Tensor) -> Tensor:
-        return self.scale().reshape(-1, *[1] * (weight.dim() - 1))
+        return self.scale().reshape(self.channel_shape(weight))
 
     def quantize(self, weight: Tensor) -> Tensor:
         """Integer values (as floats, within the narrow signed range), no gradient."""
@@ -45,7 +68,7 @@ class WeightQuantizer(nn.Module):
         return fake_quant(weight, self._channel_scale(weight), 0.0, qmin, qmax)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, per_channel"
+        return f"bits={self.bits}, per_channel, axis={self.axis}"
 
 
 class ActivationQuantizer(nn.Module):
@@ -110,63 +133,189 @@ class ActivationQuantizer(nn.Module):
         return f"bits={self.bits}, per_tensor"
 
 
-def _quantized_bias(layer: "FakeQuantConv2d | FakeQuantLinear") -> Tensor | None:
-    """The bias as the int32 values integer kernels add, at step input scale x weight scale
-    (per channel; straight-through gradient to the bias). Unquantized while the input
-    quantizer is off (calibration observes float inputs)."""
-    if layer.bias is None or not layer.input_quant.enabled:
-        return layer.bias
-    scale = (layer.input_quant.scale() * layer.weight_quant.scale()).detach()
-    return fake_quant(layer.bias, scale, 0.0, -BIAS_SPAN, BIAS_SPAN)
+class QuantLayer(nn.Module):
+    """The quantizers of one layer (a convolution or linear call, see `capture.Layer`) and,
+    once deployed, its integer weights and bias. `enabled = False` makes it a float layer
+    (the reference of the per-layer SQNR)."""
 
-
-class FakeQuantConv2d(nn.Conv2d):
-    """`nn.Conv2d` whose input and weight pass through fake quantizers; its bias is int32."""
-
-    def __init__(self, *args, weight_bits: int, act_bits: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.weight_quant = WeightQuantizer(weight_bits, self.out_channels)
+    def __init__(self, name: str, kind: str, channels: int, weight_bits: int, act_bits: int) -> None:
+        super().__init__()
+        self.name = name
+        self.kind = kind
+        self.enabled = True
+        self.weight_quant = WeightQuantizer(weight_bits, channels, channel_axis(kind))
         self.input_quant = ActivationQuantizer(act_bits)
+        self.register_buffer("integers", None)  # deployed: int8 weights (within the weight grid)
+        self.register_buffer("deployed_bias", None)  # deployed: float32 bias, BatchNorm folded
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_bits: int) -> "FakeQuantConv2d":
-        new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            weight_bits=weight_bits, act_bits=act_bits,
-            device=conv.weight.device, dtype=conv.weight.dtype,
-        )
-        new.load_state_dict(conv.state_dict(), strict=False)
-        return new
+    @property
+    def deployed(self) -> bool:
+        return self.integers is not None
+
+    def bias_scale(self, bias: Tensor) -> Tensor:
+        """Step of the int32 bias per output: input step x weight step (repeated over the groups
+        of a grouped transposed convolution, whose weight scales cover one group)."""
+        scale = self.input_quant.scale() * self.weight_quant.scale()
+        return scale.repeat(bias.numel() // scale.numel()) if bias.numel() != scale.numel() else scale
+
+    def quantized_bias(self, bias: Tensor | None) -> Tensor | None:
+        """The bias as the int32 values integer kernels add, at step `bias_scale` (straight-through
+        gradient to the bias). Unquantized while the input quantizer is off (calibration
+        observes float inputs)."""
+        if bias is None or not self.input_quant.enabled:
+            return bias
+        return fake_quant(bias, self.bias_scale(bias).detach(), 0.0, -BIAS_SPAN, BIAS_SPAN)
+
+    def deployed_weight(self) -> Tensor:
+        return self.integers.float() * self.weight_quant.scale().reshape(self.weight_quant.channel_shape(self.integers))
+
+    def forward(self, func: Callable, args: tuple, kwargs: dict, model: "QuantizedModel") -> Any:
+        x, weight, bias, rest, options = layer_arguments(args, kwargs)
+        if model.recording is not None and self.name not in model.recording:
+            model.recording[self.name] = (weight.detach(), None if bias is None else bias.detach())
+        if self.enabled:
+            if self.deployed:
+                weight, bias = self.integers, self.deployed_bias
+                quantized = (self.input_quant(x), self.deployed_weight(), self.quantized_bias(bias))
+            else:
+                quantized = (self.input_quant(x), self.weight_quant(weight), self.quantized_bias(bias))
+            if model.tap is not None:
+                quantized = tuple(value if value is None else model.tap(self, role, raw, value)
+                                  for role, raw, value in zip("xwb", (x, weight, bias), quantized))
+            x, weight, bias = quantized
+        out = func(x, weight, bias, *rest, **options)
+        if model.outputs is not None and self.name not in model.outputs:
+            model.outputs[self.name] = out.detach().clone()  # later in-place calls must not change it
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, {self.kind}{', deployed' if self.deployed else ''}"
+
+
+Tap = Callable[[QuantLayer, str, Tensor, Tensor], Tensor]
+
+
+class QuantizedModel(nn.Module):
+    """`model` (the float module tree, as it is) with the `QuantLayer`s of `layers` applied
+    where those layers are called. `forward` returns the scored output (`output`, a name of
+    `capture.outputs`); `forward_all` returns what the model returns.
+
+    `tap(layer, role, raw, quantized)`, when set, sees every value a layer quantizes (`role`
+    "x": its input, "w": its weight, "b": its bias) before and after quantization and returns
+    the value to use: the exporter marks them, verification records and replaces them. `recording` and `outputs`,
+    when set to a dict, receive each layer's first (weight, bias) arguments and output."""
+
+    def __init__(self, model: nn.Module, capture: Capture, layers: list[QuantLayer], output: str) -> None:
+        super().__init__()
+        self.model = model
+        self.capture = capture
+        self.layers = nn.ModuleList(layers)
+        self.output = output
+        self.tap: Tap | None = None
+        self.recording: dict[str, tuple[Tensor, Tensor | None]] | None = None
+        self.outputs: dict[str, Tensor] | None = None
+
+    @property
+    def deployed(self) -> bool:
+        return any(layer.deployed for layer in self.layers)
+
+    def quant_layer(self, name: str) -> QuantLayer:
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def folded_batch_norms(self) -> list[str]:
+        """Running-mean buffer names of the BatchNorms folded into deployed layers."""
+        quantized = {layer.name for layer in self.layers if layer.deployed}
+        return [fold.running_mean for fold in self.capture.folds if fold.layer in quantized]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), _quantized_bias(self))
+        return select_output(self.forward_all(x), self.output)
+
+    def forward_all(self, x: Tensor) -> Any:
+        with _Quantizing(self, x):
+            return self.model(x)
+
+    @torch.no_grad()
+    def layer_tensors(self) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """(weight, bias) each layer receives from the model (one forward on zeros)."""
+        self.recording = {}
+        try:
+            example = torch.zeros(1, *self.capture.input_shape, device=next(self.parameters()).device)
+            self.eval().forward_all(example)
+            return self.recording
+        finally:
+            self.recording = None
+
+    def layer_weights(self) -> dict[str, Tensor]:
+        """Each layer's weight as the model passes it: the parameter itself when it is one."""
+        layers = {layer.name: layer for layer in self.capture.layers}
+        direct = {name: layers[name].weight for name in (q.name for q in self.layers)}
+        if all(direct.values()):
+            return {name: self.model.get_parameter(weight) for name, weight in direct.items()}
+        return {name: weight for name, (weight, _) in self.layer_tensors().items()}
+
+    def trainable_weights(self) -> list[nn.Parameter]:
+        """The parameters the quantized layers' weights and biases come from."""
+        names: dict[str, None] = {}
+        layers = {layer.name: layer for layer in self.capture.layers}
+        for quant in self.layers:
+            layer = layers[quant.name]
+            names.update(dict.fromkeys([*layer.sources, *([layer.bias] if layer.bias else [])]))
+        return [self.model.get_parameter(name) for name in names]
 
 
-class FakeQuantLinear(nn.Linear):
-    """`nn.Linear` whose input and weight pass through fake quantizers; its bias is int32."""
+class Selected(nn.Module):
+    """A float model that returns its scored output (`output`, a name of its capture)."""
 
-    def __init__(self, *args, weight_bits: int, act_bits: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.weight_quant = WeightQuantizer(weight_bits, self.out_features)
-        self.input_quant = ActivationQuantizer(act_bits)
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, weight_bits: int, act_bits: int) -> "FakeQuantLinear":
-        new = cls(
-            linear.in_features, linear.out_features, linear.bias is not None,
-            weight_bits=weight_bits, act_bits=act_bits,
-            device=linear.weight.device, dtype=linear.weight.dtype,
-        )
-        new.load_state_dict(linear.state_dict(), strict=False)
-        return new
+    def __init__(self, model: nn.Module, output: str) -> None:
+        super().__init__()
+        self.model = model
+        self.output = output
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(self.input_quant(x), self.weight_quant(self.weight), _quantized_bias(self))
+        return select_output(self.model(x), self.output)
 
 
-FAKE_QUANT_TYPES: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv2d: FakeQuantConv2d,
-    nn.Linear: FakeQuantLinear,
-}
-FAKE_QUANT_LAYERS = (FakeQuantConv2d, FakeQuantLinear)
+class _Quantizing(Interceptor):
+    """Hands each call of a quantized layer to its `QuantLayer` (found by the weight's
+    parameter, or for a computed weight by the parameters it comes from) and makes folded
+    BatchNorms the identity."""
+
+    def __init__(self, qmodel: QuantizedModel, x: Tensor) -> None:
+        model = qmodel.model
+        parameters = dict(model.named_parameters())
+        layers = {layer.name: layer for layer in qmodel.capture.layers}
+        self.direct: dict[int, QuantLayer] = {}
+        self.computed: dict[frozenset[str], QuantLayer] = {}
+        for quant in qmodel.layers:
+            layer = layers[quant.name]
+            if layer.weight is not None:
+                self.direct[id(parameters[layer.weight])] = quant
+            else:
+                self.computed[frozenset(layer.sources)] = quant
+        flow = None
+        if self.computed:
+            flow = Dataflow(model)
+            flow.mark_input(x)
+        super().__init__(flow)
+        self.qmodel = qmodel
+        self.folded = {id(model.get_buffer(name)) for name in qmodel.folded_batch_norms()}
+
+    def layer(self, kind: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        quant = self.direct.get(id(weight))
+        if quant is None and self.flow is not None:
+            quant = self.computed.get(self.flow.sources(weight))
+        if quant is None:
+            return func(*args, **kwargs)
+        return quant(func, args, kwargs, self.qmodel)
+
+    def batch_norm(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        arguments = batch_norm_arguments(args, kwargs)
+        if id(arguments["running_mean"]) in self.folded:
+            return arguments["input"]
+        return func(*args, **kwargs)
+
+
+def quant_layers(model: nn.Module) -> list[QuantLayer]:
+    """The QuantLayers of a quantized model (also inside a wrapper such as DDP)."""
+    return [m for m in model.modules() if isinstance(m, QuantLayer)]

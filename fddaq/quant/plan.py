@@ -1,21 +1,20 @@
-"""Which layers are quantized, at which bits, and why: a pure function of the model, the
-layers' execution order and the configuration."""
+"""Which layers are quantized, at which bits, and why: a pure function of what the model
+computes (`capture.Capture`) and the configuration."""
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass
 
-from torch import nn
-
 from ..config import QuantConfig, parse_layer_override
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
+from .capture import Capture, FloatLayer
 
 
 @dataclass(frozen=True)
 class LayerPlanEntry:
     name: str
-    kind: str  # "conv", "linear", or "float" for a layer left unquantized
+    kind: str  # the layer's kind (`capture.Layer.kind`), or "float" for a layer left unquantized
     weight_bits: int | None
     act_bits: int | None
     reason: str
@@ -37,44 +36,30 @@ class LayerPlan:
         return cls(tuple(LayerPlanEntry(**entry) for entry in data))
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Conv2d):
-        if type(module).forward is not nn.Conv2d.forward:
-            return f"{type(module).__name__} overrides Conv2d.forward"
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r} is not supported"
-        return None
-    if isinstance(module, nn.Linear):
-        if type(module).forward is not nn.Linear.forward:
-            return f"{type(module).__name__} overrides Linear.forward"
-        return None
-    return "not a Conv2d or Linear"
-
-
-def resolve_layer_plan(model: nn.Module, order: list[str], config: QuantConfig) -> LayerPlan:
-    """Plan every Conv2d/Linear of `model`, in execution order `order` (module names as called
-    by one forward pass). The first layer's input is the image (`input_bits`); the first and
-    last layers get `first_last_bits` when it is set; then the per-layer overrides apply (the
-    last match wins). An override that matches no layer is an error: a typo must not silently
+def resolve_layer_plan(capture: Capture, config: QuantConfig) -> LayerPlan:
+    """Plan every layer `capture` found, in execution order. The first layer's input is the image
+    (`input_bits`); the first and last layers get `first_last_bits` when it is set; then the
+    per-layer overrides apply (the last match wins). Weights fddaq cannot quantize stay float
+    with their reason. An override that matches no layer is an error: a typo must not silently
     quantize the layer it meant to spare."""
-    modules = dict(model.named_modules())
-    first, last = order[0], order[-1]
+    if not capture.layers:
+        raise ModelError("the model has no convolution or linear layer to quantize")
+    first, last = capture.layers[0].name, capture.layers[-1].name
     fl_bits = config.first_last_bits
     overrides = [(text, *parse_layer_override(text)) for text in config.layers]
     unmatched = set(config.layers)
     entries = []
-    for name in order:
-        module = modules[name]
-        unsupported = _unsupported_reason(module)
+    found = sorted([*capture.layers, *capture.float_layers], key=lambda layer: layer.order)
+    for layer in found:
+        name = layer.name
         matching = [o for o in overrides if fnmatch.fnmatchcase(name, o[1])]
         unmatched -= {o[0] for o in matching}
-        if unsupported is not None:
+        if isinstance(layer, FloatLayer):
             wanted = [o[0] for o in matching if o[2] is not None]
             if wanted:
-                raise ConfigError(f"layer override {wanted[-1]!r}: {name} cannot be quantized ({unsupported})")
-            entries.append(LayerPlanEntry(name, "float", None, None, f"kept float: {unsupported}"))
+                raise ConfigError(f"layer override {wanted[-1]!r}: {name} cannot be quantized ({layer.reason})")
+            entries.append(LayerPlanEntry(name, "float", None, None, layer.reason))
             continue
-        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         weight_bits, act_bits, reasons = config.weight_bits, config.act_bits, []
         if name in (first, last) and fl_bits is not None:
             weight_bits = act_bits = fl_bits
@@ -88,9 +73,10 @@ def resolve_layer_plan(model: nn.Module, order: list[str], config: QuantConfig) 
                 entries.append(LayerPlanEntry(name, "float", None, None, f"kept float: override {text}"))
                 continue
             reasons = [f"override {text}"]
-        entries.append(LayerPlanEntry(name, kind, weight_bits, act_bits, "; ".join(reasons) or "default bits"))
+        entries.append(LayerPlanEntry(name, layer.kind, weight_bits, act_bits, "; ".join(reasons) or "default bits"))
     if unmatched:
         text = next(t for t in config.layers if t in unmatched)
-        names = ", ".join(order[:8]) + (" ..." if len(order) > 8 else "")
-        raise ConfigError(f"layer override {text!r} matches no layer; layers: {names}")
+        names = [layer.name for layer in found]
+        listed = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+        raise ConfigError(f"layer override {text!r} matches no layer; layers: {listed}")
     return LayerPlan(tuple(entries))

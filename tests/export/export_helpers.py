@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fddaq.config import QuantConfig
-from fddaq.quant.modules import FakeQuantConv2d, FakeQuantLinear
+from fddaq.quant.calibrate import calibrate_min_max
+from fddaq.quant.capture import capture
+from fddaq.quant.modules import QuantizedModel
 from fddaq.quant.plan import resolve_layer_plan
 from fddaq.quant.prepare import prepare
-from fddaq.quant.primitives import activation_params, weight_range
+from fddaq.quant.primitives import activation_params, activation_range
 
 
 class TinyResNet(nn.Module):
@@ -52,43 +54,21 @@ def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def execution_order(model: nn.Module, example: Tensor) -> list[str]:
-    """Names of the Conv2d/Linear modules in the order one forward pass calls them."""
-    order: list[str] = []
-    handles = [
-        module.register_forward_hook(lambda m, args, out, name=name: order.append(name))
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear))
-    ]
-    with torch.no_grad():
-        model(example)
-    for handle in handles:
-        handle.remove()
-    return order
-
-
 @torch.no_grad()
-def quantize_model(model: nn.Module, images: Tensor, weight_bits: int, act_bits: int, clip: float = 0.8) -> nn.Module:
+def quantize_model(model: nn.Module, images: Tensor, weight_bits: int, act_bits: int, clip: float = 0.8) -> QuantizedModel:
     """The fake-quant version of `model` with ranges at `clip` times the observed extremes (so
     weights and activations saturate too): per-channel max |w| and per-tensor min/max input.
 
     (Cheap on purpose: the MSE searches of `fddaq.quant.calibrate` take seconds on 2 cores.)"""
     model = model.eval()
-    order = execution_order(model, images[:1])
-    qmodel = prepare(model, resolve_layer_plan(model, order, QuantConfig(weight_bits=weight_bits, act_bits=act_bits)))
-    layers = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (FakeQuantConv2d, FakeQuantLinear))]
-    inputs: dict[str, Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.update({name: args[0]})) for name, m in layers]
-    for _, layer in layers:
-        layer.input_quant.enabled = False
-    qmodel(images)
-    for handle in handles:
-        handle.remove()
-    for name, layer in layers:
-        layer.input_quant.enabled = True
-        _, qmax = weight_range(weight_bits)
-        w_max = layer.weight.abs().flatten(1).amax(dim=1)
-        layer.weight_quant.set_scale(torch.where(w_max > 0, clip * w_max / qmax, torch.ones_like(w_max)))
-        x = inputs[name]
-        layer.input_quant.set_params(*activation_params(clip * x.min().item(), clip * x.max().item(), layer.input_quant.bits))
+    found = capture(model, images[:1])
+    qmodel = prepare(model, found, resolve_layer_plan(found, QuantConfig(weight_bits=weight_bits, act_bits=act_bits)),
+                     found.outputs[0].name)
+    calibrate_min_max(qmodel, images)
+    for layer in qmodel.layers:
+        layer.weight_quant.set_scale(clip * layer.weight_quant.scale())
+        quant = layer.input_quant
+        qmin, qmax = activation_range(quant.bits)
+        low, high = (qmin - quant.zero_point.item()) * quant.scale().item(), (qmax - quant.zero_point.item()) * quant.scale().item()
+        quant.set_params(*activation_params(clip * low, clip * high, quant.bits))
     return qmodel

@@ -17,7 +17,7 @@ from exporters.onnx_export import layer_input
 @pytest.fixture
 def exported(tiny_resnet, quantized, images):
     qmodel = quantized(tiny_resnet(), images, 4, 4)
-    return export_qdq(qmodel, (3, 16, 16)), qmodel
+    return export_qdq(qmodel), qmodel
 
 
 def test_run_onnx_accepts_every_model_source_and_batches(exported, images, tmp_path):
@@ -65,8 +65,11 @@ def test_verify_reports_agreement_and_accuracy(exported, images):
         "activation_values", "activation_mismatches", "activation_max_step_diff", "local_mismatches",
         "local_max_step_diff", "onnx_top1", "torch_top1",
         "optimized_agreement", "optimized_max_abs_diff", "optimized_max_step_diff", "optimized_top1",
-        "integer_ops", "float_ops",
+        "integer_ops", "float_ops", "outputs",
     }
+    assert report.outputs == {"logits": {"agreement": 100.0, "max_abs_diff": report.max_abs_diff,
+                                         "optimized_agreement": 100.0,
+                                         "optimized_max_abs_diff": report.optimized_max_abs_diff}}
     assert verify(onnx_model, qmodel, images[:8]).torch_top1 is None
 
 
@@ -78,31 +81,39 @@ def test_verify_rejects_bad_inputs(exported, images):
         verify(onnx_model, qmodel, images[:0])
 
 
-def test_verify_counts_activation_mismatches_in_steps(exported, images):
-    """A graph whose first DequantizeLinear is one step off: every value of that input differs
-    by one step. Running freely, the later layers differ too; fed the graph's values, PyTorch
-    reproduces the later layers, and the local count is exactly the first input's values."""
-    onnx_model, qmodel = exported
+def shift_zero_point(onnx_model: onnx.ModelProto, layer: str) -> onnx.ModelProto:
+    """A copy whose DequantizeLinear of `layer`'s input is one step off."""
     shifted = onnx.ModelProto()
     shifted.CopyFrom(onnx_model)
-    node = next(n for n in shifted.graph.node if n.output[0] == layer_input("stem.0"))
+    node = next(n for n in shifted.graph.node if n.output[0] == layer_input(layer))
     zero_point = next(t for t in shifted.graph.initializer if t.name == node.input[2])
     value = onnx.numpy_helper.to_array(zero_point)
     shifted.graph.initializer.append(
-        onnx.numpy_helper.from_array((value.astype(np.int64) + 1).astype(value.dtype), "shifted_zero_point")
+        onnx.numpy_helper.from_array((value.astype(np.int64) + 1).astype(value.dtype), f"{layer}_shifted_zero_point")
     )
-    node.input[2] = "shifted_zero_point"
-    report = verify(shifted, qmodel, images[:8])
+    node.input[2] = f"{layer}_shifted_zero_point"
+    return shifted
+
+
+def test_verify_counts_activation_mismatches_in_steps(exported, images):
+    """A graph whose first DequantizeLinear is one step off: every value of that input differs
+    by one step. Running freely, the later layers differ too; fed the graph's values, PyTorch
+    reproduces the later layers, and the local count is exactly the first input's values. The
+    last layer's input one step off moves the logits by whole output steps."""
+    onnx_model, qmodel = exported
+    report = verify(shift_zero_point(onnx_model, "stem.0"), qmodel, images[:8])
     assert report.local_mismatches == 8 * 3 * 16 * 16 and report.local_max_step_diff == 1
     assert report.activation_mismatches > report.local_mismatches and report.activation_max_step_diff >= 1
-    assert report.max_step_diff > 1
+    report = verify(shift_zero_point(onnx_model, "fc"), qmodel, images[:8])
+    assert report.local_mismatches == 8 * 16 and report.max_step_diff >= 1
 
 
 def test_verify_rejects_a_graph_of_another_model(exported, images, tiny_resnet, quantized):
     onnx_model, _ = exported
-    other = quantized(tiny_resnet(), images, 8, 8)
+    other = tiny_resnet()
     other.fc = torch.nn.Linear(16, 3)
-    with pytest.raises(ExportError, match=r"outputs shape \(10,\) where the PyTorch model outputs \(3,\)"):
+    other = quantized(other, images, 8, 8)
+    with pytest.raises(ExportError, match=r"output 'logits' has shape \(10,\) where the PyTorch model's has \(3,\)"):
         verify(onnx_model, other, images[:4])
 
 

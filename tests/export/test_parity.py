@@ -135,37 +135,33 @@ def check(report) -> None:
 def test_every_layer_kind_at_every_bit_width(kind, bits):
     x = images()
     qmodel = quantize_model(build(kind), x, bits, bits)
-    check(verify(export_qdq(qmodel, INPUT), qmodel, x))
+    check(verify(export_qdq(qmodel), qmodel, x))
 
 
 @pytest.mark.parametrize("weight_bits, act_bits", [(2, 4), (4, 8), (8, 4), (3, 6)])
 def test_mixed_weight_and_activation_bits(weight_bits, act_bits):
     x = images()
     qmodel = quantize_model(build("residual"), x, weight_bits, act_bits)
-    check(verify(export_qdq(qmodel, INPUT), qmodel, x))
+    check(verify(export_qdq(qmodel), qmodel, x))
 
 
-def test_zero_padding_folds_into_convolutions():
-    x = images(8)
-    graph = export_qdq(quantize_model(build("tf_same_padding"), x, 4, 4), INPUT).graph
-    assert "Pad" not in {node.op_type for node in graph.node}
-    pads = {node.name: [a.ints for a in node.attribute if a.name == "pads"][0] for node in graph.node if node.op_type == "Conv"}
-    assert pads == {"conv": [0, 0, 1, 1], "conv2": [1, 1, 1, 1]}
-
-
-def test_verify_compares_inputs_whose_padding_the_graph_folds():
-    """The graph quantizes before the folded padding, PyTorch after: verify crops PyTorch's
-    border off to compare, and pads the graph's values to feed PyTorch's layers."""
+def test_zero_padding_is_quantized_after_padding():
+    """Explicit padding (TensorFlow 'SAME' here) stays torch's Pad: the layer quantizes what it
+    reads, the padded tensor, in PyTorch and in the graph alike."""
     x = images(8)
     qmodel = quantize_model(build("tf_same_padding"), x, 4, 4)
-    report = verify(export_qdq(qmodel, INPUT), qmodel, x)
-    # unpadded inputs of conv (3x16x16), conv2 (8x8x8) and fc (8), per image
-    assert report.activation_values == 8 * (3 * 16 * 16 + 8 * 8 * 8 + 8)
+    graph = export_qdq(qmodel).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    quantize = producers["conv.x_q"]
+    assert quantize.op_type == "QuantizeLinear" and producers[quantize.input[0]].op_type == "Pad"
+    report = verify(export_qdq(qmodel), qmodel, x)
+    # padded inputs of conv (3x17x17) and conv2 (8x10x10), and fc's (8), per image
+    assert report.activation_values == 8 * (3 * 17 * 17 + 8 * 10 * 10 + 8)
     check(report)
 
 
 class PaddedElsewhere(nn.Module):
-    """Zero padding also read by a pool, and padding with a non-zero value, stay ONNX Pads."""
+    """Zero padding also read by a pool, and padding with a non-zero value."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,7 +180,7 @@ class PaddedElsewhere(nn.Module):
 def test_other_padding_stays_a_pad():
     x = images(16)
     qmodel = quantize_model(PaddedElsewhere(), x, 4, 4)
-    onnx_model = export_qdq(qmodel, INPUT)
+    onnx_model = export_qdq(qmodel)
     assert [node.op_type for node in onnx_model.graph.node].count("Pad") == 2
     check(verify(onnx_model, qmodel, x))
 
@@ -192,7 +188,7 @@ def test_other_padding_stays_a_pad():
 def test_int32_biases_and_no_float_weights():
     x = images(8)
     qmodel = quantize_model(build("plain"), x, 4, 4)
-    graph = export_qdq(qmodel, INPUT).graph
+    graph = export_qdq(qmodel).graph
     tensors = {t.name: t for t in graph.initializer}
     for name in ("body.0", "body.2", "fc"):
         assert tensors[f"{name}.b_q"].data_type == TensorProto.INT32
@@ -206,7 +202,7 @@ def test_8bit_graphs_run_on_integer_kernels():
     output feeds one quantized layer; counted in the optimized graph that verify reports."""
     x = images(8)
     qmodel = quantize_model(build("plain"), x, 8, 8)
-    onnx_model = export_qdq(qmodel, INPUT)
+    onnx_model = export_qdq(qmodel)
     ops = optimized_ops(onnx_model)
     assert ops.get("QLinearConv", 0) >= 1, ops
     report = verify(onnx_model, qmodel, x)
@@ -224,9 +220,9 @@ def test_8bit_relu6_graphs_run_on_integer_kernels_after_the_step_grew():
     ))
     x = images(8)
     qmodel = quantize_model(model, x, 8, 8)
-    for layer in (qmodel[3], qmodel[6]):
-        layer.input_quant.set_params(8 / 255, 0.0)  # as fine-tuning can leave it
-    onnx_model = export_qdq(qmodel, INPUT)
+    for name in ("3", "6"):
+        qmodel.quant_layer(name).input_quant.set_params(8 / 255, 0.0)  # as fine-tuning can leave it
+    onnx_model = export_qdq(qmodel)
     ops = optimized_ops(onnx_model)
     assert ops.get("QLinearConv", 0) >= 2 and "Clip" not in ops, ops
     check(verify(onnx_model, qmodel, x))
@@ -252,5 +248,5 @@ def test_random_layer_shapes(channels, width, kernel, stride, padding, dilation,
     if (size + 2 * padding - dilation * (kernel - 1) - 1) < 0:
         return  # the kernel does not fit: not a model
     qmodel = quantize_model(model, x, weight_bits, act_bits)
-    report = verify(export_qdq(qmodel, (channels, size, size)), qmodel, x)
+    report = verify(export_qdq(qmodel), qmodel, x)
     check(report)

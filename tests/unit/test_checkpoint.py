@@ -7,8 +7,8 @@ from fddaq.checkpoint import ModelInfo, checkpoint_bytes, load_checkpoint
 from fddaq.config import QuantConfig
 from fddaq.data import preset
 from fddaq.errors import ModelError
-from fddaq.models import layer_execution_order
 from fddaq.quant.calibrate import calibrate
+from fddaq.quant.capture import capture
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.plan import resolve_layer_plan
 from fddaq.quant.prepare import prepare
@@ -21,8 +21,9 @@ INFO = ModelInfo("fddaq:fashion_resnet", None, preset("fashion-mnist", 1), tuple
 def quantized():
     torch.manual_seed(0)
     model = fashion_resnet().eval()
-    plan = resolve_layer_plan(model, layer_execution_order(model, torch.zeros(1, 1, 28, 28)), QuantConfig(4, 4))
-    qmodel = prepare(model, plan)
+    found = capture(model, torch.zeros(1, 1, 28, 28))
+    plan = resolve_layer_plan(found, QuantConfig(4, 4))
+    qmodel = prepare(model, found, plan, "logits")
     calibrate(qmodel, torch.randn(16, 1, 28, 28))
     return qmodel, plan
 
@@ -36,7 +37,7 @@ def test_round_trip_is_exact_and_weights_only(tmp_path, quantized):
     assert loaded.plan == plan and loaded.info == INFO and loaded.recipe["config"] == {"steps": 3}
     x = torch.randn(4, 1, 28, 28)
     folded = fold_batch_norms(qmodel)  # what is stored: the deployed form
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.modules())
+    assert loaded.model.deployed and len(loaded.model.folded_batch_norms()) == 9
     with torch.no_grad():
         assert torch.equal(loaded.model(x), folded(x))
 
@@ -47,7 +48,7 @@ def test_rejects_foreign_and_future_files(tmp_path, quantized):
         load_checkpoint(tmp_path / "float.pth")
     qmodel, plan = quantized
     data = torch.load(io.BytesIO(checkpoint_bytes(qmodel, plan, INFO)), weights_only=True)
-    data["recipe"] = data["recipe"].replace('"format_version": 2', '"format_version": 99')
+    data["recipe"] = data["recipe"].replace('"format_version": 3', '"format_version": 99')
     torch.save(data, tmp_path / "future.pt")
     with pytest.raises(ModelError, match="format 99.*re-run `fddaq quantize`"):
         load_checkpoint(tmp_path / "future.pt")

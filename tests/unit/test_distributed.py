@@ -28,7 +28,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     from fddaq.distributed import current, join, leave
     from fddaq.evaluate import layer_sqnr, predict
     from fddaq.finetune import finetune
-    from fddaq.quant.calibrate import calibrate, fake_quant_layers
+    from fddaq.quant.calibrate import calibrate
+    from fddaq.quant.modules import quant_layers
     from fddaq.stats import batchnorm_layers, class_statistics
     from fddaq.synth.train import train_generator
     from tests.conftest import TinyResNet, fake_quant_model, randomize_bn
@@ -53,13 +54,13 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
             finetune(student, teacher, (images, labels), config, on_checkpoint=checkpoints.append)
             results[recipe] = flat(student)
             results[recipe + "_ranges"] = torch.tensor([layer.input_quant.observed or (0.0, 0.0)
-                                                        for _, layer in fake_quant_layers(student)])
+                                                        for layer in quant_layers(student)])
             results[recipe + "_checkpoints"] = torch.tensor(len(checkpoints))
         # evaluation: each rank takes its part of an odd number of images, all get the whole answer
-        ranks, odd, names = current(), images[:7], [name for name, _ in fake_quant_layers(student)]
+        ranks, odd, names = current(), images[:7], [layer.name for layer in quant_layers(student)]
         results["predict"] = torch.stack([predict(student, odd, batch_size=2, ranks=ranks), predict(student, odd)])
         results["predict_one"] = torch.stack([predict(student, odd[:1], ranks=ranks), predict(student, odd[:1])])
-        sqnr = [layer_sqnr(teacher, student, names, odd, batch_size=2, ranks=r) for r in (ranks, Ranks())]
+        sqnr = [layer_sqnr(student, odd, batch_size=2, ranks=r) for r in (ranks, Ranks())]
         results["sqnr"] = torch.tensor([[s[name] for name in names] for s in sqnr])
         torch.save(results, out / f"rank{rank}.pt")
     finally:

@@ -27,10 +27,11 @@ def test_augment_keeps_shape_and_content_and_is_seeded():
 def test_calibration_sets_finite_positive_scales(tiny_model):
     qmodel = fake_quant_model(tiny_model, weight_bits=4, act_bits=4)
     calibrate(qmodel, torch.randn(32, 1, 16, 16), CalibrationConfig(max_samples=1000))
-    for layer in (qmodel.conv1, qmodel.conv2, qmodel.short, qmodel.fc):
+    assert [layer.name for layer in qmodel.layers] == ["conv1", "conv2", "short", "fc"]
+    for layer in qmodel.layers:
         for q in (layer.weight_quant, layer.input_quant):
             assert torch.isfinite(q.scale()).all() and (q.scale() > 0).all()
-    assert qmodel.conv2.input_quant.zero_point.item() == 0  # after a ReLU
+    assert qmodel.quant_layer("conv2").input_quant.zero_point.item() == 0  # after a ReLU
 
 
 def test_finetune_lowers_distillation_loss_and_is_deterministic(tiny_model):
@@ -48,4 +49,4 @@ def test_finetune_lowers_distillation_loss_and_is_deterministic(tiny_model):
     assert results[0][1] < results[0][0]
     assert torch.equal(results[0][2], results[1][2])
     # BN statistics stay frozen
-    assert all(not p.requires_grad for p in student.bn1.parameters())
+    assert all(not p.requires_grad for p in student.model.bn1.parameters())

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from fddaq.errors import ModelError
-from fddaq.models import build_model, layer_execution_order, load_float_model, read_state_dict
+from fddaq.models import build_model, load_float_model, parse_arch_args, read_state_dict
+from fddaq.quant.capture import capture
 from fddaq.zoo.resnet import fashion_resnet
 
 
@@ -55,6 +56,8 @@ def test_num_classes_shape_mismatch_hints(tmp_path):
     "spec, message",
     [
         ("resnet18", "not of the form"),
+        ("timm:not_a_timm_model", "unknown timm model"),
+        ("./no_such_file.py:build", "architecture file no_such_file.py does not exist"),
         ("fddaq:nope", "zoo has: .*fashion_resnet"),
         ("torchvision:not_a_model", "unknown torchvision"),
         ("no_such_module_xyz:f", "cannot import module"),
@@ -66,9 +69,34 @@ def test_bad_arch_specs(spec, message):
         build_model(spec)
 
 
-def test_builds_torchvision_and_module_specs():
+def test_builds_torchvision_timm_module_and_file_specs(tmp_path, monkeypatch):
     assert isinstance(build_model("torchvision:resnet18", num_classes=3).fc, nn.Linear)
     assert build_model("fddaq.zoo.resnet:fashion_resnet").fc.out_features == 10
+    assert build_model("timm:resnet18", num_classes=4).fc.out_features == 4
+    segmentation = build_model("torchvision:lraspp_mobilenet_v3_large", num_classes=3)  # no backbone download
+    assert segmentation.classifier.low_classifier.out_channels == 3
+    # a file in the current folder, and a module there, without PYTHONPATH; dotted callables, arguments
+    (tmp_path / "my_model.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self, width, num_classes=2, bias=True):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(width, num_classes, bias=bias)\n"
+        "    @classmethod\n"
+        "    def build(cls, width, **options):\n"
+        "        return cls(width, **options)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    net = build_model("./my_model.py:Net.build", num_classes=5, args=("7", "bias=False"))
+    assert (net.fc.in_features, net.fc.out_features, net.fc.bias) == (7, 5, None)
+    assert build_model("my_model:Net", args=("3",)).fc.in_features == 3
+
+
+def test_arch_args_parse_literals_and_keep_order():
+    assert parse_arch_args(("efficientnet-b0", "3", "image_size=224", "flag=True")) == (
+        ["efficientnet-b0", 3], {"image_size": 224, "flag": True})
+    with pytest.raises(ModelError, match="positional arguments come before"):
+        parse_arch_args(("a=1", "b"))
 
 
 def test_execution_order_follows_forward_not_registration():
@@ -81,4 +109,4 @@ def test_execution_order_follows_forward_not_registration():
         def forward(self, x):
             return self.head(self.body(x).mean((2, 3)))
 
-    assert layer_execution_order(Reordered(), torch.zeros(1, 1, 8, 8)) == ["body", "head"]
+    assert [layer.name for layer in capture(Reordered(), torch.zeros(1, 1, 8, 8)).layers] == ["body", "head"]

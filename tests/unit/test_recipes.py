@@ -4,7 +4,8 @@ import torch
 from fddaq.config import FinetuneConfig, QuantConfig
 from fddaq.errors import ConfigError
 from fddaq.finetune import _Batches, finetune, split_holdout, student_loss
-from fddaq.quant.calibrate import calibrate, fake_quant_layers
+from fddaq.quant.calibrate import calibrate
+from fddaq.quant.modules import quant_layers
 from fddaq.recipes import recipe_config
 from tests.conftest import fake_quant_model
 
@@ -93,8 +94,9 @@ def test_paper_mode_uses_min_max_weights_and_frozen_ema_ranges(tiny_model):
     config = recipe_config("fdda-paper", QuantConfig(4, 4), steps=6).finetune
     config = type(config)(**{**config.__dict__, "batch_size": 8, "observe_fraction": 0.5})
     student, _ = run(tiny_model, config)
-    for _, layer in fake_quant_layers(student):
-        assert torch.allclose(layer.weight_quant.scale(), layer.weight_quant.min_max_scale(layer.weight))
+    weights = student.layer_weights()
+    for layer in quant_layers(student):
+        assert torch.allclose(layer.weight_quant.scale(), layer.weight_quant.min_max_scale(weights[layer.name]))
         assert layer.input_quant.ema_momentum is None and layer.input_quant.observed is not None
 
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from fddaq.config import QuantConfig
 from fddaq.data import load_image_folder, preset
-from fddaq.models import build_model, layer_execution_order
+from fddaq.models import build_model
+from fddaq.quant.capture import capture
 from fddaq.quant.plan import resolve_layer_plan
 from fddaq.zoo import ZOO
 from fddaq.zoo.efficientnet import efficientnet_lite0, same_padding
@@ -78,9 +79,11 @@ def test_efficientnet_lite0_structure(lite0):
 def test_efficientnet_lite0_in_zoo_and_fully_quantizable():
     assert ZOO["efficientnet_lite0"].preset == "efficientnet-lite"
     model = build_model("fddaq:efficientnet_lite0", num_classes=7)
-    order = layer_execution_order(model, torch.zeros(1, 3, 224, 224))
+    found = capture(model, torch.zeros(1, 3, 224, 224))
+    order = [layer.name for layer in found.layers]
     assert len(order) == 50 and order[0] == "_conv_stem" and order[-1] == "_fc"
-    plan = resolve_layer_plan(model, order, QuantConfig())
+    assert len(found.folds) == 49
+    plan = resolve_layer_plan(found, QuantConfig())
     assert all(entry.kind != "float" for entry in plan.layers)
     small = efficientnet_lite0(num_classes=5, in_channels=1, image_size=64).eval()
     with torch.no_grad():

@@ -1,0 +1,453 @@
+"""What a model computes, found by running it once on an example input.
+
+`capture(model, example)` runs the float model under a recording `Interceptor` and returns a
+`Capture`:
+- its layers, in the order they are first called: every convolution and `F.linear` whose
+  weight is a parameter or is computed from parameters alone, whichever module makes the call
+  (a layer is named after its weight: `blocks.0.conv` for `blocks.0.conv.weight`);
+- weights it cannot quantize, with the reason (a parameter used by `torch.matmul`, say);
+- the BatchNorms that fold into a layer: an `F.batch_norm` in eval mode that is the only
+  reader of a layer's output, each called once;
+- the clip (ReLU6, Hardtanh, clamp) each layer's input comes from, through pooling,
+  flattening and zero padding;
+- its outputs (a tensor, or tuples, lists and dicts of them), by name.
+
+A forward that fails, or that turns a tensor computed from the input into a Python value (an
+`if` or `assert` on tensor values: a traced graph would keep one branch for every input), is a
+`ModelError` naming the operation, the module and the source line."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten_with_path
+
+from ..errors import ConfigError, ModelError, first_line
+from .intercept import LAYER_FUNCTIONS, Dataflow, Interceptor, batch_norm_arguments, channel_axis, layer_arguments, tensors
+
+SINGLE_OUTPUT = "logits"  # the name of a model's output when it returns one tensor
+
+# Conversions of a tensor to a Python value: on a tensor computed from the input, the traced
+# graph would hard-code their result.
+_CONVERSIONS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__,
+                torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy}
+# Products whose parameter operand would be a layer if fddaq could quantize it there.
+_PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.mm,
+             torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.einsum, torch.addmm, F.bilinear,
+             F.multi_head_attention_forward}
+# Calls whose output stays within the range of their (first) input.
+_RANGE_KEEPING = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                  F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, F.dropout2d,
+                  torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape,
+                  torch.Tensor.contiguous, torch.squeeze, torch.Tensor.squeeze, torch.unsqueeze,
+                  torch.Tensor.unsqueeze, torch.Tensor.mean, torch.mean}
+_CLAMPS = {torch.clamp, torch.Tensor.clamp, torch.Tensor.clamp_, torch.clip, torch.Tensor.clip, torch.Tensor.clip_}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A convolution or linear layer: `weight` is the parameter passed as its weight (None when
+    the weight is computed from `sources`), `bias` the parameter passed as its bias (if any)."""
+
+    name: str
+    kind: str  # a value of LAYER_FUNCTIONS
+    channels: int  # output channels: per-channel weight scales
+    weight: str | None
+    sources: tuple[str, ...]
+    bias: str | None
+    calls: int
+    module_type: str
+    where: str
+    order: int  # index of its first call
+
+    @property
+    def axis(self) -> int:
+        return channel_axis(self.kind)
+
+
+@dataclass(frozen=True)
+class FloatLayer:
+    """A weight fddaq finds but cannot quantize, and why."""
+
+    name: str
+    reason: str
+    order: int
+
+
+@dataclass(frozen=True)
+class BatchNormFold:
+    """A BatchNorm that folds into `layer`: the names of its tensors, and its epsilon."""
+
+    layer: str
+    module: str
+    running_mean: str
+    running_var: str
+    weight: str | None
+    bias: str | None
+    eps: float
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Capture:
+    input_shape: tuple[int, ...]  # of one example, without the batch dimension
+    layers: tuple[Layer, ...]
+    float_layers: tuple[FloatLayer, ...]
+    folds: tuple[BatchNormFold, ...]
+    clips: dict[str, tuple[float, float]] = field(default_factory=dict)
+    outputs: tuple[Output, ...] = ()
+
+    def layer(self, name: str) -> Layer:
+        return next(layer for layer in self.layers if layer.name == name)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(output.name for output in self.outputs)
+
+
+@torch.no_grad()
+def capture(model: nn.Module, example: Tensor) -> Capture:
+    """Run `model` (eval mode) on `example` and return what it computes (see the module doc)."""
+    model.eval()
+    recorder = _Recorder(model)
+    try:
+        with recorder.modules_tracked():
+            recorder.flow.mark_input(example)
+            with recorder:
+                out = model(example)
+    except ModelError:
+        raise
+    except Exception as exc:  # the user's forward: any type
+        raise ModelError(
+            f"the model fails on an input of shape {tuple(example.shape)} in {recorder.location(exc)}: {first_line(exc)}"
+        ) from exc
+    if recorder.problems:
+        raise ModelError(recorder.problems[0])
+    return recorder.result(tuple(example.shape[1:]), out)
+
+
+def output_leaves(out: Any) -> list[tuple[str, Tensor]]:
+    """(name, tensor) of every tensor a forward returns: a lone tensor is `SINGLE_OUTPUT`;
+    inside tuples, lists and dicts, the path of keys and indices (`out`, `aux.0`)."""
+    leaves, _ = tree_flatten_with_path(out)
+    named = []
+    for path, leaf in leaves:
+        if isinstance(leaf, Tensor):
+            parts = [str(k.key) if isinstance(k, MappingKey) else str(k.idx) if isinstance(k, SequenceKey) else str(k)
+                     for k in path]
+            named.append((".".join(parts) or SINGLE_OUTPUT, leaf))
+    return named
+
+
+def select_output(out: Any, name: str | None) -> Any:
+    """The output called `name` (see `output_leaves`) of what a forward returned; everything
+    when `name` is None."""
+    if name is None or (name == SINGLE_OUTPUT and isinstance(out, Tensor)):
+        return out
+    for leaf_name, tensor in output_leaves(out):
+        if leaf_name == name:
+            return tensor
+    raise ModelError(f"the model returned no output called {name!r}")
+
+
+def resolve_output(outputs: tuple[Output, ...], choice: str | None = None) -> str:
+    """The output that is scored and distilled: `choice` (a name or an index) when given; else
+    the only one, else `out`, else the first."""
+    names = [output.name for output in outputs]
+    if not names:
+        raise ModelError("the model returns no tensor")
+    if choice is None:
+        return names[0] if len(names) == 1 or "out" not in names else "out"
+    if choice in names:
+        return choice
+    if choice.lstrip("-").isdigit() and -len(names) <= int(choice) < len(names):
+        return names[int(choice)]
+    raise ConfigError(f"--output {choice!r} is not an output of the model; its outputs: {', '.join(names)} "
+                     f"(or an index 0..{len(names) - 1})")
+
+
+def layer_name(weight: str) -> str:
+    """A layer's name from its weight parameter: `conv.weight` -> `conv`, `attn.in_proj_weight`
+    -> `attn.in_proj`, anything else unchanged."""
+    owner, _, leaf = weight.rpartition(".")
+    if leaf == "weight" and owner:
+        return owner
+    if leaf.endswith("_weight") and len(leaf) > len("_weight"):
+        return f"{owner}.{leaf[: -len('_weight')]}" if owner else leaf[: -len("_weight")]
+    return weight
+
+
+# ---------------------------------------------------------------- where things happen
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # fddaq/quant: the interception itself
+
+
+def _outside(filename: str) -> bool:
+    return not (filename.startswith(_TORCH_DIR) or filename.startswith(_HERE) or filename.startswith("<"))
+
+
+def _short(filename: str, line: int) -> str:
+    """`file:line`, relative to site-packages or to the current folder when inside one."""
+    marker = f"site-packages{os.sep}"
+    if marker in filename:
+        filename = filename.split(marker, 1)[1]
+    else:
+        try:
+            relative = os.path.relpath(filename)
+            filename = relative if not relative.startswith("..") else filename
+        except ValueError:  # another drive
+            pass
+    return f"{filename}:{line}"
+
+
+def caller() -> str:
+    """The innermost frame of the running code outside torch and fddaq's interception."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if _outside(frame.f_code.co_filename):
+            return _short(frame.f_code.co_filename, frame.f_lineno)
+        frame = frame.f_back
+    return "unknown location"
+
+
+def function_name(func: Callable) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    module = getattr(func, "__module__", None)
+    if name.startswith("TensorBase.") or name.startswith("_TensorBase."):
+        return "Tensor." + name.split(".", 1)[1]
+    if module in ("torch.nn.functional", "torch._C._nn"):
+        return f"torch.nn.functional.{getattr(func, '__name__', name)}"
+    if name.startswith("_VariableFunctionsClass."):
+        return "torch." + name.split(".", 1)[1]
+    return f"{module}.{name}" if module and not module.startswith("torch._C") else name
+
+
+# ---------------------------------------------------------------- recording
+
+@dataclass
+class _Call:
+    func: Callable
+    args: tuple
+    kwargs: dict
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
+class _Recorder(Interceptor):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(Dataflow(model))
+        self.parameters = {name for name, _ in model.named_parameters()}
+        self.module_names = {id(module): name for name, module in model.named_modules()}
+        self.modules = dict(model.named_modules())
+        self.stack: list[str] = []
+        self.calls: list[_Call] = []
+        self.producers: dict[int, list[int]] = defaultdict(list)  # tensor id -> calls that wrote it
+        self.readers: dict[int, list[int]] = defaultdict(list)
+        self.alive: list[Tensor] = []  # every tensor seen stays alive: ids are never reused
+        self.layers: dict[str, dict] = {}
+        self.layer_outputs: dict[str, int] = {}  # layer -> id of its first call's output
+        self.layer_inputs: dict[str, tuple[int, int]] = {}  # layer -> (input id, call index)
+        self.hidden: dict[str, FloatLayer] = {}
+        self.problems: list[str] = []
+
+    # -- module path of each call
+
+    def modules_tracked(self):
+        recorder = self
+
+        def enter(module: nn.Module, args: tuple) -> None:
+            recorder.stack.append(recorder._module_name(module))
+
+        def leave(module: nn.Module, args: tuple, out: Any) -> None:
+            if recorder.stack:
+                recorder.stack.pop()
+
+        class _Tracked:
+            def __enter__(self):
+                self.handles = [register_module_forward_pre_hook(enter),
+                                register_module_forward_hook(leave)]  # not on errors: the stack shows where
+
+            def __exit__(self, *exc):
+                for handle in self.handles:
+                    handle.remove()
+
+        return _Tracked()
+
+    def _module_name(self, module: nn.Module) -> str:
+        name = self.module_names.get(id(module))
+        if name is None:
+            return f"a {type(module).__name__} created in forward"
+        return f"module '{name}' ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
+
+    def here(self) -> str:
+        return f"{self.stack[-1] if self.stack else 'the model'} at {caller()}"
+
+    def location(self, exc: BaseException) -> str:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if _outside(f.filename)]
+        where = _short(frames[-1].filename, frames[-1].lineno) if frames else "unknown location"
+        return f"{self.stack[-1] if self.stack else 'the model'} at {where}"
+
+    # -- every call
+
+    def after(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+        inputs, outputs = tensors((args, kwargs)), tensors(out)
+        from_input = any(self.flow.is_activation(t) for t in inputs)
+        if func in _CONVERSIONS and from_input:
+            self.problems.append(
+                f"cannot export: {self.here()} converts a tensor computed from the input to a Python value "
+                f"({function_name(func)}, e.g. an `if` or `assert` on tensor values): the exported graph would keep "
+                "what this one input gave for every input. Compute it with tensor operations (torch.where) instead"
+            )
+        kind = LAYER_FUNCTIONS.get(func)
+        if kind is not None:
+            self._layer(kind, args, kwargs, out)
+        elif func in _PRODUCTS and from_input:
+            self._hidden(func, inputs)
+        index = len(self.calls)
+        self.calls.append(_Call(func, args, kwargs, tuple(map(id, inputs)), tuple(map(id, outputs))))
+        if outputs:
+            for tensor in inputs:
+                self.readers[id(tensor)].append(index)
+        for tensor in outputs:
+            self.producers[id(tensor)].append(index)
+        self.alive.extend(inputs + outputs)
+        super().after(func, args, kwargs, out)
+
+    def _layer(self, kind: str, args: tuple, kwargs: dict, out: Any) -> None:
+        x, weight, bias, _, _ = layer_arguments(args, kwargs)
+        sources = self.flow.sources(weight)
+        if not isinstance(weight, Tensor) or sources is None or not sources & self.parameters:
+            return  # a product of activations, or of a buffer: not a layer
+        direct = self.flow.named.get(id(weight))
+        primary = direct if direct in self.parameters else _primary(sources & self.parameters, weight, self)
+        name = layer_name(primary)
+        if name in self.layers:
+            self.layers[name]["calls"] += 1
+            return
+        bias_name = self.flow.named.get(id(bias)) if isinstance(bias, Tensor) else None
+        owner = self.modules.get(name) or self.modules.get(primary.rpartition(".")[0])
+        self.layers[name] = {
+            "name": name, "kind": kind, "channels": int(weight.shape[channel_axis(kind)]),
+            "weight": direct if direct in self.parameters else None, "sources": tuple(sorted(sources)),
+            "bias": bias_name if bias_name in self.parameters else None, "calls": 1,
+            "module_type": type(owner).__name__ if owner is not None else "function", "where": caller(),
+            "order": len(self.calls),
+        }
+        self.layer_inputs[name] = (id(x), len(self.calls))
+        if isinstance(out, Tensor):
+            self.layer_outputs[name] = id(out)
+
+    def _hidden(self, func: Callable, inputs: list[Tensor]) -> None:
+        for tensor in inputs:
+            sources = self.flow.sources(tensor)
+            if sources is None or tensor.dim() < 2 or not sources & self.parameters:
+                continue
+            name = layer_name(sorted(sources & self.parameters)[0])
+            if name not in self.hidden:
+                self.hidden[name] = FloatLayer(
+                    name, f"kept float: its weight is used by {function_name(func)} in {self.here()}, and fddaq "
+                          "quantizes convolutions and torch.nn.functional.linear", len(self.calls))
+
+    # -- after the forward
+
+    def result(self, input_shape: tuple[int, ...], out: Any) -> Capture:
+        layers = tuple(Layer(**info) for info in self.layers.values())
+        names = {layer.name for layer in layers}
+        hidden = tuple(h for name, h in self.hidden.items() if name not in names)
+        outputs = tuple(Output(name, tuple(t.shape[1:])) for name, t in output_leaves(out))
+        clips = {}
+        for layer in layers:
+            bounds = self._bounds(*self.layer_inputs[layer.name])
+            if bounds is not None:
+                clips[layer.name] = bounds
+        return Capture(input_shape, layers, hidden, self._folds(layers), clips, outputs)
+
+    def _folds(self, layers: tuple[Layer, ...]) -> tuple[BatchNormFold, ...]:
+        norms = [batch_norm_arguments(c.args, c.kwargs) for c in self.calls if c.func is F.batch_norm]
+        uses = defaultdict(int)
+        for arguments in norms:
+            uses[self.flow.named.get(id(arguments["running_mean"]))] += 1
+        folds = []
+        for layer in layers:
+            output = self.layer_outputs.get(layer.name)
+            readers = self.readers.get(output, []) if output is not None else []
+            if layer.calls != 1 or len(readers) != 1 or self.calls[readers[0]].func is not F.batch_norm:
+                continue
+            bn = batch_norm_arguments(self.calls[readers[0]].args, self.calls[readers[0]].kwargs)
+            named = {key: self.flow.named.get(id(bn[key])) if isinstance(bn[key], Tensor) else None
+                     for key in ("running_mean", "running_var", "weight", "bias")}
+            if (
+                id(bn["input"]) != output or bn["training"]
+                or named["running_mean"] is None or named["running_var"] is None
+                or uses[named["running_mean"]] != 1
+                or any(bn[key] is not None and named[key] is None for key in ("weight", "bias"))
+                or bn["running_mean"].numel() != layer.channels
+                or (layer.kind == "linear" and bn["input"].dim() != 2)
+            ):
+                continue
+            module = named["running_mean"].rpartition(".")[0]
+            folds.append(BatchNormFold(layer.name, module, named["running_mean"], named["running_var"],
+                                       named["weight"], named["bias"], float(bn["eps"])))
+        return tuple(folds)
+
+    def _bounds(self, tensor: int, before: int) -> tuple[float, float] | None:
+        """The clip `tensor`, as read by call `before`, comes from, through range-keeping calls
+        and zero padding."""
+        index = next((i for i in reversed(self.producers.get(tensor, [])) if i < before), None)
+        if index is None:
+            return None
+        call = self.calls[index]
+        func, args, kwargs = call.func, call.args, call.kwargs
+        if func is F.relu6:
+            return 0.0, 6.0
+        if func is F.hardtanh:
+            low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+            high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            return float(low), float(high)
+        if func in _CLAMPS:
+            low = args[1] if len(args) > 1 else kwargs.get("min")
+            high = args[2] if len(args) > 2 else kwargs.get("max")
+            if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+                return float(low), float(high)
+            return None
+        if not call.inputs:
+            return None
+        if func is F.pad:
+            mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+            value = args[3] if len(args) > 3 else kwargs.get("value", None)
+            bounds = self._bounds(call.inputs[0], index) if mode == "constant" and not value else None
+            return bounds if bounds is not None and bounds[0] <= 0 <= bounds[1] else None
+        if func in _RANGE_KEEPING:
+            return self._bounds(call.inputs[0], index)
+        return None
+
+
+def _primary(parameters: frozenset[str], weight: Tensor, recorder: _Recorder) -> str:
+    """The parameter a computed weight is named after: one called `weight` (or `*_weight`), else
+    the one of the weight's shape, else the first by name."""
+    ordered = sorted(parameters)
+    for name in ordered:
+        if name.rpartition(".")[2].endswith("weight"):
+            return name
+    shaped = [n for n in ordered if tuple(_tensor(recorder, n).shape) == tuple(weight.shape)]
+    return (shaped or ordered)[0]
+
+
+def _tensor(recorder: _Recorder, name: str) -> Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(recorder.modules[owner], leaf)
