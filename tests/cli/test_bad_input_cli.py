@@ -101,7 +101,7 @@ def test_rgb_images_for_a_grey_model_are_converted(tmp_path):
 def test_option_mistakes(tmp_path):
     expect_error(quantize(tmp_path, "--bits", "9"), tmp_path, "weight_bits=9 is outside the supported 2..8 bits")
     expect_error(quantize(tmp_path, "--layer-bits", "classifier=8"), tmp_path, "layer override 'classifier=8' matches no layer")
-    expect_error(quantize(tmp_path, "--arch", "torchvision:resnet1"), tmp_path, "unknown torchvision classification model")
+    expect_error(quantize(tmp_path, "--arch", "torchvision:resnet1"), tmp_path, "unknown torchvision model")
     expect_error(quantize(tmp_path, "--arch", "mymodels:build"), tmp_path, "cannot import module 'mymodels'")
     expect_error(quantize(tmp_path, "--device", "tpu"), tmp_path, "--device 'tpu' is not one of auto, cpu, cuda")
 

@@ -139,7 +139,7 @@ def test_summary_markdown_is_written_and_appended_to_the_github_step_summary(qui
     out, _ = quick_run
     summary = (out / "summary.md").read_text()
     assert summary.startswith("### fddaq quantize: model.pth at W4A4, recipe fddaq")
-    assert "| ONNX top-1 (val) |" in summary and "| stem.0 | conv | 4 | 8 |" in summary
+    assert "| ONNX top-1 (val) |" in summary and "| stem.0 | conv2d | 4 | 8 |" in summary
     report = json.loads((out / "report.json").read_text())
     sqnr = [layer["sqnr_db"] for layer in report["layers"]]
     assert len(sqnr) == 10 and all(5 < value < 60 for value in sqnr)  # dB; 4-bit errors accumulate
