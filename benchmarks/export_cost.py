@@ -96,7 +96,7 @@ def measure(name: str, rounds: int, steps: int, batch_size: int) -> dict:
             config = replace(config, finetune=replace(config.finetune, batch_size=batch_size))
         quantized = quantize_inputs(inputs, config)
         start = time.perf_counter()
-        proto = export_qdq(quantized.model, shape, onnx_metadata(inputs.info, quantized.plan))
+        proto = export_qdq(quantized.model, onnx_metadata(inputs.info, quantized.plan))
         exported = time.perf_counter()
         report = verify(proto, quantized.model, images, labels)
         verified = time.perf_counter()

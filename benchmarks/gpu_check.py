@@ -105,8 +105,9 @@ def check(name: str, device: torch.device, steps: int, warmup: int) -> dict:
     from fddaq.config import QuantConfig, SynthConfig
     from fddaq.device import place
     from fddaq.finetune import finetune
-    from fddaq.models import build_model, layer_execution_order
+    from fddaq.models import build_model
     from fddaq.quant.calibrate import calibrate
+    from fddaq.quant.capture import capture
     from fddaq.quant.plan import resolve_layer_plan
     from fddaq.quant.prepare import prepare
     from fddaq.recipes import recipe_config
@@ -132,8 +133,8 @@ def check(name: str, device: torch.device, steps: int, warmup: int) -> dict:
         assert len(result.curves["cbns"]) == count, "every timed generator step must run both passes"
 
     config = recipe_config("fddaq", QuantConfig(4, 4))
-    order = layer_execution_order(teacher, torch.zeros(1, *shape, device=device))
-    student = place(prepare(teacher, resolve_layer_plan(teacher, order, config.quant)), device)
+    found = capture(teacher, torch.zeros(1, *shape, device=device))
+    student = place(prepare(teacher, found, resolve_layer_plan(found, config.quant), found.outputs[0].name), device)
     calibrate(student, images[:32])
     real = (images, labels)
     synthetic = (torch.randn(256, *shape), torch.randint(1000, (256,)))

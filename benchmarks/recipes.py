@@ -85,7 +85,7 @@ def group(per_class: int, seed: int, bits: list[str], ablate: list[str]) -> list
             config = replace(config, finetune=replace(config.finetune, **ABLATIONS.get(method, {})))
             start = time.perf_counter()
             result = quantize_inputs(inputs, config, synthesis=synthesis if config.synth.num_images else None)
-            onnx_model = export_qdq(result.model, inputs.input_shape)
+            onnx_model = export_qdq(result.model)
             seconds = time.perf_counter() - start
             logits = run_onnx(onnx_model, x)
             rows.append({

@@ -56,9 +56,9 @@ sys.path.insert(0, str(ROOT))
 
 from fddaq.config import CalibrationConfig, FinetuneConfig, QuantConfig  # noqa: E402
 from fddaq.finetune import _optimizer, student_loss  # noqa: E402
-from fddaq.models import layer_execution_order  # noqa: E402
 from fddaq.quant import modules as fq_modules  # noqa: E402
 from fddaq.quant.calibrate import calibrate  # noqa: E402
+from fddaq.quant.capture import capture  # noqa: E402
 from fddaq.quant.plan import resolve_layer_plan  # noqa: E402
 from fddaq.quant.prepare import prepare  # noqa: E402
 from fddaq.zoo.resnet import fashion_resnet  # noqa: E402
@@ -125,8 +125,8 @@ def worker(case: str, variant: str, steps: int, warmup: int, threads: int) -> di
         student = freeze_bn(copy.deepcopy(teacher))
         optimizer = float_optimizer(student, config)
     else:
-        order = layer_execution_order(teacher, torch.zeros(1, *shape))
-        student = prepare(teacher, resolve_layer_plan(teacher, order, QuantConfig(weight_bits=4, act_bits=4)))
+        found = capture(teacher, torch.zeros(1, *shape))
+        student = prepare(teacher, found, resolve_layer_plan(found, QuantConfig(weight_bits=4, act_bits=4)), "logits")
         calibrate(student, batch, CalibrationConfig(max_samples=1 << 16))
         freeze_bn(student)
         optimizer = _optimizer(student, config)

@@ -70,7 +70,7 @@ def one_run(spec: dict) -> dict:
     from fddaq.synth.train import generate, train_generator
 
     inputs = load_inputs(Source(Path(spec["model"]), spec["arch"], Path(spec["calib"]), classes_file=spec.get("classes") and Path(spec["classes"])))
-    model = inputs.float_model
+    model = inputs.teacher
     layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
     stats = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
     config = SynthConfig(steps=spec["steps"], num_images=spec["num"], batch_size=spec["batch"], **spec["weights"])

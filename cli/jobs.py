@@ -194,7 +194,8 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
             raise ConfigError(f"{model_path} has malformed fddaq metadata ({first_line(exc)}): re-export it") from exc
         images = load_image_folder(data_dir, preprocess, class_names)
         session = inference_session(model_path, optimize=True)
-        logits = batches(lambda x: run_session(session, x), images.images)
+        scored = props.get("scored_output")  # several outputs: the one fddaq scored
+        logits = batches(lambda x: run_session(session, x, output=scored), images.images)
     else:
         kind = "checkpoint"
         checkpoint = load_checkpoint(model_path)

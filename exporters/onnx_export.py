@@ -7,8 +7,8 @@ a quantized layer uses passes through `_Marker`, which computes nothing new and 
 `fddaq::Quant` node naming the layer and the role of the value. The rewrite then replaces
 
 - an input marker by [Max -> Min ->] QuantizeLinear -> DequantizeLinear with the layer's
-  input quantizer (UINT4 for 4 bits or fewer, else UINT8; the clamp only for bit widths other
-  than 4 and 8, whose grid is narrower than the storage type),
+  input quantizer (UINT4 for 4 bits or fewer, else UINT8; the clamp to the grid below 8 bits,
+  see `_Rewrite._quantized_input`),
 - a weight marker by an INT4 (4 bits or fewer) or INT8 initializer with a per-output-channel
   DequantizeLinear (the float weight and whatever computed it become dead and are removed),
 - a bias marker by an INT32 initializer at step input scale x weight scale,
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from fddaq import __version__
 from fddaq.errors import ExportError, first_line
-from fddaq.quant.capture import SINGLE_OUTPUT, output_leaves
+from fddaq.quant.capture import SINGLE_OUTPUT, output_leaves, short_location
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.modules import QuantizedModel, QuantLayer
 from fddaq.quant.primitives import BIAS_SPAN, activation_range
@@ -178,8 +178,13 @@ def _export_failure(error: BaseException, log: str, prefix: str) -> str:
     names the operator in its message and logs the graph it was converting, each node with its
     module scope and source line."""
     message = first_line(error)
-    quoted = re.search(r"operator '([\w:]+)'", message) or re.search(r"kind '([\w:]+)'", str(error))
-    op = quoted.group(1) if quoted else None
+    op = None
+    for pattern, prefix_op in ((r"operator '([\w:]+)'", ""), (r"export of operator (\w+)", "aten::"),
+                               (r"kind '([\w:]+)'", "")):
+        found = re.search(pattern, str(error))
+        if found:
+            op = prefix_op + found.group(1)
+            break
     where = ""
     for line in log.splitlines():
         node = re.search(r"= ([\w:]+)\(", line)
@@ -189,7 +194,7 @@ def _export_failure(error: BaseException, log: str, prefix: str) -> str:
         where = _describe_scope(scope.group(1) if scope else None, prefix)
         source = re.search(r" # (\S+):(\d+):\d+\s*$", line)
         if source:
-            where += f" at {_short_path(source.group(1))}:{source.group(2)}"
+            where += f" at {short_location(source.group(1), int(source.group(2)))}"
         break
     subject = f"{op} in {where}" if op and where else op or where or "the model"
     return f"cannot export {subject}: {message}"
@@ -205,11 +210,6 @@ def _describe_scope(scope: str | None, prefix: str) -> str:
     return f"module '{name}' ({class_path.rpartition('.')[2]})" if name and name != prefix.rstrip(".") else "the model"
 
 
-def _short_path(path: str) -> str:
-    marker = f"site-packages{os.sep}"
-    return path.split(marker, 1)[1] if marker in path else path
-
-
 # ---------------------------------------------------------------- the rewrite
 
 class _Rewrite:
@@ -220,7 +220,7 @@ class _Rewrite:
         self.layers = layers
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self.zero_points: dict[tuple[str, int], str] = {}
+        self.zero_points: dict[tuple[str, float], str] = {}  # shared scalars: zero points and clamp bounds
         self.renames: dict[str, str] = {}
         self.calls: dict[str, int] = defaultdict(int)
         self.emitted: set[str] = set()
@@ -260,20 +260,30 @@ class _Rewrite:
         scale = np.float32(quant.scale().item())
         zero_point = int(quant.zero_point.item())
         storage = ml_dtypes.uint4 if quant.bits <= 4 else np.uint8
-        if quant.bits not in (4, 8):
-            # QuantizeLinear saturates only to the storage type's range: clamp to the grid's.
-            # Max/Min, not Clip: onnxruntime's ClipQuantFusion (basic optimizations, on by
-            # default) fails at session creation on Clip -> QuantizeLinear with a UINT4 zero point.
-            low = self._constant(f"{name}_min", np.float32(qmin - zero_point) * scale)
-            high = self._constant(f"{name}_max", np.float32(qmax - zero_point) * scale)
-            x = self._emit("Max", [x, low], f"{name}_above_min")
-            x = self._emit("Min", [x, high], f"{name}_clamped")
+        if quant.bits < 8:
+            # Clamp to the grid first: QuantizeLinear saturates only to the storage type's range,
+            # wider than the grid below 8 bits (UINT4 saturates at the top of a 4-bit grid: a
+            # lower bound is enough there). At 4 bits the clamp changes no value but keeps
+            # onnxruntime's optimizer from two failures at session creation: Clip ->
+            # QuantizeLinear with a UINT4 zero point (ClipQuantFusion), and MaxPool ->
+            # QuantizeLinear (UINT4), whose Q/DQ it moves around the MaxPool and then drops,
+            # leaving a MaxPool on UINT4. Max/Min, not Clip, for the first reason.
+            x = self._emit("Max", [x, self._bound(np.float32(qmin - zero_point) * scale)], f"{name}_lo")
+            if quant.bits != 4:
+                x = self._emit("Min", [x, self._bound(np.float32(qmax - zero_point) * scale)], f"{name}_hi")
         key = (np.dtype(storage).name, zero_point)
         if key not in self.zero_points:
             self.zero_points[key] = self._constant(f"zero_point_{key[0]}_{zero_point}", np.array(zero_point, storage))
         q_params = [self._constant(f"{name}_scale", np.array(scale, np.float32)), self.zero_points[key]]
         quantized = self._emit("QuantizeLinear", [x, *q_params], f"{name}_q")
         return self._emit("DequantizeLinear", [quantized, *q_params], name)
+
+    def _bound(self, value: np.float32) -> str:
+        """A float32 scalar initializer, one per value (most lower bounds are 0)."""
+        key = ("float32", float(value))
+        if key not in self.zero_points:
+            self.zero_points[key] = self._constant(f"bound_{len(self.zero_points)}", np.array(value, np.float32))
+        return self.zero_points[key]
 
     def _weight(self, layer: QuantLayer) -> str:
         """INT4/INT8 initializer -> per-output-channel DequantizeLinear (once per layer)."""
@@ -328,7 +338,7 @@ def _finish(proto: onnx.ModelProto, metadata: dict[str, str] | None, opset: int)
     graph = proto.graph
     _explicit_same_padding(graph)
     _drop_identities(graph)
-    _replace_clips_before_4_bit_quantizers(graph)
+    _drop_default_attributes(graph)
     _prune(graph)
     _short_names(graph)
     del proto.opset_import[:]
@@ -367,6 +377,30 @@ def _explicit_same_padding(graph: onnx.GraphProto) -> None:
         node.attribute.extend([*kept, helper.make_attribute("pads", pads)])
 
 
+_DEFAULTS = {"dilations": 1, "strides": 1, "pads": 0, "group": 1}  # of Conv, ConvTranspose, pooling
+
+
+def _drop_default_attributes(graph: onnx.GraphProto) -> None:
+    """Leave out attributes equal to their default (every byte counts in a 4-bit file)."""
+
+    def default(attribute: onnx.AttributeProto) -> bool:
+        if attribute.name not in _DEFAULTS:
+            return False
+        if attribute.type == onnx.AttributeProto.INTS:
+            values = list(attribute.ints)
+        elif attribute.type == onnx.AttributeProto.INT:
+            values = [attribute.i]
+        else:
+            return False
+        return all(value == _DEFAULTS[attribute.name] for value in values)
+
+    for node in graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
+            kept = [a for a in node.attribute if not default(a)]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+
+
 def _drop_identities(graph: onnx.GraphProto) -> None:
     """Remove Identity nodes (torch writes one per duplicate initializer) except those that give
     a graph output its name."""
@@ -381,34 +415,6 @@ def _drop_identities(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
     for node in graph.node:
         node.input[:] = [renames.get(name, name) for name in node.input]
-
-
-def _replace_clips_before_4_bit_quantizers(graph: onnx.GraphProto) -> None:
-    """Clip -> QuantizeLinear with a 4-bit zero point becomes Max -> Min -> QuantizeLinear:
-    onnxruntime's ClipQuantFusion (basic optimizations, on by default) fails at session
-    creation on the former."""
-    initializers = {init.name: init for init in graph.initializer}
-    four_bit = {
-        name for node in graph.node if node.op_type == "QuantizeLinear" and len(node.input) > 2
-        and node.input[2] in initializers
-        and initializers[node.input[2]].data_type in (TensorProto.UINT4, TensorProto.INT4)
-        for name in node.input[:1]
-    }
-    nodes = []
-    for node in graph.node:
-        if node.op_type != "Clip" or node.output[0] not in four_bit:
-            nodes.append(node)
-            continue
-        x, low, high = (list(node.input) + ["", "", ""])[:3]
-        if low:
-            x = node.output[0] + "_above_min" if high else node.output[0]
-            nodes.append(helper.make_node("Max", [node.input[0], low], [x]))
-        if high:
-            nodes.append(helper.make_node("Min", [x, high], [node.output[0]]))
-        if not low and not high:
-            nodes.append(helper.make_node("Identity", [x], [node.output[0]]))
-    del graph.node[:]
-    graph.node.extend(nodes)
 
 
 def _prune(graph: onnx.GraphProto) -> None:

@@ -150,7 +150,8 @@ def load_float(source: Source) -> FloatModel:
     what it computes, captured on one example (a `ModelError` names what it cannot run)."""
     model = load_float_model(source.model_path, source.arch, source.num_classes, source.trust_model, source.arch_args)
     preprocess = resolve_preprocess(source.arch, input_channels(model), source.preprocess)
-    example = torch.zeros(1, preprocess.channels, preprocess.input_size, preprocess.input_size)
+    # a batch of 2: a forward that only runs on one image fails here, not in the exported graph
+    example = torch.zeros(2, preprocess.channels, preprocess.input_size, preprocess.input_size)
     found = capture(model, example)
     return FloatModel(model, preprocess, found, resolve_output(found.outputs, source.output))
 

@@ -142,14 +142,16 @@ def capture(model: nn.Module, example: Tensor) -> Capture:
 
 def output_leaves(out: Any) -> list[tuple[str, Tensor]]:
     """(name, tensor) of every tensor a forward returns: a lone tensor is `SINGLE_OUTPUT`;
-    inside tuples, lists and dicts, the path of keys and indices (`out`, `aux.0`)."""
+    inside tuples, lists and dicts, the path of keys and indices (`out`, `aux.0`, `output.1`
+    for the second of a tuple: ONNX names may not start with a digit in torch's exporter)."""
     leaves, _ = tree_flatten_with_path(out)
     named = []
     for path, leaf in leaves:
         if isinstance(leaf, Tensor):
             parts = [str(k.key) if isinstance(k, MappingKey) else str(k.idx) if isinstance(k, SequenceKey) else str(k)
                      for k in path]
-            named.append((".".join(parts) or SINGLE_OUTPUT, leaf))
+            name = ".".join(parts) or SINGLE_OUTPUT
+            named.append((f"output.{name}" if name[0].isdigit() else name, leaf))
     return named
 
 
@@ -201,7 +203,7 @@ def _outside(filename: str) -> bool:
     return not (filename.startswith(_TORCH_DIR) or filename.startswith(_HERE) or filename.startswith("<"))
 
 
-def _short(filename: str, line: int) -> str:
+def short_location(filename: str, line: int) -> str:
     """`file:line`, relative to site-packages or to the current folder when inside one."""
     marker = f"site-packages{os.sep}"
     if marker in filename:
@@ -220,7 +222,7 @@ def caller() -> str:
     frame = sys._getframe(1)
     while frame is not None:
         if _outside(frame.f_code.co_filename):
-            return _short(frame.f_code.co_filename, frame.f_lineno)
+            return short_location(frame.f_code.co_filename, frame.f_lineno)
         frame = frame.f_back
     return "unknown location"
 
@@ -299,7 +301,7 @@ class _Recorder(Interceptor):
 
     def location(self, exc: BaseException) -> str:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if _outside(f.filename)]
-        where = _short(frames[-1].filename, frames[-1].lineno) if frames else "unknown location"
+        where = short_location(frames[-1].filename, frames[-1].lineno) if frames else "unknown location"
         return f"{self.stack[-1] if self.stack else 'the model'} at {where}"
 
     # -- every call

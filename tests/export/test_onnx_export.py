@@ -178,7 +178,8 @@ def test_4bit_weights_are_int4_initializers_only():
     # the graph around the numbers (names, nodes, attributes) is a sizeable share of a small
     # 4-bit file: terse names, shared zero points, unnamed Q/DQ nodes, no default attributes
     payload = sum(len(t.raw_data) for t in onnx_model.graph.initializer)
-    assert qdq_size - payload < 800 * len(qmodel.layers)  # about 1,100 with verbose names
+    # about 1,100 with verbose names; a 4-bit input's clamp to its grid (see the exporter) costs ~50
+    assert qdq_size - payload < 850 * len(qmodel.layers)
     zero_points = [n.input[2] for n in onnx_model.graph.node if n.op_type == "QuantizeLinear"]
     assert len(set(zero_points)) == len({numpy_helper.to_array(tensors[z]).item() for z in zero_points}) < len(zero_points)
 

@@ -63,7 +63,7 @@ def test_verify_reports_agreement_and_accuracy(exported, images):
     assert set(report.to_json()) == {
         "samples", "agreement", "max_abs_diff", "mean_abs_diff", "max_step_diff", "mean_step_diff",
         "activation_values", "activation_mismatches", "activation_max_step_diff", "local_mismatches",
-        "local_max_step_diff", "onnx_top1", "torch_top1",
+        "local_max_step_diff", "local_agreement", "onnx_top1", "torch_top1",
         "optimized_agreement", "optimized_max_abs_diff", "optimized_max_step_diff", "optimized_top1",
         "integer_ops", "float_ops", "outputs",
     }
@@ -122,3 +122,4 @@ def test_verify_leaves_the_torch_model_alone(exported, images):
     qmodel.train()
     verify(onnx_model, qmodel, images[:4])
     assert qmodel.training
+

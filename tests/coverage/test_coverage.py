@@ -1,0 +1,37 @@
+"""The coverage list of `benchmarks/coverage.py` (torchvision's families, timm, EfficientNet-PyTorch,
+torchvision segmentation, a UNet and a YOLO-style neck; random weights, 64-96 px): each model
+quantizes at W8A8 and W4A4 on every layer, exports, and onnxruntime reproduces it."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "coverage.py"
+_SPEC = importlib.util.spec_from_file_location("fddaq_coverage_benchmark", _PATH)
+coverage = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(coverage)
+
+CASES = [
+    pytest.param(arch, bits, id=f"{arch.name.split(' ')[0]}-W{bits}A{bits}", marks=[pytest.mark.slow] if arch.slow else [])
+    for arch in coverage.ARCHITECTURES
+    for bits in (8, 4)
+]
+
+
+@pytest.mark.parametrize("arch, bits", CASES)
+def test_architecture_quantizes_exports_and_matches_onnxruntime(arch, bits):
+    row = coverage.measure(arch, bits)
+    # each layer, fed the graph's inputs, computes the graph's integers but for rare one-step ties
+    assert row["local_max_step_diff"] <= 1
+    assert row["local_mismatches"] <= 1e-4 * row["activation_values"]
+    # ... and every output of the graph has the top-1 class (per image, per pixel) of that model
+    assert row["local_agreement"] == 100.0
+    # running freely, the ties a random network amplifies can swap a near top-2 (measured: 7 of
+    # 8 images at worst, 93% of a detector's positions); a wrong graph agrees by chance only
+    assert min(row["agreement"], row["optimized_agreement"]) >= 75.0
+    # integer weights in the graph for (nearly) every layer the model runs
+    assert row["integer_layers"] >= 0.95 * row["layers"], row["float_layers"]
