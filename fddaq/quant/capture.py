@@ -18,12 +18,13 @@ A forward that fails, or that turns a tensor computed from the input into a Pyth
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -269,26 +270,24 @@ class _Recorder(Interceptor):
 
     # -- module path of each call
 
-    def modules_tracked(self):
-        recorder = self
+    @contextlib.contextmanager
+    def modules_tracked(self) -> Iterator[None]:
+        """While active, `stack` holds the modules being run, innermost last (left as it is
+        when a forward fails: the error then says where)."""
 
         def enter(module: nn.Module, args: tuple) -> None:
-            recorder.stack.append(recorder._module_name(module))
+            self.stack.append(self._module_name(module))
 
         def leave(module: nn.Module, args: tuple, out: Any) -> None:
-            if recorder.stack:
-                recorder.stack.pop()
+            if self.stack:
+                self.stack.pop()
 
-        class _Tracked:
-            def __enter__(self):
-                self.handles = [register_module_forward_pre_hook(enter),
-                                register_module_forward_hook(leave)]  # not on errors: the stack shows where
-
-            def __exit__(self, *exc):
-                for handle in self.handles:
-                    handle.remove()
-
-        return _Tracked()
+        handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _module_name(self, module: nn.Module) -> str:
         name = self.module_names.get(id(module))
