@@ -60,7 +60,7 @@ class Architecture:
     args: tuple[str, ...] = ()
     size: int = 64
     num_classes: int | None = 10
-    slow: bool = False  # minutes on 2 cores, or a large file: run by `make test`, not the quick loop
+    slow: bool = False  # 8 s or more a bit width on 2 cores: run by `make test`, not the quick loop
 
 
 ARCHITECTURES = [
@@ -69,13 +69,12 @@ ARCHITECTURES = [
     Architecture("alexnet", "torchvision:alexnet", size=224, slow=True),
     Architecture("vgg11", "torchvision:vgg11", size=224, slow=True),
     Architecture("resnet18", "torchvision:resnet18"),
-    Architecture("resnext50_32x4d", "torchvision:resnext50_32x4d", slow=True),
+    Architecture("resnext50_32x4d", "torchvision:resnext50_32x4d"),
     Architecture("wide_resnet50_2", "torchvision:wide_resnet50_2", slow=True),
     Architecture("squeezenet1_1", "torchvision:squeezenet1_1"),
-    Architecture("densenet121", "torchvision:densenet121", slow=True),
-    Architecture("googlenet", "torchvision:googlenet", args=("aux_logits=False", "init_weights=True"), slow=True),
-    Architecture("inception_v3", "torchvision:inception_v3", args=("aux_logits=False", "init_weights=True"), size=96,
-                 slow=True),
+    Architecture("densenet121", "torchvision:densenet121"),
+    Architecture("googlenet", "torchvision:googlenet", args=("aux_logits=False", "init_weights=True")),
+    Architecture("inception_v3", "torchvision:inception_v3", args=("aux_logits=False", "init_weights=True"), size=96),
     Architecture("shufflenet_v2_x0_5", "torchvision:shufflenet_v2_x0_5"),
     Architecture("mobilenet_v2", "torchvision:mobilenet_v2"),
     Architecture("mobilenet_v3_small", "torchvision:mobilenet_v3_small"),
@@ -84,7 +83,7 @@ ARCHITECTURES = [
     Architecture("efficientnet_v2_s", "torchvision:efficientnet_v2_s", slow=True),
     Architecture("regnet_x_400mf", "torchvision:regnet_x_400mf"),
     Architecture("regnet_y_400mf", "torchvision:regnet_y_400mf"),
-    Architecture("convnext_tiny", "torchvision:convnext_tiny", slow=True),
+    Architecture("convnext_tiny", "torchvision:convnext_tiny"),
     Architecture("maxvit_t", "torchvision:maxvit_t", size=224, slow=True),
     Architecture("swin_t", "torchvision:swin_t", slow=True),
     Architecture("vit_b_16", "torchvision:vit_b_16", args=("image_size=64",), slow=True),

@@ -202,8 +202,9 @@ class QuantizedModel(nn.Module):
 
     `tap(layer, role, raw, quantized)`, when set, sees every value a layer quantizes (`role`
     "x": its input, "w": its weight, "b": its bias) before and after quantization and returns
-    the value to use: the exporter marks them, verification records and replaces them. `recording` and `outputs`,
-    when set to a dict, receive each layer's first (weight, bias) arguments and output."""
+    the value to use: the exporter marks them, verification records and replaces them.
+    `recording` and `outputs`, when set to a dict, receive each layer's first (weight, bias)
+    arguments and its first output."""
 
     def __init__(self, model: nn.Module, capture: Capture, layers: list[QuantLayer], output: str) -> None:
         super().__init__()

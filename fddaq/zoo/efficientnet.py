@@ -5,7 +5,9 @@ EfficientNet-PyTorch checkpoints (`_conv_stem`, `_blocks.N._depthwise_conv`, `_f
 TensorFlow "SAME" padding is asymmetric for stride-2 convs on even sizes. It is computed once
 for the constructor's `image_size`: a conv whose padding is symmetric gets it as its own
 `padding`, otherwise a parameter-free `nn.ZeroPad2d` module runs right before a `padding=0`
-conv. Every conv is therefore a plain `nn.Conv2d` and the network traces with `torch.fx`.
+conv. Every conv is a plain `nn.Conv2d`. (The `efficientnet-lite-pytorch` package builds the
+same network from the same state dict with convs that pad in their own forward; fddaq
+quantizes both alike, see `tests/e2e/test_real_weights.py`.)
 """
 
 from __future__ import annotations

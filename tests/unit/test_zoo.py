@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.fx
 from torch import nn
 
 from fddaq.config import QuantConfig
@@ -68,12 +67,8 @@ def test_efficientnet_lite0_structure(lite0):
     assert pads == {"_stem_pad": (0, 1, 0, 1), "_blocks.1._depthwise_pad": (0, 1, 0, 1),
                     "_blocks.3._depthwise_pad": (1, 2, 1, 2), "_blocks.5._depthwise_pad": (0, 1, 0, 1),
                     "_blocks.11._depthwise_pad": (1, 2, 1, 2)}
-    x = torch.randn(2, 3, 224, 224)
-    traced = torch.fx.symbolic_trace(lite0)
     with torch.no_grad():
-        out = lite0(x)
-        assert out.shape == (2, 1000)
-        torch.testing.assert_close(traced(x), out)
+        assert lite0(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
 
 
 def test_efficientnet_lite0_in_zoo_and_fully_quantizable():
