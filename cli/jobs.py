@@ -26,16 +26,16 @@ from fddaq.synth.preview import preview_grid
 def checked_float(source: Source, quant: QuantConfig, config: RunConfig | None = None,
                   on_event: EventHandler | None = None) -> tuple[FloatModel, float]:
     """The float model of `source`, after everything that could fail later was tried on it:
-    the capture of what it computes, the layer plan, and a dry run of the export of it and of
-    its quantized form (`exporters.dry_run`). Returns it and the seconds the checks took."""
+    the capture of what it computes, its scored output for `config` (None: synthesis alone),
+    the layer plan, and a dry run of the export of it and of its quantized form
+    (`exporters.dry_run`). Returns it and the seconds the checks took."""
     from exporters.dry_run import dry_run
     from fddaq.events import emit
 
     start = time.perf_counter()
     emit(on_event, "check", 0, 1)
     loaded = load_float(source)
-    if config is not None:
-        check_trainable(loaded, config)
+    check_trainable(loaded, config)
     dry_run(loaded.model, loaded.capture, plan_layers(loaded, quant), loaded.output)
     emit(on_event, "check", 1, 1)
     return loaded, time.perf_counter() - start

@@ -215,15 +215,17 @@ def synthesize(
         return _synthesize(inputs, config, on_event, real_images)
 
 
-def check_trainable(model: FloatModel, config: RunConfig) -> None:
+def check_trainable(model: FloatModel, config: RunConfig | None = None) -> None:
     """Synthesis and fine-tuning distil class logits: a scored output with positions (a
-    segmentation map) is refused before any work."""
-    needs_logits = config.finetune.steps > 0 or (config.synth.num_images > 0 and not config.real_images)
+    segmentation map) is refused before any work, for a `quantize` run of `config` that
+    fine-tunes or synthesizes, and for synthesis alone (`config` None)."""
+    needs_logits = config is None or config.finetune.steps > 0 or (config.synth.num_images > 0 and not config.real_images)
     if model.dense and needs_logits:
         shape = next(o.shape for o in model.capture.outputs if o.name == model.output)
         raise ConfigError(
             f"the scored output {model.output!r} has shape {shape} (classes and positions): fine-tuning and FDDA "
-            "synthesis distil class logits [N, classes]; use --recipe ptq, or --output for a logits output"
+            "synthesis distil class logits [N, classes]; give --output for a logits output"
+            + ("" if config is None else ", or use --recipe ptq")
         )
 
 

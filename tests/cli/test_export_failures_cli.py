@@ -146,6 +146,8 @@ def test_a_segmentation_map_is_refused_by_distilling_recipes_only(workspace):
     result, _ = run("quantize", "dense")
     assert result.exit_code == 1 and "the scored output 'logits' has shape (10, 28, 28)" in result.output
     assert "use --recipe ptq" in result.output and not (workspace / "out").exists()
+    result, _ = run("synth", "dense")
+    assert result.exit_code == 1 and "distil class logits [N, classes]; give --output" in result.output
     result, _ = run("quantize", "dense", "--recipe", "ptq", "--bits", "8")
     assert result.exit_code == 0, result.output
     assert (workspace / "out" / "model.onnx").exists()
