@@ -7,6 +7,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,12 +24,17 @@ from fddaq.pipeline import (FloatModel, Inputs, Source, Synthesis, check_trainab
                             quantize, synthesize)
 from fddaq.synth.preview import preview_grid
 
+if TYPE_CHECKING:
+    from exporters.dry_run import DryRun
+
 def checked_float(source: Source, quant: QuantConfig, config: RunConfig | None = None,
-                  on_event: EventHandler | None = None) -> tuple[FloatModel, float]:
+                  on_event: EventHandler | None = None) -> tuple[FloatModel, DryRun]:
     """The float model of `source`, after everything that could fail later was tried on it:
     the capture of what it computes, its scored output for `config` (None: synthesis alone),
     the layer plan, and a dry run of the export of it and of its quantized form
-    (`exporters.dry_run`). Returns it and the seconds the checks took."""
+    (`exporters.dry_run`). Returns it and the dry run's figures (its seconds: all the checks')."""
+    from dataclasses import replace
+
     from exporters.dry_run import dry_run
     from fddaq.events import emit
 
@@ -36,9 +42,9 @@ def checked_float(source: Source, quant: QuantConfig, config: RunConfig | None =
     emit(on_event, "check", 0, 1)
     loaded = load_float(source)
     check_trainable(loaded, config)
-    dry_run(loaded.model, loaded.capture, plan_layers(loaded, quant), loaded.output)
+    checked = dry_run(loaded.model, loaded.capture, plan_layers(loaded, quant), loaded.output)
     emit(on_event, "check", 1, 1)
-    return loaded, time.perf_counter() - start
+    return loaded, replace(checked, seconds=time.perf_counter() - start)
 
 
 def _pct(value: float | None) -> str:
@@ -245,7 +251,7 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
         "model": inputs.info.to_json(),
         "data": _data(inputs),
         "synthesis": synthesis.report,
-        "timings_s": {"check": checked, "load": inputs.seconds, "synthesize": synthesis.seconds,
+        "timings_s": {"check": checked.seconds, "load": inputs.seconds, "synthesize": synthesis.seconds,
                       "total": time.perf_counter() - start},
     }
     report["table"] = [
@@ -295,9 +301,9 @@ def run_quantize(
     inputs = result.inputs
     checkpoint = checkpoint_bytes(result.model, result.plan, inputs.info, {"config": config.to_json()})
     check = inputs.val or inputs.calib
-    deployment = deploy(result.model, inputs.float_model, inputs.info, result.plan, check.images,
+    deployment = deploy(result.model, checked.float_bytes, inputs.info, result.plan, check.images,
                         check.labels if inputs.val is not None else None, on_event=on_event)
-    timings = {"check": checked, **result.timings, **deployment.timings, "total": time.perf_counter() - start}
+    timings = {"check": checked.seconds, **result.timings, **deployment.timings, "total": time.perf_counter() - start}
     verify = deployment.verify
     drop = None
     if result.float_top1 is not None and verify.onnx_top1 is not None:
