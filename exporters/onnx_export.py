@@ -26,6 +26,7 @@ nodes keep a name."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import re
@@ -44,13 +45,12 @@ from torch import Tensor, nn
 
 from fddaq import __version__
 from fddaq.errors import ExportError, first_line
-from fddaq.quant.capture import SINGLE_OUTPUT, output_leaves, short_location
+from fddaq.quant.capture import output_leaves, short_location
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.modules import QuantizedModel, QuantLayer
 from fddaq.quant.primitives import BIAS_SPAN, activation_range
 
 INPUT_NAME = "input"
-OUTPUT_NAME = SINGLE_OUTPUT
 BATCH_DIM = "N"
 MIN_OPSET = 21  # INT4/UINT4 tensors and Q/DQ
 TORCH_OPSET = 20  # the newest opset torch's TorchScript exporter writes; the graph is stamped with the asked one
@@ -73,8 +73,9 @@ def export_qdq(model: QuantizedModel, metadata: dict[str, str] | None = None, op
     model.output = None  # every output
     model.tap = lambda layer, role, raw, quantized: _Marker.apply(raw, quantized, f"{layer.name}|{role}")
     proto = _torch_export(model, model.capture.input_shape, prefix="model.")
-    _Rewrite(proto.graph, {layer.name: layer for layer in model.layers}).run()
-    return _finish(proto, metadata, opset)
+    layers = {layer.name: layer for layer in model.layers}
+    _Rewrite(proto.graph, layers).run()
+    return _finish(proto, metadata, opset, set(layers))
 
 
 def export_float(
@@ -83,7 +84,7 @@ def export_float(
     """The float graph of `model` as torch exports it (BatchNorms folded by torch's exporter),
     every output of the model an output of the graph."""
     _check_opset(opset)
-    return _finish(_torch_export(model, input_shape), metadata, opset)
+    return _finish(_torch_export(copy.deepcopy(model).cpu().float(), input_shape), metadata, opset)
 
 
 def _check_opset(opset: int) -> None:
@@ -223,7 +224,11 @@ class _Rewrite:
         self.zero_points: dict[tuple[str, float], str] = {}  # shared scalars: zero points and clamp bounds
         self.renames: dict[str, str] = {}
         self.calls: dict[str, int] = defaultdict(int)
-        self.emitted: set[str] = set()
+        self.emitted: dict[str, str] = {}  # what an initializer was made from -> the tensor made
+        self.values = {init.name: init for init in graph.initializer}
+        self.values.update({node.output[0]: node.attribute[0].t for node in graph.node
+                            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
+        self.aliases = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
 
     def run(self) -> None:
         for node in self.graph.node:
@@ -231,15 +236,17 @@ class _Rewrite:
                 self.nodes.append(node)
                 continue
             name, role = helper.get_attribute_value(node.attribute[0]).decode().rsplit("|", 1)
-            layer = self.layers[name]
-            if role == "x":
+            layer, raw = self.layers[name], node.input[0]
+            if role == "w":
+                self.renames[node.output[0]] = self._weight(layer)
+            elif not layer.input_quant.enabled:  # a float input (and float bias), as in PyTorch
+                self.renames[node.output[0]] = raw
+            elif role == "x":
                 call = self.calls[name]
                 self.calls[name] += 1
-                self.renames[node.output[0]] = self._quantized_input(node.input[0], layer, layer_input(name, call))
-            elif role == "w":
-                self.renames[node.output[0]] = self._weight(layer)
+                self.renames[node.output[0]] = self._quantized_input(raw, layer, layer_input(name, call))
             else:
-                self.renames[node.output[0]] = self._bias(layer)
+                self.renames[node.output[0]] = self._bias(layer, raw)
         del self.graph.node[:]
         self.graph.node.extend(self.nodes)
         self.graph.initializer.extend(self.initializers)
@@ -289,25 +296,32 @@ class _Rewrite:
         """INT4/INT8 initializer -> per-output-channel DequantizeLinear (once per layer)."""
         name = f"{layer.name}.w"
         if name not in self.emitted:
-            self.emitted.add(name)
+            self.emitted[name] = name
             quant = layer.weight_quant
             storage = ml_dtypes.int4 if quant.bits <= 4 else np.int8
             scale = quant.scale().detach().cpu().numpy().astype(np.float32)
             self._dequantized(name, layer.integers.cpu().numpy().astype(storage), scale, quant.axis)
         return name
 
-    def _bias(self, layer: QuantLayer) -> str:
-        """INT32 initializer at step input scale x weight scale -> DequantizeLinear (once per layer),
-        the same float32 arithmetic as the PyTorch layer (round half to even)."""
-        name = f"{layer.name}.b"
-        if name not in self.emitted:
-            self.emitted.add(name)
-            bias = layer.deployed_bias.cpu().numpy().astype(np.float32)
+    def _bias(self, layer: QuantLayer, raw: str) -> str:
+        """INT32 initializer at step input scale x weight scale -> DequantizeLinear, the same
+        float32 arithmetic as the PyTorch layer (round half to even), from the float bias the
+        call passes (a constant of the graph: each call of a layer may pass its own)."""
+        while raw in self.aliases:
+            raw = self.aliases[raw]
+        if raw not in self.values:
+            raise ExportError(f"cannot export layer {layer.name!r}: its bias is computed from the input, and fddaq "
+                              "quantizes constant biases")
+        if raw not in self.emitted:
+            name = f"{layer.name}.b" + ("" if f"{layer.name}.b" not in self.emitted.values()
+                                        else str(sum(v.startswith(f"{layer.name}.b") for v in self.emitted.values())))
+            self.emitted[raw] = name
+            bias = numpy_helper.to_array(self.values[raw]).astype(np.float32).reshape(-1)
             scale = np.float32(layer.input_quant.scale().item()) * layer.weight_quant.scale().detach().cpu().numpy().astype(np.float32)
             scale = np.tile(scale, bias.size // scale.size)
             integers = np.clip(np.round(bias / scale), -BIAS_SPAN, BIAS_SPAN).astype(np.int32)
             self._dequantized(name, integers, scale, 0)
-        return name
+        return self.emitted[raw]
 
     def _dequantized(self, name: str, integers: np.ndarray, scale: np.ndarray, axis: int) -> str:
         """Per-axis DequantizeLinear of `integers` (zero point 0: the default)."""
@@ -332,15 +346,16 @@ def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
 
 # ---------------------------------------------------------------- tidying and stamping
 
-def _finish(proto: onnx.ModelProto, metadata: dict[str, str] | None, opset: int) -> onnx.ModelProto:
-    """Tidy the graph, stamp the opset (torch writes 20; opset 21 adds the 4-bit types), fddaq's
-    producer and metadata, and check it."""
+def _finish(proto: onnx.ModelProto, metadata: dict[str, str] | None, opset: int,
+            layers: set[str] = frozenset()) -> onnx.ModelProto:
+    """Tidy the graph (`layers`: the quantized layers' names), stamp the opset (torch writes 20;
+    opset 21 adds the 4-bit types), fddaq's producer and metadata, and check it."""
     graph = proto.graph
     _explicit_same_padding(graph)
     _drop_identities(graph)
     _drop_default_attributes(graph)
     _prune(graph)
-    _short_names(graph)
+    _short_names(graph, layers)
     del proto.opset_import[:]
     proto.opset_import.extend([helper.make_opsetid("", opset)])
     proto.ir_version = helper.find_min_ir_version_for(list(proto.opset_import))
@@ -443,17 +458,17 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _short_names(graph: onnx.GraphProto) -> None:
+def _short_names(graph: onnx.GraphProto, layers: set[str]) -> None:
     """Torch's generated tensor names (`/blocks/blocks.0/conv/Conv_output_0`, `onnx::Conv_12`)
     become `t0`, `t1`, ...; parameter names lose the wrapper prefix `model.`; a layer's compute
     node and its output are named after the layer; other nodes lose their names."""
     public = {value.name for value in [*graph.input, *graph.output]}
     layer_of: dict[str, str] = {}  # a layer's compute output -> its name
     calls: dict[str, int] = defaultdict(int)
+    weights = {f"{layer}.w": layer for layer in layers}
     for node in graph.node:
-        weight = node.input[1] if len(node.input) > 1 else ""
-        if weight.endswith(".w") and node.output[0] not in public and node.op_type != "DequantizeLinear":
-            layer = weight[:-2]
+        layer = weights.get(node.input[1]) if len(node.input) > 1 else None
+        if layer is not None and node.output[0] not in public:
             layer_of[node.output[0]] = layer if calls[layer] == 0 else f"{layer}.{calls[layer]}"
             calls[layer] += 1
     renames: dict[str, str] = {}

@@ -216,10 +216,7 @@ class _Probe:
 def _output_step(model: QuantizedModel, images: np.ndarray) -> np.ndarray | None:
     """The last layer's accumulator step per output channel, when the scored output is that
     layer's output [N, channels]."""
-    if not model.layers:
-        return None
-    last = model.quant_layer(model.capture.layers[-1].name) if any(
-        layer.name == model.capture.layers[-1].name for layer in model.layers) else None
+    last = next((layer for layer in model.layers if layer.name == model.capture.layers[-1].name), None)
     if last is None or not last.input_quant.enabled:
         return None
     model.outputs = {}

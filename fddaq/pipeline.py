@@ -134,15 +134,19 @@ class FloatModel:
     output: str  # the scored output
 
     @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The scored output's shape without the batch dimension."""
+        return next(o.shape for o in self.capture.outputs if o.name == self.output)
+
+    @property
     def classes(self) -> int:
         """Size of the scored output's dimension 1 (classes)."""
-        shape = next(o.shape for o in self.capture.outputs if o.name == self.output)
-        return shape[0] if shape else 1
+        return self.output_shape[0] if self.output_shape else 1
 
     @property
     def dense(self) -> bool:
         """Whether the scored output has positions besides classes (segmentation maps)."""
-        return len(next(o.shape for o in self.capture.outputs if o.name == self.output)) > 1
+        return len(self.output_shape) > 1
 
 
 def load_float(source: Source) -> FloatModel:
@@ -221,9 +225,8 @@ def check_trainable(model: FloatModel, config: RunConfig | None = None) -> None:
     fine-tunes or synthesizes, and for synthesis alone (`config` None)."""
     needs_logits = config is None or config.finetune.steps > 0 or (config.synth.num_images > 0 and not config.real_images)
     if model.dense and needs_logits:
-        shape = next(o.shape for o in model.capture.outputs if o.name == model.output)
         raise ConfigError(
-            f"the scored output {model.output!r} has shape {shape} (classes and positions): fine-tuning and FDDA "
+            f"the scored output {model.output!r} has shape {model.output_shape} (classes and positions): fine-tuning and FDDA "
             "synthesis distil class logits [N, classes]; give --output for a logits output"
             + ("" if config is None else ", or use --recipe ptq")
         )

@@ -19,6 +19,7 @@ A forward that fails, or that turns a tensor computed from the input into a Pyth
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import traceback
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten_with_path
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ConfigError, ModelError, first_line
 from .intercept import LAYER_FUNCTIONS, Dataflow, Interceptor, batch_norm_arguments, channel_axis, layer_arguments, tensors
@@ -70,10 +72,6 @@ class Layer:
     where: str
     order: int  # index of its first call
 
-    @property
-    def axis(self) -> int:
-        return channel_axis(self.kind)
-
 
 @dataclass(frozen=True)
 class FloatLayer:
@@ -89,7 +87,6 @@ class BatchNormFold:
     """A BatchNorm that folds into `layer`: the names of its tensors, and its epsilon."""
 
     layer: str
-    module: str
     running_mean: str
     running_var: str
     weight: str | None
@@ -185,9 +182,13 @@ def resolve_output(outputs: tuple[Output, ...], choice: str | None = None) -> st
 
 def layer_name(weight: str) -> str:
     """A layer's name from its weight parameter: `conv.weight` -> `conv`, `attn.in_proj_weight`
-    -> `attn.in_proj`, anything else unchanged."""
+    -> `attn.in_proj`; a pruned or parametrized weight (`conv.weight_orig`,
+    `conv.parametrizations.weight.original1`) -> `conv`; anything else unchanged."""
+    owner, marker, _ = weight.partition("parametrizations.")
+    if marker:
+        return owner.rstrip(".") or weight
     owner, _, leaf = weight.rpartition(".")
-    if leaf == "weight" and owner:
+    if leaf in ("weight", "weight_orig") and owner:
         return owner
     if leaf.endswith("_weight") and len(leaf) > len("_weight"):
         return f"{owner}.{leaf[: -len('_weight')]}" if owner else leaf[: -len("_weight")]
@@ -242,13 +243,31 @@ def function_name(func: Callable) -> str:
 
 # ---------------------------------------------------------------- recording
 
+# Calls that read only a tensor's metadata (shape, dtype, ...): not a use of its values.
+_METADATA = {"size", "dim", "numel", "nelement", "ndimension", "stride", "is_contiguous", "element_size", "__len__",
+             "__get__"}  # property getters (shape, ndim, dtype, device, ...)
+
+
 @dataclass
 class _Call:
     func: Callable
-    args: tuple
-    kwargs: dict
-    inputs: tuple[int, ...]
-    outputs: tuple[int, ...]
+    inputs: tuple[int, ...]  # serial numbers of its tensor arguments
+    numbers: tuple  # its positional arguments after the first, tensors left out (clips, padding)
+    options: dict  # its keyword arguments, tensors left out
+
+
+@dataclass
+class _Norm:
+    """What a batch-norm call needs for a fold."""
+
+    input: int  # serial number
+    input_dim: int
+    names: dict[str, str | None]  # running_mean, running_var, weight, bias -> parameter or buffer name
+    given: dict[str, bool]  # weight, bias passed at all
+    channels: int
+    training: bool
+    eps: float
+    index: int
 
 
 class _Recorder(Interceptor):
@@ -258,16 +277,24 @@ class _Recorder(Interceptor):
         self.module_names = {id(module): name for name, module in model.named_modules()}
         self.modules = dict(model.named_modules())
         self.stack: list[str] = []
+        self.serials = WeakIdKeyDictionary()  # tensor -> serial number (ids of dead tensors get reused)
+        self.counter = itertools.count()
         self.calls: list[_Call] = []
-        self.producers: dict[int, list[int]] = defaultdict(list)  # tensor id -> calls that wrote it
-        self.readers: dict[int, list[int]] = defaultdict(list)
-        self.alive: list[Tensor] = []  # every tensor seen stays alive: ids are never reused
+        self.producers: dict[int, list[int]] = defaultdict(list)  # serial -> calls that wrote it
+        self.readers: dict[int, list[int]] = defaultdict(list)  # serial -> calls that read its values
+        self.norms: list[_Norm] = []
         self.layers: dict[str, dict] = {}
-        self.layer_outputs: dict[str, int] = {}  # layer -> id of its first call's output
-        self.layer_inputs: dict[str, tuple[int, int]] = {}  # layer -> (input id, call index)
+        self.identities: dict[tuple, str] = {}  # how a layer's weight is found -> its name
+        self.layer_outputs: dict[str, int] = {}  # layer -> serial of its first call's output
+        self.layer_inputs: dict[str, list[tuple[int, int]]] = defaultdict(list)  # layer -> (input serial, call) per call
         self.hidden: dict[str, FloatLayer] = {}
         self.problems: list[str] = []
 
+    def serial(self, tensor: Tensor) -> int:
+        number = self.serials.get(tensor)
+        if number is None:
+            number = self.serials[tensor] = next(self.counter)
+        return number
     # -- module path of each call
 
     @contextlib.contextmanager
@@ -314,44 +341,58 @@ class _Recorder(Interceptor):
                 f"({function_name(func)}, e.g. an `if` or `assert` on tensor values): the exported graph would keep "
                 "what this one input gave for every input. Compute it with tensor operations (torch.where) instead"
             )
+        index = len(self.calls)
         kind = LAYER_FUNCTIONS.get(func)
         if kind is not None:
-            self._layer(kind, args, kwargs, out)
+            self._layer(kind, args, kwargs, out, index)
+        elif func is F.batch_norm:
+            self._norm(batch_norm_arguments(args, kwargs), index)
         elif func in _PRODUCTS and from_input:
             self._hidden(func, inputs)
-        index = len(self.calls)
-        self.calls.append(_Call(func, args, kwargs, tuple(map(id, inputs)), tuple(map(id, outputs))))
-        if outputs:
+        plain = lambda value: None if isinstance(value, Tensor) else value  # noqa: E731
+        self.calls.append(_Call(func, tuple(map(self.serial, inputs)), tuple(map(plain, args[1:])),
+                                {k: plain(v) for k, v in kwargs.items()}))
+        if getattr(func, "__name__", None) not in _METADATA:
             for tensor in inputs:
-                self.readers[id(tensor)].append(index)
+                self.readers[self.serial(tensor)].append(index)
         for tensor in outputs:
-            self.producers[id(tensor)].append(index)
-        self.alive.extend(inputs + outputs)
+            self.producers[self.serial(tensor)].append(index)
         super().after(func, args, kwargs, out)
 
-    def _layer(self, kind: str, args: tuple, kwargs: dict, out: Any) -> None:
+    def _layer(self, kind: str, args: tuple, kwargs: dict, out: Any, index: int) -> None:
         x, weight, bias, _, _ = layer_arguments(args, kwargs)
-        sources = self.flow.sources(weight)
-        if not isinstance(weight, Tensor) or sources is None or not sources & self.parameters:
+        sources = self.flow.sources(weight) if isinstance(weight, Tensor) else None
+        if sources is None or not sources & self.parameters:
             return  # a product of activations, or of a buffer: not a layer
         direct = self.flow.named.get(id(weight))
-        primary = direct if direct in self.parameters else _primary(sources & self.parameters, weight, self)
-        name = layer_name(primary)
-        if name in self.layers:
-            self.layers[name]["calls"] += 1
-            return
-        bias_name = self.flow.named.get(id(bias)) if isinstance(bias, Tensor) else None
-        owner = self.modules.get(name) or self.modules.get(primary.rpartition(".")[0])
-        self.layers[name] = {
-            "name": name, "kind": kind, "channels": int(weight.shape[channel_axis(kind)]),
-            "weight": direct if direct in self.parameters else None, "sources": tuple(sorted(sources)),
-            "bias": bias_name if bias_name in self.parameters else None, "calls": 1,
-            "module_type": type(owner).__name__ if owner is not None else "function", "where": caller(),
-            "order": len(self.calls),
-        }
-        self.layer_inputs[name] = (id(x), len(self.calls))
-        if isinstance(out, Tensor):
-            self.layer_outputs[name] = id(out)
+        direct = direct if direct in self.parameters else None
+        identity = ("parameter", direct) if direct else ("computed", sources)
+        name = self.identities.get(identity)
+        if name is None:  # a new layer; a weight used directly and computed from the same parameter: two
+            base = layer_name(direct or _primary(sources & self.parameters, weight, self))
+            name = base if base not in self.layers else f"{base}#{sum(n.split('#')[0] == base for n in self.layers) + 1}"
+            self.identities[identity] = name
+            bias_name = self.flow.named.get(id(bias)) if isinstance(bias, Tensor) else None
+            owner = self.modules.get(base) or self.modules.get((direct or sorted(sources)[0]).rpartition(".")[0])
+            self.layers[name] = {
+                "name": name, "kind": kind, "channels": int(weight.shape[channel_axis(kind)]), "weight": direct,
+                "sources": tuple(sorted(sources)), "bias": bias_name if bias_name in self.parameters else None,
+                "calls": 0, "module_type": type(owner).__name__ if owner is not None else "function",
+                "where": caller(), "order": index,
+            }
+            if isinstance(out, Tensor):
+                self.layer_outputs[name] = self.serial(out)
+        self.layers[name]["calls"] += 1
+        self.layer_inputs[name].append((self.serial(x), index))
+
+    def _norm(self, arguments: dict, index: int) -> None:
+        keys = ("running_mean", "running_var", "weight", "bias")
+        names = {k: self.flow.named.get(id(arguments[k])) if isinstance(arguments[k], Tensor) else None for k in keys}
+        mean, x = arguments["running_mean"], arguments["input"]
+        self.norms.append(_Norm(
+            self.serial(x), x.dim(), names, {k: arguments[k] is not None for k in ("weight", "bias")},
+            mean.numel() if isinstance(mean, Tensor) else -1, bool(arguments["training"]), float(arguments["eps"]), index,
+        ))
 
     def _hidden(self, func: Callable, inputs: list[Tensor]) -> None:
         for tensor in inputs:
@@ -370,40 +411,39 @@ class _Recorder(Interceptor):
         layers = tuple(Layer(**info) for info in self.layers.values())
         names = {layer.name for layer in layers}
         hidden = tuple(h for name, h in self.hidden.items() if name not in names)
-        outputs = tuple(Output(name, tuple(t.shape[1:])) for name, t in output_leaves(out))
+        leaves = output_leaves(out)
+        outputs = tuple(Output(name, tuple(t.shape[1:])) for name, t in leaves)
+        returned = {self.serial(t) for _, t in leaves}
         clips = {}
-        for layer in layers:
-            bounds = self._bounds(*self.layer_inputs[layer.name])
-            if bounds is not None:
-                clips[layer.name] = bounds
-        return Capture(input_shape, layers, hidden, self._folds(layers), clips, outputs)
+        for layer in layers:  # the clip of every call (they share one input quantizer), their union
+            bounds = [self._bounds(*call) for call in self.layer_inputs[layer.name]]
+            if bounds and all(b is not None for b in bounds):
+                clips[layer.name] = (min(b[0] for b in bounds), max(b[1] for b in bounds))
+        return Capture(input_shape, layers, hidden, self._folds(layers, returned), clips, outputs)
 
-    def _folds(self, layers: tuple[Layer, ...]) -> tuple[BatchNormFold, ...]:
-        norms = [batch_norm_arguments(c.args, c.kwargs) for c in self.calls if c.func is F.batch_norm]
+    def _folds(self, layers: tuple[Layer, ...], returned: set[int]) -> tuple[BatchNormFold, ...]:
+        """A batch norm folds into a layer called once when it is the only use of the layer's
+        output (not returned by the model either) and it is called once, in eval mode, with
+        named running statistics of the layer's channels."""
         uses = defaultdict(int)
-        for arguments in norms:
-            uses[self.flow.named.get(id(arguments["running_mean"]))] += 1
+        for norm in self.norms:
+            uses[norm.names["running_mean"]] += 1
+        by_call = {norm.index: norm for norm in self.norms}
         folds = []
         for layer in layers:
             output = self.layer_outputs.get(layer.name)
             readers = self.readers.get(output, []) if output is not None else []
-            if layer.calls != 1 or len(readers) != 1 or self.calls[readers[0]].func is not F.batch_norm:
-                continue
-            bn = batch_norm_arguments(self.calls[readers[0]].args, self.calls[readers[0]].kwargs)
-            named = {key: self.flow.named.get(id(bn[key])) if isinstance(bn[key], Tensor) else None
-                     for key in ("running_mean", "running_var", "weight", "bias")}
+            norm = by_call.get(readers[0]) if len(readers) == 1 else None
             if (
-                id(bn["input"]) != output or bn["training"]
-                or named["running_mean"] is None or named["running_var"] is None
-                or uses[named["running_mean"]] != 1
-                or any(bn[key] is not None and named[key] is None for key in ("weight", "bias"))
-                or bn["running_mean"].numel() != layer.channels
-                or (layer.kind == "linear" and bn["input"].dim() != 2)
+                norm is None or layer.calls != 1 or output in returned or norm.input != output or norm.training
+                or norm.names["running_mean"] is None or norm.names["running_var"] is None
+                or uses[norm.names["running_mean"]] != 1
+                or any(norm.given[key] and norm.names[key] is None for key in ("weight", "bias"))
+                or norm.channels != layer.channels or (layer.kind == "linear" and norm.input_dim != 2)
             ):
                 continue
-            module = named["running_mean"].rpartition(".")[0]
-            folds.append(BatchNormFold(layer.name, module, named["running_mean"], named["running_var"],
-                                       named["weight"], named["bias"], float(bn["eps"])))
+            folds.append(BatchNormFold(layer.name, norm.names["running_mean"], norm.names["running_var"],
+                                       norm.names["weight"], norm.names["bias"], norm.eps))
         return tuple(folds)
 
     def _bounds(self, tensor: int, before: int) -> tuple[float, float] | None:
@@ -413,24 +453,24 @@ class _Recorder(Interceptor):
         if index is None:
             return None
         call = self.calls[index]
-        func, args, kwargs = call.func, call.args, call.kwargs
+        func, numbers, options = call.func, call.numbers, call.options
         if func is F.relu6:
             return 0.0, 6.0
         if func is F.hardtanh:
-            low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-            high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            low = numbers[0] if len(numbers) > 0 else options.get("min_val", -1.0)
+            high = numbers[1] if len(numbers) > 1 else options.get("max_val", 1.0)
             return float(low), float(high)
         if func in _CLAMPS:
-            low = args[1] if len(args) > 1 else kwargs.get("min")
-            high = args[2] if len(args) > 2 else kwargs.get("max")
+            low = numbers[0] if len(numbers) > 0 else options.get("min")
+            high = numbers[1] if len(numbers) > 1 else options.get("max")
             if isinstance(low, (int, float)) and isinstance(high, (int, float)):
                 return float(low), float(high)
             return None
         if not call.inputs:
             return None
         if func is F.pad:
-            mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
-            value = args[3] if len(args) > 3 else kwargs.get("value", None)
+            mode = numbers[1] if len(numbers) > 1 else options.get("mode", "constant")
+            value = numbers[2] if len(numbers) > 2 else options.get("value", None)
             bounds = self._bounds(call.inputs[0], index) if mode == "constant" and not value else None
             return bounds if bounds is not None and bounds[0] <= 0 <= bounds[1] else None
         if func in _RANGE_KEEPING:
@@ -439,11 +479,13 @@ class _Recorder(Interceptor):
 
 
 def _primary(parameters: frozenset[str], weight: Tensor, recorder: _Recorder) -> str:
-    """The parameter a computed weight is named after: one called `weight` (or `*_weight`), else
-    the one of the weight's shape, else the first by name."""
+    """The parameter a computed weight is named after: the first (by name) whose name says it is
+    a weight (`weight`, `*_weight`, `weight_orig`, `parametrizations.weight.*`), else the first
+    of the weight's shape, else the first."""
     ordered = sorted(parameters)
     for name in ordered:
-        if name.rpartition(".")[2].endswith("weight"):
+        leaf = name.rpartition(".")[2]
+        if leaf.endswith("weight") or leaf == "weight_orig" or "parametrizations.weight." in name:
             return name
     shaped = [n for n in ordered if tuple(_tensor(recorder, n).shape) == tuple(weight.shape)]
     return (shaped or ordered)[0]

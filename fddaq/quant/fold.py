@@ -19,12 +19,17 @@ from .modules import QuantizedModel, QuantLayer
 from .primitives import MIN_SCALE
 
 
+def _named(model: torch.nn.Module, name: str) -> Tensor:
+    """A parameter or buffer of `model` by name (frozen BatchNorms keep their affine in buffers)."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(owner), leaf).detach().double()
+
+
 def batch_norm_affine(model: torch.nn.Module, fold: BatchNormFold) -> tuple[Tensor, Tensor]:
     """Per-channel (a, b) in float64 with batch_norm(y) = a * y + b in eval mode."""
-    mean = model.get_buffer(fold.running_mean).detach().double()
-    var = model.get_buffer(fold.running_var).detach().double()
-    gamma = model.get_parameter(fold.weight).detach().double() if fold.weight else torch.ones_like(mean)
-    beta = model.get_parameter(fold.bias).detach().double() if fold.bias else torch.zeros_like(mean)
+    mean, var = _named(model, fold.running_mean), _named(model, fold.running_var)
+    gamma = _named(model, fold.weight) if fold.weight else torch.ones_like(mean)
+    beta = _named(model, fold.bias) if fold.bias else torch.zeros_like(mean)
     a = gamma / torch.sqrt(var + fold.eps)
     return a, beta - a * mean
 
@@ -51,12 +56,13 @@ def fold_batch_norms(qmodel: QuantizedModel) -> QuantizedModel:
             integers = integers * torch.where(a < 0, -1.0, 1.0).reshape(quant.channel_shape(integers))
             scale = a.abs() * scale
             bias = shift if bias is None else a * bias + shift
-        _deploy(layer, integers, scale, bias)
+        _deploy(layer, integers, scale, bias, folded=fold is not None)
     return qmodel
 
 
-def _deploy(layer: QuantLayer, integers: Tensor, scale: Tensor, bias: Tensor | None) -> None:
-    """Make `layer` compute with `integers` x `scale` (per output channel) and `bias`. A channel
+def _deploy(layer: QuantLayer, integers: Tensor, scale: Tensor, bias: Tensor | None, folded: bool) -> None:
+    """Make `layer` compute with `integers` x `scale` (per output channel), and with `bias` when
+    a BatchNorm is `folded` into it (else with the bias each call passes). A channel
     whose integers are all 0 outputs its bias alone: it gets the step size that makes its int32
     bias exact to 2^-24 (the step of an unused weight is free; otherwise the bias would be
     rounded to the step input scale x weight scale of whatever scale calibration left)."""
@@ -70,4 +76,4 @@ def _deploy(layer: QuantLayer, integers: Tensor, scale: Tensor, bias: Tensor | N
         scale[dead] = (bias[dead].abs() / (input_scale * 2.0**24)).clamp(min=MIN_SCALE)
     quant.set_scale(scale.float())
     layer.integers = integers.to(torch.int8).contiguous()
-    layer.deployed_bias = None if bias is None else bias.float()
+    layer.deployed_bias = bias.float() if folded else None

@@ -135,8 +135,9 @@ class ActivationQuantizer(nn.Module):
 
 class QuantLayer(nn.Module):
     """The quantizers of one layer (a convolution or linear call, see `capture.Layer`) and,
-    once deployed, its integer weights and bias. `enabled = False` makes it a float layer
-    (the reference of the per-layer SQNR)."""
+    once deployed, its integer weights (and its bias with a BatchNorm folded in: other layers
+    keep the bias each call passes). `enabled = False` makes a layer that is not deployed a
+    float layer (the reference of the per-layer SQNR)."""
 
     def __init__(self, name: str, kind: str, channels: int, weight_bits: int, act_bits: int) -> None:
         super().__init__()
@@ -146,7 +147,7 @@ class QuantLayer(nn.Module):
         self.weight_quant = WeightQuantizer(weight_bits, channels, channel_axis(kind))
         self.input_quant = ActivationQuantizer(act_bits)
         self.register_buffer("integers", None)  # deployed: int8 weights (within the weight grid)
-        self.register_buffer("deployed_bias", None)  # deployed: float32 bias, BatchNorm folded
+        self.register_buffer("deployed_bias", None)  # deployed with a BatchNorm folded in: float32 bias
 
     @property
     def deployed(self) -> bool:
@@ -171,11 +172,13 @@ class QuantLayer(nn.Module):
 
     def forward(self, func: Callable, args: tuple, kwargs: dict, model: "QuantizedModel") -> Any:
         x, weight, bias, rest, options = layer_arguments(args, kwargs)
-        if model.recording is not None and self.name not in model.recording:
-            model.recording[self.name] = (weight.detach(), None if bias is None else bias.detach())
+        if model.recording is not None:  # what the model passes: no quantizer runs (nor observes)
+            model.recording.setdefault(self.name, (weight.detach(), None if bias is None else bias.detach()))
+            return func(*args, **kwargs)
         if self.enabled:
             if self.deployed:
-                weight, bias = self.integers, self.deployed_bias
+                weight = self.integers
+                bias = bias if self.deployed_bias is None else self.deployed_bias
                 quantized = (self.input_quant(x), self.deployed_weight(), self.quantized_bias(bias))
             else:
                 quantized = (self.input_quant(x), self.weight_quant(weight), self.quantized_bias(bias))
@@ -237,7 +240,9 @@ class QuantizedModel(nn.Module):
 
     @torch.no_grad()
     def layer_tensors(self) -> dict[str, tuple[Tensor, Tensor | None]]:
-        """(weight, bias) each layer receives from the model (one forward on zeros)."""
+        """(weight, bias) each layer receives from the model at its first call (one float
+        forward on zeros, in eval mode: no statistic moves)."""
+        training = {module: module.training for module in self.modules()}
         self.recording = {}
         try:
             example = torch.zeros(1, *self.capture.input_shape, device=next(self.parameters()).device)
@@ -245,9 +250,12 @@ class QuantizedModel(nn.Module):
             return self.recording
         finally:
             self.recording = None
+            for module, mode in training.items():
+                module.training = mode
 
     def layer_weights(self) -> dict[str, Tensor]:
-        """Each layer's weight as the model passes it: the parameter itself when it is one."""
+        """Each layer's weight as the model passes it: the parameter itself when it is one
+        (no forward: fine-tuning recipes read them every step)."""
         layers = {layer.name: layer for layer in self.capture.layers}
         direct = {name: layers[name].weight for name in (q.name for q in self.layers)}
         if all(direct.values()):
@@ -255,13 +263,15 @@ class QuantizedModel(nn.Module):
         return {name: weight for name, (weight, _) in self.layer_tensors().items()}
 
     def trainable_weights(self) -> list[nn.Parameter]:
-        """The parameters the quantized layers' weights and biases come from."""
+        """The parameters the quantized layers' weights and biases come from (not buffers, such
+        as a pruning mask)."""
+        parameters = dict(self.model.named_parameters())
         names: dict[str, None] = {}
         layers = {layer.name: layer for layer in self.capture.layers}
         for quant in self.layers:
             layer = layers[quant.name]
-            names.update(dict.fromkeys([*layer.sources, *([layer.bias] if layer.bias else [])]))
-        return [self.model.get_parameter(name) for name in names]
+            names.update(dict.fromkeys(n for n in [*layer.sources, layer.bias] if n in parameters))
+        return [parameters[name] for name in names]
 
 
 class Selected(nn.Module):

@@ -6,6 +6,7 @@ import copy
 
 from torch import nn
 
+from ..errors import ModelError
 from .capture import Capture
 from .modules import QuantizedModel, QuantLayer
 from .plan import LayerPlan
@@ -16,6 +17,10 @@ def prepare(model: nn.Module, capture: Capture, plan: LayerPlan, output: str) ->
     quantized layer of `plan` (quantizer parameters still to be calibrated). An input that
     comes from a clip (ReLU6, Hardtanh) gets that clip's bounds: see `ActivationQuantizer`."""
     layers = {layer.name: layer for layer in capture.layers}
+    missing = [entry.name for entry in plan.quantized if entry.name not in layers]
+    if missing:
+        raise ModelError(f"the layer plan names layers the model does not compute: {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''} (a checkpoint of another version of the architecture?)")
     quant = []
     for entry in plan.quantized:
         layer = layers[entry.name]

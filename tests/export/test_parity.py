@@ -250,3 +250,27 @@ def test_random_layer_shapes(channels, width, kernel, stride, padding, dilation,
     qmodel = quantize_model(model, x, weight_bits, act_bits)
     report = verify(export_qdq(qmodel), qmodel, x)
     check(report)
+
+
+class SharedWeight(nn.Module):
+    """One weight in two calls with their own biases (the second a plain parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.other_bias = nn.Parameter(torch.linspace(-2.0, 2.0, 8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.conv(x)) + F.relu(F.conv2d(x, self.conv.weight, self.other_bias, padding=1))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_each_call_of_a_shared_weight_keeps_its_bias():
+    x = images(16)
+    qmodel = quantize_model(SharedWeight().eval(), x, 4, 4)
+    onnx_model = export_qdq(qmodel)
+    names = {t.name for t in onnx_model.graph.initializer}
+    assert {"conv.w_q", "conv.b_q", "conv.b1_q"} <= names and "conv.w1_q" not in names
+    assert {node.output[0] for node in onnx_model.graph.node} >= {"conv.x", "conv.x1"}
+    check(verify(onnx_model, qmodel, x))

@@ -68,7 +68,7 @@ def quantized(model: nn.Module, shape: tuple[int, ...], bits: int = 4) -> Quanti
 
 def test_only_single_reader_single_call_batch_norms_fold():
     found = capture(net(), torch.zeros(1, 3, 8, 8))
-    assert [(fold.layer, fold.module) for fold in found.folds] == [("conv1", "bn1")]
+    assert [(fold.layer, fold.running_mean) for fold in found.folds] == [("conv1", "bn1.running_mean")]
     assert found.layer("shared").calls == 2
 
 
