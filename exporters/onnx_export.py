@@ -40,7 +40,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
 from fddaq import __version__

@@ -13,7 +13,7 @@ from onnx import TensorProto, numpy_helper
 from torch import Tensor, nn
 
 from exporters import export_float, export_qdq, run_onnx
-from fddaq.errors import ExportError, ModelError
+from fddaq.errors import ExportError
 from fddaq.quant.capture import capture
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.zoo.resnet import fashion_resnet

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from fddaq.config import SynthConfig
 from fddaq.stats import batchnorm_layers, class_statistics
