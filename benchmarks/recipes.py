@@ -1,13 +1,16 @@
-"""Fine-tuning recipes on the bundled Fashion-MNIST ResNet (issue 4): accuracy of the exported
-ONNX on the full 10,000-image test set, for W4A4 / W8A8 / W3A3 / W2A4 (all layers, first and
-last included; input image 8-bit), 1 and 10 calibration images per class, several seeds.
+"""Recipes on both bundled Fashion-MNIST models (the ResNet and the MobileNetV2-style net):
+accuracy of the exported ONNX on the full 10,000-image test set, for W4A4 / W8A8 / W3A3 / W2A4
+(all layers, first and last included; input image 8-bit), 1 and 10 calibration images per
+class, several seeds.
 
-    .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--per-class 1 10] [--bits 4/4 8/8 3/3 2/4] [--ablate 10:4/4 10:2/4]
+    .venv/bin/python benchmarks/recipes.py [--models resnet mobilenet] [--seeds 0 1 2] [--per-class 1 10]
+        [--bits 4/4 8/8 3/3 2/4] [--methods ...] [--ablate 10:4/4 10:2/4]
 
 `--bits W/A/F` sets the first and last layers to F bits (`4/4/8`: the W4A4-fl8 rows).
 
 Methods: `ptq` (calibration only), `real-only` (the fddaq recipe without synthetic data),
-`fdda-paper` and `fddaq`, all at the same fine-tuning steps; `--per-class 0` runs the
+`fdda-paper` and `fddaq`, all at the same fine-tuning steps, and `reconstruct` (block-wise
+reconstruction instead of fine-tuning); `--per-class 0` runs the
 `data-free` recipe instead (no real image; its generator is trained for that group). One generator per (calibration set,
 seed) is trained and shared by the two recipes that use synthetic data (their synthesis settings
 are identical). Ablations (`--ablate`, default 10/class at W4A4 and W2A4) switch off one fddaq
@@ -36,7 +39,7 @@ EXAMPLE = ROOT / "examples" / "fashion_mnist"
 sys.path.insert(0, str(EXAMPLE))
 import fmnist  # noqa: E402
 
-METHODS = ("ptq", "real-only", "fdda-paper", "fddaq")
+METHODS = ("ptq", "real-only", "fdda-paper", "fddaq", "reconstruct")
 # One fddaq ingredient switched off (or CE added) at a time; run where --ablate asks.
 ABLATIONS = {
     "fddaq no-augment": {"augment": False},
@@ -51,8 +54,8 @@ def test_set() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(labels)
 
 
-def group(per_class: int, seed: int, bits: list[str], ablate: list[str]) -> list[dict]:
-    """Every method and bit width for one calibration set and seed (run in a child process)."""
+def group(model: str, per_class: int, seed: int, bits: list[str], methods: list[str], ablate: list[str]) -> list[dict]:
+    """Every method and bit width for one model, calibration set and seed (run in a child process)."""
     from exporters import export_qdq, run_onnx
     from dataclasses import replace
 
@@ -66,10 +69,10 @@ def group(per_class: int, seed: int, bits: list[str], ablate: list[str]) -> list
             (calib / folder.name).mkdir(parents=True)
             for png in sorted(folder.glob("*.png"))[:max(1, per_class)]:  # data-free: loaded, never used
                 shutil.copy(png, calib / folder.name / png.name)
-        inputs = load_inputs(Source(EXAMPLE / "model.pth", "fddaq:fashion_resnet", calib))
+        inputs = load_inputs(Source(*fmnist.model_source(model), calib))
     x, y = test_set()
     float_top1 = 100.0 * (run_float(inputs.float_model, x) == y).float().mean().item()
-    methods = ("data-free",) if per_class == 0 else METHODS
+    methods = ("data-free",) if per_class == 0 else tuple(methods)
     start = time.perf_counter()
     synth_config = recipe_config("data-free" if per_class == 0 else "fddaq", QuantConfig(), seed)
     synthesis = synthesize(inputs, synth_config.synth, real_images=synth_config.real_images)
@@ -89,7 +92,7 @@ def group(per_class: int, seed: int, bits: list[str], ablate: list[str]) -> list
             seconds = time.perf_counter() - start
             logits = run_onnx(onnx_model, x)
             rows.append({
-                "per_class": per_class, "seed": seed, "bits": label, "method": method,
+                "model": model, "per_class": per_class, "seed": seed, "bits": label, "method": method,
                 "float_top1": float_top1,
                 "onnx_top1": 100.0 * float((logits.argmax(1) == y.numpy()).mean()),
                 "seconds": seconds + (synth_seconds if config.synth.num_images else 0.0),
@@ -108,52 +111,57 @@ def run_float(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def summary(rows: list[dict], methods: tuple[str, ...]) -> str:
     """Markdown table: mean ± sample standard deviation over seeds, median wall time."""
     rows = [r for r in rows if r["method"] in methods]
-    present = {(r["per_class"], r["bits"], r["method"]) for r in rows}
+    methods = tuple(m for m in methods if any(r["method"] == m for r in rows))
+    present = {(r["model"], r["per_class"], r["bits"], r["method"]) for r in rows}
     keys = sorted(
-        {(p, b) for p, b, _ in present if all((p, b, m) in present for m in methods)},
-        key=lambda k: (k[0], -int(k[1][1]), k[1]),
+        {(n, p, b) for n, p, b, _ in present if all((n, p, b, m) in present for m in methods)},
+        key=lambda k: (k[0], k[1], -int(k[2][1]), k[2]),
     )
     lines = [
-        "| calib/class | bits | float | " + " | ".join(methods) + f" | wall s ({' / '.join(methods)}) |",
-        "|---|---|---|" + "---|" * len(methods) + "---|",
+        "| model | calib/class | bits | float | " + " | ".join(methods) + f" | wall s ({' / '.join(methods)}) |",
+        "|---|---|---|---|" + "---|" * len(methods) + "---|",
     ]
-    for per_class, bits in keys:
+    for model, per_class, bits in keys:
         cells, walls = [], []
         for method in methods:
-            found = [r for r in rows if (r["per_class"], r["bits"], r["method"]) == (per_class, bits, method)]
+            found = [r for r in rows if (r["model"], r["per_class"], r["bits"], r["method"]) == (model, per_class, bits, method)]
             accs = [r["onnx_top1"] for r in found]
             spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
             cells.append(f"{statistics.mean(accs):.2f}{spread}" if accs else "-")
             walls.append(f"{statistics.median(r['seconds'] for r in found):.0f}" if found else "-")
-        float_top1 = next(r["float_top1"] for r in rows if r["per_class"] == per_class)
-        lines.append(f"| {per_class} | {bits} | {float_top1:.2f} | " + " | ".join(cells) + f" | {' / '.join(walls)} |")
+        float_top1 = next(r["float_top1"] for r in rows if r["model"] == model)
+        lines.append(f"| {model} | {per_class} | {bits} | {float_top1:.2f} | " + " | ".join(cells) + f" | {' / '.join(walls)} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(fmnist.MODELS), default=["resnet", "mobilenet"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-class", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--bits", nargs="+", default=["4/4", "8/8", "3/3", "2/4"])
     parser.add_argument("--ablate", nargs="*", default=["10:4/4", "10:2/4"],
                         help="PER_CLASS:W/A settings that also run the fddaq ablations")
     parser.add_argument("--json", type=Path, help="write every row here")
-    parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(group(*args.child, args.bits, args.ablate)))
+        model, per_class, seed = args.child
+        print(json.dumps(group(model, int(per_class), int(seed), args.bits, args.methods, args.ablate)))
         return
     rows = []
-    for per_class in args.per_class:
-        for seed in args.seeds:
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", str(per_class), str(seed), "--bits", *args.bits,
-                 "--ablate", *args.ablate],
-                check=True, stdout=subprocess.PIPE, text=True,
-            )
-            rows += json.loads(out.stdout.strip().splitlines()[-1])
-            if args.json:
-                args.json.write_text(json.dumps(rows, indent=1))
+    for model in args.models:
+        for per_class in args.per_class:
+            for seed in args.seeds:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", model, str(per_class), str(seed), "--bits", *args.bits,
+                     "--methods", *args.methods, "--ablate", *args.ablate],
+                    check=True, stdout=subprocess.PIPE, text=True,
+                )
+                rows += json.loads(out.stdout.strip().splitlines()[-1])
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=1))
     print(summary(rows, METHODS))
     if any(r["method"] in ABLATIONS for r in rows):
         print("\nfddaq ablations:\n" + summary(rows, ("fddaq", *ABLATIONS)))

@@ -267,6 +267,50 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
     return report
 
 
+SENSITIVITY_ROWS = 40  # quantizers in the table and the chart (the JSON has all)
+
+
+def run_sensitivity(source: Source, quant: QuantConfig, out: Path, synth: SynthConfig,
+                    on_event: EventHandler | None = None, device: torch.device = torch.device("cpu")) -> dict:
+    """Rank every quantizer of the plan by the divergence it alone causes (`fddaq.sensitivity`);
+    write sensitivity.json and sensitivity.png into `out`."""
+    from fddaq.sensitivity import sensitivity
+
+    from .charts import bar_chart
+
+    start = time.perf_counter()
+    loaded, checked = checked_float(source, quant, on_event=on_event)
+    inputs = load_inputs(source, device, loaded)
+    synthetic = None
+    if synth.num_images:
+        synthetic = synthesize(inputs, synth, on_event, device=device).images
+    found = sensitivity(inputs.float_model, inputs.capture, inputs.info.output, quant, inputs.calib.images, synthetic,
+                        on_event=on_event)
+    report = {
+        **_header("sensitivity", source, {"quant": found.quant.__dict__, "synth": synth.to_json()}, device),
+        "model": inputs.info.to_json(),
+        "data": _data(inputs),
+        "sensitivity": found.to_json(),
+        "timings_s": {"check": checked.seconds, "total": time.perf_counter() - start},
+    }
+
+    def cells(d) -> str:
+        text = f"KL {d.kl:.4f}, agreement {d.agreement:.1f}%"
+        return text if d.kl_synthetic is None else f"{text}; synthetic: KL {d.kl_synthetic:.4f}, {d.agreement_synthetic:.1f}%"
+
+    report["table"] = [
+        *((f"all at {name}", cells(d)) for name, d in found.splits.items()),
+        *((f"{q.layer} {q.role} ({q.bits} bits)", cells(q.divergence)) for q in found.quantizers[:SENSITIVITY_ROWS]),
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    chart = [(f"{q.layer} {q.role}", q.divergence.kl) for q in found.quantizers[:SENSITIVITY_ROWS]]
+    title = (f"{source.model_path.name}: KL from float with one quantizer at its bits "
+             f"(W{quant.weight_bits}A{quant.act_bits}, {len(inputs.calib)} calibration images)")
+    atomic_write_bytes(out / "sensitivity.png", png_bytes(bar_chart(title, chart, "nats")))
+    atomic_write_json(out / "sensitivity.json", report)
+    return report
+
+
 RESUME_FILE = "resume.pt"
 
 
@@ -328,6 +372,7 @@ def run_quantize(
             "onnx_bytes": len(deployment.onnx),
             "ratio": len(deployment.onnx) / deployment.float_size,
         },
+        "reconstruct": None if result.reconstruct is None else result.reconstruct.to_json(),
         "finetune": result.finetune.to_json(),
         "layers": [
             {**entry, "sqnr_db": _finite(result.layer_sqnr.get(entry["name"]))} for entry in result.plan.to_json()

@@ -30,6 +30,7 @@ err_console = Console(stderr=True)
 
 EXIT_GATE = 3
 EXIT_INTERRUPTED = 130
+SENSITIVITY_OUTPUTS = ("sensitivity.json", "sensitivity.png", "config.toml", "summary.md")
 QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json", "preview.png", "config.toml", "summary.md")
 SYNTH_OUTPUTS = ("synthetic.pt", "preview.png", "report.json", "config.toml", "summary.md")
 
@@ -257,6 +258,7 @@ def _quiet_option():
 
 _BITS = _bits_options()  # Typer reads option objects per command: one set each
 _PLAN_BITS = _bits_options()
+_SENSITIVITY_BITS = _bits_options()
 
 
 @app.command()
@@ -493,6 +495,60 @@ def plan(
     if json_path is not None:
         atomic_write_json(json_path, {"model": str(model), "arch": arch, "plan": layers.to_json(),
                                       "outputs": [o.name for o in loaded.capture.outputs], "scored_output": loaded.output})
+
+
+@app.command()
+@user_errors
+def sensitivity(
+    ctx: typer.Context,
+    model: Path = _model_option(),
+    arch: str = _arch_option(),
+    calib: Path = _calib_option(),
+    bits: int = _SENSITIVITY_BITS["bits"],
+    weight_bits: Optional[int] = _SENSITIVITY_BITS["weight_bits"],
+    act_bits: Optional[int] = _SENSITIVITY_BITS["act_bits"],
+    first_last_bits: Optional[int] = _SENSITIVITY_BITS["first_last_bits"],
+    layer_bits: Optional[list[str]] = _SENSITIVITY_BITS["layer_bits"],
+    synthetic: int = typer.Option(0, "--synthetic", help="Also measure on this many FDDA synthetic images (trains the generator first)."),
+    synth_steps: int = typer.Option(500, "--synth-steps", help="Generator training steps, with --synthetic."),
+    seed: int = _seed_option(),
+    num_classes: Optional[int] = _num_classes_option(),
+    classes: Optional[Path] = _classes_option(),
+    preset: Optional[str] = _preset_option(),
+    input_size: Optional[int] = _input_size_option(),
+    resize: Optional[int] = _resize_option(),
+    mean: Optional[str] = _mean_option(),
+    std: Optional[str] = _std_option(),
+    trust_model: bool = _trust_model_option(),
+    arch_arg: Optional[list[str]] = _arch_arg_option(),
+    output: Optional[str] = _output_option(),
+    out: Path = typer.Option(Path("sensitivity"), "--out", help="Output folder."),
+    device: str = _device_option(),
+    force: bool = _force_option(),
+    quiet: bool = _quiet_option(),
+    config: Optional[Path] = _config_option(),
+) -> None:
+    """Show where the model breaks at low bits: each quantizer (each layer's weights, each
+    quantized input) ranked by the KL divergence of the output from float when it alone is at
+    its bits, plus the whole model with only weights or only activations at their bits (the
+    others at 8). Writes sensitivity.json, sensitivity.png (bar chart), config.toml, summary.md.
+
+    Example: fddaq sensitivity examples/fashion_mnist/mobilenet.pth --arch fddaq:fashion_mobilenet
+    --calib examples/fashion_mnist/calib --bits 4
+    """
+    from cli.jobs import run_sensitivity
+    from fddaq.config import SynthConfig
+
+    _check_outputs(out, SENSITIVITY_OUTPUTS, force)
+    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits)
+    synth_config = SynthConfig(steps=synth_steps, num_images=synthetic, seed=seed)
+    source = _source(model, arch, calib, None, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
+                     arch_arg, output)
+    with ProgressRenderer(console, quiet) as progress:
+        report = run_sensitivity(source, quant, out, synth_config, progress, _resolve_device(device))
+    _save_config(ctx, out)
+    _show(f"fddaq sensitivity: {model.name} at W{quant.weight_bits}A{quant.act_bits} (most sensitive first)", report, out)
+    console.print(f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.png'}, {out / 'config.toml'}, {out / 'summary.md'}")
 
 
 @app.command(name="eval")

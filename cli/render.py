@@ -15,6 +15,8 @@ STAGE_TITLES = {
     "calibrate": "Calibrating ranges",
     "synthesize": "Training the FDDA generator",
     "generate": "Generating synthetic images",
+    "reconstruct": "Reconstructing blocks",
+    "sensitivity": "Measuring each quantizer's sensitivity",
     "finetune": "Fine-tuning (distillation)",
     "evaluate": "Evaluating (accuracy, per-layer SQNR)",
     "export": "Exporting ONNX",

@@ -129,6 +129,41 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructConfig:
+    """Block-wise reconstruction (BRECQ/QDrop), after calibration and before fine-tuning: each
+    unit (a residual block, the stem, the head: `quant.units`) is trained for `iterations`
+    steps to reproduce the float unit's output from the input the quantized units before it
+    give. Learned: each weight's rounding (AdaRound: `rounding_lr`, regulariser weight
+    `round_weight` with beta falling from 20 to 2 after a `warmup` fraction) and the units'
+    activation step sizes (LSQ, `scale_lr` on the log step) and, when `weight_scale_lr` > 0, the
+    per-channel weight steps. `drop`: QDrop's probability
+    that an activation element skips its quantizer while training. The data: `views`
+    augmented views of the real images and, when synthesized, up to as many synthetic
+    images. 0 iterations turns it off."""
+
+    iterations: int = 0
+    batch_size: int = 32
+    views: int = 512
+    rounding_lr: float = 1e-2
+    scale_lr: float = 1e-3
+    weight_scale_lr: float = 0.0
+    round_weight: float = 0.01
+    warmup: float = 0.2
+    drop: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive("iterations", self.iterations, allow_zero=True)
+        for name in ("batch_size", "views", "rounding_lr", "scale_lr"):
+            _check_positive(name, getattr(self, name))
+        for name in ("round_weight", "weight_scale_lr"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        for name in ("warmup", "drop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be within [0, 1)")
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     """FDDA generator training. The defaults are the paper's losses, weights and noise
     (`fdda-paper`); `steps` is scaled to a CPU budget. `deep_start` overrides the first deep BN
@@ -187,6 +222,7 @@ class RunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     recipe: str = "custom"
     real_images: bool = True

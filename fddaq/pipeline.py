@@ -1,7 +1,7 @@
 """The jobs behind the commands: load what the user points at, synthesize, quantize.
 
-quantize: load -> plan -> calibrate (real images) -> FDDA synthesis -> fine-tune by
-distillation on real + synthetic images -> evaluate. Export and verification follow in
+quantize: load -> plan -> calibrate (real images) -> FDDA synthesis -> block-wise
+reconstruction (per recipe) -> fine-tune by distillation on real + synthetic images -> evaluate. Export and verification follow in
 `exporters/`, which this core library never imports."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .distributed import current
 from .errors import ConfigError, DataError
 from .evaluate import class_logits, layer_sqnr, predict, top1
 from .events import EventHandler, emit
-from .finetune import FinetuneResult, finetune
+from .finetune import FinetuneResult, finetune, split_holdout
 from .models import input_channels, load_float_model
 from .quant.calibrate import calibrate
 from .quant.capture import Capture, capture, resolve_output
@@ -31,6 +31,7 @@ from .quant.fold import fold_batch_norms
 from .quant.modules import Selected
 from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
+from .reconstruct import ReconstructResult, reconstruct, view_pool
 from .stats import ClassStatistics, batchnorm_layers, class_statistics
 from .synth.quality import QualityProbe
 from .synth.train import generate, train_generator
@@ -223,7 +224,9 @@ def check_trainable(model: FloatModel, config: RunConfig | None = None) -> None:
     """Synthesis and fine-tuning distil class logits: a scored output with positions (a
     segmentation map) is refused before any work, for a `quantize` run of `config` that
     fine-tunes or synthesizes, and for synthesis alone (`config` None)."""
-    needs_logits = config is None or config.finetune.steps > 0 or (config.synth.num_images > 0 and not config.real_images)
+    synthesizes = config is not None and config.synth.num_images > 0 and (
+        not config.real_images or config.finetune.steps > 0 or config.reconstruct.iterations > 0)
+    needs_logits = config is None or config.finetune.steps > 0 or synthesizes
     if model.dense and needs_logits:
         raise ConfigError(
             f"the scored output {model.output!r} has shape {model.output_shape} (classes and positions): fine-tuning and FDDA "
@@ -265,10 +268,13 @@ class QuantizeResult:
     quant_top1: float | None
     timings: dict[str, float]
     layer_sqnr: dict[str, float]  # dB per quantized layer's output vs float (val, else calib)
+    reconstruct: ReconstructResult | None = None
 
 
 # A resumable state: {"config": RunConfig as a JSON string, "synthesis": {images, labels, report} or None,
-# "finetune": the fine-tuning loop's state}. `on_checkpoint` receives the latest one.
+# "reconstruct": the reconstruction's state after its last finished unit, or None,
+# "finetune": the fine-tuning loop's state, or None while reconstructing}. `on_checkpoint`
+# receives the latest one.
 ResumeState = dict
 ResumeHandler = Callable[[ResumeState], None]
 
@@ -327,7 +333,8 @@ def _quantize(
         raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
     timings = {"load": inputs.seconds}
 
-    needs_synthesis = config.synth.num_images > 0 and (config.finetune.steps > 0 or not config.real_images)
+    trains = config.finetune.steps > 0 or config.reconstruct.iterations > 0
+    needs_synthesis = config.synth.num_images > 0 and (trains or not config.real_images)
     if synthesis is None and needs_synthesis:
         synthesis = synthesize(inputs, config.synth, on_event, config.real_images, device)
         timings["synthesize"] = synthesis.seconds
@@ -340,18 +347,30 @@ def _quantize(
         "images": synthesis.images, "labels": synthesis.labels, "report": json.dumps(synthesis.report),
     }
 
-    def checkpoint(finetune_state: dict) -> None:
+    def checkpoint(reconstruct_state: dict | None = None, finetune_state: dict | None = None) -> None:
         if on_checkpoint is not None:
-            on_checkpoint({"config": config_json, "synthesis": saved_synthesis, "finetune": finetune_state})
+            on_checkpoint({"config": config_json, "synthesis": saved_synthesis, "reconstruct": reconstruct_state,
+                           "finetune": finetune_state})
 
-    start = time.perf_counter()
     real = (inputs.calib.images, inputs.calib.labels)
     synthetic = None if synthesis is None else (synthesis.images, synthesis.labels)
     if not config.real_images:  # data-free: the synthetic images take the real ones' place
         real, synthetic = synthetic, None
+    reconstructed = None
+    finetune_resume = None if resume is None else resume.get("finetune")
+    if config.reconstruct.iterations > 0 and finetune_resume is None:
+        start = time.perf_counter()
+        train_idx, _ = split_holdout(real[1], config.finetune.holdout, config.finetune.seed)  # the held-out images stay unseen
+        pool = view_pool(real[0][train_idx], None if synthetic is None else synthetic[0], config.reconstruct)
+        reconstructed = reconstruct(
+            model, inputs.float_model, pool, config.reconstruct, on_event,
+            lambda state: checkpoint(reconstruct_state=state), None if resume is None else resume.get("reconstruct"),
+        )
+        timings["reconstruct"] = time.perf_counter() - start
+    start = time.perf_counter()
     tuned = finetune(
-        model, inputs.teacher, real, config.finetune, synthetic, on_event, checkpoint,
-        None if resume is None else resume["finetune"],
+        model, inputs.teacher, real, config.finetune, synthetic, on_event,
+        lambda state: checkpoint(finetune_state=state), finetune_resume,
     )
     timings["finetune"] = time.perf_counter() - start
     float_top1 = quant_top1 = None
@@ -368,5 +387,5 @@ def _quantize(
         emit(on_event, "evaluate", 2, 3)
     emit(on_event, "evaluate", 3, 3)
     timings["evaluate"] = time.perf_counter() - start
-    return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr)
+    return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr, reconstructed)
 

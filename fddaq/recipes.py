@@ -10,6 +10,9 @@
   frozen; real:synthetic 1:1. Official bugs fixed: augmentation is per image and applies to
   both sources, the cosine schedule spans exactly the steps run, and the last step is kept
   (the official code selects the best of ~350 evaluations on the validation set).
+- `reconstruct`: calibration, then block-wise reconstruction (BRECQ/QDrop: AdaRound rounding and
+  LSQ activation steps, unit by unit against the float model: `fddaq.reconstruct`) on
+  augmented views of the real images and FDDA synthetic images; no end-to-end fine-tuning.
 - `ptq`: calibration only (MSE ranges on the real images), no synthesis, no fine-tuning.
 - `data-free`: no real image is used. The generator learns from the float model's BatchNorm
   running statistics and its class labels alone (FDDA's global BNS and CE losses: the GDFQ
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .config import CalibrationConfig, FinetuneConfig, QuantConfig, RunConfig, SynthConfig
+from .config import CalibrationConfig, FinetuneConfig, QuantConfig, ReconstructConfig, RunConfig, SynthConfig
 from .errors import ConfigError
 
-RECIPES = ("fddaq", "fdda-paper", "ptq", "data-free")
+RECIPES = ("fddaq", "reconstruct", "fdda-paper", "ptq", "data-free")
+RECONSTRUCT_ITERATIONS = 500
 
 
 def recipe_config(
@@ -45,6 +49,10 @@ def recipe_config(
             kd_weight=20.0, ce_weight=1.0, learn_scales=False, act_ema=0.9, observe_fraction=0.01,
         )
     synth = SynthConfig(seed=seed)
+    reconstruct = ReconstructConfig(seed=seed)
+    if name == "reconstruct":
+        reconstruct = replace(reconstruct, iterations=RECONSTRUCT_ITERATIONS)
+        finetune = replace(finetune, steps=0)
     if name == "ptq":
         finetune = replace(finetune, steps=0)
         synth = replace(synth, num_images=0)
@@ -57,5 +65,5 @@ def recipe_config(
         synth = replace(synth, num_images=synthetic)
     if synth_steps is not None:
         synth = replace(synth, steps=synth_steps)
-    return RunConfig(quant=quant, calibration=CalibrationConfig(seed=seed), synth=synth, finetune=finetune, recipe=name,
-                     real_images=name != "data-free")
+    return RunConfig(quant=quant, calibration=CalibrationConfig(seed=seed), synth=synth, reconstruct=reconstruct,
+                     finetune=finetune, recipe=name, real_images=name != "data-free")

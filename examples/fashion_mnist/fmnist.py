@@ -14,6 +14,15 @@ CLASS_NAMES = (
     "5_sandal", "6_shirt", "7_sneaker", "8_bag", "9_ankle_boot",
 )
 MEAN, STD = 0.2860, 0.3530
+HERE = Path(__file__).resolve().parent
+# The bundled models: name -> (weights file in this folder, fddaq zoo architecture).
+MODELS = {"resnet": ("model.pth", "fashion_resnet"), "mobilenet": ("mobilenet.pth", "fashion_mobilenet")}
+
+
+def model_source(name: str) -> tuple[Path, str]:
+    """(weights path, `--arch` value) of bundled model `name`."""
+    weights, arch = MODELS[name]
+    return HERE / weights, f"fddaq:{arch}"
 
 
 def read_split(split: str, data_dir: Path = DATA_DIR) -> tuple[np.ndarray, np.ndarray]:

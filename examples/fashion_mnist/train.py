@@ -1,6 +1,8 @@
-"""Train the bundled Fashion-MNIST model (`fddaq:fashion_resnet`) from the full training set.
+"""Train the bundled Fashion-MNIST models from the full training set.
 
-    python examples/fashion_mnist/train.py            # writes model.pth, calib/ and val/ here
+    python examples/fashion_mnist/train.py                       # fddaq:fashion_resnet -> model.pth
+    python examples/fashion_mnist/train.py --model mobilenet     # fddaq:fashion_mobilenet -> mobilenet.pth
+    python examples/fashion_mnist/train.py --subsets-only        # calib/ and val/
 
 Seeded and single-threaded-deterministic on CPU: the same command gives the same weights.
 It reports test accuracy on the full 10,000-image test set.
@@ -22,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fmnist  # noqa: E402
 
-from fddaq.zoo.resnet import fashion_resnet  # noqa: E402
+from fddaq.zoo import ZOO  # noqa: E402
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -55,6 +57,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(fmnist.MODELS), default="resnet")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
@@ -75,7 +78,8 @@ def main() -> None:
     x_train, y_train = to_tensor(train_images), torch.from_numpy(train_labels)
     x_test, y_test = to_tensor(test_images), torch.from_numpy(test_labels)
 
-    model = fashion_resnet()
+    weights, arch = fmnist.MODELS[args.model]
+    model = ZOO[arch].factory()
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total = args.epochs * steps_per_epoch
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -96,9 +100,9 @@ def main() -> None:
 
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out / "model.pth")
+    torch.save(model.state_dict(), args.out / weights)
     print(f"float test top-1 on the full {len(x_test)}-image test set: {accuracy(model, x_test, y_test):.2f}%")
-    print(f"wrote {args.out / 'model.pth'}")
+    print(f"wrote {args.out / weights}")
 
 
 if __name__ == "__main__":

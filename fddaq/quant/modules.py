@@ -238,6 +238,11 @@ class QuantizedModel(nn.Module):
         with _Quantizing(self, x):
             return self.model(x)
 
+    def run_module(self, module: nn.Module, x: Tensor) -> Any:
+        """`module` (a module of `model`) on `x`, its layers quantized."""
+        with _Quantizing(self, x):
+            return module(x)
+
     @torch.no_grad()
     def layer_tensors(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         """(weight, bias) each layer receives from the model at its first call (one float

@@ -8,6 +8,7 @@ from typing import Callable
 from torch import nn
 
 from .efficientnet import efficientnet_lite0
+from .mobilenet import fashion_mobilenet
 from .resnet import fashion_resnet
 
 
@@ -19,5 +20,6 @@ class ZooEntry:
 
 ZOO: dict[str, ZooEntry] = {
     "fashion_resnet": ZooEntry(fashion_resnet, "fashion-mnist"),
+    "fashion_mobilenet": ZooEntry(fashion_mobilenet, "fashion-mnist"),
     "efficientnet_lite0": ZooEntry(efficientnet_lite0, "efficientnet-lite"),
 }

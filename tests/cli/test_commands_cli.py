@@ -150,3 +150,15 @@ def test_summary_markdown_is_written_and_appended_to_the_github_step_summary(qui
     assert result.exit_code == 0, result.output
     text = step_summary.read_text()
     assert text.startswith("earlier step\n### fddaq verify: model.onnx") and "| ONNX vs fake-quant top-1 agreement" in text
+
+
+def test_sensitivity_writes_a_ranked_table_a_chart_and_json(tmp_path):
+    result = invoke("sensitivity", *MODEL_ARGS, "--calib", str(EXAMPLE / "calib"), "--bits", "4", "--quiet",
+                    "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "sensitivity.json").read_text())["sensitivity"]
+    assert set(report["splits"]) == {"W4A8", "W8A4", "W4A4"}
+    assert len(report["quantizers"]) == 20  # 10 layers: weights and inputs
+    assert "all at W4A8" in result.output and "stem.0 weight (4 bits)" in result.output
+    assert (tmp_path / "sensitivity.png").read_bytes().startswith(b"\x89PNG")
+    assert "[sensitivity]" in (tmp_path / "config.toml").read_text()

@@ -49,7 +49,10 @@ def test_recipes():
     assert (f.optimizer, f.temperature, f.kd_weight, f.ce_weight, f.learn_scales) == ("sgd", 20.0, 20.0, 1.0, False)
     assert f.steps == 10 and f.seed == 2 and paper.synth.seed == 2
     assert recipe_config("fddaq", quant, synthetic=0).synth.num_images == 0
-    with pytest.raises(ConfigError, match="unknown recipe 'best'.*fddaq, fdda-paper, ptq, data-free"):
+    blocks = recipe_config("reconstruct", quant, seed=3)
+    assert blocks.reconstruct.iterations > 0 and blocks.reconstruct.seed == 3 and blocks.finetune.steps == 0
+    assert ptq.reconstruct.iterations == 0 and paper.reconstruct.iterations == 0
+    with pytest.raises(ConfigError, match="unknown recipe 'best'.*fddaq, reconstruct, fdda-paper, ptq, data-free"):
         recipe_config("best", quant)
 
 

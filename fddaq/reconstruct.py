@@ -1,0 +1,283 @@
+"""Block-wise reconstruction of the fake-quant model (BRECQ, with QDrop's random dropping of
+activation quantization), unit by unit in the order they run (`quant.units`).
+
+For each unit, the images of a fixed pool are run once through the quantized model (the
+units before it already reconstructed) to cache the unit's input, and once through the float
+model to cache the float unit's output. The unit is then replayed alone on batches of the
+cached inputs and trained to reproduce the float output (squared error summed over channels):
+- each weight's rounding, up or down (AdaRound: a soft rounding variable per weight, pushed
+  to 0 or 1 by a regulariser whose exponent falls from 20 to 2), at fixed weight step sizes;
+- the step sizes of the unit's activation quantizers (LSQ), and of its weights (`weight_scale_lr`;
+  the integer part of each weight stays fixed at the starting steps, as in Genie);
+- each activation element skips its quantizer with probability `drop` while training.
+The chosen roundings are then written into the student's weights: they sit on their grid
+points, so the step sizes and round-to-nearest give back exactly those integers. A weight
+that is computed in forward, or that several layers share, keeps round-to-nearest.
+
+A resumable state is handed out after each unit."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .config import ReconstructConfig
+from .device import model_device
+from .events import EventHandler, emit
+from .finetune import augment
+from .quant.modules import QuantizedModel, QuantLayer
+from .quant.primitives import weight_range
+from .quant.units import find_units
+
+RESUME_FORMAT = 1
+CACHE_BATCH = 64
+BETA_START, BETA_END = 20.0, 2.0
+
+
+@dataclass(frozen=True)
+class ReconstructResult:
+    units: int
+    layers: int  # quantized layers inside units
+    rounded_layers: int  # of which with learned rounding
+    pool: int  # images the units were trained on
+    loss_before: float  # mean over units of each unit's error on the pool before and after
+    loss_after: float
+    seconds: float
+    unit_losses: dict[str, tuple[float, float]]  # unit -> its error (before, after)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class _Rounding(nn.Module):
+    """AdaRound's soft rounding of one weight: ``scale * clamp(floor(w / scale0) + h(v), qmin,
+    qmax)`` with ``h(v) = clamp(1.2 sigmoid(v) - 0.1, 0, 1)``, `v` starting where the soft
+    weight is `w`, and the integer part fixed at the starting steps `scale0` while the steps
+    themselves may learn (Genie)."""
+
+    def __init__(self, weight: Tensor, scale: Tensor, bits: int) -> None:
+        super().__init__()
+        self.qmin, self.qmax = weight_range(bits)
+        scaled = weight.detach() / scale.detach()
+        self.register_buffer("floor", scaled.floor())
+        rest = (scaled - self.floor).clamp(0.0, 1.0)
+        self.v = nn.Parameter(-torch.log(1.2 / (rest + 0.1) - 1))
+
+    def h(self) -> Tensor:
+        return (torch.sigmoid(self.v) * 1.2 - 0.1).clamp(0.0, 1.0)
+
+    def forward(self, scale: Tensor) -> Tensor:
+        return scale * torch.clamp(self.floor + self.h(), self.qmin, self.qmax)
+
+    def hard(self, scale: Tensor) -> Tensor:
+        return scale * torch.clamp(self.floor + (self.v >= 0).float(), self.qmin, self.qmax)
+
+    def regulariser(self, beta: float) -> Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+class _Stop(Exception):
+    """Ends a forward once the cached unit has run."""
+
+
+@torch.no_grad()
+def _cache(model: nn.Module, run: Callable[[Tensor], object], module: nn.Module, pool: Tensor, side: str) -> Tensor:
+    """The unit's input (`side` "input") or output ("output") for every image of `pool`,
+    running `run` (a forward of `model`) only as far as the unit."""
+    parts: list[Tensor] = []
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        if side == "input":
+            parts.append(args[0].detach().clone())
+            raise _Stop
+
+    def post(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        parts.append(out.detach().clone())
+        raise _Stop
+
+    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    device = model_device(model)
+    try:
+        for start in range(0, len(pool), CACHE_BATCH):
+            try:
+                run(pool[start : start + CACHE_BATCH].to(device))
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(parts)
+
+
+def _reconstruction_loss(out: Tensor, target: Tensor) -> Tensor:
+    """Squared error summed over channels (dimension 1), averaged over everything else."""
+    error = (out - target).square()
+    return error.sum(1).mean() if error.dim() > 1 else error.mean()
+
+
+@torch.no_grad()
+def _unit_error(student: QuantizedModel, module: nn.Module, inputs: Tensor, targets: Tensor) -> float:
+    """The unit's reconstruction loss over the whole pool, as deployed (no dropping)."""
+    device = model_device(student)
+    total = 0.0
+    for start in range(0, len(inputs), CACHE_BATCH):
+        out = student.run_module(module, inputs[start : start + CACHE_BATCH].to(device))
+        total += _reconstruction_loss(out, targets[start : start + CACHE_BATCH].to(device)).item() * len(out)
+    return total / len(inputs)
+
+
+def _beta(progress: float, warmup: float) -> float | None:
+    """The regulariser's exponent at `progress` (0..1) of a unit's iterations; None while warming up."""
+    if progress < warmup:
+        return None
+    return BETA_END + (BETA_START - BETA_END) * max(0.0, 1 - (progress - warmup) / (1 - warmup))
+
+
+def _roundable(student: QuantizedModel, names: tuple[str, ...]) -> dict[str, nn.Parameter]:
+    """The unit's layers whose weight is a parameter of their own, by layer name."""
+    layers = {layer.name: layer for layer in student.capture.layers}
+    owners: dict[str, int] = {}
+    for quant in student.layers:
+        weight = layers[quant.name].weight
+        if weight is not None:
+            owners[weight] = owners.get(weight, 0) + 1
+    return {name: student.model.get_parameter(layers[name].weight) for name in names
+            if layers[name].weight is not None and owners[layers[name].weight] == 1 and layers[name].calls == 1}
+
+
+def reconstruct(
+    student: QuantizedModel,
+    float_model: nn.Module,
+    pool: Tensor,
+    config: ReconstructConfig,
+    on_event: EventHandler | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+) -> ReconstructResult:
+    """Reconstruct `student` (calibrated) unit by unit against `float_model` (the float module
+    tree `student` was prepared from) on the images of `pool` (see the module doc)."""
+    start = time.perf_counter()
+    units = find_units(student)
+    quant = {layer.name: layer for layer in student.layers}
+    float_modules = dict(float_model.named_modules())
+    total = len(units) * config.iterations
+    first_unit = 0
+    unit_losses: dict[str, tuple[float, float]] = {}
+    if resume is not None:
+        student.load_state_dict(resume["student"])
+        first_unit = resume["units"]
+        unit_losses = dict(resume["unit_losses"])
+    student.eval()
+    float_model.eval()
+    emit(on_event, "reconstruct", first_unit * config.iterations, total)
+    rounded = 0
+    for index, unit in enumerate(units):
+        roundable = _roundable(student, unit.layers)
+        rounded += len(roundable)
+        if index < first_unit:
+            continue
+        module = student.model.get_submodule(unit.module)
+        inputs = _cache(student, student.forward_all, module, pool, "input")
+        targets = _cache(float_model, float_model, float_modules[unit.module], pool, "output")
+        before = _unit_error(student, module, inputs, targets)
+        _train_unit(
+            student, module, [quant[name] for name in unit.layers], roundable, inputs, targets, config,
+            torch.Generator().manual_seed(config.seed * 100_003 + index),
+            lambda step, loss: emit(on_event, "reconstruct", index * config.iterations + step, total,
+                                    loss=loss, unit=index + 1),
+        )
+        unit_losses[unit.module] = (before, _unit_error(student, module, inputs, targets))
+        if on_checkpoint is not None and index + 1 < len(units):
+            on_checkpoint(copy.deepcopy({"format": RESUME_FORMAT, "units": index + 1,
+                                         "student": student.state_dict(), "unit_losses": unit_losses}))
+    emit(on_event, "reconstruct", total, total)
+    befores = [before for before, _ in unit_losses.values()]
+    afters = [after for _, after in unit_losses.values()]
+    return ReconstructResult(
+        len(units), sum(len(unit.layers) for unit in units), rounded, len(pool),
+        sum(befores) / len(befores) if befores else math.nan, sum(afters) / len(afters) if afters else math.nan,
+        time.perf_counter() - start, unit_losses,
+    )
+
+
+def _train_unit(
+    student: QuantizedModel,
+    module: nn.Module,
+    layers: list[QuantLayer],
+    roundable: dict[str, nn.Parameter],
+    inputs: Tensor,
+    targets: Tensor,
+    config: ReconstructConfig,
+    generator: torch.Generator,
+    progress: Callable[[int, float], None],
+) -> None:
+    """Train one unit and write the learned roundings into its weights."""
+    device = model_device(student)
+    by_name = {layer.name: layer for layer in layers}
+
+    def weight_scale(name: str) -> Tensor:
+        quant = by_name[name].weight_quant
+        return quant.scale().reshape(quant.channel_shape(roundable[name]))
+
+    roundings = {name: _Rounding(weight, weight_scale(name), by_name[name].weight_quant.bits).to(device)
+                 for name, weight in roundable.items()}
+    scales = [layer.input_quant.log_scale for layer in layers if layer.input_quant.enabled]
+    weight_scales = [by_name[name].weight_quant.log_scale for name in roundings] if config.weight_scale_lr > 0 else []
+    groups = [{"params": [r.v for r in roundings.values()], "lr": config.rounding_lr}]
+    if scales:
+        groups.append({"params": scales, "lr": config.scale_lr})
+    if weight_scales:
+        groups.append({"params": weight_scales, "lr": config.weight_scale_lr})
+    scales = scales + weight_scales
+    optimizer = torch.optim.Adam(groups)
+    frozen = [p for p in student.parameters() if p.requires_grad and all(p is not s for s in scales)]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    mask_generator = torch.Generator(device=device).manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+
+    def tap(layer: QuantLayer, role: str, raw: Tensor, quantized: Tensor) -> Tensor:
+        if role == "w" and layer.name in roundings:
+            return roundings[layer.name](weight_scale(layer.name))
+        if role == "x" and config.drop > 0:
+            keep = torch.rand(raw.shape, generator=mask_generator, device=raw.device) < config.drop
+            return torch.where(keep, raw, quantized)
+        return quantized
+
+    student.tap = tap
+    try:
+        for step in range(1, config.iterations + 1):
+            picked = torch.randint(len(inputs), (config.batch_size,), generator=generator)
+            loss = _reconstruction_loss(student.run_module(module, inputs[picked].to(device)), targets[picked].to(device))
+            beta = _beta((step - 1) / config.iterations, config.warmup)
+            total = loss
+            if beta is not None and roundings and config.round_weight > 0:
+                total = loss + config.round_weight * sum(r.regulariser(beta) for r in roundings.values())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            progress(step, loss.item())
+    finally:
+        student.tap = None
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+    with torch.no_grad():
+        for name, rounding in roundings.items():
+            roundable[name].copy_(rounding.hard(weight_scale(name)))
+
+
+def view_pool(real: Tensor, synthetic: Tensor | None, config: ReconstructConfig) -> Tensor:
+    """The images units are reconstructed on: `config.views` views of the real images (each
+    image once as it is, the rest augmented: `finetune.augment`) and up to `config.views`
+    synthetic images chosen at random."""
+    generator = torch.Generator().manual_seed(config.seed)
+    views = real[torch.arange(max(config.views, len(real))) % len(real)].clone()
+    views[len(real):] = augment(views[len(real):], generator)
+    if synthetic is None or not len(synthetic):
+        return views
+    return torch.cat([views, synthetic[torch.randperm(len(synthetic), generator=generator)[: config.views]]])

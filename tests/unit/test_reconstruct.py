@@ -1,0 +1,153 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fddaq.config import ReconstructConfig
+from fddaq.quant.calibrate import calibrate
+from fddaq.quant.units import Unit, find_units
+from fddaq.reconstruct import _Rounding, _beta, reconstruct, view_pool
+from fddaq.zoo.mobilenet import fashion_mobilenet
+from tests.conftest import fake_quant_model, randomize_bn
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(channels, channels, 3, padding=1)
+        self.b = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.b(torch.relu(self.a(x)))
+
+
+class Net(nn.Module):
+    """A stem, two residual blocks in a Sequential, a head called with a functional step before
+    it, a module used twice (cannot be replayed alone) and a layer called by the root's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.blocks = nn.Sequential(Block(4), Block(4))
+        self.twice = nn.Conv2d(4, 4, 1)
+        self.weight = nn.Parameter(torch.randn(4, 4, 1, 1) * 0.3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.stem(x)))
+        x = self.twice(self.twice(x))
+        x = F.conv2d(x, self.weight)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_units_follow_the_structure_not_the_names():
+    units = find_units(fake_quant_model(Net().eval(), (1, 8, 8)))
+    assert units == [
+        Unit("stem", ("stem",)),
+        Unit("blocks.0", ("blocks.0.a", "blocks.0.b")),
+        Unit("blocks.1", ("blocks.1.a", "blocks.1.b")),
+        Unit("fc", ("fc",)),
+    ]  # `twice` runs twice and `weight` is called by the root: they stay outside
+
+
+def test_inverted_residuals_are_units():
+    units = find_units(fake_quant_model(fashion_mobilenet().eval(), (1, 28, 28)))
+    assert [u.module for u in units] == ["stem", *(f"blocks.{i}" for i in range(8)), "head", "fc"]
+    assert [len(u.layers) for u in units][1:4] == [2, 3, 3]
+
+
+def test_rounding_starts_at_the_float_weight_and_ends_on_the_grid():
+    torch.manual_seed(0)
+    weight, scale = torch.randn(3, 5), torch.tensor([[0.3], [0.2], [0.5]])
+    rounding = _Rounding(weight, scale, 4)
+    assert torch.allclose(rounding(scale), weight.clamp(-7 * scale, 7 * scale), atol=1e-5)
+    nearest = torch.clamp(torch.round(weight / scale), -7, 7) * scale
+    assert ((rounding.hard(scale) - nearest).abs() <= scale + 1e-6).all()  # one step at most: up or down
+    assert rounding.regulariser(2.0) > 0
+    with torch.no_grad():
+        rounding.v.copy_(torch.where(rounding.v >= 0, 10.0, -10.0))
+    assert rounding.regulariser(2.0) == 0 and torch.allclose(rounding(scale), rounding.hard(scale))
+    assert torch.allclose(rounding.hard(2 * scale), 2 * rounding.hard(scale))  # the integers stay when the step learns
+
+
+def test_beta_is_off_while_warming_up_then_falls_from_20_to_2():
+    assert _beta(0.1, 0.2) is None
+    assert _beta(0.2, 0.2) == 20.0 and _beta(1.0, 0.2) == pytest.approx(2.0) and 2 < _beta(0.6, 0.2) < 20
+
+
+def test_view_pool_keeps_each_real_image_once_then_augments_and_adds_synthetic_images():
+    real, synthetic = torch.randn(5, 1, 8, 8), torch.randn(30, 1, 8, 8)
+    pool = view_pool(real, synthetic, ReconstructConfig(views=12))
+    assert pool.shape == (24, 1, 8, 8) and torch.equal(pool[:5], real)
+    assert torch.equal(view_pool(real, synthetic, ReconstructConfig(views=12)), pool)  # seeded
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def _setup(model):
+    student = fake_quant_model(model, (1, 8, 8), weight_bits=3, act_bits=3)
+    images = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    calibrate(student, images)
+    return student, images
+
+
+def _output_error(student, model, images):
+    with torch.no_grad():
+        return (student(images) - model(images)).square().mean().item()
+
+
+def test_reconstruction_moves_outputs_towards_float_and_leaves_weights_on_their_grid(net):
+    student, images = _setup(net)
+    before = _output_error(student, net, images)
+    result = reconstruct(student, net, images, ReconstructConfig(iterations=200, batch_size=16, views=48))
+    assert result.units == 4 and result.rounded_layers == result.layers == 6 and result.pool == 48
+    assert result.loss_after < result.loss_before
+    assert all(after < 1.01 * before for before, after in result.unit_losses.values()), result.unit_losses
+    assert _output_error(student, net, images) < before
+    weights = student.layer_weights()
+    inside = {name for unit in find_units(student) for name in unit.layers}
+    for layer in (layer for layer in student.layers if layer.name in inside):
+        scaled = weights[layer.name] / layer.weight_quant.scale().reshape(layer.weight_quant.channel_shape(weights[layer.name]))
+        assert torch.allclose(scaled, scaled.round(), atol=1e-4), layer.name  # round-to-nearest gives the learned integers
+    assert all(p.requires_grad for p in student.parameters()) and student.tap is None
+
+
+def test_a_small_net_without_blocks_is_one_unit(tiny_model):
+    assert find_units(fake_quant_model(tiny_model)) == [Unit("", ("conv1", "conv2", "short", "fc"))]
+
+
+def test_reconstruction_resumes_after_a_unit_to_the_same_result(net):
+    config = ReconstructConfig(iterations=8, batch_size=8, views=48)
+    reference, images = _setup(net)
+    reconstruct(reference, net, images, config)
+    states = []
+    interrupted, _ = _setup(net)
+
+    class Stop(Exception):
+        pass
+
+    def on_event(event):
+        if event.step == 2 * config.iterations + 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        reconstruct(interrupted, net, images, config, on_event, states.append)
+    assert [s["units"] for s in states] == [1, 2]
+    resumed, _ = _setup(net)
+    result = reconstruct(resumed, net, images, config, resume=states[-1])
+    assert set(result.unit_losses) == {u.module for u in find_units(resumed)}
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_mobilenet_reconstruction_runs_every_unit():
+    model = randomize_bn(fashion_mobilenet())
+    student = fake_quant_model(model, (1, 28, 28), weight_bits=4, act_bits=4)
+    images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    calibrate(student, images)
+    result = reconstruct(student, model, images, ReconstructConfig(iterations=2, batch_size=4, views=16))
+    assert result.units == 11 and result.layers == 26 and len(result.unit_losses) == 11

@@ -1,0 +1,34 @@
+import math
+
+import torch
+
+from fddaq.config import QuantConfig
+from fddaq.quant.capture import capture
+from fddaq.sensitivity import sensitivity
+
+
+def test_the_quantizer_that_breaks_the_model_ranks_first(tiny_model):
+    found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
+    images = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    synthetic = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    result = sensitivity(tiny_model, found, found.outputs[0].name, QuantConfig(8, 8, layers=("conv2=2/8",)), images, synthetic)
+    top = result.quantizers[0]
+    assert (top.layer, top.role, top.bits) == ("conv2", "weight", 2)
+    assert len(result.quantizers) == 8  # weight and input of each of the 4 layers
+    kls = [q.divergence.kl for q in result.quantizers]
+    assert kls == sorted(kls, reverse=True) and all(kl >= -1e-6 for kl in kls)
+    inputs = {q.layer: q.bits for q in result.quantizers if q.role == "input"}
+    assert inputs == {"conv1": 8, "conv2": 8, "short": 8, "fc": 8}
+    assert set(result.splits) == {"W8A8"}  # every split is the plan itself: the override keeps conv2 at 2 bits
+    assert result.splits["W8A8"].kl > 0
+    assert top.divergence.kl_synthetic is not None and 0 <= top.divergence.agreement <= 100
+    assert math.isfinite(result.to_json()["quantizers"][0]["divergence"]["kl"]) and result.synthetic_images == 8
+
+
+def test_one_quantizer_alone_changes_less_than_all_of_them(tiny_model):
+    found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
+    images = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    result = sensitivity(tiny_model, found, found.outputs[0].name, QuantConfig(3, 3), images)
+    assert set(result.splits) == {"W3A8", "W8A3", "W3A3"}
+    assert max(q.divergence.kl for q in result.quantizers) < result.splits["W3A3"].kl
+    assert result.quantizers[0].divergence.kl_synthetic is None
