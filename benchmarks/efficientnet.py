@@ -2,7 +2,8 @@
 images (most of the 1000 classes have none: FDDA's partial-coverage path), scored on images it
 never saw (issue 7). One seed: a generator step at 224 px costs about 7 s on 2 cores.
 
-    .venv/bin/python benchmarks/efficientnet.py [--model lite0|lite1] [--steps 200] [--synth-steps 120] [--synthetic 512] [--batch-size 16] [--bits 8 4] [--methods ...] [--json FILE]
+    .venv/bin/python benchmarks/efficientnet.py [--model lite0|lite1] [--steps 200] [--synth-steps 120] [--synthetic 512]
+        [--batch-size 16] [--bits 8/8 4/8 4/4 4/4/8] [--methods ...] [--iterations 500] [--views 512] [--json FILE]
 
 Models: `lite0`, fddaq's own `fddaq:efficientnet_lite0` (224 px); `lite1`, built as users build
 it with the `efficientnet-lite-pytorch` package (`EfficientNet.from_name('efficientnet-lite1')`,
@@ -11,14 +12,18 @@ every conv a `Conv2dStaticSamePadding`), 240 px from a 274 px resize, 5.4 M para
 Calibration: the 10 even-numbered of the 20 labelled ImageNet images of `foolbox`. Scores, all
 on the exported ONNX in onnxruntime against the float model in PyTorch:
 - top-1 on the 10 other labelled images (and the float model's, on the same 10);
-- top-1 agreement with the float model and mean KL(float || quantized) of the softmax outputs
-  on held-out natural photos (scikit-image's `skimage.data` colour photos) and their variants:
-  mirror image and four corner crops of 80% (30 images per photo set of 5);
+- top-1 agreement with the float model, top-5 overlap (shared classes among the two top-5
+  sets, percent) and mean KL(float || quantized) of the softmax outputs on held-out natural
+  photos: every colour photo of `skimage.data`, scikit-learn's sample images and
+  matplotlib's sample photos (11 photos), each in 16 views (whole, four corner crops and a
+  centre crop of 80%, centre crops of 60% and 40%, each also mirrored): 176 views;
 - for fddaq's graphs, `verify` on the photos: ONNX vs PyTorch fake-quant top-1 agreement.
 Methods: onnxruntime `quantize_static` (MinMax, Percentile; as in `peers.py`) on the float
 ONNX; fddaq `ptq`; `real-only` (the `fddaq` recipe without synthetic images); `fddaq` (FDDA
 synthesis from the 10 images, `--synth-steps` generator steps, `--synthetic` images mixed 1:1);
-`data-free` (no real image). Each method runs in its own process, which reports its peak
+`data-free` (no real image); `reconstruct` (block-wise reconstruction, `--iterations` per unit
+on `--views` views of the 10 images, no synthetic images). `--bits W/A[/F]`: F bits for the
+first and last layers. Each method runs in its own process, which reports its peak
 resident memory; a row's wall time includes its share of generator training (trained once
 per method, shared by the bit widths). Needs `benchmarks/requirements.txt` and scikit-image.
 """
@@ -40,7 +45,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "horse")
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
+
+
+def photos() -> dict:
+    """The natural colour photos that ship inside scikit-image, scikit-learn and matplotlib."""
+    import matplotlib
+    import skimage.data
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    found = {name: Image.fromarray(getattr(skimage.data, name)()) for name in SKIMAGE_PHOTOS}
+    sample = load_sample_images()
+    for name, array in zip(sample.filenames, sample.images):
+        found[Path(name).stem] = Image.fromarray(array)
+    data = Path(matplotlib.get_data_path()) / "sample_data"
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
+        found[Path(name).stem] = Image.open(data / name)
+    return {name: image.convert("RGB") for name, image in found.items()}
 
 
 def model_source(name: str, calib: Path, held: Path, classes: Path):
@@ -60,20 +82,24 @@ def model_source(name: str, calib: Path, held: Path, classes: Path):
 
 
 def natural_images(folder: Path) -> None:
-    """skimage.data photos, each as is, mirrored and cropped to 80% at its four corners."""
-    import skimage.data
+    """Every photo of `photos()` in 16 views: whole, 80% crops at the four corners and the
+    centre, 60% and 40% centre crops, each also mirrored."""
     from PIL import Image
 
     folder.mkdir(parents=True)
-    for name in PHOTOS:
-        image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    for name, image in photos().items():
         w, h = image.size
-        cw, ch = int(0.8 * w), int(0.8 * h)
-        variants = {"full": image, "mirror": image.transpose(Image.FLIP_LEFT_RIGHT)}
-        for corner, (x, y) in {"tl": (0, 0), "tr": (w - cw, 0), "bl": (0, h - ch), "br": (w - cw, h - ch)}.items():
-            variants[corner] = image.crop((x, y, x + cw, y + ch))
-        for variant, picture in variants.items():
-            picture.save(folder / f"{name}_{variant}.png")
+        boxes = {"full": (0, 0, w, h)}
+        for fraction in (0.8, 0.6, 0.4):
+            cw, ch = int(fraction * w), int(fraction * h)
+            boxes[f"c{fraction}"] = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
+            if fraction == 0.8:
+                for corner, (x, y) in {"tl": (0, 0), "tr": (w - cw, 0), "bl": (0, h - ch), "br": (w - cw, h - ch)}.items():
+                    boxes[corner] = (x, y, x + cw, y + ch)
+        for view, box in boxes.items():
+            crop = image.crop(box)
+            crop.save(folder / f"{name}_{view}.png")
+            crop.transpose(Image.FLIP_LEFT_RIGHT).save(folder / f"{name}_{view}_mirror.png")
 
 
 def split_labelled(root: Path) -> tuple[Path, Path]:
@@ -95,12 +121,15 @@ def scores(logits: np.ndarray, reference: np.ndarray) -> dict:
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
     p, q = log_softmax(reference.astype(np.float64)), log_softmax(logits.astype(np.float64))
+    top5 = [set(row) for row in np.argsort(-logits, axis=1)[:, :5]]
+    top5_reference = [set(row) for row in np.argsort(-reference, axis=1)[:, :5]]
     return {"agreement": 100.0 * float((logits.argmax(1) == reference.argmax(1)).mean()),
+            "top5_overlap": 100.0 * float(np.mean([len(a & b) / 5 for a, b in zip(top5, top5_reference)])),
             "kl": float((np.exp(p) * (p - q)).sum(axis=1).mean())}
 
 
 PEERS = ("onnxruntime MinMax", "onnxruntime Percentile")
-METHODS = (*PEERS, "ptq", "real-only", "fddaq", "data-free")
+METHODS = (*PEERS, "ptq", "real-only", "fddaq", "data-free", "reconstruct")
 
 
 def group(method: str, args: argparse.Namespace) -> list[dict]:
@@ -134,25 +163,32 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
             config = recipe_config(method, QuantConfig(), synthetic=args.synthetic, synth_steps=args.synth_steps)
             synthesis = synthesize(inputs, config.synth, real_images=config.real_images)
             synth_seconds = synthesis.seconds
-        for bits in args.bits:
-            row = {"model": args.model, "bits": f"W{bits}A{bits}", "method": method, "steps": 0,
-                   "float_held_top1": float_top1}
+        for setting in args.bits:
+            w, a, *first_last = (int(v) for v in setting.split("/"))
+            fl = first_last[0] if first_last else None
+            label = f"W{w}A{a}" + (f"-fl{fl}" if fl else "")
+            row = {"model": args.model, "bits": label, "method": method, "steps": 0, "float_held_top1": float_top1}
             start = time.perf_counter()
             if method in PEERS:
                 float_path, graph = root / "float.onnx", root / "quantized.onnx"
                 float_path.write_bytes(export_float(inputs.float_model, inputs.input_shape).SerializeToString())
-                peers.quantize(float_path, graph, inputs.calib.images.numpy(), row["bits"], method.split()[-1])
+                if fl is not None or w != a:
+                    continue  # onnxruntime's quantizer: one bit width for the whole model
+                peers.quantize(float_path, graph, inputs.calib.images.numpy(), label, method.split()[-1])
                 row["seconds"] = time.perf_counter() - start
             else:
                 recipe = "fddaq" if method in ("real-only", "ptq") else method
-                config = recipe_config(recipe, QuantConfig(bits, bits), steps=0 if method == "ptq" else args.steps,
-                                       synthetic=0 if method in ("real-only", "ptq") else args.synthetic,
+                config = recipe_config(recipe, QuantConfig(w, a, fl),
+                                       steps=0 if method in ("ptq", "reconstruct") else args.steps,
+                                       synthetic=0 if method in ("real-only", "ptq", "reconstruct") else args.synthetic,
                                        synth_steps=args.synth_steps)
-                config = replace(config, finetune=replace(config.finetune, batch_size=args.batch_size))
+                config = replace(config, finetune=replace(config.finetune, batch_size=args.batch_size),
+                                 reconstruct=replace(config.reconstruct, views=args.views, batch_size=args.batch_size,
+                                                     iterations=args.iterations if method == "reconstruct" else 0))
                 result = quantize_inputs(inputs, config, synthesis=synthesis)
                 graph = export_qdq(result.model)
                 row["seconds"] = time.perf_counter() - start + synth_seconds / len(args.bits)
-                row["steps"] = config.finetune.steps
+                row["steps"] = config.finetune.steps or config.reconstruct.iterations
                 row["verify_agreement"] = verify(graph, result.model, natural.images).agreement
             held_logits = run_onnx(graph, inputs.val.images, optimize=True)
             rows.append({
@@ -168,15 +204,17 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| bits | method | steps | top-1, 10 held-out labelled (float) | agreement with float, natural | KL, natural "
-        "| agreement, held-out labelled | ONNX = PyTorch (verify) | wall s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| bits | method | steps (per unit) | top-1, 10 held-out labelled (float) | agreement with float, natural "
+        "| top-5 overlap, natural | KL, natural | agreement, held-out labelled | ONNX = PyTorch (verify) | wall s "
+        "| peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (-int(r["bits"][1]), METHODS.index(r["method"]))):
+    for r in sorted(rows, key=lambda r: (-int(r["bits"][1]), -int(r["bits"][3]), r["bits"], METHODS.index(r["method"]))):
         check = f"{r['verify_agreement']:.0f}%" if "verify_agreement" in r else "-"
         lines.append(
             f"| {r['bits']} | {r['method']} | {r['steps']} | {r['held_top1']:.0f} ({r['float_held_top1']:.0f}) | "
-            f"{r['natural']['agreement']:.1f} ({r['natural_images']} images) | {r['natural']['kl']:.3f} | "
+            f"{r['natural']['agreement']:.1f} ({r['natural_images']} images) | {r['natural']['top5_overlap']:.1f} | "
+            f"{r['natural']['kl']:.3f} | "
             f"{r['held']['agreement']:.0f} | {check} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines)
@@ -188,8 +226,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
     parser.add_argument("--synth-steps", type=int, default=120, help="generator training steps")
     parser.add_argument("--synthetic", type=int, default=512, help="synthetic images")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4], choices=[8, 4])
+    parser.add_argument("--batch-size", type=int, default=16, help="of fine-tuning and reconstruction")
+    parser.add_argument("--bits", nargs="+", default=["8/8", "4/8", "4/4", "4/4/8"], help="W/A or W/A/F settings")
+    parser.add_argument("--iterations", type=int, default=500, help="reconstruction iterations per unit")
+    parser.add_argument("--views", type=int, default=512, help="reconstruction pool: views of the real images")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -202,7 +242,7 @@ def main() -> None:
         out = subprocess.run(
             [sys.executable, __file__, "--child", method, "--model", args.model, "--steps", str(args.steps), "--synth-steps",
              str(args.synth_steps), "--synthetic", str(args.synthetic), "--batch-size", str(args.batch_size),
-             "--bits", *map(str, args.bits)],
+             "--bits", *args.bits, "--iterations", str(args.iterations), "--views", str(args.views)],
             check=True, stdout=subprocess.PIPE, text=True,
         )
         rows += json.loads(out.stdout.strip().splitlines()[-1])

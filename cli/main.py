@@ -274,7 +274,7 @@ def quantize(
     act_bits: Optional[int] = _BITS["act_bits"],
     first_last_bits: Optional[int] = _BITS["first_last_bits"],
     layer_bits: Optional[list[str]] = _BITS["layer_bits"],
-    recipe: str = typer.Option("fddaq", "--recipe", help="fddaq (default), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result)."),
+    recipe: str = typer.Option("fddaq", "--recipe", help="fddaq (default), reconstruct (block-wise reconstruction: AdaRound + LSQ + QDrop, unit by unit), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps (recipe default: 400; 0: calibration only)."),
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="FDDA synthetic images mixed into fine-tuning (recipe default: 1024; 0: real images only)."),
     synth_steps: Optional[int] = typer.Option(None, "--synth-steps", help="FDDA generator training steps (default 500)."),

@@ -135,8 +135,7 @@ class ReconstructConfig:
     steps to reproduce the float unit's output from the input the quantized units before it
     give. Learned: each weight's rounding (AdaRound: `rounding_lr`, regulariser weight
     `round_weight` with beta falling from 20 to 2 after a `warmup` fraction) and the units'
-    activation step sizes (LSQ, `scale_lr` on the log step) and, when `weight_scale_lr` > 0, the
-    per-channel weight steps. `drop`: QDrop's probability
+    activation step sizes (LSQ, `scale_lr` on the log step). `drop`: QDrop's probability
     that an activation element skips its quantizer while training. The data: `views`
     augmented views of the real images and, when synthesized, up to as many synthetic
     images. 0 iterations turns it off."""
@@ -146,7 +145,6 @@ class ReconstructConfig:
     views: int = 512
     rounding_lr: float = 1e-2
     scale_lr: float = 1e-3
-    weight_scale_lr: float = 0.0
     round_weight: float = 0.01
     warmup: float = 0.2
     drop: float = 0.5
@@ -156,8 +154,7 @@ class ReconstructConfig:
         _check_positive("iterations", self.iterations, allow_zero=True)
         for name in ("batch_size", "views", "rounding_lr", "scale_lr"):
             _check_positive(name, getattr(self, name))
-        for name in ("round_weight", "weight_scale_lr"):
-            _check_positive(name, getattr(self, name), allow_zero=True)
+        _check_positive("round_weight", self.round_weight, allow_zero=True)
         for name in ("warmup", "drop"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be within [0, 1)")

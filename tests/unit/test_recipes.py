@@ -147,3 +147,28 @@ def test_data_free_recipe_trains_on_synthetic_images_only():
 def test_data_free_needs_synthetic_images():
     with pytest.raises(ConfigError, match="data-free.*num_images"):
         recipe_config("data-free", QuantConfig(4, 4), synthetic=0)
+
+
+def test_reconstruction_runs_before_fine_tuning_and_resumes_from_a_unit():
+    from dataclasses import replace
+    from pathlib import Path
+
+    from fddaq.config import ReconstructConfig
+    from fddaq.pipeline import Source, load_inputs, quantize_inputs
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
+    inputs = load_inputs(Source(example / "mobilenet.pth", "fddaq:fashion_mobilenet", example / "calib"))
+    config = recipe_config("reconstruct", QuantConfig(4, 4), synthetic=0)
+    config = replace(config, reconstruct=ReconstructConfig(iterations=2, batch_size=4, views=16),
+                     finetune=replace(config.finetune, steps=2, batch_size=4))
+    states = []
+    reference = quantize_inputs(inputs, config, on_checkpoint=states.append)
+    assert reference.reconstruct.units == 11
+    assert reference.reconstruct.pool == 90  # every training image once (views < images); the 10 held out stay out
+    assert "reconstruct" in reference.timings and reference.finetune.steps == 2
+    unit_states = [s for s in states if s["finetune"] is None]
+    assert [s["reconstruct"]["units"] for s in unit_states] == list(range(1, 11))
+    resumed = quantize_inputs(inputs, config, resume=unit_states[4])
+    assert set(resumed.reconstruct.unit_losses) == set(reference.reconstruct.unit_losses)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
