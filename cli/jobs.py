@@ -267,6 +267,11 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
     return report
 
 
+def _reconstruct_row(result) -> tuple[str, str]:
+    return (f"reconstruction: {result.units} units, {result.layers} layers, {result.pool} images",
+            f"unit error {result.loss_before:.4g} -> {result.loss_after:.4g} (mean)")
+
+
 SENSITIVITY_ROWS = 40  # quantizers in the table and the chart (the JSON has all)
 
 
@@ -389,6 +394,7 @@ def run_quantize(
         ("ONNX size vs float ONNX", f"{len(deployment.onnx) / 1024:.1f} KiB / {deployment.float_size / 1024:.1f} KiB "
                                      f"= {report['size']['ratio']:.3f}x"),
         ("lowest layer SQNR vs float", _worst_layers(result.layer_sqnr)),
+        *([] if result.reconstruct is None else [_reconstruct_row(result.reconstruct)]),
         *([] if result.synthesis is None else _synthesis_rows(result.synthesis)),
         *((f"time: {stage}", f"{seconds:.2f}s") for stage, seconds in timings.items()),
     ]

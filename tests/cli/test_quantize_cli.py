@@ -194,3 +194,17 @@ def test_a_killed_process_resumes(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["finetune"]["resumed_from"] in (50, 100) and report["finetune"]["steps"] == 300
     assert not (out / "resume.pt").exists()
+
+
+@pytest.mark.slow
+def test_reconstruct_recipe_reports_its_units_and_exports_exactly(tmp_path):
+    result = invoke(*BASE, "--recipe", "reconstruct", "--synthetic", "0", "--val", str(EXAMPLE / "val"),
+                    "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    rebuilt = report["reconstruct"]
+    assert rebuilt["units"] == 5 and rebuilt["layers"] == rebuilt["rounded_layers"] == 10
+    assert rebuilt["loss_after"] < rebuilt["loss_before"]
+    assert report["finetune"]["steps"] == 0 and report["config"]["reconstruct"]["iterations"] == 500
+    assert report["accuracy"]["onnx_vs_fake_quant_agreement"] == 100.0
+    assert "reconstruction: 5 units, 10 layers" in result.output
