@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
+from ..device import model_device
 from .modules import QuantizedModel, QuantLayer
 
 MAX_UNIT_LAYERS = 6
@@ -75,7 +76,7 @@ def find_units(qmodel: QuantizedModel) -> list[Unit]:
     handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
     training = qmodel.training
     try:
-        qmodel.eval().forward_all(torch.zeros(2, *qmodel.capture.input_shape, device=_device(qmodel)))
+        qmodel.eval().forward_all(torch.zeros(2, *qmodel.capture.input_shape, device=model_device(qmodel)))
     finally:
         for handle in handles:
             handle.remove()
@@ -98,7 +99,3 @@ def find_units(qmodel: QuantizedModel) -> list[Unit]:
 
     units = [Unit(name, tuple(sorted(calls[name].layers, key=first.__getitem__))) for name in choose("")]
     return sorted(units, key=lambda unit: first[unit.layers[0]])
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
