@@ -7,8 +7,9 @@ class, seed), trained once and shared by every variant.
         ptq reconstruct fddaq 'fddaq,r.iterations=500' 'reconstruct,a=8' 'reconstruct,synth=0' 'reconstruct,r.drop=0.0'
 
 A variant is RECIPE[,KEY=VALUE...]: `w=`/`a=` weight and activation bits (default 4/4),
-`r.FIELD=` a `ReconstructConfig` field, `f.FIELD=` a `FinetuneConfig` field, `synth=0` no
-synthetic images. Needs `apt-get install dataset-fashion-mnist`.
+`r.FIELD=` a `ReconstructConfig` field, `f.FIELD=` a `FinetuneConfig` field, `c.FIELD=` a
+`CalibrationConfig` field (`c.bias_images=0`: no bias correction), `synth=0` no synthetic
+images. The generator is trained only when a variant uses synthetic images. Needs `apt-get install dataset-fashion-mnist`.
 """
 
 from __future__ import annotations
@@ -61,8 +62,7 @@ def main() -> None:
         return 100.0 * sum((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum().item() for i in range(0, len(x), 1000)) / len(x)
 
     print(f"{args.model}, {args.per_class} images per class, seed {args.seed}: float {top1(inputs.float_model):.2f}")
-    synthesis = synthesize(inputs, recipe_config("fddaq", QuantConfig(), args.seed).synth)
-    print(f"generator: {synthesis.seconds:.0f} s")
+    synthesis = None
     print("| variant | top-1 | wall s (without the generator) | unit error before -> after |\n|---|---|---|---|")
     for variant in args.variants:
         recipe, *pairs = variant.split(",")
@@ -70,13 +70,18 @@ def main() -> None:
         config = recipe_config(recipe, QuantConfig(int(options.pop("w", 4)), int(options.pop("a", 4))), args.seed)
         reconstruct = {k[2:]: number(v) for k, v in options.items() if k.startswith("r.")}
         finetune = {k[2:]: number(v) for k, v in options.items() if k.startswith("f.")}
+        calibration = {k[2:]: number(v) for k, v in options.items() if k.startswith("c.")}
         config = replace(config, reconstruct=replace(config.reconstruct, **reconstruct),
-                         finetune=replace(config.finetune, **finetune))
-        without_synthesis = options.get("synth") == "0"
-        if without_synthesis:
+                         finetune=replace(config.finetune, **finetune),
+                         calibration=replace(config.calibration, **calibration))
+        if options.get("synth") == "0":
             config = replace(config, synth=replace(config.synth, num_images=0))
+        uses_synthesis = config.synth.num_images > 0 and (config.finetune.steps > 0 or config.reconstruct.iterations > 0)
+        if uses_synthesis and synthesis is None:
+            synthesis = synthesize(inputs, recipe_config("fddaq", QuantConfig(), args.seed).synth)
+            print(f"generator: {synthesis.seconds:.0f} s")
         start = time.perf_counter()
-        result = quantize_inputs(inputs, config, synthesis=None if without_synthesis else synthesis)
+        result = quantize_inputs(inputs, config, synthesis=synthesis if uses_synthesis else None)
         seconds = time.perf_counter() - start
         errors = "-" if result.reconstruct is None else f"{result.reconstruct.loss_before:.3f} -> {result.reconstruct.loss_after:.3f}"
         print(f"| {variant} | {top1(result.model):.2f} | {seconds:.0f} | {errors} |", flush=True)

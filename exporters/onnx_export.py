@@ -9,8 +9,9 @@ a quantized layer uses passes through `_Marker`, which computes nothing new and 
 - an input marker by [Max -> Min ->] QuantizeLinear -> DequantizeLinear with the layer's
   input quantizer (UINT4 for 4 bits or fewer, else UINT8; the clamp to the grid below 8 bits,
   see `_Rewrite._quantized_input`),
-- a weight marker by an INT4 (4 bits or fewer) or INT8 initializer with a per-output-channel
-  DequantizeLinear (the float weight and whatever computed it become dead and are removed),
+- a weight marker by an INT4 (4 bits or fewer, with per-channel INT4 zero points: the affine
+  grid) or INT8 initializer (symmetric) with a per-output-channel DequantizeLinear (the float
+  weight and whatever computed it become dead and are removed),
 - a bias marker by an INT32 initializer at step input scale x weight scale,
 
 all from the quantizers' own float32 values, so the graph computes what PyTorch computes. The
@@ -19,7 +20,8 @@ model is exported in its deployed form (`fddaq.quant.fold.fold_batch_norms`).
 Tensors of a layer are named after it, tersely (names are a sizeable share of a 4-bit file):
 `conv.x` is its quantized then dequantized input (`conv.x_scale`, one shared
 `zero_point_uint4_0`-style zero point per value; `conv.x1`, `conv.x2` for later calls of a
-layer called several times), `conv.w` its weight (`conv.w_q`, `conv.w_scale`), `conv.b` its
+layer called several times), `conv.w` its weight (`conv.w_q`, `conv.w_scale`, `conv.w_zp`),
+`conv.b` its
 bias, `conv` its output; torch's generated names become short ones. Only the layers' compute
 nodes keep a name."""
 
@@ -300,7 +302,8 @@ class _Rewrite:
             quant = layer.weight_quant
             storage = ml_dtypes.int4 if quant.bits <= 4 else np.int8
             scale = quant.scale().detach().cpu().numpy().astype(np.float32)
-            self._dequantized(name, layer.integers.cpu().numpy().astype(storage), scale, quant.axis)
+            zero_point = quant.zero_point.cpu().numpy().astype(storage) if quant.affine else None
+            self._dequantized(name, layer.integers.cpu().numpy().astype(storage), scale, quant.axis, zero_point)
         return name
 
     def _bias(self, layer: QuantLayer, raw: str) -> str:
@@ -323,9 +326,12 @@ class _Rewrite:
             self._dequantized(name, integers, scale, 0)
         return self.emitted[raw]
 
-    def _dequantized(self, name: str, integers: np.ndarray, scale: np.ndarray, axis: int) -> str:
-        """Per-axis DequantizeLinear of `integers` (zero point 0: the default)."""
+    def _dequantized(self, name: str, integers: np.ndarray, scale: np.ndarray, axis: int,
+                     zero_point: np.ndarray | None = None) -> str:
+        """Per-axis DequantizeLinear of `integers` (zero point 0, the default, unless given)."""
         inputs = [self._constant(f"{name}_q", integers), self._constant(f"{name}_scale", scale)]
+        if zero_point is not None:
+            inputs.append(self._constant(f"{name}_zp", zero_point))
         return self._emit("DequantizeLinear", inputs, name, axis=axis)
 
 

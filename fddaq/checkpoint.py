@@ -22,7 +22,7 @@ from .quant.plan import LayerPlan
 from .quant.prepare import prepare
 
 FORMAT = "fddaq-checkpoint"
-FORMAT_VERSION = 3  # 3: the float model's state plus each layer's quantizers and integer weights
+FORMAT_VERSION = 4  # 3: the float model's state plus each layer's quantizers and integer weights; 4: and every layer's bias
 
 
 @dataclass(frozen=True)

@@ -67,13 +67,16 @@ def parse_layer_override(text: str) -> tuple[str, int | None, int | None]:
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Range calibration on the real images: MSE-optimal per-channel weight scales and
-    per-tensor activation ranges from at most `max_samples` values per layer input."""
+    per-tensor activation ranges from at most `max_samples` values per layer input; then bias
+    correction (`quant.bias`) on a seeded subset of at most `bias_images` images (0: none)."""
 
     max_samples: int = 1 << 18
     seed: int = 0
+    bias_images: int = 128
 
     def __post_init__(self) -> None:
         _check_positive("max_samples", self.max_samples)
+        _check_positive("bias_images", self.bias_images, allow_zero=True)
 
 
 OPTIMIZERS = ("adam", "sgd")
@@ -134,8 +137,9 @@ class ReconstructConfig:
     unit (a residual block, the stem, the head: `quant.units`) is trained for `iterations`
     steps to reproduce the float unit's output from the input the quantized units before it
     give. Learned: each weight's rounding (AdaRound: `rounding_lr`, regulariser weight
-    `round_weight` with beta falling from 20 to 2 after a `warmup` fraction) and the units'
-    activation step sizes (LSQ, `scale_lr` on the log step). `drop`: QDrop's probability
+    `round_weight` with beta falling from 20 to 2 after a `warmup` fraction), the units'
+    activation step sizes (LSQ, `scale_lr` on the log step) and their layers' bias shifts
+    (`bias_lr`; 0 keeps bias correction's). `drop`: QDrop's probability
     that an activation element skips its quantizer while training. The data: `views`
     augmented views of the real images and, when synthesized, up to as many synthetic
     images. 0 iterations turns it off."""
@@ -145,6 +149,7 @@ class ReconstructConfig:
     views: int = 512
     rounding_lr: float = 1e-2
     scale_lr: float = 1e-3
+    bias_lr: float = 1e-3
     round_weight: float = 0.01
     warmup: float = 0.2
     drop: float = 0.5
@@ -154,7 +159,8 @@ class ReconstructConfig:
         _check_positive("iterations", self.iterations, allow_zero=True)
         for name in ("batch_size", "views", "rounding_lr", "scale_lr"):
             _check_positive(name, getattr(self, name))
-        _check_positive("round_weight", self.round_weight, allow_zero=True)
+        for name in ("round_weight", "bias_lr"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
         for name in ("warmup", "drop"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be within [0, 1)")

@@ -136,7 +136,7 @@ def _optimizer(student: QuantizedModel, config: FinetuneConfig) -> torch.optim.O
 def _set_weight_ranges(student: QuantizedModel) -> None:
     weights = student.layer_weights()
     for layer in quant_layers(student):
-        layer.weight_quant.set_scale(layer.weight_quant.min_max_scale(weights[layer.name]))
+        layer.weight_quant.set_min_max(weights[layer.name])
 
 
 def _set_observers(student: nn.Module, momentum: float | None) -> None:

@@ -1,4 +1,5 @@
-"""Initial quantizer ranges from the real calibration images (MSE-optimal)."""
+"""Initial quantizer ranges from the real calibration images (MSE-optimal), then bias
+correction."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from torch import Tensor, nn
 from ..config import CalibrationConfig
 from ..device import model_device
 from ..events import EventHandler, emit
+from .bias import correct_biases, zero_shifts
 from .modules import QuantizedModel, quant_layers
-from .primitives import activation_params, mse_activation_params, mse_weight_scales
+from .primitives import activation_params, mse_activation_params
 
 
 @torch.no_grad()
@@ -55,19 +57,25 @@ def calibrate(
     batch_size: int = 64,
     on_event: EventHandler | None = None,
 ) -> None:
-    """Set every weight quantizer to its per-channel MSE-optimal scales, then every input
+    """Set every weight quantizer to its per-channel MSE-optimal grid, then every input
     quantizer to the MSE-optimal range of its inputs on `images` (computed through the
-    quantized weights, with float activations)."""
+    quantized weights, with float activations); then correct every layer's bias on a seeded
+    subset of `config.bias_images` of the images (0: every layer gets a zero shift)."""
     layers = [(layer.name, layer) for layer in quant_layers(model)]
     weights = model.layer_weights()
     for name, layer in layers:  # first the weights: the activations are sampled through them
-        quant = layer.weight_quant
-        quant.set_scale(mse_weight_scales(quant.channels_first(weights[name]), quant.bits))
+        layer.weight_quant.set_mse(weights[name])
     samples = _sample_layer_inputs(model.eval(), images, config, batch_size)
     emit(on_event, "calibrate", 0, len(layers))
     for index, (name, layer) in enumerate(layers, 1):
         layer.input_quant.set_params(*mse_activation_params(samples[name], layer.input_quant.bits))
         emit(on_event, "calibrate", index, len(layers))
+    if not config.bias_images:
+        zero_shifts(model)
+        return
+    generator = torch.Generator().manual_seed(config.seed)
+    subset = torch.randperm(len(images), generator=generator)[: config.bias_images].sort().values
+    correct_biases(model, images[subset], batch_size, on_event)
 
 
 @torch.no_grad()
@@ -77,7 +85,7 @@ def calibrate_min_max(model: QuantizedModel, images: Tensor, batch_size: int = 6
     weights = model.layer_weights()
     layers = quant_layers(model)
     for layer in layers:
-        layer.weight_quant.set_scale(layer.weight_quant.min_max_scale(weights[layer.name]))
+        layer.weight_quant.set_min_max(weights[layer.name])
     samples = _sample_layer_inputs(model.eval(), images, CalibrationConfig(max_samples=1024), batch_size)
     for layer in layers:
         values = samples[layer.name]

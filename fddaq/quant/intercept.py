@@ -45,6 +45,12 @@ def channel_axis(kind: str) -> int:
     return 1 if kind.startswith("conv_transpose") else 0
 
 
+def output_channel_dim(kind: str, ndim: int) -> int:
+    """The dimension of a layer's output (`ndim` dimensions) that holds its output channels: the
+    last for a linear layer, else 1."""
+    return ndim - 1 if kind == "linear" else 1
+
+
 def tensors(value: Any) -> list[Tensor]:
     """Every tensor inside a (nested) call argument or result."""
     return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, Tensor)]

@@ -7,7 +7,8 @@ a per-channel weight quantizer and a per-tensor input quantizer. Its forward run
 under `_Quantizing`, which finds a layer call by its weight (the parameter itself, or the
 parameters a computed weight comes from, as `capture` recorded them) and hands it to the
 layer's `QuantLayer`. Once deployed (`fold.fold_batch_norms`), a `QuantLayer` holds its integer
-weights and its (BatchNorm-folded) bias, and the folded BatchNorm calls become the identity."""
+weights and its bias (BatchNorm and bias correction folded in), and the folded BatchNorm calls
+become the identity."""
 
 from __future__ import annotations
 
@@ -19,18 +20,33 @@ from torch import Tensor, nn
 from typing import Any, Callable
 
 from .capture import Capture, select_output
-from .intercept import Dataflow, Interceptor, batch_norm_arguments, channel_axis, layer_arguments
-from .primitives import BIAS_SPAN, MIN_SCALE, activation_params, activation_range, fake_quant, weight_range
+from .intercept import Dataflow, Interceptor, batch_norm_arguments, channel_axis, layer_arguments, output_channel_dim
+from .primitives import (
+    BIAS_SPAN,
+    MIN_SCALE,
+    activation_params,
+    activation_range,
+    affine_weights,
+    fake_quant,
+    mse_affine_weight_grid,
+    mse_weight_scales,
+    weight_grid,
+    weight_range,
+)
 
 
 class WeightQuantizer(nn.Module):
-    """Symmetric per-output-channel quantizer (zero point 0) with a learnable log step size."""
+    """Per-output-channel quantizer with a learnable log step size and a fixed integer zero
+    point per channel: 0 on the symmetric grid of 8-bit weights, set by calibration on the
+    affine grid of 4-bit and fewer (`primitives.affine_weights`)."""
 
     def __init__(self, bits: int, channels: int, axis: int = 0) -> None:
         super().__init__()
         self.bits = bits
         self.axis = axis  # the weight axis of the output channels
+        self.affine = affine_weights(bits)
         self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("zero_point", torch.zeros(channels))
 
     def scale(self) -> Tensor:
         return self.log_scale.exp().clamp(min=MIN_SCALE)
@@ -39,11 +55,40 @@ class WeightQuantizer(nn.Module):
         with torch.no_grad():
             self.log_scale.copy_(scale.clamp(min=MIN_SCALE).log())
 
-    def min_max_scale(self, weight: Tensor) -> Tensor:
-        """Per-channel max |w| / qmax: the range-from-weights scale (never 0)."""
+    def set_grid(self, scale: Tensor, zero_point: Tensor | None = None) -> None:
+        """Step sizes and (affine grid) zero points per channel."""
+        self.set_scale(scale)
+        if zero_point is not None:
+            self.zero_point.copy_(zero_point)
+
+    def set_min_max(self, weight: Tensor) -> None:
+        """The range-from-weights grid: per channel max |w| / qmax (never 0), or the affine grid
+        of each channel's [min, max]."""
+        w = self.channels_first(weight.detach()).flatten(1)
+        if self.affine:
+            self.set_grid(*weight_grid(w.amin(dim=1), w.amax(dim=1), self.bits))
+            return
         _, qmax = weight_range(self.bits)
-        w_max = self.channels_first(weight.detach()).flatten(1).abs().amax(dim=1)
-        return torch.where(w_max > 0, w_max / qmax, torch.ones_like(w_max))
+        w_max = w.abs().amax(dim=1)
+        self.set_scale(torch.where(w_max > 0, w_max / qmax, torch.ones_like(w_max)))
+
+    def set_mse(self, weight: Tensor) -> None:
+        """The grid minimising each channel's squared quantization error."""
+        w = self.channels_first(weight)
+        if self.affine:
+            self.set_grid(*mse_affine_weight_grid(w, self.bits))
+        else:
+            self.set_scale(mse_weight_scales(w, self.bits))
+
+    def negate(self, integers: Tensor, negative: Tensor) -> Tensor:
+        """`integers` (as floats) with the channels where `negative` holds negated in value:
+        ``-q`` on the symmetric grid, ``-1 - q`` with zero point ``-1 - zp`` on the affine one."""
+        shape = self.channel_shape(integers)
+        if not self.affine:
+            return torch.where(negative.reshape(shape), -integers, integers)
+        with torch.no_grad():
+            self.zero_point.copy_(torch.where(negative, -1.0 - self.zero_point, self.zero_point))
+        return torch.where(negative.reshape(shape), -1.0 - integers, integers)
 
     def channels_first(self, weight: Tensor) -> Tensor:
         """`weight` with its output-channel axis first."""
@@ -58,17 +103,26 @@ class WeightQuantizer(nn.Module):
     def _channel_scale(self, weight: Tensor) -> Tensor:
         return self.scale().reshape(self.channel_shape(weight))
 
+    def channel_zero_point(self, weight: Tensor) -> Tensor | float:
+        """The zero points shaped to broadcast over `weight` (the number 0 on the symmetric grid)."""
+        return self.zero_point.reshape(self.channel_shape(weight)) if self.affine else 0.0
+
     def quantize(self, weight: Tensor) -> Tensor:
-        """Integer values (as floats, within the narrow signed range), no gradient."""
+        """Stored integer values (as floats, within `weight_range`, zero point included), no gradient."""
         qmin, qmax = weight_range(self.bits)
-        return torch.clamp(torch.round(weight.detach() / self._channel_scale(weight).detach()), qmin, qmax)
+        scaled = torch.round(weight.detach() / self._channel_scale(weight).detach())
+        return torch.clamp(scaled + self.channel_zero_point(weight), qmin, qmax)
+
+    def dequantize(self, integers: Tensor) -> Tensor:
+        """``(integers - zero point) x step`` per channel."""
+        return (integers - self.channel_zero_point(integers)) * self._channel_scale(integers)
 
     def forward(self, weight: Tensor) -> Tensor:
         qmin, qmax = weight_range(self.bits)
-        return fake_quant(weight, self._channel_scale(weight), 0.0, qmin, qmax)
+        return fake_quant(weight, self._channel_scale(weight), self.channel_zero_point(weight), qmin, qmax)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, per_channel, axis={self.axis}"
+        return f"bits={self.bits}, per_channel, {'affine' if self.affine else 'symmetric'}, axis={self.axis}"
 
 
 class ActivationQuantizer(nn.Module):
@@ -134,8 +188,10 @@ class ActivationQuantizer(nn.Module):
 
 
 class QuantLayer(nn.Module):
-    """The quantizers of one layer (a convolution or linear call, see `capture.Layer`) and,
-    once deployed, its integer weights (and its bias with a BatchNorm folded in: other layers
+    """The quantizers of one layer (a convolution or linear call, see `capture.Layer`), the
+    `bias_shift` that bias correction adds to the bias each call passes (per output channel;
+    None before `bias.correct_biases`) and, once deployed, its integer weights, and either its
+    bias with a BatchNorm folded in (the shift too) or its shift (zeros if none: other layers
     keep the bias each call passes). `enabled = False` makes a layer that is not deployed a
     float layer (the reference of the per-layer SQNR)."""
 
@@ -148,6 +204,7 @@ class QuantLayer(nn.Module):
         self.input_quant = ActivationQuantizer(act_bits)
         self.register_buffer("integers", None)  # deployed: int8 weights (within the weight grid)
         self.register_buffer("deployed_bias", None)  # deployed with a BatchNorm folded in: float32 bias
+        self.register_buffer("bias_shift", None)  # bias correction, added to the call's bias
 
     @property
     def deployed(self) -> bool:
@@ -167,20 +224,30 @@ class QuantLayer(nn.Module):
             return bias
         return fake_quant(bias, self.bias_scale(bias).detach(), 0.0, -BIAS_SPAN, BIAS_SPAN)
 
+    def shifted_bias(self, bias: Tensor | None) -> Tensor | None:
+        """The call's bias plus the bias correction (the correction alone without a bias)."""
+        if self.bias_shift is None:
+            return bias
+        return self.bias_shift if bias is None else bias + self.bias_shift
+
     def deployed_weight(self) -> Tensor:
-        return self.integers.float() * self.weight_quant.scale().reshape(self.weight_quant.channel_shape(self.integers))
+        return self.weight_quant.dequantize(self.integers.float())
 
     def forward(self, func: Callable, args: tuple, kwargs: dict, model: "QuantizedModel") -> Any:
         x, weight, bias, rest, options = layer_arguments(args, kwargs)
         if model.recording is not None:  # what the model passes: no quantizer runs (nor observes)
-            model.recording.setdefault(self.name, (weight.detach(), None if bias is None else bias.detach()))
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if self.name not in model.recording:
+                channels = out.shape[output_channel_dim(self.kind, out.dim())]
+                model.recording[self.name] = (weight.detach(), out.new_zeros(channels) if bias is None else bias.detach())
+            return out
         if self.enabled:
             if self.deployed:
                 weight = self.integers
-                bias = bias if self.deployed_bias is None else self.deployed_bias
+                bias = self.shifted_bias(bias) if self.deployed_bias is None else self.deployed_bias
                 quantized = (self.input_quant(x), self.deployed_weight(), self.quantized_bias(bias))
             else:
+                bias = self.shifted_bias(bias)
                 quantized = (self.input_quant(x), self.weight_quant(weight), self.quantized_bias(bias))
             if model.tap is not None:
                 quantized = tuple(value if value is None else model.tap(self, role, raw, value)
@@ -216,7 +283,7 @@ class QuantizedModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.output = output
         self.tap: Tap | None = None
-        self.recording: dict[str, tuple[Tensor, Tensor | None]] | None = None
+        self.recording: dict[str, tuple[Tensor, Tensor]] | None = None
         self.outputs: dict[str, Tensor] | None = None
 
     @property
@@ -244,9 +311,9 @@ class QuantizedModel(nn.Module):
             return module(x)
 
     @torch.no_grad()
-    def layer_tensors(self) -> dict[str, tuple[Tensor, Tensor | None]]:
-        """(weight, bias) each layer receives from the model at its first call (one float
-        forward on zeros, in eval mode: no statistic moves)."""
+    def layer_tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """(weight, bias) each layer receives from the model at its first call (zeros for a call
+        without a bias; one float forward on zeros, in eval mode: no statistic moves)."""
         training = {module: module.training for module in self.modules()}
         self.recording = {}
         try:

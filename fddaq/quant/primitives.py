@@ -13,8 +13,8 @@ kernels instead of a dozen autograd nodes per call: see `_FakeQuant` and
 tensor([0., 2., 2., 0.])
 >>> fake_quant(torch.tensor([100.0, -100.0]), torch.tensor(0.5), 0, -7, 7)
 tensor([ 3.5000, -3.5000])
->>> weight_range(4), activation_range(4)
-((-7, 7), (0, 15))
+>>> weight_range(4), weight_range(8), activation_range(4)
+((-8, 7), (-127, 127), (0, 15))
 """
 
 from __future__ import annotations
@@ -34,11 +34,21 @@ MIN_SCALE = 1e-8
 BIAS_SPAN = 2**30
 
 
+def affine_weights(bits: int) -> bool:
+    """Whether weights of `bits` bits use an affine grid with a per-channel zero point (4 bits
+    and fewer, stored as INT4: no runtime has an integer kernel for them, so a zero point costs
+    nothing, and a 4-bit grid gains a 16th level and fits a skewed channel) rather than a
+    symmetric one with zero point 0 (what 8-bit integer convolution kernels take)."""
+    return bits <= 4
+
+
 def weight_range(bits: int) -> tuple[int, int]:
-    """Signed, symmetric, narrow range: zero point 0 and ``-q`` always representable, so a
-    negative BatchNorm gamma can be folded by negating integers."""
+    """Signed integer range of weights: every level of the type for an affine grid (-8..7 at 4
+    bits); else narrow and symmetric (-127..127), so that ``-q`` is representable and a
+    negative BatchNorm gamma folds by negating integers (an affine grid negates ``q`` to
+    ``-1 - q`` and its zero point likewise)."""
     qmax = 2 ** (bits - 1) - 1
-    return -qmax, qmax
+    return (-qmax - 1, qmax) if affine_weights(bits) else (-qmax, qmax)
 
 
 def activation_range(bits: int) -> tuple[int, int]:
@@ -218,6 +228,37 @@ def mse_weight_scales(weight: Tensor, bits: int, grid: int = 100) -> Tensor:
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale[:, 0], best_scale)
     return torch.where(w_max > 0, best_scale, torch.ones_like(best_scale))
+
+
+def weight_grid(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, zero point) of the affine weight grid covering [lo, hi] (0 inside);
+    a channel with an empty range gets scale 1 and zero point 0."""
+    qmin, qmax = weight_range(bits)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    empty = hi <= lo
+    scale = torch.where(empty, torch.ones_like(lo), (hi - lo) / (qmax - qmin)).clamp(min=MIN_SCALE)
+    zero_point = torch.where(empty, torch.zeros_like(lo), torch.round(qmin - lo / scale).clamp(qmin, qmax))
+    return scale, zero_point
+
+
+def mse_affine_weight_grid(weight: Tensor, bits: int, grid: int = 20) -> tuple[Tensor, Tensor]:
+    """Per-output-channel affine (scale, zero point) minimising the squared quantization error:
+    searches `grid` x `grid` clipping ratios in (0, 1] of each channel's minimum and maximum
+    (vectorised over channels)."""
+    qmin, qmax = weight_range(bits)
+    w = weight.detach().reshape(weight.shape[0], -1)
+    w_min, w_max = w.amin(dim=1), w.amax(dim=1)
+    best = weight_grid(w_min, w_max, bits)
+    best_err = torch.full_like(w_max, float("inf"))
+    ratios = torch.linspace(1.0, 1.0 / grid, grid).tolist()
+    for a in ratios:
+        for b in ratios:
+            scale, zero_point = weight_grid(w_min * a, w_max * b, bits)
+            err = fake_quant(w, scale[:, None], zero_point[:, None], qmin, qmax).sub_(w).square_().sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = (torch.where(better, scale, best[0]), torch.where(better, zero_point, best[1]))
+    return best
 
 
 def activation_params(lo: float, hi: float, bits: int) -> tuple[float, float]:

@@ -156,21 +156,28 @@ def test_4bit_weights_are_int4_initializers_only():
     float_shapes = {tuple(t.dims) for t in tensors.values() if t.data_type == TensorProto.FLOAT}
 
     assert len(qmodel.layers) == 10
+    levels = set()
     for layer in qmodel.layers:
         name, weight = layer.name, qmodel.model.get_submodule(layer.name).weight
         stored = tensors[f"{name}.w_q"]
         expected = layer.weight_quant.quantize(weight).numpy()
-        if name in pairs:
-            sign = torch.sign(pairs[name].weight.detach()).numpy()
-            expected = expected * sign.reshape(-1, *[1] * (expected.ndim - 1))
+        zero_point = layer.weight_quant.zero_point.numpy()
+        if name in pairs:  # a negative gamma stores -1 - q, with zero point -1 - zp (the affine grid)
+            negative = (pairs[name].weight.detach() < 0).numpy()
+            expected = np.where(negative.reshape(-1, *[1] * (expected.ndim - 1)), -1 - expected, expected)
+            zero_point = np.where(negative, -1 - zero_point, zero_point)
         assert stored.data_type == TensorProto.INT4
         assert len(stored.raw_data) == (expected.size + 1) // 2
         np.testing.assert_array_equal(unpack_int4(stored.raw_data, expected.size), expected.reshape(-1))
         np.testing.assert_array_equal(numpy_helper.to_array(stored).astype(np.int8), expected)
         node = dequantized[stored.name]
         assert [a.i for a in node.attribute if a.name == "axis"] == [0]
-        assert len(node.input) == 2  # zero point 0, the default
+        stored_zero_point = tensors[node.input[2]]  # per-channel INT4 zero points
+        assert stored_zero_point.data_type == TensorProto.INT4
+        np.testing.assert_array_equal(numpy_helper.to_array(stored_zero_point).astype(np.int8), zero_point)
+        levels.update(np.unique(expected).tolist())
         assert tuple(weight.shape) not in float_shapes  # no float copy of a quantized weight
+    assert levels == set(range(-8, 8))  # all 16 levels of INT4 in use
 
     qdq_size = len(onnx_model.SerializeToString())
     float_size = len(export_float(model, (1, 28, 28)).SerializeToString())
@@ -178,8 +185,9 @@ def test_4bit_weights_are_int4_initializers_only():
     # the graph around the numbers (names, nodes, attributes) is a sizeable share of a small
     # 4-bit file: terse names, shared zero points, unnamed Q/DQ nodes, no default attributes
     payload = sum(len(t.raw_data) for t in onnx_model.graph.initializer)
-    # about 1,100 with verbose names; a 4-bit input's clamp to its grid (see the exporter) costs ~50
-    assert qdq_size - payload < 850 * len(qmodel.layers)
+    # about 1,100 with verbose names; a 4-bit input's clamp to its grid (see the exporter) costs
+    # ~50, the affine grid's zero-point initializer ~30
+    assert qdq_size - payload < 880 * len(qmodel.layers)
     zero_points = [n.input[2] for n in onnx_model.graph.node if n.op_type == "QuantizeLinear"]
     assert len(set(zero_points)) == len({numpy_helper.to_array(tensors[z]).item() for z in zero_points}) < len(zero_points)
 
@@ -216,9 +224,12 @@ def test_batch_norm_folding_corner_cases(images):
     scale = numpy_helper.to_array(tensors["conv.w_scale"])
     layer = qmodel.quant_layer("conv")
     expected = layer.weight_quant.quantize(qmodel.model.conv.weight).numpy()
-    np.testing.assert_array_equal(integers[0], -expected[0])
+    zero_point = numpy_helper.to_array(tensors["conv.w_zp"]).astype(np.int8)
+    before = layer.weight_quant.zero_point.numpy()
+    np.testing.assert_array_equal(integers[0], -1 - expected[0])  # negated on the affine grid
+    assert zero_point[0] == -1 - before[0] and zero_point[1] == before[1]
     np.testing.assert_array_equal(integers[1], expected[1])
-    assert not integers[2:].any()
+    assert not integers[2:].any() and not zero_point[2:].any()
     assert (scale > 0).all() and np.isfinite(scale).all()
     # a channel that is its bias alone gets the step that keeps the int32 bias exact
     bias = numpy_helper.to_array(tensors["conv.b_q"]).astype(np.int64)

@@ -3,7 +3,7 @@ import io
 import pytest
 import torch
 
-from fddaq.checkpoint import ModelInfo, checkpoint_bytes, load_checkpoint
+from fddaq.checkpoint import FORMAT_VERSION, ModelInfo, checkpoint_bytes, load_checkpoint
 from fddaq.config import QuantConfig
 from fddaq.data import preset
 from fddaq.errors import ModelError
@@ -48,7 +48,7 @@ def test_rejects_foreign_and_future_files(tmp_path, quantized):
         load_checkpoint(tmp_path / "float.pth")
     qmodel, plan = quantized
     data = torch.load(io.BytesIO(checkpoint_bytes(qmodel, plan, INFO)), weights_only=True)
-    data["recipe"] = data["recipe"].replace('"format_version": 3', '"format_version": 99')
+    data["recipe"] = data["recipe"].replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 99')
     torch.save(data, tmp_path / "future.pt")
     with pytest.raises(ModelError, match="format 99.*re-run `fddaq quantize`"):
         load_checkpoint(tmp_path / "future.pt")

@@ -84,7 +84,8 @@ def test_two_processes_train_in_step_on_different_batches(tmp_path):
     for results in (first, second):
         assert torch.allclose(results["predict"][0], results["predict"][1], atol=1e-6)
         assert torch.equal(results["predict_one"][0], results["predict_one"][1])
-        assert torch.allclose(results["sqnr"][0], results["sqnr"][1], rtol=1e-9)
+        # float convolutions of different batch sizes may differ in the last bit (with a bias)
+        assert torch.allclose(results["sqnr"][0], results["sqnr"][1], rtol=1e-6)
 
 
 def test_a_global_batch_must_split_evenly():

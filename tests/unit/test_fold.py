@@ -12,7 +12,7 @@ from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.modules import QuantizedModel
 from fddaq.quant.plan import resolve_layer_plan
 from fddaq.quant.prepare import prepare
-from fddaq.quant.primitives import activation_params
+from fddaq.quant.primitives import activation_params, weight_range
 
 
 def random_batch_norm(bn: nn.BatchNorm2d, generator: torch.Generator) -> None:
@@ -61,7 +61,7 @@ def quantized(model: nn.Module, shape: tuple[int, ...], bits: int = 4) -> Quanti
     qmodel = prepare(model, found, resolve_layer_plan(found, QuantConfig(bits, bits)), found.outputs[0].name)
     weights = qmodel.layer_weights()
     for layer in qmodel.layers:
-        layer.weight_quant.set_scale(layer.weight_quant.min_max_scale(weights[layer.name]))
+        layer.weight_quant.set_min_max(weights[layer.name])
         layer.input_quant.set_params(*activation_params(-2.0, 2.0, bits))
     return qmodel
 
@@ -98,7 +98,7 @@ class ConvBatchNorm(nn.Module):
         return self.bn(self.conv(x))
 
 
-def conv_bn(gamma: list[float], zero_rows: tuple[int, ...] = ()) -> QuantizedModel:
+def conv_bn(gamma: list[float], zero_rows: tuple[int, ...] = (), bits: int = 4) -> QuantizedModel:
     model = ConvBatchNorm(gamma).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -110,23 +110,40 @@ def conv_bn(gamma: list[float], zero_rows: tuple[int, ...] = ()) -> QuantizedMod
         model.bn.running_mean.copy_(torch.linspace(0.1, -0.1, len(gamma)))
         model.bn.running_var.copy_(torch.linspace(0.5, 2.0, len(gamma)))
         model.bn.running_var[1] = 0.0  # the module's eps counts
-    return quantized(model, (2, 12, 12))
+    return quantized(model, (2, 12, 12), bits)
 
 
-def test_fold_keeps_integers_and_moves_signs():
-    qmodel = conv_bn([0.8, -1.3, 0.0, 2.0], zero_rows=(3,))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fold_keeps_integers_and_moves_signs(bits):
+    """A negative gamma negates a channel's values: ``-q`` on the symmetric 8-bit grid, ``-1 - q``
+    and zero point ``-1 - zp`` on the affine 4-bit grid (-8..7 has no +8)."""
+    qmodel = conv_bn([0.8, -1.3, 0.0, 2.0], zero_rows=(3,), bits=bits)
     layer = qmodel.quant_layer("conv")
     integers = layer.weight_quant.quantize(qmodel.model.conv.weight)
+    zero_point = layer.weight_quant.zero_point.clone()
     folded = fold_batch_norms(qmodel).quant_layer("conv")
-    new = folded.integers.float()
+    new, new_zero_point = folded.integers.float(), folded.weight_quant.zero_point
+    assert layer.weight_quant.affine == (bits == 4)
     torch.testing.assert_close(new[0], integers[0], rtol=0, atol=0)
-    torch.testing.assert_close(new[1], -integers[1], rtol=0, atol=0)  # negative gamma
-    assert not new[2:].any()  # gamma 0 and all-zero weights: the bias alone
+    if bits == 4:
+        assert zero_point[1] != 0  # the channel's grid is not symmetric
+        torch.testing.assert_close(new[1], -1 - integers[1], rtol=0, atol=0)  # negative gamma
+        assert new_zero_point[1] == -1 - zero_point[1]
+    else:
+        torch.testing.assert_close(new[1], -integers[1], rtol=0, atol=0)
+        assert not new_zero_point.any()
+    assert not new[2:].any() and not new_zero_point[2:].any()  # gamma 0 and all-zero weights: the bias alone
+    qmin, qmax = weight_range(bits)
+    assert new.min() >= qmin and new.max() <= qmax
     scale = folded.weight_quant.scale()
     assert torch.isfinite(scale).all() and (scale > 0).all()
     a = 1.3 / (0.0 + 1e-3) ** 0.5
     assert scale[1].item() == pytest.approx(a * layer.weight_quant.scale()[1].item(), rel=1e-6)
-    torch.testing.assert_close(folded.deployed_weight(), new * scale.reshape(-1, 1, 1, 1), rtol=0, atol=0)
+    expected = (new - new_zero_point.reshape(-1, 1, 1, 1)) * scale.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(folded.deployed_weight(), expected, rtol=0, atol=0)
+    # the value of the negated channel is minus the unfolded one, scaled by |a|
+    unfolded = layer.weight_quant.dequantize(integers)
+    torch.testing.assert_close(expected[1], -a * unfolded[1], rtol=1e-5, atol=1e-6)
 
 
 def test_fold_matches_the_unfolded_model_and_dead_channels_keep_their_bias():

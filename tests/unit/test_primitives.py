@@ -9,16 +9,18 @@ from fddaq.quant.primitives import (
     activation_range,
     fake_quant,
     mse_activation_params,
+    mse_affine_weight_grid,
     mse_weight_scales,
     quantize,
+    weight_grid,
     weight_range,
 )
 
 
 def test_ranges():
-    assert weight_range(2) == (-1, 1)
-    assert weight_range(4) == (-7, 7)
-    assert weight_range(8) == (-127, 127)
+    assert weight_range(2) == (-2, 1)  # affine grids: every level of the signed type
+    assert weight_range(4) == (-8, 7)
+    assert weight_range(8) == (-127, 127)  # symmetric, narrow: what integer kernels take
     assert activation_range(2) == (0, 3)
     assert activation_range(8) == (0, 255)
 
@@ -311,3 +313,35 @@ def test_mse_activation_params_unchanged(kind):
     x = {"relu": x.relu() ** 2, "signed": x, "negative": -x.abs() - 0.1}[kind]
     grid = 8  # keeps the signed search (grid x grid) quick
     assert mse_activation_params(x, 4, grid) == reference_mse_activation_params(x, 4, grid)
+
+
+def test_affine_weight_grid_fits_a_skewed_channel_better_than_a_symmetric_one():
+    torch.manual_seed(0)
+    w = torch.rand(6, 27) * torch.linspace(0.1, 2.0, 6)[:, None]  # all positive: half a symmetric grid unused
+    w[1] -= 0.3
+    w[5] = 0.0
+    scale, zero_point = mse_affine_weight_grid(w, 4)
+    assert scale[5] == 1.0 and zero_point[5] == 0.0  # an all-zero channel: exact
+    assert (zero_point == zero_point.round()).all() and (zero_point >= -8).all() and (zero_point <= 7).all()
+    affine = fake_quant(w, scale[:, None], zero_point[:, None], -8, 7)
+    assert torch.equal(affine[5], w[5])
+    symmetric = fake_quant(w, mse_symmetric(w), 0.0, -7, 7)
+    assert ((affine - w).square().sum(1)[:5] < (symmetric - w).square().sum(1)[:5]).all()
+
+
+def mse_symmetric(w):
+    """The best of 100 symmetric 15-level grids per channel (4-bit weights before the affine grid)."""
+    best, best_err = None, None
+    for ratio in torch.linspace(1.0, 0.01, 100):
+        scale = (w.abs().amax(1, keepdim=True) * ratio / 7).clamp(min=1e-8)
+        err = (fake_quant(w, scale, 0.0, -7, 7) - w).square().sum(1, keepdim=True)
+        best = scale if best is None else torch.where(err < best_err, scale, best)
+        best_err = err if best_err is None else torch.minimum(err, best_err)
+    return best
+
+
+def test_weight_grid_covers_the_range_with_zero_inside():
+    scale, zero_point = weight_grid(torch.tensor([-1.0, 0.5, 0.0]), torch.tensor([0.5, 3.0, 0.0]), 4)
+    assert scale[0].item() == pytest.approx(1.5 / 15) and zero_point[0].item() == round(-8 + 1.0 / (1.5 / 15))
+    assert scale[1].item() == pytest.approx(3.0 / 15) and zero_point[1].item() == -8  # lo clamps to 0
+    assert scale[2].item() == 1.0 and zero_point[2].item() == 0.0

@@ -99,7 +99,9 @@ def test_paper_mode_uses_min_max_weights_and_frozen_ema_ranges(tiny_model):
     student, _ = run(tiny_model, config)
     weights = student.layer_weights()
     for layer in quant_layers(student):
-        assert torch.allclose(layer.weight_quant.scale(), layer.weight_quant.min_max_scale(weights[layer.name]))
+        scale, zero_point = layer.weight_quant.scale().clone(), layer.weight_quant.zero_point.clone()
+        layer.weight_quant.set_min_max(weights[layer.name])
+        assert torch.allclose(layer.weight_quant.scale(), scale) and torch.equal(layer.weight_quant.zero_point, zero_point)
         assert layer.input_quant.ema_momentum is None and layer.input_quant.observed is not None
 
 

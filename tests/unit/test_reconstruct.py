@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fddaq.config import ReconstructConfig
+from fddaq.config import CalibrationConfig, ReconstructConfig
 from fddaq.quant.calibrate import calibrate
 from fddaq.quant.units import Unit, find_units
 from fddaq.reconstruct import _Rounding, _beta, reconstruct, view_pool
@@ -59,9 +59,11 @@ def test_inverted_residuals_are_units():
 def test_rounding_starts_at_the_float_weight_and_ends_on_the_grid():
     torch.manual_seed(0)
     weight, scale = torch.randn(3, 5), torch.tensor([[0.3], [0.2], [0.5]])
-    rounding = _Rounding(weight, scale, 4)
-    assert torch.allclose(rounding(scale), weight.clamp(-7 * scale, 7 * scale), atol=1e-5)
-    nearest = torch.clamp(torch.round(weight / scale), -7, 7) * scale
+    zero_point = torch.tensor([[0.0], [2.0], [-1.0]])  # the affine 4-bit grid: -8..7 around each zero point
+    low, high = -8 - zero_point, 7 - zero_point
+    rounding = _Rounding(weight, scale, zero_point, 4)
+    assert torch.allclose(rounding(scale), torch.maximum(torch.minimum(weight, high * scale), low * scale), atol=1e-5)
+    nearest = torch.maximum(torch.minimum(torch.round(weight / scale), high), low) * scale
     assert ((rounding.hard(scale) - nearest).abs() <= scale + 1e-6).all()  # one step at most: up or down
     assert rounding.regulariser(2.0) > 0
     with torch.no_grad():
@@ -91,7 +93,7 @@ def net():
 def _setup(model):
     student = fake_quant_model(model, (1, 8, 8), weight_bits=3, act_bits=3)
     images = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    calibrate(student, images)
+    calibrate(student, images, CalibrationConfig(bias_images=0))  # reconstruction alone (see test_bias)
     return student, images
 
 
