@@ -13,14 +13,20 @@ become the identity."""
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from typing import Any, Callable
-
 from .capture import Capture, select_output
-from .intercept import Dataflow, Interceptor, batch_norm_arguments, channel_axis, layer_arguments, output_channel_dim
+from .intercept import (
+    Dataflow,
+    Interceptor,
+    batch_norm_arguments,
+    channel_axis,
+    layer_arguments,
+    output_channel_dim,
+)
 from .primitives import (
     BIAS_SPAN,
     MIN_SCALE,

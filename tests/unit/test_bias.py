@@ -80,7 +80,7 @@ def test_correction_removes_each_layers_mean_output_error():
 
 
 def test_calibration_corrects_on_a_seeded_subset_and_the_fold_keeps_the_correction():
-    qmodel, model, images = quantized(3, 16)
+    qmodel, _, images = quantized(3, 16)
     again, _, _ = quantized(3, 16)
     for layer, other in zip(qmodel.layers, again.layers):
         assert torch.equal(layer.bias_shift, other.bias_shift)
