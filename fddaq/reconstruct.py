@@ -35,7 +35,7 @@ from .config import ReconstructConfig
 from .device import model_device
 from .events import EventHandler, emit
 from .finetune import augment
-from .quant.modules import QuantizedModel, QuantLayer
+from .quant.modules import QuantizedModel, QuantLayer, StopForward, forward_until_stopped
 from .quant.primitives import weight_range
 from .quant.units import find_units
 
@@ -88,10 +88,6 @@ class _Rounding(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
-class _Stop(Exception):
-    """Ends a forward once the cached unit has run."""
-
-
 @torch.no_grad()
 def _cache(model: nn.Module, run: Callable[[Tensor], object], module: nn.Module, pool: Tensor, side: str) -> Tensor:
     """The unit's input (`side` "input") or output ("output") for every image of `pool`,
@@ -101,20 +97,15 @@ def _cache(model: nn.Module, run: Callable[[Tensor], object], module: nn.Module,
     def pre(mod: nn.Module, args: tuple) -> None:
         if side == "input":
             parts.append(args[0].detach().clone())
-            raise _Stop
+            raise StopForward
 
     def post(mod: nn.Module, args: tuple, out: Tensor) -> None:
         parts.append(out.detach().clone())
-        raise _Stop
+        raise StopForward
 
     handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    device = model_device(model)
     try:
-        for start in range(0, len(pool), CACHE_BATCH):
-            try:
-                run(pool[start : start + CACHE_BATCH].to(device))
-            except _Stop:
-                pass
+        forward_until_stopped(run, pool, CACHE_BATCH, model_device(model))
     finally:
         for handle in handles:
             handle.remove()

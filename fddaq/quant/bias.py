@@ -17,11 +17,7 @@ from torch import Tensor, nn
 from ..device import model_device
 from ..events import EventHandler, emit
 from .intercept import layer_arguments, output_channel_dim
-from .modules import QuantizedModel, QuantLayer
-
-
-class _Stop(Exception):
-    """Ends a forward once the layer being corrected has run."""
+from .modules import QuantizedModel, QuantLayer, StopForward, forward_until_stopped
 
 
 def _channel_sums(out: Tensor, kind: str) -> Tensor:
@@ -44,16 +40,11 @@ def _mean_error(model: QuantizedModel, layer: QuantLayer, images: Tensor, batch_
         error = out - func(x, weight, bias, *rest, **options)
         total.append(_channel_sums(error, layer.kind))
         count[0] += error.numel() // total[-1].numel()
-        raise _Stop
+        raise StopForward
 
     handle = layer.register_forward_hook(probe)
-    device = model_device(model)
     try:
-        for start in range(0, len(images), batch_size):
-            try:
-                model(images[start : start + batch_size].to(device))
-            except _Stop:
-                pass
+        forward_until_stopped(model, images, batch_size, model_device(model))
     finally:
         handle.remove()
     return torch.stack(total).sum(0).div(count[0]) if total else None

@@ -405,6 +405,20 @@ class _Quantizing(Interceptor):
         return func(*args, **kwargs)
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward once what it wanted has run."""
+
+
+def forward_until_stopped(run: Callable[[Tensor], Any], images: Tensor, batch_size: int, device: torch.device) -> None:
+    """`run` on `images` in batches of `batch_size` (moved to `device`), each forward ending
+    where a hook raises `StopForward`."""
+    for start in range(0, len(images), batch_size):
+        try:
+            run(images[start : start + batch_size].to(device))
+        except StopForward:
+            pass
+
+
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
     """The QuantLayers of a quantized model (also inside a wrapper such as DDP)."""
     return [m for m in model.modules() if isinstance(m, QuantLayer)]
