@@ -92,6 +92,7 @@ def run_session(session, images: torch.Tensor | np.ndarray, batch_size: int = 25
     return np.concatenate([out[0] for out in _batches(session, _as_numpy(images), batch_size, names)])
 
 
+ACTIVATION_BUDGET = 1 << 30  # bytes of compared activations `verify` holds per batch
 # Operators of onnxruntime's integer kernels (what QDQ node groups fuse into on the CPU).
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
                "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd",
@@ -243,18 +244,30 @@ def _compare(reference: dict[str, np.ndarray], onnx_outputs: dict[str, np.ndarra
     return found
 
 
+def _batch_size(model: QuantizedModel, probe: _Probe, example: np.ndarray) -> int:
+    """Images per batch such that the compared activations of a batch, held once by onnxruntime
+    and twice by PyTorch, stay within `ACTIVATION_BUDGET` bytes (1 to 256)."""
+    with torch.no_grad():
+        probe.outputs, probe.forced = {}, {}
+        model.forward_all(torch.from_numpy(example))
+    per_image = 3 * sum(value.numel() * 4 for value in probe.outputs.values())
+    return max(1, min(256, ACTIVATION_BUDGET // max(1, per_image)))
+
+
 def verify(
     onnx_model: onnx.ModelProto | bytes | str | Path,
     torch_model: QuantizedModel,
     images: torch.Tensor | np.ndarray,
     labels: torch.Tensor | np.ndarray | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     on_event: EventHandler | None = None,
 ) -> VerifyReport:
     """Run the ONNX graph (optimizations off, then on) and the PyTorch model (deployed, eval,
     CPU, float32) on `images` and compare every output, the scored output's top-1 predictions
-    and the quantized activations. `on_event` gets "verify" progress: one step per batch, of
-    both passes."""
+    and the quantized activations. Batches hold at most `batch_size` images (default: as many
+    as keep the compared activations of a batch within `ACTIVATION_BUDGET` bytes, at most
+    256); only the outputs are kept across batches. `on_event` gets "verify" progress: one
+    step per batch, of both passes."""
     images = _as_numpy(images)
     if len(images) == 0:
         raise ExportError("verification needs at least one image")
@@ -279,6 +292,7 @@ def verify(
     session = inference_session(probed, optimize=False)
     probe = _Probe(compared)
     model.tap = probe
+    batch_size = batch_size or _batch_size(model, probe, images[:1])
     reference: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     fed: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     plain: dict[str, list[np.ndarray]] = {name: [] for name in output_names}

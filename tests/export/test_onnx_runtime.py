@@ -73,6 +73,24 @@ def test_verify_reports_agreement_and_accuracy(exported, images):
     assert verify(onnx_model, qmodel, images[:8]).torch_top1 is None
 
 
+def test_verify_batches_to_its_activation_budget(exported, images, monkeypatch):
+    """By default a batch holds as many images as keep the compared activations within the
+    budget (a 240-px EfficientNet once held every activation of 176 images: 22 GiB)."""
+    import exporters.runtime as runtime
+
+    onnx_model, qmodel = exported
+    whole = verify(onnx_model, qmodel, images[:12])
+    sizes = []
+    batches = runtime._batches
+    monkeypatch.setattr(runtime, "_batches", lambda session, x, size, *rest: sizes.append(size) or batches(session, x, size, *rest))
+    per_image = 3 * 4 * 3 * 16 * 16  # at least the stem's input, three times
+    monkeypatch.setattr(runtime, "ACTIVATION_BUDGET", 5 * per_image)
+    small = verify(onnx_model, qmodel, images[:12])
+    assert 1 <= sizes[0] < 5 and sizes[0] == sizes[-1]
+    assert small.activation_values == whole.activation_values and small.activation_mismatches == 0
+    assert small.agreement == whole.agreement == 100.0 and small.max_abs_diff < 1e-6
+
+
 def test_verify_rejects_bad_inputs(exported, images):
     onnx_model, qmodel = exported
     with pytest.raises(ExportError, match="3 labels for 64 images"):
