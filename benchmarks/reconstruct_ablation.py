@@ -8,7 +8,7 @@ class, seed), trained once and shared by every variant.
 
 A variant is RECIPE[,KEY=VALUE...]: `w=`/`a=` weight and activation bits (default 4/4),
 `r.FIELD=` a `ReconstructConfig` field, `f.FIELD=` a `FinetuneConfig` field, `c.FIELD=` a
-`CalibrationConfig` field (`c.bias_images=0`: no bias correction), `synth=0` no synthetic
+`CalibrationConfig` field (`c.bias_images=0`: no bias correction, `c.rounding=nearest`: no GPTQ), `synth=0` no synthetic
 images. The generator is trained only when a variant uses synthetic images. Needs `apt-get install dataset-fashion-mnist`.
 """
 
@@ -30,8 +30,14 @@ sys.path.insert(0, str(EXAMPLE))
 import fmnist  # noqa: E402
 
 
-def number(text: str) -> int | float:
-    return float(text) if any(c in text for c in ".e") else int(text)
+def value(text: str) -> int | float | str:
+    """An option's value: a number when it reads as one, else the text (`c.rounding=nearest`)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main() -> None:
@@ -68,9 +74,9 @@ def main() -> None:
         recipe, *pairs = variant.split(",")
         options = dict(pair.split("=", 1) for pair in pairs)
         config = recipe_config(recipe, QuantConfig(int(options.pop("w", 4)), int(options.pop("a", 4))), args.seed)
-        reconstruct = {k[2:]: number(v) for k, v in options.items() if k.startswith("r.")}
-        finetune = {k[2:]: number(v) for k, v in options.items() if k.startswith("f.")}
-        calibration = {k[2:]: number(v) for k, v in options.items() if k.startswith("c.")}
+        reconstruct = {k[2:]: value(v) for k, v in options.items() if k.startswith("r.")}
+        finetune = {k[2:]: value(v) for k, v in options.items() if k.startswith("f.")}
+        calibration = {k[2:]: value(v) for k, v in options.items() if k.startswith("c.")}
         config = replace(config, reconstruct=replace(config.reconstruct, **reconstruct),
                          finetune=replace(config.finetune, **finetune),
                          calibration=replace(config.calibration, **calibration))
