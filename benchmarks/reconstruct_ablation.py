@@ -8,7 +8,7 @@ class, seed), trained once and shared by every variant.
 
 A variant is RECIPE[,KEY=VALUE...]: `w=`/`a=` weight and activation bits (default 4/4),
 `r.FIELD=` a `ReconstructConfig` field, `f.FIELD=` a `FinetuneConfig` field, `c.FIELD=` a
-`CalibrationConfig` field (`c.bias_images=0`: no bias correction, `c.rounding=nearest`: no GPTQ), `synth=0` no synthetic
+`CalibrationConfig` field (`c.bias_images=0`: no bias correction), `synth=0` no synthetic
 images. The generator is trained only when a variant uses synthetic images. Needs `apt-get install dataset-fashion-mnist`.
 """
 
@@ -31,7 +31,7 @@ import fmnist  # noqa: E402
 
 
 def value(text: str) -> int | float | str:
-    """An option's value: a number when it reads as one, else the text (`c.rounding=nearest`)."""
+    """An option's value: a number when it reads as one, else the text (`r.FIELD=TEXT`)."""
     for kind in (int, float):
         try:
             return kind(text)

@@ -13,7 +13,6 @@ from fddaq.events import Event
 STAGE_TITLES = {
     "check": "Checking the model exports (capture, dry run)",
     "calibrate": "Calibrating ranges",
-    "round": "Rounding weights (GPTQ)",
     "bias": "Correcting biases",
     "synthesize": "Training the FDDA generator",
     "generate": "Generating synthetic images",

@@ -64,29 +64,19 @@ def parse_layer_override(text: str) -> tuple[str, int | None, int | None]:
     return pattern, bits[0], bits[-1]
 
 
-ROUNDINGS = ("gptq", "nearest")
-
-
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Range calibration on the real images: MSE-optimal per-channel weight scales and
-    per-tensor activation ranges from at most `max_samples` values per layer input; then the
-    weights' `rounding` ("gptq": error-compensated, `quant.rounding`, on a seeded subset of at
-    most `rounding_images` images; "nearest"); then bias correction (`quant.bias`) on a seeded
-    subset of at most `bias_images` images (0: none)."""
+    per-tensor activation ranges from at most `max_samples` values per layer input; then bias
+    correction (`quant.bias`) on a seeded subset of at most `bias_images` images (0: none)."""
 
     max_samples: int = 1 << 18
     seed: int = 0
-    rounding: str = "gptq"
-    rounding_images: int = 256
     bias_images: int = 128
 
     def __post_init__(self) -> None:
         _check_positive("max_samples", self.max_samples)
-        _check_positive("rounding_images", self.rounding_images)
         _check_positive("bias_images", self.bias_images, allow_zero=True)
-        if self.rounding not in ROUNDINGS:
-            raise ConfigError(f"rounding={self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
 
 
 OPTIMIZERS = ("adam", "sgd")

@@ -136,6 +136,18 @@ def _beta(progress: float, warmup: float) -> float | None:
     return BETA_END + (BETA_START - BETA_END) * max(0.0, 1 - (progress - warmup) / (1 - warmup))
 
 
+def _roundable(student: QuantizedModel, names: tuple[str, ...]) -> dict[str, nn.Parameter]:
+    """The unit's layers whose weight is a parameter of their own, by layer name."""
+    layers = {layer.name: layer for layer in student.capture.layers}
+    owners: dict[str, int] = {}
+    for quant in student.layers:
+        weight = layers[quant.name].weight
+        if weight is not None:
+            owners[weight] = owners.get(weight, 0) + 1
+    return {name: student.model.get_parameter(layers[name].weight) for name in names
+            if layers[name].weight is not None and owners[layers[name].weight] == 1 and layers[name].calls == 1}
+
+
 def reconstruct(
     student: QuantizedModel,
     float_model: nn.Module,
@@ -163,7 +175,7 @@ def reconstruct(
     emit(on_event, "reconstruct", first_unit * config.iterations, total)
     rounded = 0
     for index, unit in enumerate(units):
-        roundable = student.own_weights(unit.layers)
+        roundable = _roundable(student, unit.layers)
         rounded += len(roundable)
         if index < first_unit:
             continue

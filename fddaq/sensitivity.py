@@ -6,9 +6,8 @@ at their bits (activations at 8) and with only the activations at their bits (we
 The divergence is the KL divergence of the quantized model's class distribution from the
 float model's, averaged over images (over positions too for a dense output), measured on the
 calibration images and, when given, on synthetic images. Quantizers are calibrated as
-`quantize` calibrates them (MSE ranges on the calibration images), but with weights rounded to
-nearest and without bias correction (both compensate for every quantizer at once): what
-rounding itself costs."""
+`quantize` calibrates them (MSE ranges on the calibration images), without bias correction
+(which corrects for every quantizer at once): what rounding itself costs."""
 
 from __future__ import annotations
 
@@ -110,7 +109,7 @@ def sensitivity(
     """The sensitivity of `model` (float, returning `output` among its outputs) to each
     quantizer of the plan `quant` gives, on `images` (calibration) and `synthetic`."""
     measure = _Measure(Selected(model, output), images, synthetic)
-    calibration = replace(calibration, rounding="nearest", bias_images=0)
+    calibration = replace(calibration, bias_images=0)
     student = _calibrated(model, capture, quant, output, images, calibration)
     jobs = [(layer, role) for layer in student.layers for role in ROLES if role == "w" or layer.input_quant.enabled]
     total = len(jobs) + 3

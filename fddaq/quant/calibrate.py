@@ -1,5 +1,5 @@
-"""Initial quantizer ranges from the real calibration images (MSE-optimal), then
-error-compensated weight rounding and bias correction."""
+"""Initial quantizer ranges from the real calibration images (MSE-optimal), then bias
+correction."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from ..device import model_device
 from ..events import EventHandler, emit
 from .bias import correct_biases, zero_shifts
 from .modules import QuantizedModel, quant_layers
-from .rounding import round_weights
 from .primitives import activation_params, mse_activation_params
 
 
@@ -60,9 +59,8 @@ def calibrate(
 ) -> None:
     """Set every weight quantizer to its per-channel MSE-optimal grid, then every input
     quantizer to the MSE-optimal range of its inputs on `images` (computed through the
-    quantized weights, with float activations); then round the weights of every layer by GPTQ
-    (`config.rounding`), then correct every layer's bias, each on a seeded subset of the images
-    (`config.bias_images` 0: every layer gets a zero shift)."""
+    quantized weights, with float activations); then correct every layer's bias on a seeded
+    subset of `config.bias_images` of the images (0: every layer gets a zero shift)."""
     layers = [(layer.name, layer) for layer in quant_layers(model)]
     weights = model.layer_weights()
     for name, layer in layers:  # first the weights: the activations are sampled through them
@@ -72,18 +70,12 @@ def calibrate(
     for index, (name, layer) in enumerate(layers, 1):
         layer.input_quant.set_params(*mse_activation_params(samples[name], layer.input_quant.bits))
         emit(on_event, "calibrate", index, len(layers))
-    if config.rounding == "gptq":
-        round_weights(model, _subset(images, config.rounding_images, config.seed), batch_size, on_event)
     if not config.bias_images:
         zero_shifts(model)
         return
-    correct_biases(model, _subset(images, config.bias_images, config.seed), batch_size, on_event)
-
-
-def _subset(images: Tensor, count: int, seed: int) -> Tensor:
-    """A seeded random subset of at most `count` of `images`, in their order."""
-    generator = torch.Generator().manual_seed(seed)
-    return images[torch.randperm(len(images), generator=generator)[:count].sort().values]
+    generator = torch.Generator().manual_seed(config.seed)
+    subset = torch.randperm(len(images), generator=generator)[: config.bias_images].sort().values
+    correct_biases(model, images[subset], batch_size, on_event)
 
 
 @torch.no_grad()

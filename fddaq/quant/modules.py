@@ -340,19 +340,6 @@ class QuantizedModel(nn.Module):
             return {name: self.model.get_parameter(weight) for name, weight in direct.items()}
         return {name: weight for name, (weight, _) in self.layer_tensors().items()}
 
-    def own_weights(self, names: tuple[str, ...] | None = None) -> dict[str, nn.Parameter]:
-        """The layers (of `names`, in that order; default all) whose weight is a parameter of their
-        own, called once, by layer name: weights that rounding may write on the grid."""
-        layers = {layer.name: layer for layer in self.capture.layers}
-        owners: dict[str, int] = {}
-        for quant in self.layers:
-            weight = layers[quant.name].weight
-            if weight is not None:
-                owners[weight] = owners.get(weight, 0) + 1
-        names = tuple(quant.name for quant in self.layers) if names is None else names
-        return {name: self.model.get_parameter(layers[name].weight) for name in names
-                if layers[name].weight is not None and owners[layers[name].weight] == 1 and layers[name].calls == 1}
-
     def trainable_weights(self) -> list[nn.Parameter]:
         """The parameters the quantized layers' weights and biases come from (not buffers, such
         as a pruning mask)."""
