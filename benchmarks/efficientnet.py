@@ -178,7 +178,7 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
                 row["seconds"] = time.perf_counter() - start
             else:
                 recipe = "fddaq" if method in ("real-only", "ptq") else method
-                config = recipe_config(recipe, QuantConfig(w, a, fl),
+                config = recipe_config(recipe, QuantConfig(w, a, fl, weight_grid=args.weight_grid),
                                        steps=0 if method in ("ptq", "reconstruct") else args.steps,
                                        synthetic=0 if method in ("real-only", "ptq", "reconstruct") else args.synthetic,
                                        synth_steps=args.synth_steps)
@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=500, help="reconstruction iterations per unit")
     parser.add_argument("--views", type=int, default=512, help="reconstruction pool: views of the real images")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--weight-grid", default="auto", choices=["auto", "symmetric"], help="QuantConfig.weight_grid")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -242,7 +243,8 @@ def main() -> None:
         out = subprocess.run(
             [sys.executable, __file__, "--child", method, "--model", args.model, "--steps", str(args.steps), "--synth-steps",
              str(args.synth_steps), "--synthetic", str(args.synthetic), "--batch-size", str(args.batch_size),
-             "--bits", *args.bits, "--iterations", str(args.iterations), "--views", str(args.views)],
+             "--bits", *args.bits, "--iterations", str(args.iterations), "--views", str(args.views),
+             "--weight-grid", args.weight_grid],
             check=True, stdout=subprocess.PIPE, text=True,
         )
         rows += json.loads(out.stdout.strip().splitlines()[-1])

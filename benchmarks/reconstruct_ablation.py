@@ -6,7 +6,8 @@ class, seed), trained once and shared by every variant.
     .venv/bin/python benchmarks/reconstruct_ablation.py --model mobilenet --per-class 10 --seed 0 \\
         ptq reconstruct fddaq 'fddaq,r.iterations=500' 'reconstruct,a=8' 'reconstruct,synth=0' 'reconstruct,r.drop=0.0'
 
-A variant is RECIPE[,KEY=VALUE...]: `w=`/`a=` weight and activation bits (default 4/4),
+A variant is RECIPE[,KEY=VALUE...]: `w=`/`a=` weight and activation bits (default 4/4), `grid=symmetric`
+the weight grid (`QuantConfig.weight_grid`),
 `r.FIELD=` a `ReconstructConfig` field, `f.FIELD=` a `FinetuneConfig` field, `c.FIELD=` a
 `CalibrationConfig` field (`c.bias_images=0`: no bias correction), `synth=0` no synthetic
 images. The generator is trained only when a variant uses synthetic images. Needs `apt-get install dataset-fashion-mnist`.
@@ -73,7 +74,8 @@ def main() -> None:
     for variant in args.variants:
         recipe, *pairs = variant.split(",")
         options = dict(pair.split("=", 1) for pair in pairs)
-        config = recipe_config(recipe, QuantConfig(int(options.pop("w", 4)), int(options.pop("a", 4))), args.seed)
+        quant = QuantConfig(int(options.pop("w", 4)), int(options.pop("a", 4)), weight_grid=options.pop("grid", "auto"))
+        config = recipe_config(recipe, quant, args.seed)
         reconstruct = {k[2:]: value(v) for k, v in options.items() if k.startswith("r.")}
         finetune = {k[2:]: value(v) for k, v in options.items() if k.startswith("f.")}
         calibration = {k[2:]: value(v) for k, v in options.items() if k.startswith("c.")}

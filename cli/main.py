@@ -195,7 +195,7 @@ def _std_option():
 
 
 def _bits_options():
-    """--bits, --weight-bits, --act-bits, --first-last-bits, --layer-bits (quantize and plan)."""
+    """--bits, --weight-bits, --act-bits, --first-last-bits, --layer-bits, --weight-grid (quantize, plan, sensitivity)."""
     return {
         "bits": typer.Option(4, "--bits", help="Weight and activation bits of every layer, first and last included."),
         "weight_bits": typer.Option(None, "--weight-bits", help="Weight bits (default: --bits)."),
@@ -206,14 +206,20 @@ def _bits_options():
             help="Per-layer override PATTERN=BITS, PATTERN=W/A or PATTERN=float (repeatable; shell patterns, "
                  "e.g. --layer-bits 'fc=8' --layer-bits 'stages.*.shortcut.*=float'). A pattern matching no layer is an error.",
         ),
+        "weight_grid": typer.Option(
+            "auto", "--weight-grid",
+            help="auto: weights of 4 bits and fewer on an affine grid (16 levels, a zero point per channel), wider ones "
+                 "symmetric; symmetric: zero point 0 at every width (for hardware whose low-bit kernels take none).",
+        ),
     }
 
 
 def _quant_config(bits: int, weight_bits: Optional[int], act_bits: Optional[int], first_last_bits: Optional[int],
-                  layer_bits: Optional[list[str]]):
+                  layer_bits: Optional[list[str]], weight_grid: str):
     from fddaq.config import QuantConfig
 
-    return QuantConfig(weight_bits or bits, act_bits or bits, first_last_bits, layers=tuple(layer_bits or ()))
+    return QuantConfig(weight_bits or bits, act_bits or bits, first_last_bits, layers=tuple(layer_bits or ()),
+                       weight_grid=weight_grid)
 
 
 def _trust_model_option():
@@ -274,6 +280,7 @@ def quantize(
     act_bits: Optional[int] = _BITS["act_bits"],
     first_last_bits: Optional[int] = _BITS["first_last_bits"],
     layer_bits: Optional[list[str]] = _BITS["layer_bits"],
+    weight_grid: str = _BITS["weight_grid"],
     recipe: str = typer.Option("fddaq", "--recipe", help="fddaq (default), reconstruct (block-wise reconstruction: AdaRound + LSQ + QDrop, unit by unit), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps (recipe default: 400; 0: calibration only)."),
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="FDDA synthetic images mixed into fine-tuning (recipe default: 1024; 0: real images only)."),
@@ -310,7 +317,7 @@ def quantize(
     _check_outputs(out, QUANTIZE_OUTPUTS, force)
     if max_drop is not None and val is None:
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
-    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits)
+    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid)
     run_config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps)
     source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
@@ -449,6 +456,7 @@ def plan(
     act_bits: Optional[int] = _PLAN_BITS["act_bits"],
     first_last_bits: Optional[int] = _PLAN_BITS["first_last_bits"],
     layer_bits: Optional[list[str]] = _PLAN_BITS["layer_bits"],
+    weight_grid: str = _PLAN_BITS["weight_grid"],
     num_classes: Optional[int] = _num_classes_option(),
     preset: Optional[str] = _preset_option(),
     input_size: Optional[int] = _input_size_option(),
@@ -477,16 +485,17 @@ def plan(
     source = _source(model, arch, None, None, num_classes, None, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
     loaded = load_float(source)
-    layers = plan_layers(loaded, _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits))
+    layers = plan_layers(loaded, _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid))
     checked = dry_run(loaded.model, loaded.capture, layers, loaded.output)
     kinds = {layer.name: layer for layer in loaded.capture.layers}
     out = Table(title=f"fddaq plan: {model.name} ({arch})", title_justify="left")
     out.add_column("layer", no_wrap=True)
-    for column in ("kind", "module", "weight bits", "input bits", "why"):
+    for column in ("kind", "module", "weight bits", "weight grid", "input bits", "why"):
         out.add_column(column)
     for entry in layers.layers:
         module = kinds[entry.name].module_type if entry.name in kinds else "-"
-        out.add_row(entry.name, entry.kind, module, str(entry.weight_bits or "-"), str(entry.act_bits or "-"), entry.reason)
+        out.add_row(entry.name, entry.kind, module, str(entry.weight_bits or "-"), entry.weight_grid or "-",
+                    str(entry.act_bits or "-"), entry.reason)
     console.print(out)
     kept = len(layers.layers) - len(layers.quantized)
     outputs = ", ".join(f"{o.name} {list(o.shape)}" for o in loaded.capture.outputs)
@@ -509,6 +518,7 @@ def sensitivity(
     act_bits: Optional[int] = _SENSITIVITY_BITS["act_bits"],
     first_last_bits: Optional[int] = _SENSITIVITY_BITS["first_last_bits"],
     layer_bits: Optional[list[str]] = _SENSITIVITY_BITS["layer_bits"],
+    weight_grid: str = _SENSITIVITY_BITS["weight_grid"],
     synthetic: int = typer.Option(0, "--synthetic", help="Also measure on this many FDDA synthetic images (trains the generator first)."),
     synth_steps: int = typer.Option(500, "--synth-steps", help="Generator training steps, with --synthetic."),
     seed: int = _seed_option(),
@@ -540,7 +550,7 @@ def sensitivity(
     from fddaq.config import SynthConfig
 
     _check_outputs(out, SENSITIVITY_OUTPUTS, force)
-    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits)
+    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid)
     synth_config = SynthConfig(steps=synth_steps, num_images=synthetic, seed=seed)
     source = _source(model, arch, calib, None, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)

@@ -20,23 +20,32 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+WEIGHT_GRIDS = ("auto", "symmetric")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Bit widths. `first_last_bits` (weights and activations of the first and last layer)
     defaults to the other layers' bits: the paper's F4L4 at `--bits 4`. `input_bits` is the
     model-input image quantizer. `layers`: per-layer overrides "PATTERN=SPEC", applied in
     order after the rest (the last match wins): PATTERN is a module name or a shell-style
-    pattern (`stages.*.conv1`), SPEC `W` (weights and input), `W/A` or `float`."""
+    pattern (`stages.*.conv1`), SPEC `W` (weights and input), `W/A` or `float`. `weight_grid`:
+    "auto" puts weights of 4 bits and fewer on an affine grid (every level, a zero point per
+    channel) and wider ones on a symmetric grid; "symmetric" puts every weight on a symmetric
+    grid with zero point 0 (for hardware whose low-bit kernels take no weight zero point)."""
 
     weight_bits: int = 4
     act_bits: int = 4
     first_last_bits: int | None = None
     input_bits: int = 8
     layers: tuple[str, ...] = ()
+    weight_grid: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits", "first_last_bits", "input_bits"):
             _check_bits(name, getattr(self, name))
+        if self.weight_grid not in WEIGHT_GRIDS:
+            raise ConfigError(f"weight_grid={self.weight_grid!r} is not one of {', '.join(WEIGHT_GRIDS)}")
         object.__setattr__(self, "layers", tuple(self.layers))
         for override in self.layers:
             parse_layer_override(override)

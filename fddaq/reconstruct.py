@@ -36,7 +36,6 @@ from .device import model_device
 from .events import EventHandler, emit
 from .finetune import augment
 from .quant.modules import QuantizedModel, QuantLayer, StopForward, forward_until_stopped
-from .quant.primitives import weight_range
 from .quant.units import find_units
 
 RESUME_FORMAT = 1
@@ -65,9 +64,8 @@ class _Rounding(nn.Module):
     soft weight is `w`, the integer part fixed at the starting steps `scale0`, and `zp` the
     quantizer's zero points (per channel, shaped like `scale`)."""
 
-    def __init__(self, weight: Tensor, scale: Tensor, zero_point: Tensor | float, bits: int) -> None:
+    def __init__(self, weight: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, qmax: int) -> None:
         super().__init__()
-        qmin, qmax = weight_range(bits)
         self.register_buffer("low", torch.as_tensor(qmin - zero_point, dtype=weight.dtype))
         self.register_buffer("high", torch.as_tensor(qmax - zero_point, dtype=weight.dtype))
         scaled = weight.detach() / scale.detach()
@@ -244,7 +242,7 @@ def _train_unit(
     roundings = {}
     for name, weight in roundable.items():
         quant = by_name[name].weight_quant
-        roundings[name] = _Rounding(weight, weight_scale(name), quant.channel_zero_point(weight), quant.bits).to(device)
+        roundings[name] = _Rounding(weight, weight_scale(name), quant.channel_zero_point(weight), *quant.range()).to(device)
     scales = [layer.input_quant.log_scale for layer in layers if layer.input_quant.enabled]
     shifts = [layer.bias_shift.requires_grad_(True) for layer in layers if config.bias_lr > 0 and layer.bias_shift is not None]
     groups = [{"params": [r.v for r in roundings.values()], "lr": config.rounding_lr}]

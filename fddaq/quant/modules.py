@@ -43,16 +43,20 @@ from .primitives import (
 
 class WeightQuantizer(nn.Module):
     """Per-output-channel quantizer with a learnable log step size and a fixed integer zero
-    point per channel: 0 on the symmetric grid of 8-bit weights, set by calibration on the
-    affine grid of 4-bit and fewer (`primitives.affine_weights`)."""
+    point per channel: 0 on a symmetric grid, set by calibration on an affine one (`affine`,
+    by default for 4 bits and fewer: `primitives.affine_weights`)."""
 
-    def __init__(self, bits: int, channels: int, axis: int = 0) -> None:
+    def __init__(self, bits: int, channels: int, axis: int = 0, affine: bool | None = None) -> None:
         super().__init__()
         self.bits = bits
         self.axis = axis  # the weight axis of the output channels
-        self.affine = affine_weights(bits)
+        self.affine = affine_weights(bits) if affine is None else affine
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("zero_point", torch.zeros(channels))
+
+    def range(self) -> tuple[int, int]:
+        """The integer range of the stored weights (zero point included)."""
+        return weight_range(self.bits, self.affine)
 
     def scale(self) -> Tensor:
         return self.log_scale.exp().clamp(min=MIN_SCALE)
@@ -74,7 +78,7 @@ class WeightQuantizer(nn.Module):
         if self.affine:
             self.set_grid(*weight_grid(w.amin(dim=1), w.amax(dim=1), self.bits))
             return
-        _, qmax = weight_range(self.bits)
+        _, qmax = self.range()
         w_max = w.abs().amax(dim=1)
         self.set_scale(torch.where(w_max > 0, w_max / qmax, torch.ones_like(w_max)))
 
@@ -115,7 +119,7 @@ class WeightQuantizer(nn.Module):
 
     def quantize(self, weight: Tensor) -> Tensor:
         """Stored integer values (as floats, within `weight_range`, zero point included), no gradient."""
-        qmin, qmax = weight_range(self.bits)
+        qmin, qmax = self.range()
         scaled = torch.round(weight.detach() / self._channel_scale(weight).detach())
         return torch.clamp(scaled + self.channel_zero_point(weight), qmin, qmax)
 
@@ -124,7 +128,7 @@ class WeightQuantizer(nn.Module):
         return (integers - self.channel_zero_point(integers)) * self._channel_scale(integers)
 
     def forward(self, weight: Tensor) -> Tensor:
-        qmin, qmax = weight_range(self.bits)
+        qmin, qmax = self.range()
         return fake_quant(weight, self._channel_scale(weight), self.channel_zero_point(weight), qmin, qmax)
 
     def extra_repr(self) -> str:
@@ -201,12 +205,13 @@ class QuantLayer(nn.Module):
     keep the bias each call passes). `enabled = False` makes a layer that is not deployed a
     float layer (the reference of the per-layer SQNR)."""
 
-    def __init__(self, name: str, kind: str, channels: int, weight_bits: int, act_bits: int) -> None:
+    def __init__(self, name: str, kind: str, channels: int, weight_bits: int, act_bits: int,
+                 affine: bool | None = None) -> None:
         super().__init__()
         self.name = name
         self.kind = kind
         self.enabled = True
-        self.weight_quant = WeightQuantizer(weight_bits, channels, channel_axis(kind))
+        self.weight_quant = WeightQuantizer(weight_bits, channels, channel_axis(kind), affine)
         self.input_quant = ActivationQuantizer(act_bits)
         self.register_buffer("integers", None)  # deployed: int8 weights (within the weight grid)
         self.register_buffer("deployed_bias", None)  # deployed with a BatchNorm folded in: float32 bias

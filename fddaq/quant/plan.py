@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from ..config import QuantConfig, parse_layer_override
 from ..errors import ConfigError, ModelError
 from .capture import Capture, FloatLayer
+from .primitives import affine_weights
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,16 @@ class LayerPlanEntry:
     weight_bits: int | None
     act_bits: int | None
     reason: str
+    weight_grid: str | None = None  # "affine" or "symmetric"; None for a float layer
+
+    def __post_init__(self) -> None:
+        if self.weight_grid is None and self.weight_bits is not None:  # a plan saved before grids were chosen
+            object.__setattr__(self, "weight_grid", _grid(self.weight_bits, "auto"))
+
+
+def _grid(bits: int, choice: str) -> str:
+    """The weight grid of a layer with `bits`-bit weights under `QuantConfig.weight_grid`."""
+    return "affine" if choice == "auto" and affine_weights(bits) else "symmetric"
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,8 @@ def resolve_layer_plan(capture: Capture, config: QuantConfig) -> LayerPlan:
                 entries.append(LayerPlanEntry(name, "float", None, None, f"kept float: override {text}"))
                 continue
             reasons = [f"override {text}"]
-        entries.append(LayerPlanEntry(name, layer.kind, weight_bits, act_bits, "; ".join(reasons) or "default bits"))
+        entries.append(LayerPlanEntry(name, layer.kind, weight_bits, act_bits, "; ".join(reasons) or "default bits",
+                                      _grid(weight_bits, config.weight_grid)))
     if unmatched:
         text = next(t for t in config.layers if t in unmatched)
         names = [layer.name for layer in found]

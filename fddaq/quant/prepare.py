@@ -24,7 +24,8 @@ def prepare(model: nn.Module, capture: Capture, plan: LayerPlan, output: str) ->
     quant = []
     for entry in plan.quantized:
         layer = layers[entry.name]
-        q = QuantLayer(layer.name, layer.kind, layer.channels, entry.weight_bits, entry.act_bits)
+        q = QuantLayer(layer.name, layer.kind, layer.channels, entry.weight_bits, entry.act_bits,
+                       entry.weight_grid == "affine")
         q.input_quant.bounds = capture.clips.get(layer.name)
         quant.append(q)
     return QuantizedModel(copy.deepcopy(model).eval(), capture, quant, output).eval()

@@ -42,13 +42,13 @@ def affine_weights(bits: int) -> bool:
     return bits <= 4
 
 
-def weight_range(bits: int) -> tuple[int, int]:
+def weight_range(bits: int, affine: bool | None = None) -> tuple[int, int]:
     """Signed integer range of weights: every level of the type for an affine grid (-8..7 at 4
-    bits); else narrow and symmetric (-127..127), so that ``-q`` is representable and a
-    negative BatchNorm gamma folds by negating integers (an affine grid negates ``q`` to
-    ``-1 - q`` and its zero point likewise)."""
+    bits; `affine` defaults to `affine_weights(bits)`); else narrow and symmetric (-127..127),
+    so that ``-q`` is representable and a negative BatchNorm gamma folds by negating integers
+    (an affine grid negates ``q`` to ``-1 - q`` and its zero point likewise)."""
     qmax = 2 ** (bits - 1) - 1
-    return (-qmax - 1, qmax) if affine_weights(bits) else (-qmax, qmax)
+    return (-qmax - 1, qmax) if (affine_weights(bits) if affine is None else affine) else (-qmax, qmax)
 
 
 def activation_range(bits: int) -> tuple[int, int]:
@@ -216,7 +216,7 @@ def mse_weight_scales(weight: Tensor, bits: int, grid: int = 100) -> Tensor:
 
     Searches clipping ratios in (0, 1] of each channel's max |w| (vectorised over channels);
     an all-zero channel gets scale 1.0 (its integers are all 0, exactly)."""
-    _, qmax = weight_range(bits)
+    _, qmax = weight_range(bits, affine=False)
     w = weight.detach().reshape(weight.shape[0], -1)
     w_max = w.abs().amax(dim=1)
     best_scale = torch.ones_like(w_max)

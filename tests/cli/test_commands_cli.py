@@ -18,6 +18,10 @@ def test_plan_lists_every_layer_with_overrides(tmp_path):
     assert len(shortcuts) == 2 and all(plan[name]["kind"] == "float" for name in shortcuts)
     assert "8 layers quantized, 2 kept float" in result.output
     assert "stages.1.0.shortcut.0" in result.output
+    assert plan["stages.0.0.conv1"]["weight_grid"] == "affine" and plan["fc"]["weight_grid"] == "symmetric"
+    result = invoke("plan", *MODEL_ARGS, "--bits", "4", "--weight-grid", "symmetric", "--json", str(tmp_path / "sym.json"))
+    assert result.exit_code == 0, result.output
+    assert {entry["weight_grid"] for entry in json.loads((tmp_path / "sym.json").read_text())["plan"]} == {"symmetric"}
 
 
 @pytest.mark.parametrize(
@@ -27,6 +31,7 @@ def test_plan_lists_every_layer_with_overrides(tmp_path):
         (("--layer-bits", "fc=9"), "layer override 'fc=9': 9 bits is outside the supported 2..8"),
         (("--layer-bits", "fc"), "layer override 'fc' must be PATTERN=BITS"),
         (("--bits", "1"), "weight_bits=1 is outside the supported 2..8 bits"),
+        (("--weight-grid", "asymmetric"), "weight_grid='asymmetric' is not one of auto, symmetric"),
     ],
 )
 def test_plan_errors(args, message):

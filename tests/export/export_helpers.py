@@ -55,14 +55,16 @@ def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, images: Tensor, weight_bits: int, act_bits: int, clip: float = 0.8) -> QuantizedModel:
+def quantize_model(model: nn.Module, images: Tensor, weight_bits: int, act_bits: int, clip: float = 0.8,
+                   weight_grid: str = "auto") -> QuantizedModel:
     """The fake-quant version of `model` with ranges at `clip` times the observed extremes (so
     weights and activations saturate too): per-channel max |w| and per-tensor min/max input.
 
     (Cheap on purpose: the MSE searches of `fddaq.quant.calibrate` take seconds on 2 cores.)"""
     model = model.eval()
     found = capture(model, images[:1])
-    qmodel = prepare(model, found, resolve_layer_plan(found, QuantConfig(weight_bits=weight_bits, act_bits=act_bits)),
+    quant = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, weight_grid=weight_grid)
+    qmodel = prepare(model, found, resolve_layer_plan(found, quant),
                      found.outputs[0].name)
     calibrate_min_max(qmodel, images)
     for layer in qmodel.layers:

@@ -192,6 +192,38 @@ def test_4bit_weights_are_int4_initializers_only():
     assert len(set(zero_points)) == len({numpy_helper.to_array(tensors[z]).item() for z in zero_points}) < len(zero_points)
 
 
+def test_symmetric_4bit_weights_export_without_zero_points():
+    """`weight_grid="symmetric"`: 15 levels around 0, no zero point in the graph, negative
+    gammas fold by negating the integers; the graph still computes the fake-quant model."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(fashion_resnet())
+    pairs = conv_batch_norm_pairs(model)
+    for bn in pairs.values():
+        with torch.no_grad():
+            bn.weight[::3] *= -1
+    images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    qmodel = quantize_model(model, images, 4, 4, weight_grid="symmetric")
+    onnx_model = export_qdq(qmodel)
+    tensors = initializers(onnx_model)
+    dequantized = {node.input[0]: node for node in onnx_model.graph.node if node.op_type == "DequantizeLinear"}
+    levels = set()
+    for layer in qmodel.layers:
+        assert not layer.weight_quant.affine and layer.weight_quant.range() == (-7, 7)
+        name, weight = layer.name, qmodel.model.get_submodule(layer.name).weight
+        stored = tensors[f"{name}.w_q"]
+        expected = layer.weight_quant.quantize(weight).numpy()
+        if name in pairs:
+            negative = (pairs[name].weight.detach() < 0).numpy()
+            expected = np.where(negative.reshape(-1, *[1] * (expected.ndim - 1)), -expected, expected)
+        assert stored.data_type == TensorProto.INT4
+        np.testing.assert_array_equal(numpy_helper.to_array(stored).astype(np.int8), expected)
+        assert len(dequantized[stored.name].input) == 2  # no zero point
+        levels.update(np.unique(expected).tolist())
+    assert levels == set(range(-7, 8))
+    np.testing.assert_allclose(run_onnx(onnx_model, images), torch_logits(fold_batch_norms(qmodel), images),
+                               rtol=1e-5, atol=1e-4)
+
+
 class ConvBatchNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -32,6 +32,24 @@ def test_plan_json_round_trip(tiny_model):
     assert LayerPlan.from_json(plan.to_json()) == plan
 
 
+def test_weight_grids(tiny_model):
+    """auto: affine at 4 bits and fewer, symmetric wider; symmetric everywhere on request; a plan
+    saved without grids gets the auto ones; the prepared quantizers follow the plan."""
+    found = captured(tiny_model)
+    auto = resolve_layer_plan(found, QuantConfig(4, 4, first_last_bits=8))
+    assert {e.name: e.weight_grid for e in auto.layers} == {
+        "conv1": "symmetric", "conv2": "affine", "short": "affine", "fc": "symmetric"}
+    symmetric = resolve_layer_plan(found, QuantConfig(4, 4, weight_grid="symmetric"))
+    assert {e.weight_grid for e in symmetric.layers} == {"symmetric"}
+    old = [{k: v for k, v in entry.items() if k != "weight_grid"} for entry in auto.to_json()]
+    assert LayerPlan.from_json(old) == auto
+    qmodel = prepare(tiny_model, found, symmetric, found.outputs[0].name)
+    assert all(not layer.weight_quant.affine for layer in qmodel.layers)
+    assert prepare(tiny_model, found, auto, found.outputs[0].name).quant_layer("conv2").weight_quant.affine
+    with pytest.raises(ConfigError, match="weight_grid"):
+        QuantConfig(weight_grid="asymmetric")
+
+
 class PaddedConv(nn.Conv2d):
     """A conv subclass with its own forward (like EfficientNet-PyTorch's static 'same' padding)."""
 

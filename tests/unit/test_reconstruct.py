@@ -61,7 +61,7 @@ def test_rounding_starts_at_the_float_weight_and_ends_on_the_grid():
     weight, scale = torch.randn(3, 5), torch.tensor([[0.3], [0.2], [0.5]])
     zero_point = torch.tensor([[0.0], [2.0], [-1.0]])  # the affine 4-bit grid: -8..7 around each zero point
     low, high = -8 - zero_point, 7 - zero_point
-    rounding = _Rounding(weight, scale, zero_point, 4)
+    rounding = _Rounding(weight, scale, zero_point, -8, 7)
     assert torch.allclose(rounding(scale), torch.maximum(torch.minimum(weight, high * scale), low * scale), atol=1e-5)
     nearest = torch.maximum(torch.minimum(torch.round(weight / scale), high), low) * scale
     assert ((rounding.hard(scale) - nearest).abs() <= scale + 1e-6).all()  # one step at most: up or down
