@@ -1,7 +1,7 @@
 """Cost of one fake-quant fine-tuning step relative to one float training step on the same batch.
 
     .venv/bin/python benchmarks/step_cost.py [--rounds 3] [--steps 15] [--warmup 5] [--threads 2]
-        [--allocator both|default|fixed] [--only fashion32,fashion128,resnet18_64px16]
+        [--allocator both|default|fixed] [--only fashion32,fashion128,mobile32,resnet18_64px16]
 
 A training step is the body of the `fddaq.finetune.finetune` loop without the data pipeline:
 forward, `student_loss` against teacher logits, `zero_grad`, backward, optimizer step. Both
@@ -61,6 +61,7 @@ from fddaq.quant.calibrate import calibrate  # noqa: E402
 from fddaq.quant.capture import capture  # noqa: E402
 from fddaq.quant.plan import resolve_layer_plan  # noqa: E402
 from fddaq.quant.prepare import prepare  # noqa: E402
+from fddaq.zoo.mobilenet import fashion_mobilenet  # noqa: E402
 from fddaq.zoo.resnet import fashion_resnet  # noqa: E402
 
 VARIANTS = ("float", "fq (autograd)", "fq")
@@ -72,6 +73,7 @@ CASES = {
     # name: (architecture, input shape (C, H, W), batch size)
     "fashion32": ("fashion_resnet", (1, 28, 28), 32),
     "fashion128": ("fashion_resnet", (1, 28, 28), 128),
+    "mobile32": ("fashion_mobilenet", (1, 28, 28), 32),  # depthwise convs, affine 4-bit weights
     "resnet18_64px16": ("resnet18", (3, 64, 64), 16),
 }
 
@@ -86,6 +88,8 @@ def reference_fake_quant(x: Tensor, scale: Tensor, zero_point, qmin: int, qmax: 
 def build_model(arch: str) -> nn.Module:
     if arch == "fashion_resnet":
         return fashion_resnet()
+    if arch == "fashion_mobilenet":
+        return fashion_mobilenet()
     import torchvision
 
     return torchvision.models.resnet18(num_classes=10)
