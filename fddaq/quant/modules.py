@@ -32,7 +32,6 @@ from .primitives import (
     MIN_SCALE,
     activation_params,
     activation_range,
-    affine_weights,
     fake_quant,
     mse_affine_weight_grid,
     mse_weight_scales,
@@ -43,14 +42,14 @@ from .primitives import (
 
 class WeightQuantizer(nn.Module):
     """Per-output-channel quantizer with a learnable log step size and a fixed integer zero
-    point per channel: 0 on a symmetric grid, set by calibration on an affine one (`affine`,
-    by default for 4 bits and fewer: `primitives.affine_weights`)."""
+    point per channel: 0 on a symmetric grid, set by calibration on an affine one (`affine`:
+    the layer plan's `weight_grid`)."""
 
-    def __init__(self, bits: int, channels: int, axis: int = 0, affine: bool | None = None) -> None:
+    def __init__(self, bits: int, channels: int, axis: int, affine: bool) -> None:
         super().__init__()
         self.bits = bits
         self.axis = axis  # the weight axis of the output channels
-        self.affine = affine_weights(bits) if affine is None else affine
+        self.affine = affine
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("zero_point", torch.zeros(channels))
 
@@ -205,8 +204,7 @@ class QuantLayer(nn.Module):
     keep the bias each call passes). `enabled = False` makes a layer that is not deployed a
     float layer (the reference of the per-layer SQNR)."""
 
-    def __init__(self, name: str, kind: str, channels: int, weight_bits: int, act_bits: int,
-                 affine: bool | None = None) -> None:
+    def __init__(self, name: str, kind: str, channels: int, weight_bits: int, act_bits: int, affine: bool) -> None:
         super().__init__()
         self.name = name
         self.kind = kind
