@@ -149,12 +149,16 @@ class ReconstructConfig:
     `round_weight` with beta falling from 20 to 2 after a `warmup` fraction), the units'
     activation step sizes (LSQ, `scale_lr` on the log step) and their layers' bias shifts
     (`bias_lr`; 0 keeps bias correction's). `drop`: QDrop's probability
-    that an activation element skips its quantizer while training. The data: `views`
+    that an activation element skips its quantizer while training. A training batch holds
+    `batch_size` images, fewer where they would bring more than `batch_elements` elements of
+    the unit's quantized activations (units at a high resolution: their cost per step stays
+    bounded, and each image brings many positions to the loss). The data: `views`
     augmented views of the real images and, when synthesized, up to as many synthetic
     images. 0 iterations turns it off."""
 
     iterations: int = 0
     batch_size: int = 32
+    batch_elements: int = 2**22
     views: int = 512
     rounding_lr: float = 1e-2
     scale_lr: float = 1e-3
@@ -166,7 +170,7 @@ class ReconstructConfig:
 
     def __post_init__(self) -> None:
         _check_positive("iterations", self.iterations, allow_zero=True)
-        for name in ("batch_size", "views", "rounding_lr", "scale_lr"):
+        for name in ("batch_size", "batch_elements", "views", "rounding_lr", "scale_lr"):
             _check_positive(name, getattr(self, name))
         for name in ("round_weight", "bias_lr"):
             _check_positive(name, getattr(self, name), allow_zero=True)

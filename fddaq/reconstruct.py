@@ -1,17 +1,24 @@
 """Block-wise reconstruction of the fake-quant model (BRECQ, with QDrop's random dropping of
 activation quantization), unit by unit in the order they run (`quant.units`).
 
-For each unit, the images of a fixed pool are run once through the quantized model (the
-units before it already reconstructed) to cache the unit's input, and once through the float
-model to cache the float unit's output. The unit is then replayed alone on batches of the
-cached inputs and trained to reproduce the float output (squared error summed over channels):
+For each unit, the images of a fixed pool are run through the quantized model (the units
+before it already reconstructed) to cache the unit's input, and through the float model to
+cache the float unit's output. Where the model chains two units (the output tensor of one is
+the input of the next, as in a Sequential), the next unit's inputs are the reconstructed
+unit's outputs on its cached inputs, and its float inputs are the float outputs just cached:
+each image then runs through each unit once, not through every unit before it. The unit is
+then replayed alone on batches of the cached inputs (a batch holds at most `batch_elements`
+elements of the unit's quantized activations: fewer images for a unit that works at a high
+resolution, each of which brings more positions to the loss) and trained to reproduce the
+float output (squared error summed over channels):
 - each weight's rounding, up or down (AdaRound: a soft rounding variable per weight, pushed
   to 0 or 1 by a regulariser whose exponent falls from 20 to 2), at fixed weight step sizes;
 - the step sizes of the unit's activation quantizers (LSQ); weight steps stay as calibrated
   (learning them too, as Genie does, measured no better on the bundled MobileNet);
 - the bias shift of each of its layers (`QuantLayer.bias_shift`, set by calibration):
   rounding moves a layer's mean output, and the unit learns to put it back;
-- each activation element skips its quantizer with probability `drop` while training.
+- each activation element skips its quantizer with probability `drop` while training (masks
+  from a bank of random draws: `_MaskBank`).
 The chosen roundings are then written into the student's weights: they sit on their grid
 points, so the step sizes and round-to-nearest give back exactly those integers. A unit whose
 error on the pool (as deployed: hard roundings, no dropping) is not lower than before keeps
@@ -25,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -53,6 +60,7 @@ class ReconstructResult:
     loss_after: float
     seconds: float
     unit_losses: dict[str, tuple[float, float]]  # unit -> its error (before, after)
+    unit_batches: dict[str, int]  # unit -> images per training batch (`batch_elements`)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -87,6 +95,60 @@ class _Rounding(nn.Module):
 
 
 @torch.no_grad()
+def _chained(model: nn.Module, run: Callable[[Tensor], object], modules: list[nn.Module], example: Tensor) -> list[bool]:
+    """For each of `modules` (called once each by `run`, a forward of `model`, in this order):
+    whether the tensor it receives is the one the module before it returned."""
+    received: list[object] = [None] * len(modules)
+    returned: list[object] = [None] * len(modules)
+
+    def hooks(index: int) -> tuple[Callable, Callable]:
+        def pre(mod: nn.Module, args: tuple) -> None:
+            received[index] = args[0] if args else None
+
+        def post(mod: nn.Module, args: tuple, out: object) -> None:
+            returned[index] = out
+
+        return pre, post
+
+    handles = []
+    for index, module in enumerate(modules):
+        pre, post = hooks(index)
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        run(example.to(model_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [index > 0 and received[index] is not None and received[index] is returned[index - 1]
+            for index in range(len(modules))]
+
+
+@torch.no_grad()
+def _apply(run: Callable[[Tensor], Tensor], inputs: Tensor, device: torch.device) -> Tensor:
+    """`run` on every cached input, in batches, kept on the inputs' device."""
+    return torch.cat([run(inputs[start : start + CACHE_BATCH].to(device)).detach().to(inputs.device)
+                      for start in range(0, len(inputs), CACHE_BATCH)])
+
+
+@torch.no_grad()
+def _unit_elements(student: QuantizedModel, module: nn.Module, example: Tensor) -> int:
+    """The activation elements the unit's layers quantize for one image."""
+    count = 0
+
+    def tap(layer: QuantLayer, role: str, raw: Tensor, quantized: Tensor) -> Tensor:
+        nonlocal count
+        count += raw.numel() if role == "x" else 0
+        return quantized
+
+    student.tap = tap
+    try:
+        student.run_module(module, example[:1].to(model_device(student)))
+    finally:
+        student.tap = None
+    return count
+
+
+@torch.no_grad()
 def _cache(model: nn.Module, run: Callable[[Tensor], object], module: nn.Module, pool: Tensor, side: str) -> Tensor:
     """The unit's input (`side` "input") or output ("output") for every image of `pool`,
     running `run` (a forward of `model`) only as far as the unit."""
@@ -116,15 +178,10 @@ def _reconstruction_loss(out: Tensor, target: Tensor) -> Tensor:
     return error.sum(1).mean() if error.dim() > 1 else error.mean()
 
 
-@torch.no_grad()
-def _unit_error(student: QuantizedModel, module: nn.Module, inputs: Tensor, targets: Tensor) -> float:
-    """The unit's reconstruction loss over the whole pool, as deployed (no dropping)."""
-    device = model_device(student)
-    total = 0.0
-    for start in range(0, len(inputs), CACHE_BATCH):
-        out = student.run_module(module, inputs[start : start + CACHE_BATCH].to(device))
-        total += _reconstruction_loss(out, targets[start : start + CACHE_BATCH].to(device)).item() * len(out)
-    return total / len(inputs)
+def _error(outputs: Tensor, targets: Tensor) -> float:
+    """The reconstruction loss over the whole pool."""
+    return sum(_reconstruction_loss(outputs[start : start + CACHE_BATCH], targets[start : start + CACHE_BATCH]).item()
+               * len(outputs[start : start + CACHE_BATCH]) for start in range(0, len(outputs), CACHE_BATCH)) / len(outputs)
 
 
 def _beta(progress: float, warmup: float) -> float | None:
@@ -164,46 +221,62 @@ def reconstruct(
     total = len(units) * config.iterations
     first_unit = 0
     unit_losses: dict[str, tuple[float, float]] = {}
+    unit_batches: dict[str, int] = {}
     if resume is not None:
         student.load_state_dict(resume["student"])
         first_unit = resume["units"]
         unit_losses = dict(resume["unit_losses"])
+        unit_batches = dict(resume.get("unit_batches", {}))  # saved before batches were sized
     student.eval()
     float_model.eval()
+    device = model_device(student)
+    modules = [student.model.get_submodule(unit.module) for unit in units]
+    float_units = [float_modules[unit.module] for unit in units]
+    chained = _chained(student, student.forward_all, modules, pool[:1])
+    float_chained = _chained(float_model, float_model, float_units, pool[:1])
     emit(on_event, "reconstruct", first_unit * config.iterations, total)
     rounded = 0
-    for index, unit in enumerate(units):
+    outputs = float_outputs = None  # of the unit before, once reconstructed
+    for index, (unit, module, float_unit) in enumerate(zip(units, modules, float_units)):
         roundable = _roundable(student, unit.layers)
         rounded += len(roundable)
         if index < first_unit:
             continue
-        module = student.model.get_submodule(unit.module)
-        inputs = _cache(student, student.forward_all, module, pool, "input")
-        targets = _cache(float_model, float_model, float_modules[unit.module], pool, "output")
-        before = _unit_error(student, module, inputs, targets)
+        inputs = outputs if chained[index] and outputs is not None else _cache(student, student.forward_all, module, pool, "input")
+        float_inputs = (float_outputs if float_chained[index] and float_outputs is not None
+                        else _cache(float_model, float_model, float_unit, pool, "input"))
+        targets = _apply(float_unit, float_inputs, device)
+        del float_inputs
+        deployed = lambda: _apply(lambda x: student.run_module(module, x), inputs, device)  # noqa: E731
+        before = _error(deployed(), targets)
         layers = [quant[name] for name in unit.layers]
         saved = _unit_state(layers, roundable)
+        batch = max(1, min(config.batch_size, config.batch_elements // max(1, _unit_elements(student, module, inputs))))
         _train_unit(
-            student, module, layers, roundable, inputs, targets, config,
+            student, module, layers, roundable, inputs, targets, replace(config, batch_size=batch),
             torch.Generator().manual_seed(config.seed * 100_003 + index),
             lambda step, loss: emit(on_event, "reconstruct", index * config.iterations + step, total,
                                     loss=loss, unit=index + 1),
         )
-        after = _unit_error(student, module, inputs, targets)
+        outputs = deployed()
+        after = _error(outputs, targets)
         if after >= before:
             _restore(saved)
             after = before
+            outputs = deployed()
+        float_outputs = targets
         unit_losses[unit.module] = (before, after)
+        unit_batches[unit.module] = batch
         if on_checkpoint is not None and index + 1 < len(units):
-            on_checkpoint(copy.deepcopy({"format": RESUME_FORMAT, "units": index + 1,
-                                         "student": student.state_dict(), "unit_losses": unit_losses}))
+            on_checkpoint(copy.deepcopy({"format": RESUME_FORMAT, "units": index + 1, "student": student.state_dict(),
+                                         "unit_losses": unit_losses, "unit_batches": unit_batches}))
     emit(on_event, "reconstruct", total, total)
     befores = [before for before, _ in unit_losses.values()]
     afters = [after for _, after in unit_losses.values()]
     return ReconstructResult(
         len(units), sum(len(unit.layers) for unit in units), rounded, len(pool),
         sum(befores) / len(befores) if befores else math.nan, sum(afters) / len(afters) if afters else math.nan,
-        time.perf_counter() - start, unit_losses,
+        time.perf_counter() - start, unit_losses, unit_batches,
     )
 
 
@@ -218,6 +291,25 @@ def _unit_state(layers: list[QuantLayer], roundable: dict[str, nn.Parameter]) ->
 def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
     for tensor, value in saved:
         tensor.copy_(value)
+
+
+class _MaskBank:
+    """QDrop's masks: 1 (skip the quantizer) with probability `drop`, else 0, drawn per element.
+    Drawing fresh random numbers for every activation element at every step costs several
+    times the step itself on a CPU; a mask is instead a window, at a random offset, of a bank
+    of random draws twice as long as the largest tensor seen, made once per unit."""
+
+    def __init__(self, drop: float, generator: torch.Generator) -> None:
+        self.drop = drop
+        self.generator = generator
+        self.bank: Tensor | None = None
+
+    def draw(self, like: Tensor) -> Tensor:
+        size = like.numel()
+        if self.bank is None or len(self.bank) < 2 * size:
+            self.bank = (torch.rand(2 * size, generator=self.generator, device=like.device) < self.drop).to(like.dtype)
+        offset = int(torch.randint(len(self.bank) - size + 1, (1,), generator=self.generator, device=like.device))
+        return self.bank[offset : offset + size].view(like.shape)
 
 
 def _train_unit(
@@ -254,14 +346,13 @@ def _train_unit(
     frozen = [p for p in student.parameters() if p.requires_grad and all(p is not s for s in scales)]
     for parameter in frozen:
         parameter.requires_grad_(False)
-    mask_generator = torch.Generator(device=device).manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    masks = _MaskBank(config.drop, torch.Generator(device=device).manual_seed(int(torch.randint(2**31, (1,), generator=generator))))
 
     def tap(layer: QuantLayer, role: str, raw: Tensor, quantized: Tensor) -> Tensor:
         if role == "w" and layer.name in roundings:
             return roundings[layer.name](weight_scale(layer.name))
         if role == "x" and config.drop > 0:
-            keep = torch.rand(raw.shape, generator=mask_generator, device=raw.device) < config.drop
-            return torch.where(keep, raw, quantized)
+            return torch.lerp(quantized, raw, masks.draw(raw))  # the element's raw value where the mask is 1
         return quantized
 
     student.tap = tap

@@ -6,7 +6,8 @@ from torch import nn
 from fddaq.config import CalibrationConfig, ReconstructConfig
 from fddaq.quant.calibrate import calibrate
 from fddaq.quant.units import Unit, find_units
-from fddaq.reconstruct import _Rounding, _beta, reconstruct, view_pool
+from fddaq import reconstruct as reconstruct_module
+from fddaq.reconstruct import _chained, _MaskBank, _Rounding, _beta, reconstruct, view_pool
 from fddaq.zoo.mobilenet import fashion_mobilenet
 from tests.conftest import fake_quant_model, randomize_bn
 
@@ -156,3 +157,39 @@ def test_mobilenet_reconstruction_runs_every_unit():
     calibrate(student, images)
     result = reconstruct(student, model, images, ReconstructConfig(iterations=2, batch_size=4, views=16))
     assert result.units == 11 and result.layers == 26 and len(result.unit_losses) == 11
+
+
+def test_units_the_model_chains_are_found_from_the_tensors_they_pass(net):
+    student = fake_quant_model(net, (1, 8, 8))
+    modules = [student.model.get_submodule(unit.module) for unit in find_units(student)]
+    # stem -> relu -> blocks.0 -> blocks.1 -> (twice, conv, mean) -> fc: only blocks.1 takes what the unit before returned
+    assert _chained(student, student.forward_all, modules, torch.zeros(1, 1, 8, 8)) == [False, False, True, False]
+
+
+def test_chained_units_get_the_same_inputs_as_running_the_model_up_to_them(net, monkeypatch):
+    config = ReconstructConfig(iterations=6, batch_size=8, views=48)
+    chained, images = _setup(net)
+    reference = reconstruct(chained, net, images, config)
+    prefix, _ = _setup(net)
+    monkeypatch.setattr(reconstruct_module, "_chained", lambda model, run, modules, example: [False] * len(modules))
+    result = reconstruct(prefix, net, images, config)
+    for unit, losses in reference.unit_losses.items():
+        assert result.unit_losses[unit] == pytest.approx(losses), unit
+    for key, value in chained.state_dict().items():
+        assert torch.allclose(prefix.state_dict()[key], value, atol=1e-6), key
+
+
+def test_units_at_a_high_resolution_train_on_fewer_images_per_batch(net):
+    student, images = _setup(net)
+    # per image the stem quantizes 64 input elements, each block 2 x 4 x 8 x 8 = 512, fc 4
+    result = reconstruct(student, net, images, ReconstructConfig(iterations=2, batch_size=16, batch_elements=1024, views=48))
+    assert result.unit_batches == {"stem": 16, "blocks.0": 2, "blocks.1": 2, "fc": 16}
+
+
+def test_qdrop_masks_skip_the_quantizer_at_the_asked_rate_and_change_every_draw():
+    masks = _MaskBank(0.3, torch.Generator().manual_seed(0))
+    like = torch.zeros(4, 8, 16, 16)
+    first, second = masks.draw(like), masks.draw(like)
+    assert first.shape == like.shape and set(first.unique().tolist()) == {0.0, 1.0}
+    assert abs(first.mean().item() - 0.3) < 0.03 and not torch.equal(first, second)
+    assert masks.draw(torch.zeros(3, 5)).shape == (3, 5)
