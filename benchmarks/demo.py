@@ -25,7 +25,7 @@ sys.path.insert(0, str(EXAMPLE))
 import fmnist  # noqa: E402
 
 
-STAGES = ("load", "calibrate", "synthesize", "finetune", "evaluate", "export", "verify")
+STAGES = ("load", "calibrate", "synthesize", "reconstruct", "finetune", "evaluate", "export", "verify")
 
 
 def run(val: Path, out: Path, extra: list[str]) -> tuple[dict, float]:

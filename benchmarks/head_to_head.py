@@ -1,17 +1,18 @@
-"""fddaq against onnxruntime's own quantizer on the bundled Fashion-MNIST ResNet, in one table
-(issue 7): same float model, same calibration images (the first 1 or 10 per class of
-`examples/fashion_mnist/calib`), top-1 of the exported ONNX in onnxruntime on the full
-10,000-image test set, wall time and peak memory of each row.
+"""fddaq against onnxruntime's own quantizer on both bundled Fashion-MNIST models (the ResNet
+and the MobileNet), in one table (issues 7 and 16): same float model, same calibration images
+(the first 1 or 10 per class of `examples/fashion_mnist/calib`), top-1 of the exported ONNX in
+onnxruntime on the full 10,000-image test set, wall time and peak memory of each row.
 
-    .venv/bin/python benchmarks/head_to_head.py [--quick] [--seeds 0 1 2] [--per-class 1 10] [--settings W8A8 W4A4 W4A4-fl8 W3A3] [--json FILE]
+    .venv/bin/python benchmarks/head_to_head.py [--quick] [--models resnet mobilenet efficientnet] [--seeds 0 1 2]
+        [--per-class 0 1 10] [--settings W8A8 W4A4 W4A4-fl8 W3A3] [--json FILE]
 
 Rows: onnxruntime `quantize_static` (QDQ, per-channel; MinMax, Entropy, Percentile; see
-`peers.py`) and fddaq's `ptq`, `real-only`, `fdda-paper` and `fddaq` recipes (see
-`recipes.py`, whose child processes run them); per class 0 is fddaq's `data-free` recipe (no
-real image at all). `--quick` (5 minutes on 2 cores): one seed, 0 and 10 images per
-class, W8A8 and W4A4, onnxruntime MinMax and Percentile. Needs
-`apt-get install dataset-fashion-mnist`. Then EfficientNet-Lite0's table (`efficientnet.py`: one seed,
-80 minutes on 2 cores; `--models fashion` skips it, as `--quick` does).
+`peers.py`) and fddaq's recipes (`recipes.py`, whose child processes run them: `reconstruct`,
+the default, `ptq`, `real-only`, `fdda-paper`, `fddaq`); per class 0 is fddaq's `data-free`
+recipe (no real image at all). `--quick`: one seed, 0 and 10 images per class, W8A8 and W4A4,
+onnxruntime MinMax and Percentile, both Fashion models. Needs `apt-get install
+dataset-fashion-mnist`. `efficientnet` adds EfficientNet-Lite0's table (`efficientnet.py`:
+one seed, its own defaults, over an hour on 2 cores; not with `--quick`).
 """
 
 from __future__ import annotations
@@ -31,57 +32,65 @@ import efficientnet  # noqa: E402
 import peers  # noqa: E402
 import recipes  # noqa: E402
 
+from fddaq.recipes import DEFAULT_RECIPE  # noqa: E402
+
+FASHION = tuple(recipes.fmnist.MODELS)  # the bundled models
+
 # setting -> recipes.py --bits value
 SETTINGS = {"W8A8": "8/8", "W4A4": "4/4", "W4A4-fl8": "4/4/8", "W3A3": "3/3"}
 PEER_SETTINGS = set(peers.SETTINGS)  # onnxruntime has no 3-bit type
 
 
-def fddaq_rows(per_class: int, seed: int, settings: list[str]) -> list[dict]:
-    """fddaq's four recipes at `settings` for one calibration set and seed (a recipes.py child)."""
+def fddaq_rows(model: str, per_class: int, seed: int, settings: list[str]) -> list[dict]:
+    """fddaq's recipes at `settings` for one model, calibration set and seed (a recipes.py child)."""
     out = subprocess.run(
-        [sys.executable, recipes.__file__, "--child", str(per_class), str(seed),
+        [sys.executable, recipes.__file__, "--child", model, str(per_class), str(seed),
          "--bits", *(SETTINGS[s] for s in settings), "--ablate"],
         check=True, stdout=subprocess.PIPE, text=True,
     )
-    label = lambda method: "fddaq (default)" if method == "fddaq" else f"fddaq {method}"  # noqa: E731
+    label = lambda method: f"fddaq {method}" + (" (default)" if method == DEFAULT_RECIPE else "")  # noqa: E731
     return [{**row, "method": label(row["method"]), "peak_rss_mib": row["group_peak_rss_mib"]}
             for row in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
-def peer_rows(per_class: int, settings: list[str], methods: list[str], float_path: Path) -> list[dict]:
+def peer_rows(model: str, per_class: int, settings: list[str], methods: list[str], float_path: Path) -> list[dict]:
     rows = []
     for setting in settings:
         if setting not in PEER_SETTINGS or per_class == 0:
             continue
         for method in methods:
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                rows.append(pool.submit(peers.run, str(float_path), per_class, setting, method).result())
+                rows.append(pool.submit(peers.run, str(float_path), model, per_class, setting, method).result())
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
-ORDER = ("onnxruntime", "fddaq ptq", "fddaq real-only", "fddaq data-free", "fddaq fdda-paper", "fddaq (default)")
+ORDER = ("onnxruntime", "fddaq ptq", "fddaq real-only", "fddaq data-free", "fddaq fdda-paper", "fddaq fddaq",
+         "fddaq reconstruct")
 
 
 def table(rows: list[dict]) -> str:
     methods = sorted(dict.fromkeys(r["method"] for r in rows),
                      key=lambda m: next(i for i, prefix in enumerate(ORDER + ("",)) if m.startswith(prefix)))
-    keys = sorted({(r["per_class"], r["bits"]) for r in rows}, key=lambda k: (k[0], list(SETTINGS).index(k[1])))
+    models = list(dict.fromkeys(r.get("model", "resnet") for r in rows))  # rows written before issue 16: the ResNet
+    keys = sorted({(r.get("model", "resnet"), r["per_class"], r["bits"]) for r in rows},
+                  key=lambda k: (models.index(k[0]), k[1], list(SETTINGS).index(k[2])))
     lines = [
-        "| per class | setting | " + " | ".join(methods) + " |",
-        "|---|---|" + "---|" * len(methods),
+        "| model | per class | setting | " + " | ".join(methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
     ]
     costs = []
-    for per_class, setting in keys:
+    for model, per_class, setting in keys:
         cells = []
         for method in methods:
-            found = [r for r in rows if (r["per_class"], r["bits"], r["method"]) == (per_class, setting, method)]
+            found = [r for r in rows
+                     if (r.get("model", "resnet"), r["per_class"], r["bits"], r["method"]) == (model, per_class, setting, method)]
             accs = [r["onnx_top1"] for r in found]
             spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
             cells.append(f"{statistics.mean(accs):.2f}{spread}" if accs else "n/a")
             if found:
                 costs.append((method, statistics.median(r["seconds"] for r in found), max(r["peak_rss_mib"] for r in found)))
-        lines.append(f"| {per_class or '0 (data-free)'} | {setting} | " + " | ".join(cells) + " |")
+        lines.append(f"| {model} | {per_class or '0 (data-free)'} | {setting} | " + " | ".join(cells) + " |")
     lines += ["", "| method | wall s (median of rows) | peak RSS MiB (max) |", "|---|---|---|"]
     for method in methods:
         mine = [c for c in costs if c[0] == method]
@@ -96,7 +105,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, nargs="+", default=[0, 1, 10], help="0: data-free")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--peer-methods", nargs="+", default=list(peers.METHODS), choices=peers.METHODS)
-    parser.add_argument("--models", nargs="+", default=["fashion", "efficientnet"], choices=["fashion", "efficientnet"])
+    parser.add_argument("--models", nargs="+", default=[*FASHION, "efficientnet"], choices=[*FASHION, "efficientnet"])
     parser.add_argument("--json", type=Path, help="also write every row here")
     parser.add_argument("--render", type=Path, help="only print the table of the rows a --json run wrote")
     args = parser.parse_args()
@@ -105,8 +114,8 @@ def main() -> None:
         return
     if args.quick:
         args.seeds, args.per_class, args.settings, args.peer_methods = [0], [0, 10], ["W8A8", "W4A4"], ["MinMax", "Percentile"]
-        args.models = ["fashion"]
-    if "fashion" in args.models:
+        args.models = list(FASHION)
+    if any(model in FASHION for model in args.models):
         fashion(args)
     if "efficientnet" in args.models:  # one seed, its own script's defaults (80 minutes on 2 cores)
         command = [sys.executable, efficientnet.__file__]
@@ -118,18 +127,21 @@ def main() -> None:
 
 def fashion(args: argparse.Namespace) -> None:
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        float_path = Path(tmp) / "float.onnx"
-        peers.float_onnx(float_path)
-        for per_class in args.per_class:
-            rows += peer_rows(per_class, args.settings, args.peer_methods, float_path)
-            for seed in args.seeds:
-                rows += fddaq_rows(per_class, seed, args.settings)
-                if args.json:
-                    args.json.write_text(json.dumps(rows, indent=1))
-    floats = {round(r["float_top1"], 2) for r in rows if "float_top1" in r}  # fddaq rows measure it
-    print(f"Fashion-MNIST ResNet, float top-1: {', '.join(f'{f:.2f}' for f in sorted(floats))} (full test set)\n")
-    print(table(rows))
+    models = [model for model in args.models if model in FASHION]
+    for model in models:
+        with tempfile.TemporaryDirectory() as tmp:
+            float_path = Path(tmp) / "float.onnx"
+            peers.float_onnx(float_path, model)
+            for per_class in args.per_class:
+                rows += peer_rows(model, per_class, args.settings, args.peer_methods, float_path)
+                for seed in args.seeds:
+                    rows += fddaq_rows(model, per_class, seed, args.settings)
+                    if args.json:
+                        args.json.write_text(json.dumps(rows, indent=1))
+    for model in models:  # fddaq rows measure the float model
+        floats = {round(r["float_top1"], 2) for r in rows if r["model"] == model and "float_top1" in r}
+        print(f"Fashion-MNIST {model}, float top-1: {', '.join(f'{f:.2f}' for f in sorted(floats))} (full test set)")
+    print("\n" + table(rows))
 
 
 if __name__ == "__main__":

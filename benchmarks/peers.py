@@ -1,9 +1,9 @@
 """The peer a user would pick instead of fddaq: onnxruntime's own post-training quantizer
-(`quantize_static`, QDQ format, per-channel weights) on the float ONNX of the bundled
-Fashion-MNIST ResNet, calibrated on the same images fddaq gets, scored like fddaq's rows in
+(`quantize_static`, QDQ format, per-channel weights) on the float ONNX of a bundled
+Fashion-MNIST model (the ResNet or the MobileNet), calibrated on the same images fddaq gets, scored like fddaq's rows in
 RESULTS.md: top-1 of the quantized ONNX in onnxruntime on the full 10,000-image test set (issue 7).
 
-    .venv/bin/python benchmarks/peers.py [--per-class 1 10] [--settings W8A8 W4A4 W4A4-fl8] [--methods MinMax Entropy Percentile] [--json FILE]
+    .venv/bin/python benchmarks/peers.py [--models resnet mobilenet] [--per-class 1 10] [--settings W8A8 W4A4 W4A4-fl8] [--methods MinMax Entropy Percentile] [--json FILE]
 
 Settings, as fddaq names them: `W8A8`; `W4A4` (every layer's weights and activations at 4 bits,
 INT4/UINT4, first and last included, the model input at 8 bits as in fddaq); `W4A4-fl8` (the
@@ -35,6 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(EXAMPLE))
+import fmnist  # noqa: E402
 
 SETTINGS = ("W8A8", "W4A4", "W4A4-fl8")
 METHODS = ("MinMax", "Entropy", "Percentile")
@@ -52,12 +54,12 @@ def calibration_images(per_class: int) -> np.ndarray:
         return load_image_folder(Path(tmp), preset("fashion-mnist", 1)).images.numpy()
 
 
-def float_onnx(path: Path) -> None:
+def float_onnx(path: Path, model: str) -> None:
+    """The float ONNX of bundled model `model` (`fmnist.MODELS`)."""
     from exporters import export_float
     from fddaq.models import load_float_model
 
-    model = load_float_model(EXAMPLE / "model.pth", "fddaq:fashion_resnet")
-    path.write_bytes(export_float(model, (1, 28, 28)).SerializeToString())
+    path.write_bytes(export_float(load_float_model(*fmnist.model_source(model)), (1, 28, 28)).SerializeToString())
 
 
 def quantize(float_path: Path, out: Path, images: np.ndarray, setting: str, method: str) -> None:
@@ -91,7 +93,7 @@ def quantize(float_path: Path, out: Path, images: np.ndarray, setting: str, meth
         )
 
 
-def run(float_path: str, per_class: int, setting: str, method: str) -> dict:
+def run(float_path: str, model: str, per_class: int, setting: str, method: str) -> dict:
     """One peer row (in a fresh process)."""
     from exporters import run_onnx
     from recipes import test_set
@@ -106,7 +108,7 @@ def run(float_path: str, per_class: int, setting: str, method: str) -> dict:
         logits = run_onnx(str(out), x, optimize=True)
         size = out.stat().st_size
     return {
-        "per_class": per_class, "bits": setting, "method": f"onnxruntime {method}",
+        "model": model, "per_class": per_class, "bits": setting, "method": f"onnxruntime {method}",
         "onnx_top1": 100.0 * float((logits.argmax(1) == y.numpy()).mean()), "seconds": seconds,
         "bytes": size, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -114,6 +116,7 @@ def run(float_path: str, per_class: int, setting: str, method: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(fmnist.MODELS), default=["resnet", "mobilenet"])
     parser.add_argument("--per-class", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -123,24 +126,25 @@ def main() -> None:
     from recipes import test_set
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        float_path = Path(tmp) / "float.onnx"
-        float_onnx(float_path)
-        x, y = test_set()
-        float_top1 = 100.0 * float((run_onnx(str(float_path), x).argmax(1) == y.numpy()).mean())
-        for per_class in args.per_class:
-            for setting in args.settings:
-                for method in args.methods:
-                    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                        row = pool.submit(run, str(float_path), per_class, setting, method).result()
-                    rows.append({**row, "float_top1": float_top1})
-                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    x, y = test_set()
+    for model in args.models:
+        with tempfile.TemporaryDirectory() as tmp:
+            float_path = Path(tmp) / "float.onnx"
+            float_onnx(float_path, model)
+            float_top1 = 100.0 * float((run_onnx(str(float_path), x).argmax(1) == y.numpy()).mean())
+            for per_class in args.per_class:
+                for setting in args.settings:
+                    for method in args.methods:
+                        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                            row = pool.submit(run, str(float_path), model, per_class, setting, method).result()
+                        rows.append({**row, "float_top1": float_top1})
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print("| per class | setting | method | float top-1 | ONNX top-1 | quantize s | peak RSS MiB | size KiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | per class | setting | method | float top-1 | ONNX top-1 | quantize s | peak RSS MiB | size KiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['per_class']} | {r['bits']} | {r['method']} | {r['float_top1']:.2f} | {r['onnx_top1']:.2f} | "
+        print(f"| {r['model']} | {r['per_class']} | {r['bits']} | {r['method']} | {r['float_top1']:.2f} | {r['onnx_top1']:.2f} | "
               f"{r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['bytes'] / 1024:.1f} |")
 
 

@@ -4,13 +4,13 @@
 class, seed), trained once and shared by every variant.
 
     .venv/bin/python benchmarks/reconstruct_ablation.py --model mobilenet --per-class 10 --seed 0 \\
-        ptq reconstruct fddaq 'fddaq,r.iterations=500' 'reconstruct,a=8' 'reconstruct,synth=0' 'reconstruct,r.drop=0.0'
+        ptq reconstruct fddaq 'fddaq,r.iterations=500' 'reconstruct,a=8' 'reconstruct,synth=1024' 'reconstruct,r.drop=0.0'
 
 A variant is RECIPE[,KEY=VALUE...]: `w=`/`a=` weight and activation bits (default 4/4), `grid=symmetric`
 the weight grid (`QuantConfig.weight_grid`),
 `r.FIELD=` a `ReconstructConfig` field, `f.FIELD=` a `FinetuneConfig` field, `c.FIELD=` a
-`CalibrationConfig` field (`c.bias_images=0`: no bias correction), `synth=0` no synthetic
-images. The generator is trained only when a variant uses synthetic images. Needs `apt-get install dataset-fashion-mnist`.
+`CalibrationConfig` field (`c.bias_images=0`: no bias correction), `synth=N` N synthetic
+images (the recipe's own count otherwise: `reconstruct` 0, `fddaq` 1024). The generator is trained only when a variant uses synthetic images. Needs `apt-get install dataset-fashion-mnist`.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def main() -> None:
         config = replace(config, reconstruct=replace(config.reconstruct, **reconstruct),
                          finetune=replace(config.finetune, **finetune),
                          calibration=replace(config.calibration, **calibration))
-        if options.get("synth") == "0":
-            config = replace(config, synth=replace(config.synth, num_images=0))
+        if "synth" in options:
+            config = replace(config, synth=replace(config.synth, num_images=int(options["synth"])))
         uses_synthesis = config.synth.num_images > 0 and (config.finetune.steps > 0 or config.reconstruct.iterations > 0)
         if uses_synthesis and synthesis is None:
             synthesis = synthesize(inputs, recipe_config("fddaq", QuantConfig(), args.seed).synth)

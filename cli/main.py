@@ -16,6 +16,7 @@ from rich.table import Table
 
 from fddaq import __version__
 from fddaq.errors import ConfigError, FddaqError
+from fddaq.recipes import DEFAULT_RECIPE, RECONSTRUCT_ITERATIONS
 
 from .render import ProgressRenderer, markdown, table
 
@@ -281,9 +282,9 @@ def quantize(
     first_last_bits: Optional[int] = _BITS["first_last_bits"],
     layer_bits: Optional[list[str]] = _BITS["layer_bits"],
     weight_grid: str = _BITS["weight_grid"],
-    recipe: str = typer.Option("fddaq", "--recipe", help="fddaq (default), reconstruct (block-wise reconstruction: AdaRound + LSQ + QDrop, unit by unit), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps (recipe default: 400; 0: calibration only)."),
-    synthetic: Optional[int] = typer.Option(None, "--synthetic", help="FDDA synthetic images mixed into fine-tuning (recipe default: 1024; 0: real images only)."),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="reconstruct (default: block-wise reconstruction, AdaRound + LSQ + QDrop, unit by unit), fddaq (end-to-end fine-tuning on real and FDDA images), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=f"Training steps: reconstruction iterations per unit (reconstruct: {RECONSTRUCT_ITERATIONS}) or fine-tuning steps (the others: 400); 0: calibration only."),
+    synthetic: Optional[int] = typer.Option(None, "--synthetic", help="FDDA synthetic images added to the training images (fddaq, fdda-paper: 1024, mixed 1:1 into fine-tuning; reconstruct: 0, up to 512 join its pool); 0: real images only."),
     synth_steps: Optional[int] = typer.Option(None, "--synth-steps", help="FDDA generator training steps (default 500)."),
     seed: int = _seed_option(),
     num_classes: Optional[int] = _num_classes_option(),
@@ -304,9 +305,11 @@ def quantize(
     quiet: bool = _quiet_option(),
     config: Optional[Path] = _config_option(),
 ) -> None:
-    """Quantize a float model: calibrate on real images, synthesize FDDA data, fine-tune by
-    distillation, export a QDQ ONNX graph and verify it in onnxruntime. Writes quantized.pt,
-    model.onnx, report.json, config.toml (these options, for --config) and preview.png.
+    """Quantize a float model: calibrate on real images, reconstruct it block by block against
+    the float model (the default recipe; others fine-tune it by distillation on real and FDDA
+    synthetic images), export a QDQ ONNX graph and verify it in onnxruntime. Writes
+    quantized.pt, model.onnx, report.json, config.toml (these options, for --config),
+    summary.md and, when images were synthesized, preview.png.
 
     Example: fddaq quantize examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet
     --calib examples/fashion_mnist/calib --val examples/fashion_mnist/val --bits 4 --out out/

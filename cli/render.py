@@ -52,7 +52,7 @@ class ProgressRenderer:
             self.progress.stop()
 
     def __call__(self, event: Event) -> None:
-        if self.quiet:
+        if self.quiet or event.total == 0:  # a stage with nothing to do (fine-tuning after reconstruction)
             return
         title = STAGE_TITLES.get(event.stage, event.stage)
         metrics = "  ".join(f"{k} {v:.4g}" for k, v in event.metrics.items())

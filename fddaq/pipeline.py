@@ -231,7 +231,7 @@ def check_trainable(model: FloatModel, config: RunConfig | None = None) -> None:
         raise ConfigError(
             f"the scored output {model.output!r} has shape {model.output_shape} (classes and positions): fine-tuning and FDDA "
             "synthesis distil class logits [N, classes]; give --output for a logits output"
-            + ("" if config is None else ", or use --recipe ptq")
+            + ("" if config is None else ", or use --recipe reconstruct (without --synthetic) or ptq")
         )
 
 

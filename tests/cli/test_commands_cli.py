@@ -143,7 +143,7 @@ def test_a_pickled_whole_model_needs_trust_model(tmp_path):
 def test_summary_markdown_is_written_and_appended_to_the_github_step_summary(quick_run, tmp_path, monkeypatch):
     out, _ = quick_run
     summary = (out / "summary.md").read_text()
-    assert summary.startswith("### fddaq quantize: model.pth at W4A4, recipe fddaq")
+    assert summary.startswith("### fddaq quantize: model.pth at W4A4, recipe reconstruct")
     assert "| ONNX top-1 (val) |" in summary and "| stem.0 | conv2d | 4 | 8 |" in summary
     report = json.loads((out / "report.json").read_text())
     sqnr = [layer["sqnr_db"] for layer in report["layers"]]

@@ -1,4 +1,5 @@
-"""`fddaq quantize` under torchrun with 2 CPU processes (gloo) against one process."""
+"""`fddaq quantize` under torchrun with 2 CPU processes (gloo) against one process: the
+fine-tuning recipe, whose batches the processes share."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from cli_helpers import EXAMPLE, MODEL_ARGS
 
 OPTIONS = [*MODEL_ARGS, "--calib", str(EXAMPLE / "calib"), "--val", str(EXAMPLE / "val"), "--bits", "4",
-           "--steps", "60", "--synth-steps", "40", "--synthetic", "128", "--device", "cpu"]
+           "--recipe", "fddaq", "--steps", "60", "--synth-steps", "40", "--synthetic", "128", "--device", "cpu"]
 
 
 def run(command: list[str], out: Path) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ the module, the source line) in one line, exit 1, write nothing, in seconds."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -142,14 +143,20 @@ def test_unexportable_models_are_refused_before_any_work(workspace, command, nam
 
 
 def test_a_segmentation_map_is_refused_by_distilling_recipes_only(workspace):
-    result, _ = run("quantize", "dense")
-    assert result.exit_code == 1 and "the scored output 'logits' has shape (10, 28, 28)" in result.output
-    assert "use --recipe ptq" in result.output and not (workspace / "out").exists()
+    for distilling in (("--recipe", "fddaq"), ("--synthetic", "16")):
+        result, _ = run("quantize", "dense", *distilling)
+        assert result.exit_code == 1 and "the scored output 'logits' has shape (10, 28, 28)" in result.output
+        assert "use --recipe reconstruct (without --synthetic) or ptq" in result.output
+        assert not (workspace / "out").exists()
     result, _ = run("synth", "dense")
     assert result.exit_code == 1 and "distil class logits [N, classes]; give --output" in result.output
-    result, _ = run("quantize", "dense", "--recipe", "ptq", "--bits", "8")
+    # the default reconstructs each unit's output: a map is as good a target as logits
+    result, _ = run("quantize", "dense", "--bits", "8", "--steps", "5")
     assert result.exit_code == 0, result.output
     assert (workspace / "out" / "model.onnx").exists()
+    assert json.loads((workspace / "out" / "report.json").read_text())["reconstruct"]["units"] >= 1
+    result, _ = run("quantize", "dense", "--recipe", "ptq", "--bits", "8", "--force")
+    assert result.exit_code == 0, result.output
 
 
 def test_plan_lists_outputs_and_checks_the_export(workspace):

@@ -1,4 +1,4 @@
-"""The README's demo on the bundled example, with its default fine-tuning budget."""
+"""The README's demo on the bundled example, with the default recipe and budget."""
 
 import json
 from pathlib import Path
@@ -19,6 +19,16 @@ def test_demo_w4a4_all_layers_keeps_accuracy(tmp_path):
         "--bits", "4", "--out", str(tmp_path), "--quiet", "--max-drop", "2",
     ])
     assert result.exit_code == 0, result.output
-    acc = json.loads((tmp_path / "report.json").read_text())["accuracy"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    acc = report["accuracy"]
     assert acc["float_top1"] - acc["onnx_top1"] <= 2.0
     assert acc["onnx_vs_fake_quant_agreement"] >= 99.5
+    # the default: block reconstruction on the real images alone, every unit of the ResNet
+    assert report["config"]["recipe"] == "reconstruct" and report["synthesis"] is None
+    assert not (tmp_path / "preview.png").exists()
+    rebuilt = report["reconstruct"]
+    assert rebuilt["units"] == 5 and rebuilt["layers"] == rebuilt["rounded_layers"] == 10
+    assert rebuilt["loss_after"] < rebuilt["loss_before"]
+    assert set(rebuilt["unit_batches"].values()) == {32}  # 28 x 28 units: every batch whole
+    assert report["finetune"]["steps"] == 0 and report["config"]["reconstruct"]["iterations"] == 500
+    assert "reconstruction: 5 units, 10 layers" in result.output

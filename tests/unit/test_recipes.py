@@ -6,7 +6,7 @@ from fddaq.errors import ConfigError
 from fddaq.finetune import _Batches, finetune, split_holdout, student_loss
 from fddaq.quant.calibrate import calibrate
 from fddaq.quant.modules import quant_layers
-from fddaq.recipes import recipe_config
+from fddaq.recipes import DEFAULT_RECIPE, recipe_config
 from tests.conftest import fake_quant_model
 
 
@@ -51,8 +51,13 @@ def test_recipes():
     assert recipe_config("fddaq", quant, synthetic=0).synth.num_images == 0
     blocks = recipe_config("reconstruct", quant, seed=3)
     assert blocks.reconstruct.iterations > 0 and blocks.reconstruct.seed == 3 and blocks.finetune.steps == 0
+    assert blocks.synth.num_images == 0  # synthetic images only when asked for
+    assert recipe_config("reconstruct", quant, synthetic=64).synth.num_images == 64
+    short = recipe_config("reconstruct", quant, steps=7)  # its steps are iterations per unit
+    assert short.reconstruct.iterations == 7 and short.finetune.steps == 0
     assert ptq.reconstruct.iterations == 0 and paper.reconstruct.iterations == 0
-    with pytest.raises(ConfigError, match="unknown recipe 'best'.*fddaq, reconstruct, fdda-paper, ptq, data-free"):
+    assert DEFAULT_RECIPE == "reconstruct"
+    with pytest.raises(ConfigError, match="unknown recipe 'best'.*reconstruct, fddaq, fdda-paper, ptq, data-free"):
         recipe_config("best", quant)
 
 
