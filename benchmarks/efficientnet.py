@@ -179,12 +179,11 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
             else:
                 recipe = "fddaq" if method in ("real-only", "ptq") else method
                 config = recipe_config(recipe, QuantConfig(w, a, fl, weight_grid=args.weight_grid),
-                                       steps=0 if method in ("ptq", "reconstruct") else args.steps,
+                                       steps={"ptq": 0, "reconstruct": args.iterations}.get(method, args.steps),
                                        synthetic=0 if method in ("real-only", "ptq", "reconstruct") else args.synthetic,
                                        synth_steps=args.synth_steps)
                 config = replace(config, finetune=replace(config.finetune, batch_size=args.batch_size),
-                                 reconstruct=replace(config.reconstruct, views=args.views, batch_size=args.batch_size,
-                                                     iterations=args.iterations if method == "reconstruct" else 0))
+                                 reconstruct=replace(config.reconstruct, views=args.views, batch_size=args.batch_size))
                 result = quantize_inputs(inputs, config, synthesis=synthesis)
                 graph = export_qdq(result.model)
                 row["seconds"] = time.perf_counter() - start + synth_seconds / len(args.bits)
