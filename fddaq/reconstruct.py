@@ -97,16 +97,19 @@ class _Rounding(nn.Module):
 @torch.no_grad()
 def _chained(model: nn.Module, run: Callable[[Tensor], object], modules: list[nn.Module], example: Tensor) -> list[bool]:
     """For each of `modules` (called once each by `run`, a forward of `model`, in this order):
-    whether the tensor it receives is the one the module before it returned."""
+    whether the tensor it receives is the one the module before it returned, unchanged (an
+    in-place op between the two, such as `relu_`, keeps the tensor but not its values)."""
     received: list[object] = [None] * len(modules)
-    returned: list[object] = [None] * len(modules)
+    returned: list[tuple[object, Tensor | None]] = [(None, None)] * len(modules)
 
     def hooks(index: int) -> tuple[Callable, Callable]:
         def pre(mod: nn.Module, args: tuple) -> None:
             received[index] = args[0] if args else None
+            if isinstance(received[index], Tensor) and index > 0 and received[index] is returned[index - 1][0]:
+                received[index] = torch.equal(received[index], returned[index - 1][1])
 
         def post(mod: nn.Module, args: tuple, out: object) -> None:
-            returned[index] = out
+            returned[index] = (out, out.detach().clone() if isinstance(out, Tensor) else None)
 
         return pre, post
 
@@ -119,8 +122,7 @@ def _chained(model: nn.Module, run: Callable[[Tensor], object], modules: list[nn
     finally:
         for handle in handles:
             handle.remove()
-    return [index > 0 and received[index] is not None and received[index] is returned[index - 1]
-            for index in range(len(modules))]
+    return [received[index] is True for index in range(len(modules))]
 
 
 @torch.no_grad()

@@ -166,6 +166,21 @@ def test_units_the_model_chains_are_found_from_the_tensors_they_pass(net):
     assert _chained(student, student.forward_all, modules, torch.zeros(1, 1, 8, 8)) == [False, False, True, False]
 
 
+def test_a_tensor_changed_in_place_between_two_units_does_not_chain_them():
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(2, 2, 1) for _ in range(3))
+
+        def forward(self, x):
+            x = self.b(self.a(x))
+            x.relu_()  # same tensor, other values: c's input is not b's output
+            return self.c(x)
+
+    model = InPlace().eval()
+    assert _chained(model, model, [model.a, model.b, model.c], torch.randn(1, 2, 4, 4)) == [False, True, False]
+
+
 def test_chained_units_get_the_same_inputs_as_running_the_model_up_to_them(net, monkeypatch):
     config = ReconstructConfig(iterations=6, batch_size=8, views=48)
     chained, images = _setup(net)
