@@ -127,8 +127,9 @@ def _chained(model: nn.Module, run: Callable[[Tensor], object], modules: list[nn
 
 @torch.no_grad()
 def _apply(run: Callable[[Tensor], Tensor], inputs: Tensor, device: torch.device) -> Tensor:
-    """`run` on every cached input, in batches, kept on the inputs' device."""
-    return torch.cat([run(inputs[start : start + CACHE_BATCH].to(device)).detach().to(inputs.device)
+    """`run` on every cached input, in batches, kept on the inputs' device. Each batch is a
+    copy: a unit that starts with an in-place op (`relu_`) must not change the cache."""
+    return torch.cat([run(inputs[start : start + CACHE_BATCH].to(device, copy=True)).detach().to(inputs.device)
                       for start in range(0, len(inputs), CACHE_BATCH)])
 
 

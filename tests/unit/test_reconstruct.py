@@ -208,3 +208,12 @@ def test_qdrop_masks_skip_the_quantizer_at_the_asked_rate_and_change_every_draw(
     assert first.shape == like.shape and set(first.unique().tolist()) == {0.0, 1.0}
     assert abs(first.mean().item() - 0.3) < 0.03 and not torch.equal(first, second)
     assert masks.draw(torch.zeros(3, 5)).shape == (3, 5)
+
+
+def test_a_unit_that_changes_its_input_in_place_leaves_the_cached_inputs_alone():
+    from fddaq.reconstruct import _apply
+
+    inputs = torch.randn(70, 3)
+    before = inputs.clone()
+    out = _apply(lambda x: x.relu_(), inputs, torch.device("cpu"))
+    assert torch.equal(inputs, before) and torch.equal(out, before.relu())
