@@ -9,8 +9,10 @@ class, seed), trained once and shared by every variant.
 A variant is RECIPE[,KEY=VALUE...]: `w=`/`a=` weight and activation bits (default 4/4), `grid=symmetric`
 the weight grid (`QuantConfig.weight_grid`),
 `r.FIELD=` a `ReconstructConfig` field, `f.FIELD=` a `FinetuneConfig` field, `c.FIELD=` a
-`CalibrationConfig` field (`c.bias_images=0`: no bias correction), `synth=N` N synthetic
-images (the recipe's own count otherwise: `reconstruct` 0, `fddaq` 1024). The generator is trained only when a variant uses synthetic images. Needs `apt-get install dataset-fashion-mnist`.
+`CalibrationConfig` field (`c.bias_images=0`: no bias correction), `s.FIELD=` a `SynthConfig`
+field of the synthesis (`s.method=pool`), `synth=N` N synthetic images (the recipe's own count
+otherwise: `reconstruct` 0, `fddaq` 1024). Synthetic images are made only when a variant uses
+them, once per distinct synthesis setting. Needs `apt-get install dataset-fashion-mnist`.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def main() -> None:
         return 100.0 * sum((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum().item() for i in range(0, len(x), 1000)) / len(x)
 
     print(f"{args.model}, {args.per_class} images per class, seed {args.seed}: float {top1(inputs.float_model):.2f}")
-    synthesis = None
+    syntheses = {}  # per SynthConfig
     print("| variant | top-1 | wall s (without the generator) | unit error before -> after |\n|---|---|---|---|")
     for variant in args.variants:
         recipe, *pairs = variant.split(",")
@@ -85,11 +87,13 @@ def main() -> None:
         if "synth" in options:
             config = replace(config, synth=replace(config.synth, num_images=int(options["synth"])))
         uses_synthesis = config.synth.num_images > 0 and (config.finetune.steps > 0 or config.reconstruct.iterations > 0)
-        if uses_synthesis and synthesis is None:
-            synthesis = synthesize(inputs, recipe_config("fddaq", QuantConfig(), args.seed).synth)
-            print(f"generator: {synthesis.seconds:.0f} s")
+        synth = replace(recipe_config("fddaq", QuantConfig(), args.seed).synth,
+                        **{k[2:]: value(v) for k, v in options.items() if k.startswith("s.")})
+        if uses_synthesis and synth not in syntheses:
+            syntheses[synth] = synthesize(inputs, synth)
+            print(f"synthesis ({synth.method}): {syntheses[synth].seconds:.0f} s")
         start = time.perf_counter()
-        result = quantize_inputs(inputs, config, synthesis=synthesis if uses_synthesis else None)
+        result = quantize_inputs(inputs, config, synthesis=syntheses[synth] if uses_synthesis else None)
         seconds = time.perf_counter() - start
         errors = "-" if result.reconstruct is None else f"{result.reconstruct.loss_before:.3f} -> {result.reconstruct.loss_after:.3f}"
         print(f"| {variant} | {top1(result.model):.2f} | {seconds:.0f} | {errors} |", flush=True)

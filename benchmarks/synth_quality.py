@@ -1,12 +1,16 @@
-"""FDDA synthesis quality and cost (issue 3), each run in a fresh process (for its peak memory).
+"""FDDA synthesis quality and cost (issues 3 and 17), each run in a fresh process (for its peak memory).
 
-    .venv/bin/python benchmarks/synth_quality.py fashion [--steps 500] [--num 1000]
-    .venv/bin/python benchmarks/synth_quality.py efficientnet [--steps 20]
+    .venv/bin/python benchmarks/synth_quality.py fashion [--steps 500] [--num 1000] [--models resnet mobilenet]
+        [--per-class 1 10] [--variants ...]
+    .venv/bin/python benchmarks/synth_quality.py efficientnet [--steps 20] [--variants ...]
 
-fashion: the bundled Fashion-MNIST ResNet with 1 and 10 calibration images per class
-(`examples/fashion_mnist/calib`, first images of each class), the ablation global-BNS only
-(GDFQ-like) / + C-BNS / + D-BNS / both (the paper), measured on `examples/fashion_mnist/val`
-as the real held-out reference.
+Variants: FDDA's losses train the paper's conditional generator (`generator, ...`: the
+ablation global-BNS only (GDFQ-like) / + C-BNS / + D-BNS / both, the paper) or optimise a
+pool of images started from augmented real images (`pool, ...`: the start alone, global BNS
+only, FDDA's losses).
+fashion: the bundled Fashion-MNIST ResNet and MobileNet with 1 and 10 calibration images per
+class (`examples/fashion_mnist/calib`, first images of each class), measured on
+`examples/fashion_mnist/val` as the real held-out reference.
 efficientnet: EfficientNet-Lite0 with the 20 labelled ImageNet images of the `foolbox` package
 as calibration set (see benchmarks/requirements.txt); there are no other labelled images, so
 its real reference is the calibration images themselves (in-sample), and the synthetic images
@@ -15,7 +19,7 @@ are drawn for the classes that have a calibration image (the only ones with a ce
 Per run: float top-1 on the synthetic images for their own labels, inter-class separation
 (percent of images whose deep-layer BNS is nearest their own class center), intra-class
 diversity (RMS standardised spread of deep-layer BNS within a class; real images give the
-reference), seconds per generator step, the share of that step spent in the two teacher
+reference), seconds per step and in all, the share of a step spent in the two teacher
 forward/backward passes, and peak resident memory.
 """
 
@@ -37,11 +41,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 
-VARIANTS = {
-    "global BNS only (GDFQ-like)": dict(cbns_weight=0.0, dbns_weight=0.0, ce_single_weight=0.0),
-    "+ C-BNS": dict(dbns_weight=0.0),
-    "+ D-BNS": dict(cbns_weight=0.0),
-    "C-BNS + D-BNS (FDDA)": {},
+VARIANTS = {  # name: SynthConfig fields
+    "generator, global BNS only (GDFQ-like)": dict(method="generator", cbns_weight=0.0, dbns_weight=0.0, ce_single_weight=0.0),
+    "generator, + C-BNS": dict(method="generator", dbns_weight=0.0),
+    "generator, + D-BNS": dict(method="generator", cbns_weight=0.0),
+    "generator, C-BNS + D-BNS (FDDA)": dict(method="generator"),
+    "pool, start only (0 steps)": dict(method="pool", steps=0),
+    "pool, global BNS only": dict(method="pool", cbns_weight=0.0, dbns_weight=0.0, ce_single_weight=0.0),
+    "pool, C-BNS + D-BNS (FDDA)": dict(method="pool"),
 }
 
 
@@ -66,6 +73,7 @@ def one_run(spec: dict) -> dict:
     from fddaq.data import load_image_folder
     from fddaq.pipeline import Source, load_inputs
     from fddaq.stats import batchnorm_layers, class_statistics
+    from fddaq.synth.pool import optimize_pool
     from fddaq.synth.quality import QualityProbe
     from fddaq.synth.train import generate, train_generator
 
@@ -73,22 +81,27 @@ def one_run(spec: dict) -> dict:
     model = inputs.teacher
     layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
     stats = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
-    config = SynthConfig(steps=spec["steps"], num_images=spec["num"], batch_size=spec["batch"], **spec["weights"])
-    result = train_generator(model, layers, stats, inputs.input_shape, config)
-    covered = stats.centers(exclude_misclassified=False)[2].nonzero().flatten()
-    classes = covered if spec.get("covered_only") else None
-    images, labels = generate(result.generator, config.num_images, seed=1, classes=classes)
+    config = SynthConfig(**{"steps": spec["steps"], "num_images": spec["num"], "batch_size": spec["batch"], **spec["variant"]})
+    if config.method == "pool":  # it covers the classes with a real image
+        images, labels, result = optimize_pool(model, layers, stats, inputs.calib.images, inputs.calib.labels, config)
+    else:
+        result = train_generator(model, layers, stats, inputs.input_shape, config)
+        covered = stats.centers(exclude_misclassified=False)[2].nonzero().flatten()
+        classes = covered if spec.get("covered_only") else None
+        images, labels = generate(result.generator, config.num_images, seed=1, classes=classes)
     probe = QualityProbe(model, layers, stats, result.deep_start)
     reference = inputs.calib
     if spec.get("val"):
         reference = load_image_folder(Path(spec["val"]), inputs.info.preprocess, inputs.info.class_names)
-    step = result.seconds / config.steps
+    step = result.seconds / max(1, config.steps)
     teacher = teacher_seconds(model, (config.batch_size, *inputs.input_shape))
     return {
         "synthetic": probe.measure(images, labels).to_json(),
         "real": probe.measure(reference.images, reference.labels).to_json(),
         "seconds_per_step": step,
-        "teacher_share": 2 * teacher / step,
+        "teacher_share": 2 * teacher / step if config.steps else float("nan"),
+        "seconds": result.seconds,
+        "steps": config.steps,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "classes_with_center": result.classes_with_center,
         "misclassified": result.misclassified_excluded,
@@ -126,15 +139,16 @@ def efficientnet_inputs(root: Path) -> tuple[Path, Path, Path]:
 def table(rows: list[tuple[str, dict]]) -> str:
     lines = [
         "| run | float top-1 on synthetic | separation synthetic / real | diversity synthetic / real | "
-        "s per generator step | teacher fwd+bwd share | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        "s per step | teacher fwd+bwd share | synthesis s | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         s, q = r["synthetic"], r["real"]
         lines.append(
             f"| {name} | {s['float_top1']:.1f} | {s['separation']:.1f} / {q['separation']:.1f} | "
-            f"{s['diversity']:.3f} / {q['diversity']:.3f} | {r['seconds_per_step']:.3f} | "
-            f"{100 * r['teacher_share']:.0f}% | {r['peak_rss_mib']:.0f} |"
+            f"{s['diversity']:.3f} / {q['diversity']:.3f} | "
+            + (f"{r['seconds_per_step']:.3f} | {100 * r['teacher_share']:.0f}% | " if r.get("steps", 1) else "- | - | ")
+            + f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -145,6 +159,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--models", nargs="+", default=["resnet", "mobilenet"], choices=["resnet", "mobilenet"], help="fashion suite")
+    parser.add_argument("--per-class", nargs="+", type=int, default=[1, 10], help="fashion suite")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all (fashion), FDDA generator and pool (efficientnet)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -155,20 +172,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.suite == "fashion":
-            base = dict(model=str(EXAMPLE / "model.pth"), arch="fddaq:fashion_resnet", val=str(EXAMPLE / "val"),
-                        steps=args.steps or 500, num=args.num, batch=args.batch)
-            for per_class in (1, 10):
-                calib = fashion_calib(per_class, tmp)
-                for name, weights in VARIANTS.items():
-                    result = spawn({**base, "calib": str(calib), "weights": weights})
-                    rows.append((f"{per_class}/class, {name}", result))
-                    print(rows[-1][0], json.dumps(result), flush=True)
+            for name in args.models:
+                weights, arch = (EXAMPLE / "model.pth", "fddaq:fashion_resnet") if name == "resnet" else \
+                    (EXAMPLE / "mobilenet.pth", "fddaq:fashion_mobilenet")
+                base = dict(model=str(weights), arch=arch, val=str(EXAMPLE / "val"), steps=args.steps or 500,
+                            num=args.num, batch=args.batch)
+                for per_class in args.per_class:
+                    calib = fashion_calib(per_class, tmp / name)
+                    for variant in args.variants or VARIANTS:
+                        result = spawn({**base, "calib": str(calib), "variant": {"steps": base["steps"], **VARIANTS[variant]}})
+                        rows.append((f"{name}, {per_class}/class, {variant}", result))
+                        print(rows[-1][0], json.dumps(result), flush=True)
         else:
             model, calib, classes = efficientnet_inputs(tmp)
             spec = dict(model=str(model), arch="fddaq:efficientnet_lite0", calib=str(calib), classes=str(classes),
-                        steps=args.steps or 20, num=args.num, batch=args.batch, weights={}, covered_only=True)
-            rows.append(("EfficientNet-Lite0, 20 ImageNet images, FDDA", spawn(spec)))
-            print(rows[-1][0], json.dumps(rows[-1][1]), flush=True)
+                        steps=args.steps or 20, num=args.num, batch=args.batch, covered_only=True)
+            for variant in args.variants or ["generator, C-BNS + D-BNS (FDDA)", "pool, C-BNS + D-BNS (FDDA)"]:
+                rows.append((f"EfficientNet-Lite0, 20 ImageNet images, {variant}",
+                             spawn({**spec, "variant": {"steps": spec["steps"], **VARIANTS[variant]}})))
+                print(rows[-1][0], json.dumps(rows[-1][1]), flush=True)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

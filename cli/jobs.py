@@ -262,7 +262,7 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
     ]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "synthetic.pt", tensors_bytes({"images": synthesis.images.contiguous(), "labels": synthesis.labels}))
-    atomic_write_bytes(out / "preview.png", png_bytes(preview_grid(synthesis.images, synthesis.labels, inputs.info.preprocess)))
+    atomic_write_bytes(out / "preview.png", png_bytes(preview_grid(synthesis.images, synthesis.labels, inputs.info.preprocess, inputs.info.class_names)))
     atomic_write_json(out / "report.json", report)
     return report
 
@@ -402,7 +402,7 @@ def run_quantize(
     atomic_write_bytes(out / "model.onnx", deployment.onnx)
     if result.synthesis is not None:
         s = result.synthesis
-        atomic_write_bytes(out / "preview.png", png_bytes(preview_grid(s.images, s.labels, inputs.info.preprocess)))
+        atomic_write_bytes(out / "preview.png", png_bytes(preview_grid(s.images, s.labels, inputs.info.preprocess, inputs.info.class_names)))
     atomic_write_json(out / "report.json", report)
     (out / RESUME_FILE).unlink(missing_ok=True)
     return report

@@ -255,6 +255,11 @@ def _seed_option():
     return typer.Option(0, "--seed", help="Random seed.")
 
 
+def _synth_method_option(flag: str):
+    return typer.Option(None, flag, help="How FDDA's losses make synthetic images: pool (optimise a pool of images started from "
+                        "augmented calibration images) or generator (train the paper's conditional generator). Default: the recipe's.")
+
+
 def _force_option():
     return typer.Option(False, "--force", help="Overwrite existing outputs.")
 
@@ -285,7 +290,8 @@ def quantize(
     recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="reconstruct (default: block-wise reconstruction, AdaRound + LSQ + QDrop, unit by unit), fddaq (end-to-end fine-tuning on real and FDDA images), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result)."),
     steps: Optional[int] = typer.Option(None, "--steps", help=f"Training steps: reconstruction iterations per unit (reconstruct: {RECONSTRUCT_ITERATIONS}) or fine-tuning steps (the others: 400); 0: calibration only."),
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="FDDA synthetic images added to the training images (fddaq, fdda-paper: 1024, mixed 1:1 into fine-tuning; reconstruct: 0, up to 512 join its pool); 0: real images only."),
-    synth_steps: Optional[int] = typer.Option(None, "--synth-steps", help="FDDA generator training steps (default 500)."),
+    synth_steps: Optional[int] = typer.Option(None, "--synth-steps", help="FDDA synthesis steps (default 500)."),
+    synth_method: Optional[str] = _synth_method_option("--synth-method"),
     seed: int = _seed_option(),
     num_classes: Optional[int] = _num_classes_option(),
     classes: Optional[Path] = _classes_option(),
@@ -321,7 +327,7 @@ def quantize(
     if max_drop is not None and val is None:
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
     quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid)
-    run_config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps)
+    run_config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps, synth_method)
     source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
     where = _resolve_device(device)
@@ -347,7 +353,8 @@ def synth(
     arch: str = _arch_option(),
     calib: Path = _calib_option(),
     num: int = typer.Option(1024, "--num", help="Synthetic images to write."),
-    steps: int = typer.Option(500, "--steps", help="Generator training steps."),
+    steps: int = typer.Option(500, "--steps", help="Synthesis steps."),
+    method: Optional[str] = _synth_method_option("--method"),
     val: Optional[Path] = typer.Option(None, "--val", help="Held-out labelled real images: the reference for the quality figures."),
     seed: int = _seed_option(),
     num_classes: Optional[int] = _num_classes_option(),
@@ -366,8 +373,9 @@ def synth(
     quiet: bool = _quiet_option(),
     config: Optional[Path] = _config_option(),
 ) -> None:
-    """Train FDDA's conditional generator on the calibration images' BatchNorm statistics and
-    write labelled synthetic images (synthetic.pt), a preview grid and a report.
+    """Make labelled synthetic images with FDDA's losses on the calibration images' BatchNorm
+    statistics (a pool of images optimised from augmented calibration images, or the paper's
+    conditional generator: --method) and write them (synthetic.pt), a preview grid and a report.
 
     Example: fddaq synth examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet
     --calib examples/fashion_mnist/calib --num 1024 --out synth/
@@ -378,7 +386,7 @@ def synth(
     _check_outputs(out, SYNTH_OUTPUTS, force)
     if num < 1:
         raise ConfigError(f"--num={num} must be at least 1")
-    synth_config = SynthConfig(steps=steps, num_images=num, seed=seed)
+    synth_config = SynthConfig(steps=steps, num_images=num, seed=seed, **({"method": method} if method else {}))
     source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
     where = _resolve_device(device)

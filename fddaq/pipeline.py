@@ -33,6 +33,7 @@ from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
 from .reconstruct import ReconstructResult, reconstruct, view_pool
 from .stats import ClassStatistics, batchnorm_layers, class_statistics
+from .synth.pool import optimize_pool
 from .synth.quality import QualityProbe
 from .synth.train import generate, train_generator
 from .zoo import ZOO
@@ -241,14 +242,20 @@ def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | No
     layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
     statistics = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
     teacher = statistics if real_images else ClassStatistics.without_images(layers, inputs.num_classes)
-    result = train_generator(model, layers, teacher, inputs.input_shape, config, on_event)
-    images, labels = generate(result.generator, config.num_images, config.seed, on_event=on_event)
+    if config.method == "pool":
+        used = len(inputs.calib) if real_images else 0  # data-free: the pool starts from noise
+        images, labels, result = optimize_pool(model, layers, teacher, inputs.calib.images[:used],
+                                               inputs.calib.labels[:used], config, on_event)
+    else:
+        result = train_generator(model, layers, teacher, inputs.input_shape, config, on_event)
+        images, labels = generate(result.generator, config.num_images, config.seed, on_event=on_event)
     probe = QualityProbe(model, layers, statistics, result.deep_start)
     quality = {"synthetic": probe.measure(images, labels).to_json()}
     if inputs.val is not None:
         quality["real_val"] = probe.measure(inputs.val.images, inputs.val.labels).to_json()
     stride = max(1, len(result.curves["total"]) // MAX_CURVE_POINTS)
     report = {
+        "method": config.method,
         **result.summary(),
         "images": len(labels),
         "quality": quality,

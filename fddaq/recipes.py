@@ -15,6 +15,8 @@
   frozen; real:synthetic 1:1. Official bugs fixed: augmentation is per image and applies to
   both sources, the cosine schedule spans exactly the steps run, and the last step is kept
   (the official code selects the best of ~350 evaluations on the validation set).
+  Its synthetic images come from the paper's generator; the other recipes optimise a pool of
+  images started from the real ones (`fddaq.synth.pool`) with the same losses.
 - `ptq`: calibration only (MSE ranges on the real images), no synthesis, no fine-tuning.
 - `data-free`: no real image is used. The generator learns from the float model's BatchNorm
   running statistics and its class labels alone (FDDA's global BNS and CE losses: the GDFQ
@@ -41,6 +43,7 @@ def recipe_config(
     steps: int | None = None,
     synthetic: int | None = None,
     synth_steps: int | None = None,
+    synth_method: str | None = None,
 ) -> RunConfig:
     """The configuration of recipe `name`; given values override the recipe's. `steps`: the
     recipe's training steps (fine-tuning steps; reconstruction iterations per unit for
@@ -53,7 +56,7 @@ def recipe_config(
             finetune, optimizer="sgd", weight_lr=1e-6, momentum=0.9, weight_decay=1e-4, temperature=20.0,
             kd_weight=20.0, ce_weight=1.0, learn_scales=False, act_ema=0.9, observe_fraction=0.01,
         )
-    synth = SynthConfig(seed=seed)
+    synth = SynthConfig(seed=seed, method="generator" if name in ("fdda-paper", "data-free") else "pool")
     reconstruct = ReconstructConfig(seed=seed)
     if name == "reconstruct":
         reconstruct = replace(reconstruct, iterations=RECONSTRUCT_ITERATIONS if steps is None else steps)
@@ -72,5 +75,7 @@ def recipe_config(
         synth = replace(synth, num_images=synthetic)
     if synth_steps is not None:
         synth = replace(synth, steps=synth_steps)
+    if synth_method is not None:
+        synth = replace(synth, method=synth_method)
     return RunConfig(quant=quant, calibration=CalibrationConfig(seed=seed), synth=synth, reconstruct=reconstruct,
                      finetune=finetune, recipe=name, real_images=name != "data-free")

@@ -48,3 +48,17 @@ def test_synth_refuses_to_overwrite_and_partial_class_folders(tmp_path):
                                  "--num", "10", "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "o" / "report.json").read_text())["synthesis"]["classes_with_center"] <= 1
+
+
+def test_synth_method_pool_and_an_unknown_method(tmp_path):
+    base = ["synth", str(EXAMPLE / "model.pth"), "--arch", "fddaq:fashion_resnet", "--calib", str(EXAMPLE / "calib"),
+            "--num", "20", "--steps", "3", "--quiet"]
+    result = runner.invoke(app, [*base, "--method", "pool", "--out", str(tmp_path / "pool")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "pool" / "report.json").read_text())
+    assert report["config"]["method"] == report["synthesis"]["method"] == "pool" and len(report["synthesis"]["curves"]["cbns"]) == 3
+    labels = torch.load(tmp_path / "pool" / "synthetic.pt", weights_only=True)["labels"]
+    assert sorted(labels.tolist()) == sorted(list(range(10)) * 2)
+    result = runner.invoke(app, [*base, "--method", "diffusion", "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 1 and "unknown synthesis method 'diffusion'" in result.output
+    assert "Traceback" not in result.output

@@ -5,6 +5,7 @@ from fddaq.config import SynthConfig
 from fddaq.stats import batchnorm_layers, class_statistics
 from fddaq.synth.generator import Generator
 from fddaq.synth.losses import bns_loss, centralized_bns_loss, class_loss, distorted_bns_loss, global_bns_loss
+from fddaq.synth.pool import initial_pool, optimize_pool
 from fddaq.synth.quality import QualityProbe
 from fddaq.synth.train import generate, train_generator
 from tests.conftest import TinyResNet, randomize_bn
@@ -106,3 +107,60 @@ def test_quality_probe_scores_real_images_against_their_own_centers():
     # identical images in a class: no diversity
     same = probe.measure(images[:1].repeat(4, 1, 1, 1), torch.tensor([0, 0, 0, 0]))
     assert same.diversity == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pool_starts_from_views_of_each_class_own_images_and_noise_elsewhere():
+    real = torch.stack([torch.full((1, 8, 8), float(k)) for k in (0, 1, 2)])
+    labels = torch.tensor([0, 1, 2])
+    images, pool_labels = initial_pool(real, labels, torch.tensor([0, 1, 2, 3]), 12, 0.0, torch.Generator().manual_seed(0))
+    assert sorted(pool_labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for k in (0, 1, 2):  # shifted and mirrored constant images stay the class's constant
+        assert torch.all(images[pool_labels == k] == float(k))
+    assert images[pool_labels == 3].std() > 0.5  # no real image: noise
+
+
+def test_pool_is_seeded_covers_the_classes_with_images_and_lowers_the_loss():
+    model, layers, stats = setup()
+    real, labels = torch.randn(8, 1, 16, 16), stats.labels
+    config = SynthConfig(method="pool", steps=40, num_images=24, batch_size=8, pool_lr=0.05)
+    a = optimize_pool(model, layers, stats, real, labels, config)
+    b = optimize_pool(model, layers, stats, real, labels, config)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2].curves == b[2].curves
+    assert a[0].shape == (24, 1, 16, 16) and set(a[1].tolist()) == {0, 1, 2}  # class 3 has no image
+    assert len(a[2].curves["cbns"]) == 40 and a[2].generator is None
+    total = a[2].curves["total"]
+    assert sum(total[-5:]) / 5 < sum(total[:5]) / 5
+    assert all(p.requires_grad for p in model.parameters())  # teacher restored
+
+
+def test_data_free_pool_starts_from_noise_over_every_class():
+    model, layers, stats = setup()
+    from fddaq.stats import ClassStatistics
+
+    empty = ClassStatistics.without_images(layers, 4)
+    config = SynthConfig(method="pool", steps=2, num_images=8, batch_size=4)
+    images, labels, result = optimize_pool(model, layers, empty, torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.long), config)
+    assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3] and result.curves["cbns"] == []
+
+
+def test_unknown_synthesis_method_is_a_config_error():
+    from fddaq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="synthesis method"):
+        SynthConfig(method="diffusion")
+
+
+def test_preview_rows_are_labelled_with_class_names():
+    from fddaq.data import Preprocess
+    from fddaq.synth.preview import preview_grid
+
+    preprocess = Preprocess(channels=3, input_size=12, resize=12, mean=(0.5,) * 3, std=(0.25,) * 3)
+    images, labels = torch.zeros(6, 3, 12, 12), torch.tensor([0, 0, 2, 2, 2, 0])
+    plain = preview_grid(images, labels, preprocess, per_class=3)
+    assert plain.shape == (2 * 14 - 2, 3 * 14 - 2, 3) and (plain[:12, :12] == 128).all() and (plain[12:14] == 255).all()
+    named = preview_grid(images, labels, preprocess, ["sandal", "shirt", "a very long class name indeed, cut"], per_class=3)
+    label_width = named.shape[1] - plain.shape[1]
+    assert named.shape[0] == plain.shape[0] and label_width > 10
+    assert (named[:, label_width:] == plain).all()
+    column = named[:, :label_width]
+    assert (column[:12] < 128).any() and (column[14:] < 128).any()  # dark text in both rows
