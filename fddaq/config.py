@@ -187,7 +187,7 @@ class SynthConfig:
     """FDDA synthesis: the paper's losses (C-BNS, D-BNS, global BNS, cross-entropy) optimise
     `method` "pool", a pool of images started from augmented real images (`synth.pool`:
     `pool_lr` on the pixels, `pool_noise` added at the start; the default: measured far more
-    recognisable and separable, at a quarter of the cost, benchmarks/RESULTS.md), or train
+    recognisable and separable, a step at a quarter to a half of the cost, benchmarks/RESULTS.md), or train
     "generator", the paper's conditional generator (`synth.train`: `fdda-paper` and
     `data-free`, which has no real image to start a pool from). The defaults are the paper's
     losses, weights and noise; `steps` is scaled to a CPU budget. `deep_start` overrides the first deep BN

@@ -15,6 +15,7 @@ from ..stats import ClassStatistics, record_bn_inputs
 from .generator import Generator
 from .objective import Objective, SynthResult
 
+
 def train_generator(
     teacher: nn.Module,
     layers: list[tuple[str, nn.BatchNorm2d]],
