@@ -51,16 +51,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(fmnist.MODELS), default="mobilenet")
     parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=10, help="calibration images of the first K classes only (the model keeps all 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("variants", nargs="+")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        calib = Path(tmp) / "calib"
-        for folder in sorted((EXAMPLE / "calib").iterdir()):
+        calib, classes = Path(tmp) / "calib", Path(tmp) / "classes.txt"
+        folders = sorted((EXAMPLE / "calib").iterdir())
+        classes.write_text("\n".join(folder.name for folder in folders))
+        for folder in folders[: args.classes]:
             (calib / folder.name).mkdir(parents=True)
             for png in sorted(folder.glob("*.png"))[: args.per_class]:
                 shutil.copy(png, calib / folder.name / png.name)
-        inputs = load_inputs(Source(*fmnist.model_source(args.model), calib))
+        inputs = load_inputs(Source(*fmnist.model_source(args.model), calib, classes_file=classes))
     images, labels = fmnist.read_split("t10k")
     x = (torch.from_numpy(images).float().div(255).unsqueeze(1) - fmnist.MEAN) / fmnist.STD
     y = torch.from_numpy(labels)
@@ -70,7 +73,7 @@ def main() -> None:
         model.eval()
         return 100.0 * sum((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum().item() for i in range(0, len(x), 1000)) / len(x)
 
-    print(f"{args.model}, {args.per_class} images per class, seed {args.seed}: float {top1(inputs.float_model):.2f}")
+    print(f"{args.model}, {args.per_class} images per class of {args.classes} classes, seed {args.seed}: float {top1(inputs.float_model):.2f}")
     syntheses = {}  # per SynthConfig
     print("| variant | top-1 | wall s (without the generator) | unit error before -> after |\n|---|---|---|---|")
     for variant in args.variants:

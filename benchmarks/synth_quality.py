@@ -144,9 +144,10 @@ def table(rows: list[tuple[str, dict]]) -> str:
     ]
     for name, r in rows:
         s, q = r["synthetic"], r["real"]
+        number = lambda value, form: "-" if value is None else format(value, form)  # noqa: E731
         lines.append(
-            f"| {name} | {s['float_top1']:.1f} | {s['separation']:.1f} / {q['separation']:.1f} | "
-            f"{s['diversity']:.3f} / {q['diversity']:.3f} | "
+            f"| {name} | {s['float_top1']:.1f} | {number(s['separation'], '.1f')} / {number(q['separation'], '.1f')} | "
+            f"{number(s['diversity'], '.3f')} / {number(q['diversity'], '.3f')} | "
             + (f"{r['seconds_per_step']:.3f} | {100 * r['teacher_share']:.0f}% | " if r.get("steps", 1) else "- | - | ")
             + f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
         )
@@ -162,12 +163,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet", "mobilenet"], choices=["resnet", "mobilenet"], help="fashion suite")
     parser.add_argument("--per-class", nargs="+", type=int, default=[1, 10], help="fashion suite")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all (fashion), FDDA generator and pool (efficientnet)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="SynthConfig fields for every variant (e.g. pool_lr=0.05), named in each row")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(one_run(json.loads(args.child))))
         return
+    fields = {key: float(text) if "." in text or "e" in text else int(text)
+              for key, text in (pair.split("=", 1) for pair in args.set)}
+    suffix = "".join(f", {pair}" for pair in args.set)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -180,16 +186,16 @@ def main() -> None:
                 for per_class in args.per_class:
                     calib = fashion_calib(per_class, tmp / name)
                     for variant in args.variants or VARIANTS:
-                        result = spawn({**base, "calib": str(calib), "variant": {"steps": base["steps"], **VARIANTS[variant]}})
-                        rows.append((f"{name}, {per_class}/class, {variant}", result))
+                        result = spawn({**base, "calib": str(calib), "variant": {"steps": base["steps"], **VARIANTS[variant], **fields}})
+                        rows.append((f"{name}, {per_class}/class, {variant}{suffix}", result))
                         print(rows[-1][0], json.dumps(result), flush=True)
         else:
             model, calib, classes = efficientnet_inputs(tmp)
             spec = dict(model=str(model), arch="fddaq:efficientnet_lite0", calib=str(calib), classes=str(classes),
                         steps=args.steps or 20, num=args.num, batch=args.batch, covered_only=True)
             for variant in args.variants or ["generator, C-BNS + D-BNS (FDDA)", "pool, C-BNS + D-BNS (FDDA)"]:
-                rows.append((f"EfficientNet-Lite0, 20 ImageNet images, {variant}",
-                             spawn({**spec, "variant": {"steps": spec["steps"], **VARIANTS[variant]}})))
+                rows.append((f"EfficientNet-Lite0, 20 ImageNet images, {variant}{suffix}",
+                             spawn({**spec, "variant": {"steps": spec["steps"], **VARIANTS[variant], **fields}})))
                 print(rows[-1][0], json.dumps(rows[-1][1]), flush=True)
     print(table(rows))
     if args.json:

@@ -23,6 +23,7 @@ from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, tensors_b
 from fddaq.pipeline import (FloatModel, Inputs, Source, Synthesis, check_trainable, load_float, load_inputs, plan_layers,
                             quantize, synthesize)
 from fddaq.synth.preview import preview_grid
+from fddaq.synth.quality import SetQuality
 
 if TYPE_CHECKING:
     from exporters.dry_run import DryRun
@@ -97,8 +98,7 @@ def _synthesis_rows(synthesis: Synthesis) -> list[tuple[str, str]]:
         ("misclassified calibration images excluded", str(summary["misclassified_excluded"])),
     ]
     for name, q in summary["quality"].items():
-        rows.append((f"{name}: float top-1 / separation / diversity",
-                     f"{q['float_top1']:.1f}% / {q['separation']:.1f}% / {q['diversity']:.3f}"))
+        rows.append((f"{name}: float top-1 / separation / diversity", SetQuality(**q).row()))
     return rows
 
 

@@ -40,8 +40,7 @@ class ModelInfo:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        p = self.preprocess
-        return (p.channels, p.input_size, p.input_size)
+        return self.preprocess.input_shape
 
     def to_json(self) -> dict:
         return {

@@ -49,6 +49,11 @@ class Preprocess:
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             raise ConfigError(f"interpolation={self.interpolation!r} is not one of bilinear, bicubic, nearest")
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one model input."""
+        return (self.channels, self.input_size, self.input_size)
+
     def to_json(self) -> dict:
         return asdict(self)
 

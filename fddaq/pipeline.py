@@ -91,8 +91,7 @@ class Inputs:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        p = self.info.preprocess
-        return (p.channels, p.input_size, p.input_size)
+        return self.info.preprocess.input_shape
 
 
 def resolve_preprocess(arch: str, channels: int, options: PreprocessOptions) -> Preprocess:
@@ -157,7 +156,7 @@ def load_float(source: Source) -> FloatModel:
     model = load_float_model(source.model_path, source.arch, source.num_classes, source.trust_model, source.arch_args)
     preprocess = resolve_preprocess(source.arch, input_channels(model), source.preprocess)
     # a batch of 2: a forward that only runs on one image fails here, not in the exported graph
-    example = torch.zeros(2, preprocess.channels, preprocess.input_size, preprocess.input_size)
+    example = torch.zeros(2, *preprocess.input_shape)
     found = capture(model, example)
     return FloatModel(model, preprocess, found, resolve_output(found.outputs, source.output))
 
@@ -177,11 +176,13 @@ def load_inputs(source: Source, device: torch.device = CPU, loaded: FloatModel |
     teacher = Selected(float_model, loaded.output)
     outputs = loaded.classes
     names = None
-    if source.calib_dir is None:
-        raise ConfigError("calibration images are needed: give --calib DIR")
     if source.classes_file is not None:
         names = _class_names(source, (), outputs)
-    calib = load_image_folder(source.calib_dir, preprocess, names, pin_memory=pin(device))
+    if source.calib_dir is None:  # data-free synthesis needs no image
+        names = names or tuple(str(i) for i in range(outputs))
+        calib = ImageSet(torch.zeros(0, *preprocess.input_shape), torch.zeros(0, dtype=torch.long), names, ())
+    else:
+        calib = load_image_folder(source.calib_dir, preprocess, names, pin_memory=pin(device))
     if calib.labelled:
         names = names or _class_names(source, calib.class_names, outputs)
     else:
@@ -221,6 +222,12 @@ def synthesize(
         return _synthesize(inputs, config, on_event, real_images)
 
 
+def require_calibration(inputs: Inputs, real_images: bool = True) -> None:
+    """Only data-free synthesis (`real_images` False) runs without calibration images."""
+    if real_images and not len(inputs.calib):
+        raise ConfigError("calibration images are needed (--calib DIR); only data-free synthesis runs without them")
+
+
 def check_trainable(model: FloatModel, config: RunConfig | None = None) -> None:
     """Synthesis and fine-tuning distil class logits: a scored output with positions (a
     segmentation map) is refused before any work, for a `quantize` run of `config` that
@@ -238,9 +245,12 @@ def check_trainable(model: FloatModel, config: RunConfig | None = None) -> None:
 
 def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | None, real_images: bool) -> Synthesis:
     start = time.perf_counter()
+    require_calibration(inputs, real_images)
     model = inputs.teacher
     layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
-    statistics = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
+    statistics = ClassStatistics.without_images(layers, inputs.num_classes)
+    if len(inputs.calib):
+        statistics = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
     teacher = statistics if real_images else ClassStatistics.without_images(layers, inputs.num_classes)
     if config.method == "pool":
         used = len(inputs.calib) if real_images else 0  # data-free: the pool starts from noise
@@ -335,6 +345,7 @@ def _quantize(
     synthesis: Synthesis | None,
     device: torch.device,
 ) -> QuantizeResult:
+    require_calibration(inputs)  # activation ranges and every measurement need real images
     config_json = json.dumps(config.to_json(), sort_keys=True)
     if resume is not None and resume["config"] != config_json:
         raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,14 @@ from ..errors import ConfigError
 from ..events import EventHandler, emit
 from ..stats import ClassStatistics, deep_layer_start
 from .losses import centralized_bns_loss, class_loss, distorted_bns_loss, global_bns_loss
+
+class Optimizer(Protocol):
+    """What `Objective.minimise` steps: a torch optimizer, or the pool's `RowAdam`."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self) -> None: ...
+
 
 LOSS_NAMES = ("ce", "bns", "cbns", "dbns", "ce_single", "total")
 
@@ -88,7 +96,7 @@ class Objective:
                 "dbns": distorted_bns_loss(stats[self.deep:], targets, *noise, rng),
                 "ce_single": class_loss(logits, labels)}
 
-    def minimise(self, parts: dict[str, Tensor], optimizer: torch.optim.Optimizer, step: int,
+    def minimise(self, parts: dict[str, Tensor], optimizer: Optimizer, step: int,
                  on_event: EventHandler | None) -> None:
         """One optimizer step on the weighted sum of `parts`; the curves and the progress event."""
         total = sum(self.weights[k] * v for k, v in parts.items())

@@ -6,8 +6,9 @@ Gaussian noise. Classes without one (data-free, or the classes a few images do n
 start from noise, when they are drawn at all (`classes`). Every step takes, as FDDA's generator
 training does, a batch of random pool images for the cross-entropy and the global BNS loss,
 and a single-class batch for the cross-entropy and the class's C-BNS and D-BNS losses in the
-deep layers; Adam moves the pixels. A step costs two teacher forward and backward passes and
-nothing else, at any resolution (the generator dominated at 224 px)."""
+deep layers; Adam moves the pixels of the images drawn (`RowAdam`). A step costs two teacher
+forward and backward passes and an update of those images, at any resolution (the generator
+dominated at 224 px)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,40 @@ def initial_pool(real: Tensor, labels: Tensor, classes: Tensor, num: int, noise:
     return images, pool_labels
 
 
+class RowAdam:
+    """Adam on the rows of `pool` that a step draws: each image keeps its own moments and step
+    count, and only the drawn images move. (torch's Adam over the whole pool would update every
+    image each step, and move the images not drawn along their old momentum.)"""
+
+    def __init__(self, pool: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.pool, self.lr, self.betas, self.eps = pool, lr, betas, eps
+        self.m, self.v = torch.zeros_like(pool), torch.zeros_like(pool)
+        self.count = torch.zeros(len(pool), device=pool.device)
+        self.rows = self.leaf = None
+
+    def draw(self, rows: Tensor) -> Tensor:
+        """A leaf copy of the pool images `rows` (distinct) for this step's passes."""
+        self.rows = rows
+        self.leaf = self.pool[rows].requires_grad_(True)
+        return self.leaf
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.leaf is not None:
+            self.leaf.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        (b1, b2), rows, grad = self.betas, self.rows, self.leaf.grad
+        shape = (-1,) + (1,) * (grad.dim() - 1)
+        self.count[rows] += 1
+        m = self.m[rows].mul_(b1).add_(grad, alpha=1 - b1)
+        v = self.v[rows].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        self.m[rows], self.v[rows] = m, v
+        t = self.count[rows].view(shape)
+        step = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(self.eps))
+        self.pool[rows] = self.leaf.detach() - self.lr * step
+
+
 def optimize_pool(
     teacher: nn.Module,
     layers: list[tuple[str, nn.BatchNorm2d]],
@@ -53,23 +88,27 @@ def optimize_pool(
     covered = labels.unique() if len(labels) else torch.arange(statistics.num_classes)
     images, pool_labels = initial_pool(real.cpu(), labels.cpu(), covered, config.num_images, config.pool_noise, rng)
     device = model_device(teacher)
-    pool = images.to(device).requires_grad_(True)
+    pool = images.to(device)
     pool_labels = pool_labels.to(device)
-    optimizer = torch.optim.Adam([pool], lr=config.pool_lr)
+    optimizer = RowAdam(pool, config.pool_lr)
     batch = min(config.batch_size, config.num_images)
     emit(on_event, "synthesize", 0, config.steps)
     with objective.frozen_teacher(), record_bn_inputs(layers, per_image=False) as stats:
         for step in range(1, config.steps + 1):
-            chosen = torch.randint(len(pool), (batch,), generator=rng).to(device)
-            stats.clear()
-            parts = objective.mixed(stats, teacher(pool[chosen]).float(), pool_labels[chosen])
+            mixed = torch.randint(len(pool), (batch,), generator=rng).to(device)
             candidates = objective.candidates(step).to(device)
             candidates = candidates[torch.isin(candidates, pool_labels)]
+            label, single = None, mixed[:0]
             if len(candidates):
                 label = candidates[torch.randint(len(candidates), (1,), generator=rng).item()].item()
                 members = (pool_labels == label).nonzero().flatten()
-                chosen = members[torch.randint(len(members), (batch,), generator=rng).to(device)]
+                single = members[torch.randint(len(members), (batch,), generator=rng).to(device)]
+            rows, where = torch.unique(torch.cat([mixed, single]), return_inverse=True)
+            drawn = optimizer.draw(rows)
+            stats.clear()
+            parts = objective.mixed(stats, teacher(drawn[where[:batch]]).float(), pool_labels[mixed])
+            if label is not None:
                 stats.clear()
-                parts |= objective.single(step, label, stats, teacher(pool[chosen]).float(), pool_labels[chosen], rng)
+                parts |= objective.single(step, label, stats, teacher(drawn[where[batch:]]).float(), pool_labels[single], rng)
             objective.minimise(parts, optimizer, step, on_event)
-    return pool.detach().cpu(), pool_labels.cpu(), objective.result(None)
+    return pool.cpu(), pool_labels.cpu(), objective.result(None)

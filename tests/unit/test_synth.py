@@ -5,8 +5,8 @@ from fddaq.config import SynthConfig
 from fddaq.stats import batchnorm_layers, class_statistics
 from fddaq.synth.generator import Generator
 from fddaq.synth.losses import bns_loss, centralized_bns_loss, class_loss, distorted_bns_loss, global_bns_loss
-from fddaq.synth.pool import initial_pool, optimize_pool
-from fddaq.synth.quality import QualityProbe
+from fddaq.synth.pool import RowAdam, initial_pool, optimize_pool
+from fddaq.synth.quality import QualityProbe, feature_scale
 from fddaq.synth.train import generate, train_generator
 from tests.conftest import TinyResNet, randomize_bn
 
@@ -109,6 +109,15 @@ def test_quality_probe_scores_real_images_against_their_own_centers():
     assert same.diversity == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_dimension_constant_over_real_images_does_not_dominate_the_quality_distances():
+    real = torch.randn(20, 6)
+    real[:, 0] = 3.0  # a dead channel
+    offset, unit = feature_scale(real)
+    assert unit[0].item() == pytest.approx(0.1 * real.std(0).median().item())
+    assert torch.equal(unit[1:], real.std(0)[1:].clamp(min=unit[0].item()))
+    assert feature_scale(real[:1]) is None
+
+
 def test_pool_starts_from_views_of_each_class_own_images_and_noise_elsewhere():
     real = torch.stack([torch.full((1, 8, 8), float(k)) for k in (0, 1, 2)])
     labels = torch.tensor([0, 1, 2])
@@ -131,6 +140,26 @@ def test_pool_is_seeded_covers_the_classes_with_images_and_lowers_the_loss():
     total = a[2].curves["total"]
     assert sum(total[-5:]) / 5 < sum(total[:5]) / 5
     assert all(p.requires_grad for p in model.parameters())  # teacher restored
+
+
+def test_row_adam_moves_only_the_drawn_images_and_is_adam_for_an_image_drawn_every_step():
+    torch.manual_seed(0)
+    pool, target = torch.randn(3, 4), torch.randn(3, 4)
+    reference = pool[0].clone().requires_grad_(True)
+    adam, row_adam = torch.optim.Adam([reference], lr=0.1), RowAdam(pool, lr=0.1)
+    for rows in ([0, 1], [0, 2], [0]):  # image 1 drawn at step 1 only, image 2 at step 2 only
+        before = pool.clone()
+        drawn = row_adam.draw(torch.tensor(rows))
+        row_adam.zero_grad()
+        (drawn - target[rows]).pow(2).sum().backward()
+        row_adam.step()
+        adam.zero_grad()
+        (reference - target[0]).pow(2).sum().backward()
+        adam.step()
+        undrawn = [k for k in range(3) if k not in rows]
+        assert torch.equal(pool[undrawn], before[undrawn])  # no momentum moves an image not drawn
+        assert torch.allclose(pool[0], reference.detach(), atol=1e-5)
+    assert row_adam.count.tolist() == [3, 1, 1]
 
 
 def test_data_free_pool_starts_from_noise_over_every_class():
