@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -238,16 +239,17 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
 
 
 def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHandler | None = None,
-              device: torch.device = torch.device("cpu")) -> dict | None:
-    """Train the generator on `device`; write synthetic.pt, preview.png and report.json into `out`."""
+              device: torch.device = torch.device("cpu"), real_images: bool = True) -> dict | None:
+    """Synthesize on `device` (data-free without `real_images`: the calibration images, if
+    any, only measure); write synthetic.pt, preview.png and report.json into `out`."""
     start = time.perf_counter()
     loaded, checked = checked_float(source, QuantConfig(), on_event=on_event)
     inputs = load_inputs(source, device, loaded)
-    synthesis = synthesize(inputs, config, on_event, device=device)
+    synthesis = synthesize(inputs, config, on_event, real_images, device)
     if not current().is_main:  # a torchrun job: rank 0 writes
         return None
     report = {
-        **_header("synth", source, config.to_json(), device),
+        **_header("synth", source, {**config.to_json(), "real_images": real_images}, device),
         "model": inputs.info.to_json(),
         "data": _data(inputs),
         "synthesis": synthesis.report,
@@ -323,28 +325,46 @@ def read_resume_state(out: Path) -> dict:
     """The state an interrupted `quantize --out out` left behind."""
     path = out / RESUME_FILE
     if not path.is_file():
-        raise ConfigError(f"nothing to resume: {path} does not exist (it is written while fine-tuning runs)")
+        raise ConfigError(f"nothing to resume: {path} does not exist (it is written while synthesis, reconstruction and fine-tuning run)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
         raise ConfigError(f"{path} is not a resumable fddaq state ({first_line(exc)}): run without --resume") from exc
 
 
+def read_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(images, labels, path) of a synthetic.pt written by `fddaq synth`."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (give the synthetic.pt that `fddaq synth` wrote)")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise DataError(f"{path} is not a synthetic.pt of `fddaq synth` ({first_line(exc)})") from exc
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), torch.Tensor) for k in ("images", "labels")):
+        raise DataError(f"{path} is not a synthetic.pt of `fddaq synth`: it needs tensors 'images' and 'labels'")
+    return data["images"], data["labels"], str(path)
+
+
 def run_quantize(
     source: Source, config: RunConfig, out: Path, on_event: EventHandler | None = None, resume: bool = False,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = torch.device("cpu"), synthetic_from: Path | None = None,
 ) -> dict | None:
     """Quantize (on `device`), export, verify (on the CPU, against onnxruntime's CPU kernels);
     write quantized.pt, model.onnx, report.json (and preview.png when synthetic data was used)
-    into `out`. While fine-tuning, `out/resume.pt` holds the
-    latest resumable state; `resume` continues from it. It is removed once all is written."""
+    into `out`. While synthesizing, reconstructing and fine-tuning, `out/resume.pt` holds the
+    latest resumable state; `resume` continues from it. It is removed once all is written.
+    `synthetic_from`: a synthetic.pt whose images are used instead of synthesizing."""
     from exporters.deploy import deploy
 
     start = time.perf_counter()
+    synthetic = None
+    if synthetic_from is not None:
+        synthetic = read_synthetic(synthetic_from)
+        config = replace(config, synth=replace(config.synth, num_images=len(synthetic[1])))
     state = read_resume_state(out) if resume else None
     loaded, checked = checked_float(source, config.quant, config, on_event)
     result = quantize(source, config, on_event, lambda s: atomic_write_bytes(out / RESUME_FILE, tensors_bytes(s)), state,
-                      device, loaded)
+                      device, loaded, synthetic)
     if not current().is_main:  # a torchrun job: rank 0 exports, verifies and writes
         return None
     inputs = result.inputs

@@ -47,8 +47,13 @@ def user_errors(command):
             err_console.print(f"Error: {exc}", highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print("Interrupted: no output was half-written. `quantize` continues from its last "
-                              "saved step when run again with the same options and --resume.")
+            from cli.jobs import RESUME_FILE
+
+            out = kwargs.get("out")
+            saved = command.__name__ == "quantize" and out is not None and (Path(out) / RESUME_FILE).is_file()
+            err_console.print("Interrupted: no output was half-written. " + (
+                "`quantize` continues from its last saved step when run again with the same options and --resume."
+                if saved else "Nothing was saved to resume from yet: run the command again."))
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
@@ -292,6 +297,9 @@ def quantize(
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="FDDA synthetic images added to the training images (fddaq, fdda-paper: 1024, mixed 1:1 into fine-tuning; reconstruct: 0, up to 512 join its pool); 0: real images only."),
     synth_steps: Optional[int] = typer.Option(None, "--synth-steps", help="FDDA synthesis steps (default 500)."),
     synth_method: Optional[str] = _synth_method_option("--synth-method"),
+    synthetic_from: Optional[Path] = typer.Option(
+        None, "--synthetic-from", help="Use the images of a synthetic.pt written by `fddaq synth` instead of synthesizing "
+        "(all of them; any recipe that trains)."),
     seed: int = _seed_option(),
     num_classes: Optional[int] = _num_classes_option(),
     classes: Optional[Path] = _classes_option(),
@@ -328,11 +336,14 @@ def quantize(
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
     quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid)
     run_config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps, synth_method)
+    if synthetic_from is not None and run_config.finetune.steps == 0 and run_config.reconstruct.iterations == 0 \
+            and run_config.real_images:
+        raise ConfigError(f"--recipe {recipe} with --steps 0 does not train: the images of --synthetic-from would go unused")
     source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
     where = _resolve_device(device)
     with _processes(where) as ranks, ProgressRenderer(console, quiet or not ranks.is_main) as progress:
-        report = run_quantize(source, run_config, out, progress, resume, where)
+        report = run_quantize(source, run_config, out, progress, resume, where, synthetic_from)
     if report is None:  # another rank than 0 of a torchrun job: rank 0 reports
         return
     _save_config(ctx, out)
@@ -351,9 +362,13 @@ def synth(
     ctx: typer.Context,
     model: Path = _model_option(),
     arch: str = _arch_option(),
-    calib: Path = _calib_option(),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder); not needed with --recipe data-free."),
+    recipe: str = typer.Option("fddaq", "--recipe", help="Whose synthesis settings: fddaq (a pool of images started from the "
+                               "calibration images), fdda-paper (the paper's generator) or data-free (the generator on "
+                               "the BN running statistics alone, without --calib; given --calib only measures the images)."),
     num: int = typer.Option(1024, "--num", help="Synthetic images to write."),
-    steps: int = typer.Option(500, "--steps", help="Synthesis steps."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Synthesis steps (default 500)."),
     method: Optional[str] = _synth_method_option("--method"),
     val: Optional[Path] = typer.Option(None, "--val", help="Held-out labelled real images: the reference for the quality figures."),
     seed: int = _seed_option(),
@@ -381,17 +396,23 @@ def synth(
     --calib examples/fashion_mnist/calib --num 1024 --out synth/
     """
     from cli.jobs import run_synth
-    from fddaq.config import SynthConfig
+    from fddaq.config import QuantConfig
+    from fddaq.recipes import SYNTH_RECIPES, recipe_config
 
     _check_outputs(out, SYNTH_OUTPUTS, force)
+    if recipe not in SYNTH_RECIPES:
+        raise ConfigError(f"--recipe {recipe!r}: synthesis follows one of {', '.join(SYNTH_RECIPES)}")
     if num < 1:
         raise ConfigError(f"--num={num} must be at least 1")
-    synth_config = SynthConfig(steps=steps, num_images=num, seed=seed, **({"method": method} if method else {}))
+    run_config = recipe_config(recipe, QuantConfig(), seed, synthetic=num, synth_steps=steps, synth_method=method)
+    if calib is None and run_config.real_images:
+        raise ConfigError(f"--recipe {recipe} synthesizes from calibration images: give --calib DIR (only --recipe "
+                          "data-free runs without)")
     source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
     where = _resolve_device(device)
     with _processes(where) as ranks, ProgressRenderer(console, quiet or not ranks.is_main) as progress:
-        report = run_synth(source, synth_config, out, progress, where)
+        report = run_synth(source, run_config.synth, out, progress, where, run_config.real_images)
     if report is None:
         return
     _save_config(ctx, out)

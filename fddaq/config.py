@@ -196,14 +196,15 @@ class SynthConfig:
     (a one-off check on the bundled example: the float model recognised far fewer synthetic
     images after 500 steps with decays than without), so `lr_milestones` (fractions of
     `steps`) is empty by default: a constant lr. The first `center_warmup` fraction of steps uses every
-    calibration image for the centers, then misclassified images are dropped."""
+    calibration image for the centers, then misclassified images are dropped. A resumable
+    state is handed out every `checkpoint_every` steps."""
 
     method: str = "pool"
     steps: int = 500
     num_images: int = 1024
     batch_size: int = 16
     lr: float = 1e-3
-    pool_lr: float = 1e-2
+    pool_lr: float = 0.1
     pool_noise: float = 0.05
     lr_milestones: tuple[float, ...] = ()
     latent_dim: int = 100
@@ -217,6 +218,7 @@ class SynthConfig:
     noise_var_std: float = 1.0
     deep_start: int | None = None
     center_warmup: float = 0.125
+    checkpoint_every: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -225,7 +227,7 @@ class SynthConfig:
         _check_positive("steps", self.steps, allow_zero=True)
         _check_positive("num_images", self.num_images, allow_zero=True)
         _check_positive("pool_noise", self.pool_noise, allow_zero=True)
-        for name in ("batch_size", "lr", "pool_lr", "latent_dim", "width"):
+        for name in ("batch_size", "lr", "pool_lr", "latent_dim", "width", "checkpoint_every"):
             _check_positive(name, getattr(self, name))
         for name in ("ce_weight", "bns_weight", "cbns_weight", "dbns_weight", "ce_single_weight",
                      "noise_mean_std", "noise_var_std"):

@@ -32,7 +32,7 @@ from .quant.modules import Selected
 from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
 from .reconstruct import ReconstructResult, reconstruct, view_pool
-from .stats import ClassStatistics, batchnorm_layers, class_statistics
+from .stats import ClassStatistics, batchnorm_layers, class_statistics, deep_layer_start
 from .synth.pool import optimize_pool
 from .synth.quality import QualityProbe
 from .synth.train import generate, train_generator
@@ -211,15 +211,16 @@ class Synthesis:
 
 def synthesize(
     inputs: Inputs, config: SynthConfig, on_event: EventHandler | None = None, real_images: bool = True,
-    device: torch.device = CPU,
+    device: torch.device = CPU, on_checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
 ) -> Synthesis:
     """Train FDDA's generator on the calibration images' BNS centers and draw
     `config.num_images` labelled images; measure them against the calibration images' centers
     (and held-out real images). Without `real_images` (data-free) the generator learns from
     the BN running statistics alone; the real images then only serve the measurement. Runs on
-    `device`; the images come back on the CPU."""
+    `device`; the images come back on the CPU. `on_checkpoint` receives resumable states of
+    the synthesis loop; `resume` continues from one."""
     with placed(inputs.float_model, device):
-        return _synthesize(inputs, config, on_event, real_images)
+        return _synthesize(inputs, config, on_event, real_images, on_checkpoint, resume)
 
 
 def require_calibration(inputs: Inputs, real_images: bool = True) -> None:
@@ -243,35 +244,74 @@ def check_trainable(model: FloatModel, config: RunConfig | None = None) -> None:
         )
 
 
-def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | None, real_images: bool) -> Synthesis:
+def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | None, real_images: bool,
+                on_checkpoint: Callable[[dict], None] | None, resume: dict | None) -> Synthesis:
     start = time.perf_counter()
     require_calibration(inputs, real_images)
-    model = inputs.teacher
-    layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
-    statistics = ClassStatistics.without_images(layers, inputs.num_classes)
-    if len(inputs.calib):
-        statistics = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
+    model, layers, statistics = _teacher_statistics(inputs)
     teacher = statistics if real_images else ClassStatistics.without_images(layers, inputs.num_classes)
     if config.method == "pool":
         used = len(inputs.calib) if real_images else 0  # data-free: the pool starts from noise
         images, labels, result = optimize_pool(model, layers, teacher, inputs.calib.images[:used],
-                                               inputs.calib.labels[:used], config, on_event)
+                                               inputs.calib.labels[:used], config, on_event, on_checkpoint, resume)
     else:
-        result = train_generator(model, layers, teacher, inputs.input_shape, config, on_event)
+        result = train_generator(model, layers, teacher, inputs.input_shape, config, on_event, on_checkpoint, resume)
         images, labels = generate(result.generator, config.num_images, config.seed, on_event=on_event)
-    probe = QualityProbe(model, layers, statistics, result.deep_start)
-    quality = {"synthetic": probe.measure(images, labels).to_json()}
-    if inputs.val is not None:
-        quality["real_val"] = probe.measure(inputs.val.images, inputs.val.labels).to_json()
     stride = max(1, len(result.curves["total"]) // MAX_CURVE_POINTS)
     report = {
         "method": config.method,
         **result.summary(),
         "images": len(labels),
-        "quality": quality,
+        "quality": _quality(inputs, model, layers, statistics, result.deep_start, images, labels),
         "curves": {"every_n_steps": stride, **{k: v[::stride] for k, v in result.curves.items()}},
     }
     return Synthesis(images, labels, report, time.perf_counter() - start)
+
+
+def synthesis_from(inputs: Inputs, images: Tensor, labels: Tensor, origin: str, device: torch.device = CPU) -> Synthesis:
+    """Synthetic images made before (`synthetic.pt` of `fddaq synth`), checked against the model
+    and measured as a synthesis is; `origin` names them in errors and the report."""
+    start = time.perf_counter()
+    shape = tuple(images.shape)
+    if images.dim() != 4 or shape[1:] != inputs.input_shape or not images.is_floating_point() or not len(images):
+        raise DataError(f"{origin} holds images of shape {shape} ({images.dtype}); the model takes float images "
+                        f"(N, {', '.join(map(str, inputs.input_shape))}) with N >= 1")
+    if labels.dtype != torch.int64 or tuple(labels.shape) != (len(images),):
+        raise DataError(f"{origin} holds labels of shape {tuple(labels.shape)} ({labels.dtype}); expected ({len(images)},) int64")
+    if labels.min() < 0 or labels.max() >= inputs.num_classes:
+        raise DataError(f"{origin} has labels {labels.min().item()}..{labels.max().item()}; the model has {inputs.num_classes} classes")
+    if not torch.isfinite(images).all():
+        raise DataError(f"{origin} holds non-finite pixel values")
+    images = images.float().contiguous()
+    with placed(inputs.float_model, device):
+        model, layers, statistics = _teacher_statistics(inputs)
+        deep = deep_layer_start(len(layers))
+        report = {
+            "method": "file", "source": origin, "deep_start": deep, "num_bn_layers": len(layers),
+            "classes_with_center": int(statistics.centers(exclude_misclassified=True)[2].sum()),
+            "misclassified_excluded": statistics.misclassified, "images": len(labels),
+            "quality": _quality(inputs, model, layers, statistics, deep, images, labels) if layers else {},
+        }
+    return Synthesis(images, labels, report, time.perf_counter() - start)
+
+
+def _teacher_statistics(inputs: Inputs) -> tuple[nn.Module, list[tuple[str, nn.BatchNorm2d]], ClassStatistics]:
+    """The teacher, its BatchNorm layers and the calibration images' statistics in them."""
+    model = inputs.teacher
+    layers = batchnorm_layers(model, torch.zeros(1, *inputs.input_shape))
+    if not len(inputs.calib):
+        return model, layers, ClassStatistics.without_images(layers, inputs.num_classes)
+    return model, layers, class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
+
+
+def _quality(inputs: Inputs, model: nn.Module, layers: list[tuple[str, nn.BatchNorm2d]], statistics: ClassStatistics,
+             deep_start: int, images: Tensor, labels: Tensor) -> dict:
+    """Quality figures (`synth.quality`) of synthetic images, and of held-out real ones."""
+    probe = QualityProbe(model, layers, statistics, deep_start)
+    quality = {"synthetic": probe.measure(images, labels).to_json()}
+    if inputs.val is not None:
+        quality["real_val"] = probe.measure(inputs.val.images, inputs.val.labels).to_json()
+    return quality
 
 
 @dataclass
@@ -289,6 +329,7 @@ class QuantizeResult:
 
 
 # A resumable state: {"config": RunConfig as a JSON string, "synthesis": {images, labels, report} or None,
+# "synthesizing": the synthesis loop's state while it runs, or None,
 # "reconstruct": the reconstruction's state after its last finished unit, or None,
 # "finetune": the fine-tuning loop's state, or None while reconstructing}. `on_checkpoint`
 # receives the latest one.
@@ -304,19 +345,24 @@ def quantize(
     resume: ResumeState | None = None,
     device: torch.device = CPU,
     loaded: FloatModel | None = None,
+    synthetic: tuple[Tensor, Tensor, str] | None = None,
 ) -> QuantizeResult:
     """Run the whole job on `device` and return the fine-tuned fake-quant model (on the CPU)
     with its numbers (`loaded`: the float model of `source`, when already loaded).
 
     `on_checkpoint` receives resumable states (after synthesis, then during fine-tuning);
-    `resume` continues from one, which must come from the same configuration."""
+    `resume` continues from one, which must come from the same configuration. `synthetic`:
+    (images, labels, where from) made before, used instead of a synthesis."""
     synthesis = None
     if resume is not None and resume["synthesis"] is not None:
         saved = resume["synthesis"]
         synthesis = Synthesis(saved["images"], saved["labels"], json.loads(saved["report"]), 0.0)
     loaded = loaded or load_float(source)
     check_trainable(loaded, config)
-    return quantize_inputs(load_inputs(source, device, loaded), config, on_event, on_checkpoint, resume, synthesis, device)
+    inputs = load_inputs(source, device, loaded)
+    if synthesis is None and synthetic is not None:
+        synthesis = synthesis_from(inputs, *synthetic, device=device)
+    return quantize_inputs(inputs, config, on_event, on_checkpoint, resume, synthesis, device)
 
 
 def quantize_inputs(
@@ -354,7 +400,10 @@ def _quantize(
     trains = config.finetune.steps > 0 or config.reconstruct.iterations > 0
     needs_synthesis = config.synth.num_images > 0 and (trains or not config.real_images)
     if synthesis is None and needs_synthesis:
-        synthesis = synthesize(inputs, config.synth, on_event, config.real_images, device)
+        synthesizing = None if on_checkpoint is None else lambda state: on_checkpoint(
+            {"config": config_json, "synthesis": None, "synthesizing": state, "reconstruct": None, "finetune": None})
+        synthesis = synthesize(inputs, config.synth, on_event, config.real_images, device, synthesizing,
+                               None if resume is None else resume.get("synthesizing"))
         timings["synthesize"] = synthesis.seconds
     start = time.perf_counter()
     plan = resolve_layer_plan(inputs.capture, config.quant)
@@ -367,8 +416,8 @@ def _quantize(
 
     def checkpoint(reconstruct_state: dict | None = None, finetune_state: dict | None = None) -> None:
         if on_checkpoint is not None:
-            on_checkpoint({"config": config_json, "synthesis": saved_synthesis, "reconstruct": reconstruct_state,
-                           "finetune": finetune_state})
+            on_checkpoint({"config": config_json, "synthesis": saved_synthesis, "synthesizing": None,
+                           "reconstruct": reconstruct_state, "finetune": finetune_state})
 
     real = (inputs.calib.images, inputs.calib.labels)
     synthetic = None if synthesis is None else (synthesis.images, synthesis.labels)

@@ -34,6 +34,7 @@ from .errors import ConfigError
 
 RECIPES = ("reconstruct", "fddaq", "fdda-paper", "ptq", "data-free")
 DEFAULT_RECIPE = RECIPES[0]
+SYNTH_RECIPES = ("fddaq", "fdda-paper", "data-free")  # the recipes whose synthesis differs
 RECONSTRUCT_ITERATIONS = 500
 
 

@@ -96,9 +96,8 @@ class Objective:
                 "dbns": distorted_bns_loss(stats[self.deep:], targets, *noise, rng),
                 "ce_single": class_loss(logits, labels)}
 
-    def minimise(self, parts: dict[str, Tensor], optimizer: Optimizer, step: int,
-                 on_event: EventHandler | None) -> None:
-        """One optimizer step on the weighted sum of `parts`; the curves and the progress event."""
+    def minimise(self, parts: dict[str, Tensor], optimizer: Optimizer) -> None:
+        """One optimizer step on the weighted sum of `parts`; the curves."""
         total = sum(self.weights[k] * v for k, v in parts.items())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -106,7 +105,24 @@ class Objective:
         for name, value in parts.items():
             self.curves[name].append(value.item())
         self.curves["total"].append(total.item())
+
+    def progress(self, step: int, on_event: EventHandler | None) -> None:
+        """The progress event of a finished step (after its state was handed out: an
+        interruption raised by the handler leaves that state behind)."""
         emit(on_event, "synthesize", step, self.config.steps, loss=self.curves["total"][-1])
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether a resumable state is handed out after `step` (not after the last)."""
+        return step < self.config.steps and step % self.config.checkpoint_every == 0
+
+    def snapshot(self) -> dict:
+        """The curves and the time spent so far, for a resumable state."""
+        return {"curves": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.curves.items()},
+                "seconds": time.perf_counter() - self.start}
+
+    def restore(self, state: dict) -> None:
+        self.curves = {k: v.tolist() for k, v in state["curves"].items()}
+        self.start = time.perf_counter() - state["seconds"]
 
     @contextmanager
     def frozen_teacher(self) -> Iterator[None]:

@@ -12,6 +12,8 @@ dominated at 224 px)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -70,6 +72,18 @@ class RowAdam:
         step = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(self.eps))
         self.pool[rows] = self.leaf.detach() - self.lr * step
 
+    def state_dict(self) -> dict:
+        return {"m": _copy(self.m), "v": _copy(self.v), "count": _copy(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("m", "v", "count"):
+            getattr(self, name).copy_(state[name])
+
+
+def _copy(tensor: Tensor) -> Tensor:
+    """A CPU copy (a resumable state must not alias the live tensors)."""
+    return tensor.detach().to("cpu", copy=True)
+
 
 def optimize_pool(
     teacher: nn.Module,
@@ -79,22 +93,40 @@ def optimize_pool(
     labels: Tensor,
     config: SynthConfig,
     on_event: EventHandler | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> tuple[Tensor, Tensor, SynthResult]:
     """Optimise `config.num_images` pool images for `config.steps` steps with FDDA's losses
     (`objective.Objective`); (images, labels, result) on the CPU. The pool covers the classes
-    that have a real image (all classes when none has)."""
+    that have a real image (all classes when none has). `on_checkpoint` receives a resumable
+    state every `config.checkpoint_every` steps; `resume` continues from one to the same
+    images as an uninterrupted run."""
     objective = Objective(teacher, layers, statistics, config)
     rng = torch.Generator().manual_seed(config.seed)
     covered = labels.unique() if len(labels) else torch.arange(statistics.num_classes)
-    images, pool_labels = initial_pool(real.cpu(), labels.cpu(), covered, config.num_images, config.pool_noise, rng)
+    if resume is None:
+        images, pool_labels = initial_pool(real.cpu(), labels.cpu(), covered, config.num_images, config.pool_noise, rng)
+    else:
+        images, pool_labels = resume["images"].clone(), resume["labels"]
     device = model_device(teacher)
     pool = images.to(device)
     pool_labels = pool_labels.to(device)
     optimizer = RowAdam(pool, config.pool_lr)
+    first = 1
+    if resume is not None:
+        first = resume["step"] + 1
+        optimizer.load_state_dict(resume["optimizer"])
+        rng.set_state(resume["rng"])
+        objective.restore(resume)
+
+    def state(step: int) -> dict:
+        return {"step": step, "images": _copy(pool), "labels": _copy(pool_labels), "optimizer": optimizer.state_dict(),
+                "rng": rng.get_state(), **objective.snapshot()}
+
     batch = min(config.batch_size, config.num_images)
-    emit(on_event, "synthesize", 0, config.steps)
+    emit(on_event, "synthesize", first - 1, config.steps)
     with objective.frozen_teacher(), record_bn_inputs(layers, per_image=False) as stats:
-        for step in range(1, config.steps + 1):
+        for step in range(first, config.steps + 1):
             mixed = torch.randint(len(pool), (batch,), generator=rng).to(device)
             candidates = objective.candidates(step).to(device)
             candidates = candidates[torch.isin(candidates, pool_labels)]
@@ -110,5 +142,8 @@ def optimize_pool(
             if label is not None:
                 stats.clear()
                 parts |= objective.single(step, label, stats, teacher(drawn[where[batch:]]).float(), pool_labels[single], rng)
-            objective.minimise(parts, optimizer, step, on_event)
+            objective.minimise(parts, optimizer)
+            if on_checkpoint is not None and objective.checkpoint_due(step):
+                on_checkpoint(state(step))
+            objective.progress(step, on_event)
     return pool.cpu(), pool_labels.cpu(), objective.result(None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +12,7 @@ from torch import Tensor, nn
 from ..config import SynthConfig
 from ..device import fast_float, model_device, place
 from ..distributed import current, data_parallel
+from ..errors import ConfigError
 from ..events import EventHandler, emit
 from ..stats import ClassStatistics, record_bn_inputs
 from .generator import Generator
@@ -23,13 +26,21 @@ def train_generator(
     image_shape: tuple[int, int, int],
     config: SynthConfig = SynthConfig(),
     on_event: EventHandler | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> SynthResult:
     """Train a conditional generator whose images match the teacher's BN running statistics
     (all layers) and, batch by batch for one class at a time, that class's real BNS center in
     the deep layers (C-BNS) and the center plus noise (D-BNS): `objective.Objective`. Under
-    torchrun each rank draws its own share of every batch (see `distributed`)."""
+    torchrun each rank draws its own share of every batch (see `distributed`); rank 0 alone
+    hands `on_checkpoint` a resumable state every `config.checkpoint_every` steps, and `resume`
+    (one process) continues from one to the same generator as an uninterrupted run."""
     objective = Objective(teacher, layers, statistics, config)
     ranks = current()
+    if resume is not None and ranks.world > 1:
+        raise ConfigError("resuming is for one process: a state holds one rank's random draws")
+    if not ranks.is_main:
+        on_checkpoint = None
     batch_size = ranks.share(config.batch_size, "synthesis batch_size")
     torch.manual_seed(config.seed)
     rng = torch.Generator().manual_seed(config.seed + ranks.rank)
@@ -40,16 +51,28 @@ def train_generator(
     optimizer = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(0.5, 0.999))
     milestones = [int(config.steps * f) for f in config.lr_milestones]
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    first = 1
+    if resume is not None:
+        first = resume["step"] + 1
+        generator.load_state_dict(resume["generator"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        rng.set_state(resume["rng"])
+        objective.restore(resume)
     trainer = data_parallel(generator, ranks)
+
+    def state(step: int) -> dict:
+        return copy.deepcopy({"step": step, "generator": generator.state_dict(), "optimizer": optimizer.state_dict(),
+                              "schedule": schedule.state_dict(), "rng": rng.get_state(), **objective.snapshot()})
 
     def teacher_logits(labels: Tensor) -> Tensor:
         z = torch.randn(len(labels), config.latent_dim, generator=rng).to(device)
         with fast_float(device):
             return teacher(trainer(z, labels)).float()
 
-    emit(on_event, "synthesize", 0, config.steps)
+    emit(on_event, "synthesize", first - 1, config.steps)
     with objective.frozen_teacher(), record_bn_inputs(layers, per_image=False) as stats:
-        for step in range(1, config.steps + 1):
+        for step in range(first, config.steps + 1):
             candidates = objective.candidates(step)
             two_passes = len(candidates) > 0
             labels = torch.randint(num_classes, (batch_size,), generator=rng).to(device)
@@ -62,8 +85,11 @@ def train_generator(
                 single = torch.full((batch_size,), label, dtype=torch.long, device=device)
                 stats.clear()
                 parts |= objective.single(step, label, stats, teacher_logits(single), single, rng)
-            objective.minimise(parts, optimizer, step, on_event)
+            objective.minimise(parts, optimizer)
             schedule.step()
+            if on_checkpoint is not None and objective.checkpoint_due(step):
+                on_checkpoint(state(step))
+            objective.progress(step, on_event)
     return objective.result(generator)
 
 

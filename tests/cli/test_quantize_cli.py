@@ -210,3 +210,61 @@ def test_progress_lines_leave_out_stages_with_no_steps():
             render(event)
     printed = console.file.getvalue()
     assert "Reconstructing blocks: 2 steps" in printed and "2/2" in printed and "Fine-tuning" not in printed
+
+
+def test_synthetic_from_reuses_the_images_of_fddaq_synth(tmp_path):
+    import torch
+
+    result = invoke("synth", *BASE[1:-1], "--num", "32", "--steps", "3", "--quiet", "--out", str(tmp_path / "synth"))
+    assert result.exit_code == 0, result.output
+    args = [*BASE, "--recipe", "fddaq", "--steps", "4", "--synthetic", "32", "--synth-steps", "3"]
+    result = invoke(*args, "--out", str(tmp_path / "made"))
+    assert result.exit_code == 0, result.output
+    synthetic = tmp_path / "synth" / "synthetic.pt"
+    result = invoke(*args, "--synthetic-from", str(synthetic), "--out", str(tmp_path / "reused"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "reused" / "report.json").read_text())
+    assert report["synthesis"]["method"] == "file" and report["synthesis"]["source"] == str(synthetic)
+    assert report["synthesis"]["images"] == 32 and "synthesize" not in report["timings_s"]
+    assert report["synthesis"]["quality"]["synthetic"]["float_top1"] > 50
+    # the same images as the run that synthesized them: the same model
+    assert (tmp_path / "reused" / "model.onnx").read_bytes() == (tmp_path / "made" / "model.onnx").read_bytes()
+
+    torch.save({"images": torch.zeros(4, 3, 28, 28), "labels": torch.zeros(4, dtype=torch.long)}, tmp_path / "rgb.pt")
+    (tmp_path / "junk.pt").write_text("not a tensor file")
+    for path, flags, message in (
+        (tmp_path / "rgb.pt", ("--steps", "2"), "the model takes float images (N, 1, 28, 28)"),
+        (tmp_path / "junk.pt", ("--steps", "2"), "is not a synthetic.pt of `fddaq synth`"),
+        (tmp_path / "none.pt", ("--steps", "2"), "does not exist"),
+        (synthetic, ("--recipe", "ptq"), "would go unused"),
+    ):
+        result = invoke(*BASE, "--synthetic-from", str(path), *flags, "--out", str(tmp_path / "bad"))
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_an_interrupted_synthesis_resumes_and_an_early_interrupt_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
+    import cli.render
+
+    args = [*BASE, "--recipe", "fddaq", "--steps", "3", "--synth-steps", "60", "--synthetic", "32"]
+    result = invoke(*args, "--out", str(tmp_path / "straight"))
+    assert result.exit_code == 0, result.output
+    original = cli.render.ProgressRenderer.__call__
+
+    def interrupt_at(step):
+        def handler(self, event):
+            if event.stage == "synthesize" and event.step == step:
+                raise KeyboardInterrupt
+            original(self, event)
+        return handler
+
+    monkeypatch.setattr(cli.render.ProgressRenderer, "__call__", interrupt_at(20))  # before the first state (step 50)
+    result = invoke(*args, "--out", str(tmp_path / "early"))
+    assert result.exit_code == 130 and "Nothing was saved" in result.output and "--resume" not in result.output
+    monkeypatch.setattr(cli.render.ProgressRenderer, "__call__", interrupt_at(55))
+    out = tmp_path / "interrupted"
+    result = invoke(*args, "--out", str(out))
+    assert result.exit_code == 130 and "--resume" in result.output and (out / "resume.pt").exists()
+    monkeypatch.setattr(cli.render.ProgressRenderer, "__call__", original)
+    result = invoke(*args, "--out", str(out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.onnx").read_bytes() == (tmp_path / "straight" / "model.onnx").read_bytes()

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -62,3 +63,20 @@ def test_synth_method_pool_and_an_unknown_method(tmp_path):
     result = runner.invoke(app, [*base, "--method", "diffusion", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 1 and "unknown synthesis method 'diffusion'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_data_free_synth_runs_without_calibration_images_and_other_recipes_ask_for_them(tmp_path):
+    base = ["synth", str(EXAMPLE / "model.pth"), "--arch", "fddaq:fashion_resnet", "--num", "20", "--steps", "2", "--quiet"]
+    result = runner.invoke(app, [*base, "--recipe", "data-free", "--out", str(tmp_path / "free")])
+    assert result.exit_code == 0, result.output
+    strict = lambda constant: pytest.fail(f"report.json holds {constant}")  # noqa: E731 (JSON has no NaN)
+    report = json.loads((tmp_path / "free" / "report.json").read_text(), parse_constant=strict)
+    assert report["config"]["method"] == "generator" and report["config"]["real_images"] is False
+    assert report["data"]["calib_images"] == 0 and report["synthesis"]["classes_with_center"] == 0
+    assert report["synthesis"]["quality"]["synthetic"]["separation"] is None  # nothing to measure against
+    assert report["synthesis"]["quality"]["synthetic"]["diversity"] is None
+    labels = torch.load(tmp_path / "free" / "synthetic.pt", weights_only=True)["labels"]
+    assert sorted(set(labels.tolist())) == list(range(10))
+    for recipe, message in (("fddaq", "give --calib DIR"), ("ptq", "synthesis follows one of")):
+        result = runner.invoke(app, [*base, "--recipe", recipe, "--out", str(tmp_path / recipe)])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output

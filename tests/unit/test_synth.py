@@ -193,3 +193,25 @@ def test_preview_rows_are_labelled_with_class_names():
     assert (named[:, label_width:] == plain).all()
     column = named[:, :label_width]
     assert (column[:12] < 128).any() and (column[14:] < 128).any()  # dark text in both rows
+
+
+@pytest.mark.parametrize("method", ["pool", "generator"])
+def test_an_interrupted_synthesis_resumes_to_the_same_result(method):
+    model, layers, stats = setup()
+    real, labels = torch.randn(8, 1, 16, 16), stats.labels
+    config = SynthConfig(method=method, steps=7, num_images=12, checkpoint_every=3, **SMALL)
+
+    def run(on_checkpoint=None, resume=None):
+        if method == "pool":
+            return optimize_pool(model, layers, stats, real, labels, config, on_checkpoint=on_checkpoint, resume=resume)
+        result = train_generator(model, layers, stats, (1, 16, 16), config, on_checkpoint=on_checkpoint, resume=resume)
+        return (*generate(result.generator, 12), result)
+
+    states = []
+    straight = run(states.append)
+    assert [s["step"] for s in states] == [3, 6]  # none after the last step
+    resumed = run(resume=states[0])
+    assert torch.equal(straight[0], resumed[0]) and torch.equal(straight[1], resumed[1])
+    assert straight[2].curves == resumed[2].curves
+    if method == "pool":  # a state is a copy: the run that handed it out went on without changing it
+        assert not torch.equal(states[0]["images"], straight[0])
