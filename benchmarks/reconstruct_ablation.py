@@ -89,6 +89,7 @@ def main() -> None:
                          calibration=replace(config.calibration, **calibration))
         if "synth" in options:
             config = replace(config, synth=replace(config.synth, num_images=int(options["synth"])))
+        config = replace(config, auto_synthesis=False)  # the variant says whether it synthesizes
         uses_synthesis = config.synth.num_images > 0 and (config.finetune.steps > 0 or config.reconstruct.iterations > 0)
         synth = replace(recipe_config("fddaq", QuantConfig(), args.seed).synth,
                         **{k[2:]: value(v) for k, v in options.items() if k.startswith("s.")})

@@ -1,8 +1,10 @@
 """FDDA synthesis quality and cost (issues 3 and 17), each run in a fresh process (for its peak memory).
 
     .venv/bin/python benchmarks/synth_quality.py fashion [--steps 500] [--num 1000] [--models resnet mobilenet]
-        [--per-class 1 10] [--variants ...]
-    .venv/bin/python benchmarks/synth_quality.py efficientnet [--steps 20] [--variants ...]
+        [--per-class 1 10] [--variants ...] [--set FIELD=VALUE ...]
+    .venv/bin/python benchmarks/synth_quality.py efficientnet [--steps 20] [--variants ...] [--set FIELD=VALUE ...]
+
+`--set` overrides SynthConfig fields in every variant (e.g. `--set pool_lr=0.03 batch_size=8`).
 
 Variants: FDDA's losses train the paper's conditional generator (`generator, ...`: the
 ablation global-BNS only (GDFQ-like) / + C-BNS / + D-BNS / both, the paper) or optimise a
@@ -83,7 +85,8 @@ def one_run(spec: dict) -> dict:
     stats = class_statistics(model, layers, inputs.calib.images, inputs.calib.labels, inputs.num_classes)
     config = SynthConfig(**{"steps": spec["steps"], "num_images": spec["num"], "batch_size": spec["batch"], **spec["variant"]})
     if config.method == "pool":  # it covers the classes with a real image
-        images, labels, result = optimize_pool(model, layers, stats, inputs.calib.images, inputs.calib.labels, config)
+        images, labels, result = optimize_pool(model, layers, stats, inputs.calib.images, inputs.calib.labels, config,
+                                               bounds=inputs.info.preprocess.input_range())
     else:
         result = train_generator(model, layers, stats, inputs.input_shape, config)
         covered = stats.centers(exclude_misclassified=False)[2].nonzero().flatten()
@@ -171,8 +174,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(one_run(json.loads(args.child))))
         return
-    fields = {key: float(text) if "." in text or "e" in text else int(text)
-              for key, text in (pair.split("=", 1) for pair in args.set)}
+    from reconstruct_ablation import value  # the same FIELD=VALUE reading
+
+    fields = {key: value(text) for key, text in (pair.split("=", 1) for pair in args.set)}
     suffix = "".join(f", {pair}" for pair in args.set)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

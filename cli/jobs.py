@@ -360,7 +360,7 @@ def run_quantize(
     synthetic = None
     if synthetic_from is not None:
         synthetic = read_synthetic(synthetic_from)
-        config = replace(config, synth=replace(config.synth, num_images=len(synthetic[1])))
+        config = replace(config, synth=replace(config.synth, num_images=len(synthetic[1])), auto_synthesis=False)
     state = read_resume_state(out) if resume else None
     loaded, checked = checked_float(source, config.quant, config, on_event)
     result = quantize(source, config, on_event, lambda s: atomic_write_bytes(out / RESUME_FILE, tensors_bytes(s)), state,
@@ -368,7 +368,7 @@ def run_quantize(
     if not current().is_main:  # a torchrun job: rank 0 exports, verifies and writes
         return None
     inputs = result.inputs
-    checkpoint = checkpoint_bytes(result.model, result.plan, inputs.info, {"config": config.to_json()})
+    checkpoint = checkpoint_bytes(result.model, result.plan, inputs.info, {"config": result.config.to_json()})
     check = inputs.val or inputs.calib
     deployment = deploy(result.model, checked.float_bytes, inputs.info, result.plan, check.images,
                         check.labels if inputs.val is not None else None, on_event=on_event)
@@ -377,7 +377,7 @@ def run_quantize(
     drop = None
     if result.float_top1 is not None and verify.onnx_top1 is not None:
         drop = result.float_top1 - verify.onnx_top1
-    header = _header("quantize", source, config.to_json(), device)
+    header = _header("quantize", source, result.config.to_json(), device)
     header["versions"].update(deployment.versions)
     report = {
         **header,
@@ -385,6 +385,7 @@ def run_quantize(
         "plan": result.plan.to_json(),
         "data": {**_data(inputs), "verify_set": "val" if inputs.val is not None else "calib"},
         "synthesis": None if result.synthesis is None else result.synthesis.report,
+        "synthesis_choice": result.synthesis_why,
         "accuracy": {
             "float_top1": result.float_top1,
             "fake_quant_top1": result.quant_top1,
@@ -415,6 +416,7 @@ def run_quantize(
                                      f"= {report['size']['ratio']:.3f}x"),
         ("lowest layer SQNR vs float", _worst_layers(result.layer_sqnr)),
         *([] if result.reconstruct is None else [_reconstruct_row(result.reconstruct)]),
+        ("synthetic images", result.synthesis_why),
         *([] if result.synthesis is None else _synthesis_rows(result.synthesis)),
         *((f"time: {stage}", f"{seconds:.2f}s") for stage, seconds in timings.items()),
     ]

@@ -186,8 +186,10 @@ SYNTH_METHODS = ("pool", "generator")
 class SynthConfig:
     """FDDA synthesis: the paper's losses (C-BNS, D-BNS, global BNS, cross-entropy) optimise
     `method` "pool", a pool of images started from augmented real images (`synth.pool`:
-    `pool_lr` on the pixels, `pool_noise` added at the start; the default: measured far more
-    recognisable and separable, a step at a quarter to a half of the cost, benchmarks/RESULTS.md), or train
+    `pool_lr` on the pixels of the images a step draws, `pool_noise` added at the start; the
+    default: measured far more recognisable and separable, a step at a quarter to a half of the
+    cost, benchmarks/RESULTS.md; each image is drawn about 16 times in 500 steps, so its lr is
+    0.1, the lowest of 0.01 / 0.03 / 0.1 that gives every bundled setting >= 0.8x real diversity), or train
     "generator", the paper's conditional generator (`synth.train`: `fdda-paper` and
     `data-free`, which has no real image to start a pool from). The defaults are the paper's
     losses, weights and noise; `steps` is scaled to a CPU budget. `deep_start` overrides the first deep BN
@@ -258,6 +260,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     recipe: str = "custom"
     real_images: bool = True
+    auto_synthesis: bool = False  # the run chooses whether to synthesize (`recipes.synthesis_choice`)
 
     def __post_init__(self) -> None:
         if not self.real_images and self.synth.num_images == 0:

@@ -54,6 +54,12 @@ class Preprocess:
         """(C, H, W) of one model input."""
         return (self.channels, self.input_size, self.input_size)
 
+    def input_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest and highest model-input value of each channel (pixels 0 and 1), (C, 1, 1)."""
+        mean = torch.tensor(self.mean).expand(self.channels).reshape(-1, 1, 1)
+        std = torch.tensor(self.std).expand(self.channels).reshape(-1, 1, 1)
+        return (0 - mean) / std, (1 - mean) / std
+
     def to_json(self) -> dict:
         return asdict(self)
 

@@ -32,6 +32,7 @@ from .quant.modules import Selected
 from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
 from .reconstruct import ReconstructResult, reconstruct, view_pool
+from .recipes import synthesis_choice
 from .stats import ClassStatistics, batchnorm_layers, class_statistics, deep_layer_start
 from .synth.pool import optimize_pool
 from .synth.quality import QualityProbe
@@ -253,7 +254,8 @@ def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | No
     if config.method == "pool":
         used = len(inputs.calib) if real_images else 0  # data-free: the pool starts from noise
         images, labels, result = optimize_pool(model, layers, teacher, inputs.calib.images[:used],
-                                               inputs.calib.labels[:used], config, on_event, on_checkpoint, resume)
+                                               inputs.calib.labels[:used], config, on_event, on_checkpoint, resume,
+                                               inputs.info.preprocess.input_range())
     else:
         result = train_generator(model, layers, teacher, inputs.input_shape, config, on_event, on_checkpoint, resume)
         images, labels = generate(result.generator, config.num_images, config.seed, on_event=on_event)
@@ -326,6 +328,8 @@ class QuantizeResult:
     timings: dict[str, float]
     layer_sqnr: dict[str, float]  # dB per quantized layer's output vs float (val, else calib)
     reconstruct: ReconstructResult | None = None
+    synthesis_why: str = ""  # whether FDDA images were used, and why (`recipes.synthesis_choice`)
+    config: RunConfig | None = None  # the configuration run, with that choice made
 
 
 # A resumable state: {"config": RunConfig as a JSON string, "synthesis": {images, labels, report} or None,
@@ -392,6 +396,12 @@ def _quantize(
     device: torch.device,
 ) -> QuantizeResult:
     require_calibration(inputs)  # activation ranges and every measurement need real images
+    covered = len(inputs.calib.labels.unique())
+    config, synthesis_why = synthesis_choice(config, len(inputs.calib) / covered, covered, inputs.num_classes)
+    if synthesis is not None and (synthesis.report.get("method") == "file" or not config.synth.num_images):
+        # images handed in (a file, a benchmark's shared synthesis) are used whatever the choice
+        config = replace(config, synth=replace(config.synth, num_images=len(synthesis.labels)))
+        synthesis_why = f"{len(synthesis.labels)} synthetic images, given ({synthesis.report.get('source', 'by the caller')})"
     config_json = json.dumps(config.to_json(), sort_keys=True)
     if resume is not None and resume["config"] != config_json:
         raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
@@ -454,5 +464,6 @@ def _quantize(
         emit(on_event, "evaluate", 2, 3)
     emit(on_event, "evaluate", 3, 3)
     timings["evaluate"] = time.perf_counter() - start
-    return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr, reconstructed)
+    return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr, reconstructed,
+                          synthesis_why, config)
 

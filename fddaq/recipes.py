@@ -80,4 +80,45 @@ def recipe_config(
     if synth_method is not None:
         synth = replace(synth, method=synth_method)
     return RunConfig(quant=quant, calibration=CalibrationConfig(seed=seed), synth=synth, reconstruct=reconstruct,
-                     finetune=finetune, recipe=name, real_images=name != "data-free")
+                     finetune=finetune, recipe=name, real_images=name != "data-free",
+                     auto_synthesis=synthetic is None and name in AUTO_SYNTHESIS)
+
+
+AUTO_SYNTHESIS = ("reconstruct", "fddaq")  # recipes that choose whether to synthesize from the run's images
+
+# (reconstructs, setting) -> (synthesize?, the measurement behind it): benchmarks/RESULTS.md,
+# "Where synthetic images pay" (1,024 pool images, both bundled models, 3 seeds); setting "one"
+# (fewer than 2 images per class), "many" or "few" (some class has no calibration image).
+PAYS = {
+    (True, "one"): (False, "with one image per class the pool's images measured -0.40 (MobileNet) and -0.04 (ResNet) "
+                           "points for block reconstruction"),
+    (True, "many"): (False, "with 10 images per class the pool's images measured -0.03 (MobileNet) and +0.13 (ResNet) "
+                            "points for block reconstruction: no gain beyond noise"),
+    (True, "few"): (False, "with 3 of 10 classes covered the pool's images (of those classes only) measured -1.18 "
+                           "points for block reconstruction, the generator's (every class) -0.08"),
+    (False, "one"): (False, "with one image per class the pool's images measured -0.02 points for end-to-end fine-tuning"),
+    (False, "many"): (False, "with 10 images per class the pool's images measured -4.0 points for end-to-end fine-tuning"),
+    (False, "few"): (False, "with some classes uncovered the pool would add images of the covered classes only, which "
+                            "cost block reconstruction 1.18 points with 3 of 10 classes"),
+}
+
+
+def synthesis_choice(config: RunConfig, images_per_class: float, covered: int, classes: int) -> tuple[RunConfig, str]:
+    """Whether `config` synthesizes, chosen from what the run sees (when `auto_synthesis`):
+    the configuration to run and why, from issue 17's table of where FDDA's images pay
+    (benchmarks/RESULTS.md, "Where synthetic images pay"). `images_per_class`: real
+    calibration images per covered class; `covered` of `classes` classes have one."""
+    trains = config.finetune.steps > 0 or config.reconstruct.iterations > 0
+    if not config.auto_synthesis or not trains:
+        count = config.synth.num_images if trains or not config.real_images else 0
+        told = "set by the recipe and the options"
+        config = replace(config, synth=replace(config.synth, num_images=count), auto_synthesis=False)
+        return config, f"{count} synthetic images, {told}" if count else f"no synthetic images, {told}"
+    setting = "few" if covered < classes else "one" if images_per_class < 2 else "many"
+    reconstructs = config.reconstruct.iterations > 0
+    use = PAYS[reconstructs, setting][0]
+    seen = {"few": f"{covered} of {classes} classes have calibration images",
+            "one": f"{images_per_class:.3g} calibration image per class", "many": f"{images_per_class:.3g} calibration images per class"}
+    why = f"{seen[setting]}; {PAYS[reconstructs, setting][1]}"
+    synth = replace(config.synth, num_images=(config.synth.num_images or SynthConfig().num_images) if use else 0)
+    return replace(config, synth=synth, auto_synthesis=False), ("FDDA images: " if use else "no FDDA images: ") + why

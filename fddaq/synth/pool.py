@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..config import SynthConfig
 from ..device import model_device
+from ..distributed import current
 from ..events import EventHandler, emit
 from ..finetune import augment
 from ..stats import ClassStatistics, record_bn_inputs
@@ -44,8 +45,9 @@ class RowAdam:
     count, and only the drawn images move. (torch's Adam over the whole pool would update every
     image each step, and move the images not drawn along their old momentum.)"""
 
-    def __init__(self, pool: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.pool, self.lr, self.betas, self.eps = pool, lr, betas, eps
+    def __init__(self, pool: Tensor, lr: float, bounds: tuple[Tensor, Tensor] | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.pool, self.lr, self.bounds, self.betas, self.eps = pool, lr, bounds, betas, eps
         self.m, self.v = torch.zeros_like(pool), torch.zeros_like(pool)
         self.count = torch.zeros(len(pool), device=pool.device)
         self.rows = self.leaf = None
@@ -70,7 +72,8 @@ class RowAdam:
         self.m[rows], self.v[rows] = m, v
         t = self.count[rows].view(shape)
         step = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(self.eps))
-        self.pool[rows] = self.leaf.detach() - self.lr * step
+        moved = self.leaf.detach() - self.lr * step
+        self.pool[rows] = moved if self.bounds is None else torch.maximum(torch.minimum(moved, self.bounds[1]), self.bounds[0])
 
     def state_dict(self) -> dict:
         return {"m": _copy(self.m), "v": _copy(self.v), "count": _copy(self.count)}
@@ -95,13 +98,18 @@ def optimize_pool(
     on_event: EventHandler | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
+    bounds: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, SynthResult]:
     """Optimise `config.num_images` pool images for `config.steps` steps with FDDA's losses
     (`objective.Objective`); (images, labels, result) on the CPU. The pool covers the classes
-    that have a real image (all classes when none has). `on_checkpoint` receives a resumable
+    that have a real image (all classes when none has). `bounds`: the lowest and highest input
+    value per channel, (C, 1, 1) each (`Preprocess.input_range`): pixels stay where a camera's
+    can be (unbounded, a third of them left that range). `on_checkpoint` receives a resumable
     state every `config.checkpoint_every` steps; `resume` continues from one to the same
     images as an uninterrupted run."""
     objective = Objective(teacher, layers, statistics, config)
+    if not current().is_main:  # under torchrun every rank optimises the same pool: rank 0 hands out states
+        on_checkpoint = None
     rng = torch.Generator().manual_seed(config.seed)
     covered = labels.unique() if len(labels) else torch.arange(statistics.num_classes)
     if resume is None:
@@ -109,9 +117,12 @@ def optimize_pool(
     else:
         images, pool_labels = resume["images"].clone(), resume["labels"]
     device = model_device(teacher)
+    if bounds is not None:
+        bounds = (bounds[0].to(device), bounds[1].to(device))
+        images = torch.maximum(torch.minimum(images.to(device), bounds[1]), bounds[0])
     pool = images.to(device)
     pool_labels = pool_labels.to(device)
-    optimizer = RowAdam(pool, config.pool_lr)
+    optimizer = RowAdam(pool, config.pool_lr, bounds)
     first = 1
     if resume is not None:
         first = resume["step"] + 1

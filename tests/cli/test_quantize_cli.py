@@ -24,6 +24,7 @@ def test_quantize_writes_checkpoint_onnx_and_report(quick_run):
     assert set(report["timings_s"]) >= {"load", "calibrate", "finetune", "evaluate", "export", "verify", "total"}
     assert "ONNX top-1 (val)" in result.output
     assert report["synthesis"]["images"] == 64 and (out / "preview.png").exists()
+    assert report["synthesis_choice"] == "64 synthetic images, set by the recipe and the options"
 
 
 def test_export_from_checkpoint_alone_reproduces_the_graph(quick_run, tmp_path):
@@ -159,6 +160,7 @@ def test_recipes_ptq_and_paper(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "ptq" / "report.json").read_text())
     assert report["config"]["recipe"] == "ptq" and report["synthesis"] is None
+    assert report["synthesis_choice"] == "no synthetic images, set by the recipe and the options"
     assert report["finetune"]["steps"] == 0
     result = invoke(*BASE, "--recipe", "fdda-paper", "--steps", "5", "--synthetic", "16", "--synth-steps", "2",
                     "--out", str(tmp_path / "paper"))
@@ -226,6 +228,7 @@ def test_synthetic_from_reuses_the_images_of_fddaq_synth(tmp_path):
     report = json.loads((tmp_path / "reused" / "report.json").read_text())
     assert report["synthesis"]["method"] == "file" and report["synthesis"]["source"] == str(synthetic)
     assert report["synthesis"]["images"] == 32 and "synthesize" not in report["timings_s"]
+    assert report["synthesis_choice"] == f"32 synthetic images, given ({synthetic})"
     assert report["synthesis"]["quality"]["synthetic"]["float_top1"] > 50
     # the same images as the run that synthesized them: the same model
     assert (tmp_path / "reused" / "model.onnx").read_bytes() == (tmp_path / "made" / "model.onnx").read_bytes()

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -179,3 +181,29 @@ def test_reconstruction_runs_before_fine_tuning_and_resumes_from_a_unit():
     assert set(resumed.reconstruct.unit_losses) == set(reference.reconstruct.unit_losses)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_the_run_chooses_synthesis_from_its_images_unless_told(monkeypatch):
+    from fddaq import recipes
+    from fddaq.recipes import synthesis_choice
+
+    quant = QuantConfig()
+    config, why = synthesis_choice(recipe_config("reconstruct", quant), 1, 10, 10)
+    assert config.synth.num_images == 0 and why.startswith("no FDDA images: 1 calibration image per class;")
+    assert "block reconstruction" in why
+    config, why = synthesis_choice(recipe_config("fddaq", quant), 10, 10, 10)
+    assert config.synth.num_images == 0 and "10 calibration images per class" in why and "end-to-end" in why
+    config, why = synthesis_choice(recipe_config("fddaq", quant), 10, 3, 10)
+    assert config.synth.num_images == 0 and why.startswith("no FDDA images: 3 of 10 classes")
+    # the measured table decides: where it says synthesis pays, the recipe's images are made
+    monkeypatch.setitem(recipes.PAYS, (True, "few"), (True, "measured to pay"))
+    config, why = synthesis_choice(recipe_config("reconstruct", quant), 20, 19, 1000)
+    assert config.synth.num_images == 1024 and why == "FDDA images: 19 of 1000 classes have calibration images; measured to pay"
+    assert not config.auto_synthesis
+    for told in (recipe_config("reconstruct", quant, synthetic=64), recipe_config("fddaq", quant, synthetic=0),
+                 recipe_config("fdda-paper", quant), recipe_config("data-free", quant)):
+        config, why = synthesis_choice(told, 1, 3, 10)
+        assert config == replace(told, auto_synthesis=False) and why.endswith("set by the recipe and the options")
+    assert recipe_config("fddaq", quant).auto_synthesis
+    config, why = synthesis_choice(recipe_config("fddaq", quant, steps=0), 10, 10, 10)  # nothing trains
+    assert config.synth.num_images == 0 and why == "no synthetic images, set by the recipe and the options"

@@ -162,6 +162,16 @@ def test_row_adam_moves_only_the_drawn_images_and_is_adam_for_an_image_drawn_eve
     assert row_adam.count.tolist() == [3, 1, 1]
 
 
+def test_pool_pixels_stay_within_the_input_range():
+    model, layers, stats = setup()
+    real, labels = 3 * torch.randn(8, 1, 16, 16), stats.labels  # the start too goes beyond it
+    config = SynthConfig(method="pool", steps=20, num_images=12, batch_size=8, pool_lr=0.5)
+    bounds = (torch.full((1, 1, 1), -1.0), torch.full((1, 1, 1), 2.0))
+    images = optimize_pool(model, layers, stats, real, labels, config, bounds=bounds)[0]
+    assert images.min() == -1.0 and images.max() == 2.0
+    assert optimize_pool(model, layers, stats, real, labels, config)[0].abs().max() > 2.0  # unbounded
+
+
 def test_data_free_pool_starts_from_noise_over_every_class():
     model, layers, stats = setup()
     from fddaq.stats import ClassStatistics
