@@ -189,7 +189,8 @@ class SynthConfig:
     `pool_lr` on the pixels of the images a step draws, `pool_noise` added at the start; the
     default: measured far more recognisable and separable, a step at a quarter to a half of the
     cost, benchmarks/RESULTS.md; each image is drawn about 16 times in 500 steps, so its lr is
-    0.1, the lowest of 0.01 / 0.03 / 0.1 that gives every bundled setting >= 0.8x real diversity), or train
+    0.1, the lowest of 0.01 / 0.03 / 0.1 that gave every bundled setting >= 0.8x real diversity
+    before the pixels were clamped to the input range; clamped, 0.64-0.85x), or train
     "generator", the paper's conditional generator (`synth.train`: `fdda-paper` and
     `data-free`, which has no real image to start a pool from). The defaults are the paper's
     losses, weights and noise; `steps` is scaled to a CPU budget. `deep_start` overrides the first deep BN
