@@ -187,8 +187,8 @@ class SynthConfig:
     """FDDA synthesis: the paper's losses (C-BNS, D-BNS, global BNS, cross-entropy) optimise
     `method` "pool", a pool of images started from augmented real images (`synth.pool`:
     `pool_lr` on the pixels of the images a step draws, `pool_noise` added at the start; the
-    default: measured far more recognisable and separable, a step at a quarter to a half of the
-    cost, benchmarks/RESULTS.md; each image is drawn about 16 times in 500 steps, so its lr is
+    default: measured far more recognisable and separable, a step at a sixth to two fifths of
+    the cost, benchmarks/RESULTS.md; each image is drawn about 16 times in 500 steps, so its lr is
     0.1, the lowest of 0.01 / 0.03 / 0.1 that gave every bundled setting >= 0.8x real diversity
     before the pixels were clamped to the input range; clamped, 0.64-0.85x), or train
     "generator", the paper's conditional generator (`synth.train`: `fdda-paper` and

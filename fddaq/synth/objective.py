@@ -22,6 +22,7 @@ from ..events import EventHandler, emit
 from ..stats import ClassStatistics, deep_layer_start
 from .losses import centralized_bns_loss, class_loss, distorted_bns_loss, global_bns_loss
 
+
 class Optimizer(Protocol):
     """What `Objective.minimise` steps: a torch optimizer, or the pool's `RowAdam`."""
 

@@ -73,7 +73,7 @@ class RowAdam:
         t = self.count[rows].view(shape)
         step = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(self.eps))
         moved = self.leaf.detach() - self.lr * step
-        self.pool[rows] = moved if self.bounds is None else torch.maximum(torch.minimum(moved, self.bounds[1]), self.bounds[0])
+        self.pool[rows] = moved if self.bounds is None else moved.clamp(*self.bounds)
 
     def state_dict(self) -> dict:
         return {"m": _copy(self.m), "v": _copy(self.v), "count": _copy(self.count)}
@@ -119,7 +119,7 @@ def optimize_pool(
     device = model_device(teacher)
     if bounds is not None:
         bounds = (bounds[0].to(device), bounds[1].to(device))
-        images = torch.maximum(torch.minimum(images.to(device), bounds[1]), bounds[0])
+        images = images.to(device).clamp(*bounds)
     pool = images.to(device)
     pool_labels = pool_labels.to(device)
     optimizer = RowAdam(pool, config.pool_lr, bounds)
