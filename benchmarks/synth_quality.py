@@ -7,9 +7,12 @@
 `--set` overrides SynthConfig fields in every variant (e.g. `--set pool_lr=0.03 batch_size=8`).
 
 Variants: FDDA's losses train the paper's conditional generator (`generator, ...`: the
-ablation global-BNS only (GDFQ-like) / + C-BNS / + D-BNS / both, the paper) or optimise a
-pool of images started from augmented real images (`pool, ...`: the start alone, global BNS
-only, FDDA's losses).
+ablation global-BNS only (GDFQ-like) / + C-BNS / + D-BNS / both, the paper; then, each on top
+of the paper's losses, one change to the generator: its output mapped into the input range
+instead of the last BatchNorm, the paper's lr decays, BNS errors in units of each channel's
+spread, no label embedding, Genie-like learned latents; see SynthConfig) or optimise a pool of
+images started from augmented real images (`pool, ...`: the start alone, global BNS only,
+FDDA's losses, FDDA's losses in units of each channel's spread).
 fashion: the bundled Fashion-MNIST ResNet and MobileNet with 1 and 10 calibration images per
 class (`examples/fashion_mnist/calib`, first images of each class), measured on
 `examples/fashion_mnist/val` as the real held-out reference.
@@ -48,9 +51,16 @@ VARIANTS = {  # name: SynthConfig fields
     "generator, + C-BNS": dict(method="generator", dbns_weight=0.0),
     "generator, + D-BNS": dict(method="generator", cbns_weight=0.0),
     "generator, C-BNS + D-BNS (FDDA)": dict(method="generator"),
+    # ablations of FDDA's generator (SynthConfig's docstring)
+    "generator, output mapped into the input range (no last BN)": dict(method="generator", generator_output="range"),
+    "generator, lr / 10 at 1/4, 1/2, 3/4 (the paper's schedule)": dict(method="generator", lr_milestones=(0.25, 0.5, 0.75)),
+    "generator, BNS in units of each channel's spread": dict(method="generator", bns_scale="standardised"),
+    "generator, no label embedding": dict(method="generator", label_embedding=False),
+    "generator, learned latents (Genie-like)": dict(method="generator", latents="learned"),
     "pool, start only (0 steps)": dict(method="pool", steps=0),
     "pool, global BNS only": dict(method="pool", cbns_weight=0.0, dbns_weight=0.0, ce_single_weight=0.0),
     "pool, C-BNS + D-BNS (FDDA)": dict(method="pool"),
+    "pool, BNS in units of each channel's spread": dict(method="pool", bns_scale="standardised"),
 }
 
 
@@ -88,10 +98,10 @@ def one_run(spec: dict) -> dict:
         images, labels, result = optimize_pool(model, layers, stats, inputs.calib.images, inputs.calib.labels, config,
                                                bounds=inputs.info.preprocess.input_range())
     else:
-        result = train_generator(model, layers, stats, inputs.input_shape, config)
+        result = train_generator(model, layers, stats, inputs.input_shape, config, bounds=inputs.info.preprocess.input_range())
         covered = stats.centers(exclude_misclassified=False)[2].nonzero().flatten()
         classes = covered if spec.get("covered_only") else None
-        images, labels = generate(result.generator, config.num_images, seed=1, classes=classes)
+        images, labels = generate(result.generator, config.num_images, seed=1, classes=classes, latents=result.latents)
     probe = QualityProbe(model, layers, stats, result.deep_start)
     reference = inputs.calib
     if spec.get("val"):

@@ -180,6 +180,9 @@ class ReconstructConfig:
 
 
 SYNTH_METHODS = ("pool", "generator")
+GENERATOR_OUTPUTS = ("batchnorm", "range")
+BNS_SCALES = ("raw", "standardised")
+LATENTS = ("fresh", "learned")
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,17 @@ class SynthConfig:
     images after 500 steps with decays than without), so `lr_milestones` (fractions of
     `steps`) is empty by default: a constant lr. The first `center_warmup` fraction of steps uses every
     calibration image for the centers, then misclassified images are dropped. A resumable
-    state is handed out every `checkpoint_every` steps."""
+    state is handed out every `checkpoint_every` steps.
+
+    Ablations of the generator (issue 17; the defaults are GDFQ's and FDDA's):
+    `generator_output` "batchnorm" standardises the tanh output per batch (which also
+    standardises every single-class batch like a mixed one), "range" maps it into the model's
+    input range instead; `label_embedding` False conditions on the label through the
+    conditional BatchNorms only, not z x embedding; `bns_scale` "standardised" measures every
+    BNS error in units of its channel's spread (`losses.bns_loss`) instead of raw units;
+    `latents` "learned" (Genie-like) gives each of the `num_images` images its own latent,
+    optimised with the generator (at `pool_lr`), and draws the final images from those
+    latents instead of fresh noise."""
 
     method: str = "pool"
     steps: int = 500
@@ -222,11 +235,17 @@ class SynthConfig:
     deep_start: int | None = None
     center_warmup: float = 0.125
     checkpoint_every: int = 50
+    generator_output: str = "batchnorm"
+    label_embedding: bool = True
+    bns_scale: str = "raw"
+    latents: str = "fresh"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in SYNTH_METHODS:
-            raise ConfigError(f"unknown synthesis method {self.method!r}; methods: {', '.join(SYNTH_METHODS)}")
+        for name, choices in (("method", SYNTH_METHODS), ("generator_output", GENERATOR_OUTPUTS),
+                              ("bns_scale", BNS_SCALES), ("latents", LATENTS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"unknown synthesis {name} {getattr(self, name)!r}; choices: {', '.join(choices)}")
         _check_positive("steps", self.steps, allow_zero=True)
         _check_positive("num_images", self.num_images, allow_zero=True)
         _check_positive("pool_noise", self.pool_noise, allow_zero=True)

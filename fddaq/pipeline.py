@@ -257,8 +257,9 @@ def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | No
                                                inputs.calib.labels[:used], config, on_event, on_checkpoint, resume,
                                                inputs.info.preprocess.input_range())
     else:
-        result = train_generator(model, layers, teacher, inputs.input_shape, config, on_event, on_checkpoint, resume)
-        images, labels = generate(result.generator, config.num_images, config.seed, on_event=on_event)
+        result = train_generator(model, layers, teacher, inputs.input_shape, config, on_event, on_checkpoint, resume,
+                                 inputs.info.preprocess.input_range())
+        images, labels = generate(result.generator, config.num_images, config.seed, on_event=on_event, latents=result.latents)
     stride = max(1, len(result.curves["total"]) // MAX_CURVE_POINTS)
     report = {
         "method": config.method,

@@ -43,6 +43,7 @@ class SynthResult:
     misclassified_excluded: int
     curves: dict[str, list[float]] = field(default_factory=dict)  # per loss, one value per step
     seconds: float = 0.0
+    latents: tuple[Tensor, Tensor] | None = None  # the learned latents and their labels (`SynthConfig.latents`)
 
     def summary(self) -> dict:
         window = max(1, min(50, len(self.curves["total"]) // 10)) if self.curves.get("total") else 1
@@ -70,6 +71,7 @@ class Objective:
             flag: ([m.to(device) for m in means], [v.to(device) for v in variances], has_center)
             for flag, (means, variances, has_center) in ((f, statistics.centers(f)) for f in (False, True))
         }
+        self.standardised = config.bns_scale == "standardised"
         self.use_centers = config.cbns_weight > 0 or config.dbns_weight > 0 or config.ce_single_weight > 0
         self.warmup = int(config.center_warmup * config.steps)
         self.weights = {"ce": config.ce_weight, "bns": config.bns_weight, "cbns": config.cbns_weight,
@@ -85,7 +87,7 @@ class Objective:
 
     def mixed(self, stats: list[tuple[Tensor, Tensor]], logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The mixed-class pass: cross-entropy and global BNS."""
-        return {"ce": class_loss(logits, labels), "bns": global_bns_loss(stats, self.running)}
+        return {"ce": class_loss(logits, labels), "bns": global_bns_loss(stats, self.running, self.standardised)}
 
     def single(self, step: int, label: int, stats: list[tuple[Tensor, Tensor]], logits: Tensor, labels: Tensor,
                rng: torch.Generator) -> dict[str, Tensor]:
@@ -93,8 +95,8 @@ class Objective:
         mean_c, var_c, _ = self.centers[step > self.warmup]
         targets = [(m[label], v[label]) for m, v in zip(mean_c[self.deep:], var_c[self.deep:])]
         noise = (self.config.noise_mean_std, self.config.noise_var_std)
-        return {"cbns": centralized_bns_loss(stats[self.deep:], targets),
-                "dbns": distorted_bns_loss(stats[self.deep:], targets, *noise, rng),
+        return {"cbns": centralized_bns_loss(stats[self.deep:], targets, self.standardised),
+                "dbns": distorted_bns_loss(stats[self.deep:], targets, *noise, rng, self.standardised),
                 "ce_single": class_loss(logits, labels)}
 
     def minimise(self, parts: dict[str, Tensor], optimizer: Optimizer) -> None:
@@ -138,6 +140,6 @@ class Objective:
             for p in frozen:
                 p.requires_grad_(True)
 
-    def result(self, generator: nn.Module | None) -> SynthResult:
+    def result(self, generator: nn.Module | None, latents: tuple[Tensor, Tensor] | None = None) -> SynthResult:
         return SynthResult(generator, self.deep, len(self.layers), int(self.centers[True][2].sum()),
-                           self.statistics.misclassified, self.curves, time.perf_counter() - self.start)
+                           self.statistics.misclassified, self.curves, time.perf_counter() - self.start, latents)

@@ -1,7 +1,10 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from fddaq.config import SynthConfig
+from fddaq.errors import ConfigError
 from fddaq.stats import batchnorm_layers, class_statistics
 from fddaq.synth.generator import Generator
 from fddaq.synth.losses import bns_loss, centralized_bns_loss, class_loss, distorted_bns_loss, global_bns_loss
@@ -41,6 +44,20 @@ def test_distorted_loss_draws_fresh_seeded_noise_of_the_given_std():
     assert distorted_bns_loss(big, big, 0.5, 1.0, g()).item() == pytest.approx(0.25 + 1.0, rel=0.05)
 
 
+def test_standardised_bns_measures_errors_in_units_of_each_channels_spread():
+    scale = torch.tensor([4.0, 100.0])
+    # mean errors 2 and 10 are one standard deviation each; variance errors 4 and 100 are one variance each
+    loss = bns_loss(torch.tensor([2.0, 10.0]), torch.tensor([8.0, 200.0]), torch.zeros(2), torch.tensor([4.0, 100.0]), scale)
+    assert loss.item() == pytest.approx(1.0 + 1.0)
+    # a channel that never varies is measured against a tenth of the median spread, not 0
+    dead = bns_loss(torch.tensor([1.0, 0.0, 0.0]), torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.tensor([0.0, 1.0, 1.0]))
+    assert dead.item() == pytest.approx((1.0 / 0.1) / 3)
+    assert global_bns_loss(S := [(torch.tensor([2.0, 10.0]), torch.tensor([4.0, 100.0]))], [(torch.zeros(2), scale)], True).item() == \
+        pytest.approx(1.0)
+    assert centralized_bns_loss(S, [(torch.zeros(2), scale)], True).item() == pytest.approx(1.0)
+    assert distorted_bns_loss(S, [(torch.zeros(2), scale)], 0.0, 0.0, None, True).item() == pytest.approx(1.0)
+
+
 def test_class_loss_is_cross_entropy():
     logits = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
     assert class_loss(logits, torch.tensor([0, 1])).item() < 1e-3
@@ -52,6 +69,17 @@ def test_generator_shapes_for_grey_rgb_and_odd_sizes(channels, size):
     x = gen.sample(torch.arange(6) % 7)
     assert x.shape == (6, channels, size, size)
     assert abs(x.mean().item()) < 0.2  # standardised output
+
+
+def test_a_generator_with_bounds_draws_within_the_input_range_and_can_drop_the_label_embedding():
+    low, high = torch.tensor([-0.5, 0.0, -2.0]).view(3, 1, 1), torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1)
+    gen = Generator(num_classes=5, channels=3, image_size=12, width=8, bounds=(low, high), label_embedding=False)
+    assert gen.embed is None and gen.standardise is None
+    x = gen.sample(torch.arange(16) % 5)
+    assert x.shape == (16, 3, 12, 12) and (x >= low).all() and (x <= high).all()
+    assert x[:, 2].max() > 0.5  # the range is used, not squeezed into [-1, 1]
+    # a single-class batch is not standardised like a mixed one: its own mean survives
+    assert abs(gen.sample(torch.zeros(16, dtype=torch.long))[:, 2].mean().item()) > 1e-3
 
 
 def setup(channels=1):
@@ -89,6 +117,30 @@ def test_only_classes_with_a_center_get_center_losses():
     empty = type(empty)(empty.means, empty.variances, empty.labels, torch.tensor([False, False]), 4)
     result = train_generator(model, layers, empty, (1, 16, 16), SynthConfig(steps=2, center_warmup=0, **SMALL))
     assert result.curves["cbns"] == [] and result.classes_with_center == 0
+
+
+def test_learned_latents_are_optimised_and_are_what_the_images_are_drawn_from():
+    model, layers, stats = setup()
+    config = SynthConfig(method="generator", steps=2, num_images=10, latents="learned", **SMALL)
+    a = train_generator(model, layers, stats, (1, 16, 16), config)
+    latents, labels = a.latents
+    assert latents.shape == (10, 8) and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    start = train_generator(model, layers, stats, (1, 16, 16), replace(config, steps=0)).latents
+    assert torch.equal(start[1], labels) and not torch.equal(start[0], latents)  # optimised
+    x, y = generate(a.generator, 10, latents=a.latents)
+    assert torch.equal(y, labels) and x.shape == (10, 1, 16, 16)
+    b = train_generator(model, layers, stats, (1, 16, 16), config)
+    assert torch.equal(b.latents[0], latents) and a.curves == b.curves
+
+
+def test_synthesis_choices_are_checked():
+    with pytest.raises(ConfigError, match="generator_output 'warp'; choices: batchnorm, range"):
+        SynthConfig(generator_output="warp")
+    with pytest.raises(ConfigError, match="bns_scale"):
+        SynthConfig(bns_scale="log")
+    model, layers, stats = setup()
+    with pytest.raises(ConfigError, match="input range"):
+        train_generator(model, layers, stats, (1, 16, 16), SynthConfig(steps=1, generator_output="range", **SMALL))
 
 
 def test_generator_steps_lower_the_loss():
@@ -205,17 +257,17 @@ def test_preview_rows_are_labelled_with_class_names():
     assert (column[:12] < 128).any() and (column[14:] < 128).any()  # dark text in both rows
 
 
-@pytest.mark.parametrize("method", ["pool", "generator"])
-def test_an_interrupted_synthesis_resumes_to_the_same_result(method):
+@pytest.mark.parametrize("method, latents", [("pool", "fresh"), ("generator", "fresh"), ("generator", "learned")])
+def test_an_interrupted_synthesis_resumes_to_the_same_result(method, latents):
     model, layers, stats = setup()
     real, labels = torch.randn(8, 1, 16, 16), stats.labels
-    config = SynthConfig(method=method, steps=7, num_images=12, checkpoint_every=3, **SMALL)
+    config = SynthConfig(method=method, steps=7, num_images=12, checkpoint_every=3, latents=latents, **SMALL)
 
     def run(on_checkpoint=None, resume=None):
         if method == "pool":
             return optimize_pool(model, layers, stats, real, labels, config, on_checkpoint=on_checkpoint, resume=resume)
         result = train_generator(model, layers, stats, (1, 16, 16), config, on_checkpoint=on_checkpoint, resume=resume)
-        return (*generate(result.generator, 12), result)
+        return (*generate(result.generator, 12, latents=result.latents), result)
 
     states = []
     straight = run(states.append)
