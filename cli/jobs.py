@@ -74,11 +74,23 @@ def _device_name(device: torch.device) -> str:
 
 def _data(inputs: Inputs) -> dict:
     return {
-        "calib_images": len(inputs.calib), "calib_skipped": inputs.calib.skipped,
-        "calib_labelled": inputs.calib.labelled,
+        "calib_images": len(inputs.calib), "calib_skipped": inputs.calib.skipped, "calib_layout": inputs.calib.layout,
+        "calib_labelled": inputs.calib.labelled, "calib_float_top1": inputs.calib_top1,
+        "warnings": [w for w in [inputs.class_order_warning()] if w],
         "val_images": None if inputs.val is None else len(inputs.val),
         "val_skipped": None if inputs.val is None else inputs.val.skipped,
     }
+
+
+def _data_rows(inputs: Inputs) -> list[tuple[str, str]]:
+    """The preprocessing, the images read and the unreadable files skipped (also in summary.md)."""
+    rows = [("preprocessing", inputs.info.preprocess.describe())]
+    for name, images in (("calibration images", inputs.calib), ("validation images", inputs.val)):
+        if images is not None and (len(images) or images.skipped):
+            skipped = f", {images.skipped} unreadable files skipped" if images.skipped else ""
+            rows.append((name, f"{len(images)} ({images.layout}{skipped})"))
+    warning = inputs.class_order_warning()
+    return rows + ([("WARNING: class order", f"{warning} (give --classes FILE)")] if warning else [])
 
 
 def _finite(value: float | None) -> float | None:
@@ -128,24 +140,28 @@ def run_verify(onnx_path: Path, checkpoint_path: Path, data_dir: Path, min_agree
     """Compare the ONNX file with the checkpoint's fake-quant model on the images of `data_dir`
     (accuracies too when it has class folders); `passed` says whether both agreements reach
     `min_agreement` percent."""
-    from exporters.runtime import verify
+    from exporters.runtime import load_onnx, verify
 
     start = time.perf_counter()
     if not 0 <= min_agreement <= 100:
         raise ConfigError(f"--min-agreement={min_agreement} must be within 0..100 (a percentage)")
-    if not onnx_path.is_file():
-        raise ConfigError(f"ONNX file {onnx_path} does not exist")
+    graph = load_onnx(onnx_path)
     checkpoint = load_checkpoint(checkpoint_path)
     images = load_image_folder(data_dir, checkpoint.info.preprocess, checkpoint.info.class_names)
-    result = verify(onnx_path, checkpoint.model, images.images, images.labels if images.labelled else None, on_event=on_event)
-    passed = min(result.agreement, result.optimized_agreement) >= min_agreement
+    result = verify(graph, checkpoint.model, images.images, images.labels if images.labelled else None, on_event=on_event)
+    failures = []
+    if min(result.agreement, result.optimized_agreement) < min_agreement:
+        failures.append(f"top-1 agreement below {min_agreement}%")
+    if result.activation_values == 0:  # a graph of another model, or one fddaq did not write
+        failures.append("no quantized activation of the checkpoint could be compared: the graph has none of its "
+                        "layers' quantized inputs (is it the checkpoint's export?)")
     report = {
         "fddaq_version": __version__,
         "command": "verify",
         "inputs": {"onnx": str(onnx_path), "checkpoint": str(checkpoint_path), "data": str(data_dir)},
         "data": {"images": len(images), "skipped": images.skipped, "labelled": images.labelled},
         "verify": result.to_json(),
-        "gate": {"min_agreement": min_agreement, "passed": passed},
+        "gate": {"min_agreement": min_agreement, "passed": not failures, "failures": failures},
         "timings_s": {"total": time.perf_counter() - start},
     }
     report["table"] = [
@@ -257,6 +273,7 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
                       "total": time.perf_counter() - start},
     }
     report["table"] = [
+        *_data_rows(inputs),
         ("synthetic images", str(len(synthesis.labels))),
         *_synthesis_rows(synthesis),
         ("seconds per generator step", f"{report['synthesis']['seconds_per_step']:.3f}"),
@@ -347,13 +364,14 @@ def read_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 def run_quantize(
     source: Source, config: RunConfig, out: Path, on_event: EventHandler | None = None, resume: bool = False,
-    device: torch.device = torch.device("cpu"), synthetic_from: Path | None = None,
+    device: torch.device = torch.device("cpu"), synthetic_from: Path | None = None, max_drop: float | None = None,
 ) -> dict | None:
     """Quantize (on `device`), export, verify (on the CPU, against onnxruntime's CPU kernels);
     write quantized.pt, model.onnx, report.json (and preview.png when synthetic data was used)
     into `out`. While synthesizing, reconstructing and fine-tuning, `out/resume.pt` holds the
     latest resumable state; `resume` continues from it. It is removed once all is written.
-    `synthetic_from`: a synthetic.pt whose images are used instead of synthesizing."""
+    `synthetic_from`: a synthetic.pt whose images are used instead of synthesizing. `max_drop`:
+    the quality gate (points of ONNX top-1 below float on val), recorded with its outcome."""
     from exporters.deploy import deploy
 
     start = time.perf_counter()
@@ -404,12 +422,16 @@ def run_quantize(
             {**entry, "sqnr_db": _finite(result.layer_sqnr.get(entry["name"]))} for entry in result.plan.to_json()
         ],
         "timings_s": timings,
-        "gate": {"drop": drop},
+        "gate": {"drop": drop, "max_drop": max_drop,
+                 "passed": None if max_drop is None or drop is None else bool(drop <= max_drop)},
     }
     report["table"] = [
+        *_data_rows(inputs),
         ("float top-1 (val)", _pct(result.float_top1)),
         ("fake-quant top-1 (val)", _pct(result.quant_top1)),
         ("ONNX top-1 (val)", _pct(verify.onnx_top1)),
+        *([] if max_drop is None else [("quality gate (--max-drop)", f"{'passed' if report['gate']['passed'] else 'FAILED'}: "
+                                        f"{drop:.2f} points below float, at most {max_drop:g} allowed")]),
         (f"ONNX vs fake-quant top-1 agreement ({report['data']['verify_set']}, {verify.samples} images)", _pct(verify.agreement)),
         *verify_rows(verify)[1:],
         ("ONNX size vs float ONNX", f"{len(deployment.onnx) / 1024:.1f} KiB / {deployment.float_size / 1024:.1f} KiB "

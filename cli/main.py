@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -114,9 +115,9 @@ def _save_config(ctx: typer.Context, out: Path) -> None:
     """The resolved options, for `--config` to repeat the run."""
     from fddaq.io import atomic_write_bytes
 
-    from .config_file import config_toml
+    from .config_file import config_toml, path_options
 
-    atomic_write_bytes(out / "config.toml", config_toml(ctx.command.name, ctx.params).encode())
+    atomic_write_bytes(out / "config.toml", config_toml(ctx.command.name, ctx.params, path_options(ctx.command)).encode())
 
 
 def _show(title: str, report: dict, out: Optional[Path] = None) -> None:
@@ -137,12 +138,35 @@ def _show(title: str, report: dict, out: Optional[Path] = None) -> None:
             err_console.print(f"Warning: cannot append to GITHUB_STEP_SUMMARY ({step_summary}): {exc}")
 
 
+def _check_writable(folder: Path, what: str) -> None:
+    """Before any work: `folder` is, or can be created as, a folder this process can write in
+    (a file in the way, or a read-only place, would otherwise fail after the expensive stages)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {folder}: {existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise ConfigError(f"{what} {folder}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
 def _check_file(path: Optional[Path], force: bool) -> None:
-    if path is not None and path.exists() and not force:
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give a file name")
+    if path.exists() and not force:
         raise ConfigError(f"{path} exists: pass --force to overwrite it")
+    _check_writable(path.parent, "cannot write the file into")
 
 
 def _check_outputs(out: Path, names: tuple[str, ...], force: bool) -> None:
+    _check_writable(out, "--out")
+    folders = [name for name in names if (out / name).is_dir()]
+    if folders:
+        raise ConfigError(f"{out} holds folders named {', '.join(folders)}, where the outputs go: choose another --out")
     existing = [name for name in names if (out / name).exists()]
     if existing and not force:
         raise ConfigError(f"{out} already holds {', '.join(existing)}: pass --force to overwrite or choose another --out")
@@ -245,6 +269,55 @@ def _resolve_device(spec: str):
     return resolve_device(spec)
 
 
+LOCK_FILE = ".fddaq.lock"
+
+
+@contextlib.contextmanager
+def _locked(out: Path, owner: bool = True):
+    """One writer per --out: `out/.fddaq.lock` holds the writing process's id while it runs,
+    and a second run on the folder is refused (a lock whose process has ended is taken over).
+    A folder this creates and leaves empty is removed again. `owner`: this process writes
+    (rank 0 of a torchrun job)."""
+    if not owner:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise ConfigError(f"{out} is being written by another fddaq run (process {holder}): wait for it to end, "
+                                  "or choose another --out") from None
+            lock.unlink(missing_ok=True)  # left by a run that no longer runs
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+
+
+def _lock_holder(lock: Path) -> int | None:
+    """The id of the running process that holds `lock`, or None (it ended, or the file is not one)."""
+    try:
+        pid = int(lock.read_text().strip())
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's running process
+        return pid
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
 @contextlib.contextmanager
 def _processes(device):
     """The torchrun job this process belongs to (a job of one without torchrun), left at the end."""
@@ -325,8 +398,7 @@ def quantize(
     quantized.pt, model.onnx, report.json, config.toml (these options, for --config),
     summary.md and, when images were synthesized, preview.png.
 
-    Example: fddaq quantize examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet
-    --calib examples/fashion_mnist/calib --val examples/fashion_mnist/val --bits 4 --out out/
+    Example: fddaq quantize examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet --calib examples/fashion_mnist/calib --val examples/fashion_mnist/val --bits 4 --out out/
     """
     from cli.jobs import run_quantize
     from fddaq.recipes import recipe_config
@@ -342,16 +414,17 @@ def quantize(
     source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
     where = _resolve_device(device)
-    with _processes(where) as ranks, ProgressRenderer(console, quiet or not ranks.is_main) as progress:
-        report = run_quantize(source, run_config, out, progress, resume, where, synthetic_from)
-    if report is None:  # another rank than 0 of a torchrun job: rank 0 reports
-        return
-    _save_config(ctx, out)
-    _show(f"fddaq quantize: {model.name} at W{quant.weight_bits}A{quant.act_bits}, recipe {recipe}", report, out)
-    console.print(f"wrote {out / 'quantized.pt'}, {out / 'model.onnx'}, {out / 'report.json'}, "
-                  f"{out / 'config.toml'}, {out / 'summary.md'}")
+    with _processes(where) as ranks, _locked(out, ranks.is_main):
+        with ProgressRenderer(console, quiet or not ranks.is_main) as progress:
+            report = run_quantize(source, run_config, out, progress, resume, where, synthetic_from, max_drop)
+        if report is None:  # another rank than 0 of a torchrun job: rank 0 reports
+            return
+        _save_config(ctx, out)
+        _show(f"fddaq quantize: {model.name} at W{quant.weight_bits}A{quant.act_bits}, recipe {recipe}", report, out)
+    written = [name for name in QUANTIZE_OUTPUTS if name != "preview.png" or report["synthesis"] is not None]
+    console.print(f"wrote {', '.join(str(out / name) for name in written)}")
     gate = report["gate"]
-    if max_drop is not None and gate["drop"] is not None and gate["drop"] > max_drop:
+    if gate["passed"] is False:
         err_console.print(f"Quality gate failed: ONNX top-1 is {gate['drop']:.2f} points below float (--max-drop {max_drop})")
         raise typer.Exit(EXIT_GATE)
 
@@ -392,8 +465,7 @@ def synth(
     statistics (a pool of images optimised from augmented calibration images, or the paper's
     conditional generator: --method) and write them (synthetic.pt), a preview grid and a report.
 
-    Example: fddaq synth examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet
-    --calib examples/fashion_mnist/calib --num 1024 --out synth/
+    Example: fddaq synth examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet --calib examples/fashion_mnist/calib --num 1024 --out synth/
     """
     from cli.jobs import run_synth
     from fddaq.config import QuantConfig
@@ -411,12 +483,13 @@ def synth(
     source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
     where = _resolve_device(device)
-    with _processes(where) as ranks, ProgressRenderer(console, quiet or not ranks.is_main) as progress:
-        report = run_synth(source, run_config.synth, out, progress, where, run_config.real_images)
-    if report is None:
-        return
-    _save_config(ctx, out)
-    _show(f"fddaq synth: {model.name}", report, out)
+    with _processes(where) as ranks, _locked(out, ranks.is_main):
+        with ProgressRenderer(console, quiet or not ranks.is_main) as progress:
+            report = run_synth(source, run_config.synth, out, progress, where, run_config.real_images)
+        if report is None:
+            return
+        _save_config(ctx, out)
+        _show(f"fddaq synth: {model.name}", report, out)
     console.print(f"wrote {out / 'synthetic.pt'}, {out / 'preview.png'}, {out / 'report.json'}, "
                   f"{out / 'config.toml'}, {out / 'summary.md'}")
 
@@ -474,7 +547,7 @@ def verify(
     if json_path is not None:
         atomic_write_json(json_path, report)
     if not report["gate"]["passed"]:
-        err_console.print(f"Verification failed: top-1 agreement below {min_agreement}%.")
+        err_console.print(f"Verification failed: {'; '.join(report['gate']['failures'])}.")
         raise typer.Exit(EXIT_GATE)
 
 
@@ -506,8 +579,7 @@ def plan(
     checking that the model and its quantized form export (a dry run of the export in
     onnxruntime): what would fail at the end of `quantize` fails here, in seconds.
 
-    Example: fddaq plan examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet --bits 4
-    --layer-bits 'fc=8'
+    Example: fddaq plan examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet --bits 4 --layer-bits 'fc=8'
     """
     from exporters.dry_run import dry_run
     from fddaq.io import atomic_write_json
@@ -528,11 +600,13 @@ def plan(
         module = kinds[entry.name].module_type if entry.name in kinds else "-"
         out.add_row(entry.name, entry.kind, module, str(entry.weight_bits or "-"), entry.weight_grid or "-",
                     str(entry.act_bits or "-"), entry.reason)
-    console.print(out)
+    # piped, each row on one line and nothing cut (rich would wrap and cut the "why" column at 80 columns)
+    (console if console.is_terminal else Console(file=console.file, width=10_000)).print(out)
     kept = len(layers.layers) - len(layers.quantized)
     outputs = ", ".join(f"{o.name} {list(o.shape)}" for o in loaded.capture.outputs)
     console.print(f"{len(layers.quantized)} layers quantized, {kept} kept float; outputs: {outputs} "
                   f"(scored: {loaded.output}); export dry run passed in {checked.seconds:.1f}s")
+    console.print(f"preprocessing: {loaded.preprocess.describe()}")
     if json_path is not None:
         atomic_write_json(json_path, {"model": str(model), "arch": arch, "plan": layers.to_json(),
                                       "outputs": [o.name for o in loaded.capture.outputs], "scored_output": loaded.output})
@@ -575,8 +649,7 @@ def sensitivity(
     its bits, plus the whole model with only weights or only activations at their bits (the
     others at 8). Writes sensitivity.json, sensitivity.png (bar chart), config.toml, summary.md.
 
-    Example: fddaq sensitivity examples/fashion_mnist/mobilenet.pth --arch fddaq:fashion_mobilenet
-    --calib examples/fashion_mnist/calib --bits 4
+    Example: fddaq sensitivity examples/fashion_mnist/mobilenet.pth --arch fddaq:fashion_mobilenet --calib examples/fashion_mnist/calib --bits 4
     """
     from cli.jobs import run_sensitivity
     from fddaq.config import SynthConfig
@@ -586,10 +659,11 @@ def sensitivity(
     synth_config = SynthConfig(steps=synth_steps, num_images=synthetic, seed=seed)
     source = _source(model, arch, calib, None, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
-    with ProgressRenderer(console, quiet) as progress:
-        report = run_sensitivity(source, quant, out, synth_config, progress, _resolve_device(device))
-    _save_config(ctx, out)
-    _show(f"fddaq sensitivity: {model.name} at W{quant.weight_bits}A{quant.act_bits} (most sensitive first)", report, out)
+    with _locked(out):
+        with ProgressRenderer(console, quiet) as progress:
+            report = run_sensitivity(source, quant, out, synth_config, progress, _resolve_device(device))
+        _save_config(ctx, out)
+        _show(f"fddaq sensitivity: {model.name} at W{quant.weight_bits}A{quant.act_bits} (most sensitive first)", report, out)
     console.print(f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.png'}, {out / 'config.toml'}, {out / 'summary.md'}")
 
 

@@ -27,7 +27,10 @@ STAGE_TITLES = {
 
 class ProgressRenderer:
     """Callable `on_event`: a rich progress bar per stage on a terminal; on anything else a
-    line when a stage starts, every ~10% and when it ends. Silent when `quiet`."""
+    line when a stage starts, every ~10% but at most every `PIPED_INTERVAL` seconds, and when
+    it ends. Silent when `quiet`."""
+
+    PIPED_INTERVAL = 5.0
 
     def __init__(self, console: Console, quiet: bool = False) -> None:
         self.console = console
@@ -36,6 +39,7 @@ class ProgressRenderer:
         self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
         self.started: dict[str, float] = {}
+        self.printed: dict[str, float] = {}  # when each stage last printed a line
 
     def __enter__(self) -> "ProgressRenderer":
         if self.live:
@@ -61,11 +65,14 @@ class ProgressRenderer:
                 self.tasks[event.stage] = self.progress.add_task(title, total=event.total, metrics="")
             self.progress.update(self.tasks[event.stage], completed=event.step, metrics=metrics)
             return
+        now = time.perf_counter()
         if event.step == 0:
-            self.started[event.stage] = time.perf_counter()
+            self.started[event.stage] = self.printed[event.stage] = now
             self.console.print(f"{title}: {event.total} steps")
-        elif event.step == event.total or event.step % max(1, event.total // 10) == 0:
-            elapsed = time.perf_counter() - self.started.get(event.stage, time.perf_counter())
+        elif event.step == event.total or (event.step % max(1, event.total // 10) == 0
+                                           and now - self.printed.get(event.stage, 0.0) >= self.PIPED_INTERVAL):
+            self.printed[event.stage] = now
+            elapsed = now - self.started.get(event.stage, now)
             self.console.print(f"{title}: {event.step}/{event.total} {metrics} ({elapsed:.0f}s)")
 
 

@@ -13,13 +13,12 @@ import torch
 
 from fddaq import __version__
 from fddaq.checkpoint import Checkpoint, ModelInfo
-from fddaq.errors import ExportError, first_line
 from fddaq.events import EventHandler, emit
 from fddaq.quant.modules import QuantizedModel
 from fddaq.quant.plan import LayerPlan
 
 from .onnx_export import export_qdq
-from .runtime import VerifyReport, onnxruntime_module, verify
+from .runtime import VerifyReport, check_runnable_opset, load_onnx, onnxruntime_module, verify
 
 
 @dataclass(frozen=True)
@@ -46,18 +45,13 @@ def onnx_metadata(info: ModelInfo, plan: LayerPlan) -> dict[str, str]:
 
 def read_onnx_metadata(path: Path) -> dict[str, str]:
     """The `metadata_props` of an ONNX file (an ExportError when it is not one)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"ONNX file {path} does not exist")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError, onnx its own types
-        raise ExportError(f"{path} is not a readable ONNX file: {first_line(exc)}") from exc
-    return {prop.key: prop.value for prop in model.metadata_props}
+    return {prop.key: prop.value for prop in load_onnx(path, external_data=False).metadata_props}
 
 
 def export_checkpoint(checkpoint: Checkpoint, opset: int = 21) -> bytes:
-    """The serialized QDQ graph of a loaded checkpoint."""
+    """The serialized QDQ graph of a loaded checkpoint, in an `opset` the installed onnxruntime
+    (when there is one) can run."""
+    check_runnable_opset(opset)
     proto = export_qdq(checkpoint.model, onnx_metadata(checkpoint.info, checkpoint.plan), opset)
     return proto.SerializeToString()
 

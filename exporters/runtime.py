@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import functools
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ from fddaq.quant.capture import output_leaves
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.modules import QuantizedModel, QuantLayer
 
-from .onnx_export import layer_input
+from .onnx_export import MIN_OPSET, layer_input
 
 
 def onnxruntime_module():
@@ -32,6 +34,42 @@ def onnxruntime_module():
             "onnxruntime is not installed: pip install 'fddaq[cpu]' (or 'fddaq[gpu]' on a CUDA host)"
         ) from error
     return onnxruntime
+
+
+@functools.lru_cache(maxsize=None)
+def newest_runnable_opset() -> int | None:
+    """The newest opset in which the installed onnxruntime runs QuantizeLinear and
+    DequantizeLinear (a new onnx knows opsets that onnxruntime does not run yet); None without
+    onnxruntime."""
+    try:
+        runtime = onnxruntime_module()
+    except ExportError:
+        return None
+    newest = None
+    for opset in range(MIN_OPSET, onnx.defs.onnx_opset_version() + 1):
+        scale, zero = helper.make_tensor("s", TensorProto.FLOAT, [], [1.0]), helper.make_tensor("z", TensorProto.UINT8, [], [0])
+        graph = helper.make_graph(
+            [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+            "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [scale, zero])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+        try:
+            runtime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception:  # onnxruntime raises its own types ("NOT_IMPLEMENTED", unsupported IR)
+            break
+        newest = opset
+    return newest
+
+
+def check_runnable_opset(opset: int) -> None:
+    """An ExportError when the installed onnxruntime cannot run a graph of `opset`."""
+    newest = newest_runnable_opset()
+    if newest is not None and opset > newest:
+        import onnxruntime
+
+        raise ExportError(f"opset={opset}: the installed onnxruntime {onnxruntime.__version__} runs Q/DQ graphs up to "
+                          f"opset {newest}; use --opset {MIN_OPSET}..{newest}")
 
 
 def _as_numpy(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -98,6 +136,18 @@ INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvIn
                "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd",
                "QLinearGlobalAveragePool", "QLinearAveragePool")
 FLOAT_OPS = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+
+
+def load_onnx(path: str | Path, external_data: bool = True) -> onnx.ModelProto:
+    """The ONNX model in `path`; an ExportError, not a protobuf traceback, when it is missing
+    or not an ONNX file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file {path} does not exist")
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except Exception as exc:  # protobuf raises DecodeError, onnx its own types
+        raise ExportError(f"{path} is not a readable ONNX file: {first_line(exc)}") from exc
 
 
 def _op_counts(path: Path) -> dict[str, int]:
@@ -274,7 +324,7 @@ def verify(
     if labels is not None and len(labels) != len(images):
         raise ExportError(f"verification got {len(labels)} labels for {len(images)} images")
     if isinstance(onnx_model, (str, Path)):
-        onnx_model = onnx.load(str(onnx_model))
+        onnx_model = load_onnx(onnx_model)
     elif isinstance(onnx_model, bytes):
         onnx_model = onnx.load_from_string(onnx_model)
     model = fold_batch_norms(torch_model).cpu().float()  # a copy

@@ -17,6 +17,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 UNLABELLED = -1
 
 
+MAX_UNREADABLE = 0.5  # a folder where more of the image files than this share are unreadable is refused
 MAX_SIZE = 4096  # pixels: a larger crop is a typo, and one forward pass would exhaust memory
 
 
@@ -60,6 +61,13 @@ class Preprocess:
         std = torch.tensor(self.std).expand(self.channels).reshape(-1, 1, 1)
         return (0 - mean) / std, (1 - mean) / std
 
+    def describe(self) -> str:
+        """One line: what happens to an image before the model sees it."""
+        numbers = lambda values: ", ".join(f"{v:.4g}" for v in values)  # noqa: E731
+        scale = f"shorter side to {self.resize} ({self.interpolation}), " if self.resize is not None else ""
+        return (f"{scale}centre crop {self.input_size}x{self.input_size}, {'grey' if self.channels == 1 else 'RGB'}, "
+                f"mean {numbers(self.mean)}, std {numbers(self.std)}")
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -95,6 +103,7 @@ class ImageSet:
     class_names: tuple[str, ...]
     paths: tuple[str, ...]
     skipped: int = 0
+    layout: str = ""  # how the folder was read (`describe_layout`)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -104,14 +113,35 @@ class ImageSet:
         return bool((self.labels != UNLABELLED).all())
 
 
+BACKGROUND = (0, 0, 0)  # what transparent pixels are composited onto (RGB)
+
+
+def _normalised(img, channels: int):
+    """`img` in mode "L" / "RGB" (8-bit; `channels` 1 / 3) or "F" (one channel, floats in
+    [0, 1]: images of more than 8 bits keep their precision). 16- and 32-bit integer images
+    are scaled from 0..65535; float images are taken as [0, 1] (as 0..255 when a value exceeds
+    1); an alpha channel or a transparent palette entry is composited onto `BACKGROUND`."""
+    from PIL import Image
+
+    if img.mode.startswith("I") or img.mode == "F":
+        array = np.asarray(img, dtype=np.float32)
+        scale = 65535.0 if img.mode != "F" else 255.0 if array.max(initial=0.0) > 1.0 else 1.0
+        return Image.fromarray(np.clip(array / scale, 0.0, 1.0).astype(np.float32), "F")
+    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
 def _decode(path: Path, preprocess: Preprocess) -> np.ndarray | None:
-    """HWC float32 image in [0, 1], or None when the file is not a readable image."""
+    """HWC float32 image in [0, 1], or None when the file is not a readable image (see
+    `_normalised` for bit depths and transparency)."""
     from PIL import Image, UnidentifiedImageError
 
     resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if preprocess.channels == 1 else "RGB")
+            img = _normalised(img, preprocess.channels)
             if preprocess.resize is not None:
                 w, h = img.size
                 ratio = preprocess.resize / min(w, h)
@@ -123,9 +153,13 @@ def _decode(path: Path, preprocess: Preprocess) -> np.ndarray | None:
                     f"{path} is {w}x{h}, smaller than the {size}x{size} crop: use larger images or set --resize"
                 )
             left, top = (w - size) // 2, (h - size) // 2
-            array = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
+            array = np.array(img.crop((left, top, left + size, top + size)), dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None  # DecompressionBombError: a header that claims more pixels than PIL's limit
+    if img.mode != "F":
+        array = array / 255.0
+    elif preprocess.channels == 3:  # a grey image of more than 8 bits, for an RGB model
+        array = np.repeat(array[:, :, None], 3, axis=2)
     return array.reshape(size, size, preprocess.channels)
 
 
@@ -166,9 +200,36 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+SYSTEM_FOLDERS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "__pycache__"}
+
+
+def _folders(root: Path) -> list[Path]:
+    """Sub-folders that may hold images: not hidden, not made by an operating system."""
+    return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SYSTEM_FOLDERS)
+
+
 def class_folders(root: Path) -> list[Path]:
-    """The class folders of an ImageFolder layout (none: a flat folder of images)."""
-    return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The class folders of an ImageFolder layout; none: a flat folder of images. A folder
+    that holds images itself is flat, its sub-folders ignored when they hold none (a stray
+    `holiday.jpg/`); images beside folders of images are ambiguous, and an error."""
+    root = Path(root)
+    folders = _folders(root)
+    if folders and _list_images(root):
+        filled = [p.name for p in folders if _list_images(p)]
+        if filled:
+            raise DataError(f"{root} holds both images and folders of images ({', '.join(filled[:3])}): give one folder "
+                            "per class (DIR/<class>/<image>) or a flat folder of images")
+        return []
+    return folders
+
+
+def describe_layout(root: Path) -> str:
+    """How `load_image_folder` reads `root`, and which folders it ignores."""
+    root = Path(root)
+    folders = class_folders(root)
+    ignored = [p.name for p in sorted(root.iterdir()) if p.is_dir() and p not in folders]
+    text = f"{len(folders)} class folder{'s' * (len(folders) != 1)}" if folders else "a flat folder (unlabelled)"
+    return text + (f"; folders ignored: {', '.join(ignored[:3])}{' ...' if len(ignored) > 3 else ''}" if ignored else "")
 
 
 def load_image_folder(
@@ -178,7 +239,8 @@ def load_image_folder(
     """Read `root/<class>/<image>` (labels by position of the folder name in `class_names`,
     or in the sorted folder names when None) or a flat `root/<image>` folder (unlabelled).
 
-    Unreadable files are skipped and counted; no usable image at all is an error. Files are
+    Unreadable files are skipped and counted; more than `MAX_UNREADABLE` of them, or a class
+    folder left without a readable image, is an error (a wrong folder, or broken files). Files are
     decoded by `workers` threads (default: `default_workers()`); `pin_memory` puts the images
     in page-locked memory, for fast asynchronous copies to a CUDA GPU."""
     root = Path(root)
@@ -203,5 +265,13 @@ def load_image_folder(
     images, readable = _decode_into([path for path, _ in files], preprocess, workers, pin_memory)
     if not readable:
         raise DataError(f"none of the {len(files)} files in {root} is a readable image")
+    unreadable = sorted(set(range(len(files))) - set(readable))
+    if len(unreadable) > MAX_UNREADABLE * len(files):
+        raise DataError(f"{len(unreadable)} of the {len(files)} image files in {root} are not readable images (e.g. "
+                        f"{files[unreadable[0]][0]}): fix or remove them")
+    lost = sorted({files[i][1] for i in unreadable} - {files[i][1] for i in readable})
+    if lost:
+        raise DataError(f"class folder {names[lost[0]]} of {root} has no readable image: fix or remove its files")
     labels = torch.tensor([files[i][1] for i in readable], dtype=torch.int64)
-    return ImageSet(images, labels, names, tuple(str(files[i][0]) for i in readable), len(files) - len(readable))
+    return ImageSet(images, labels, names, tuple(str(files[i][0]) for i in readable), len(files) - len(readable),
+                    describe_layout(root))

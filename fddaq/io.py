@@ -1,8 +1,10 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves half a file behind."""
+"""Atomic file writes: a crash or Ctrl-C never leaves half a file behind. Files get the
+permissions `open()` would give them (0666 less the umask), and JSON is strict."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +16,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -24,8 +27,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def strict_json(data: object) -> object:
+    """`data` with every NaN or infinite float replaced by None: JSON has no NaN, and strict
+    parsers (JavaScript, jq) reject files that hold one."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(value) for value in data]
+    return data
+
+
 def atomic_write_json(path: Path, data: object) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n").encode())
 
 
 def png_bytes(array) -> bytes:

@@ -129,7 +129,8 @@ def _user_factory(prefix: str, name: str, spec: str):
             with _on_import_path(os.getcwd()):
                 module = importlib.import_module(prefix)
         except ImportError as exc:
-            raise ModelError(f"cannot import module {prefix!r} of architecture spec {spec!r}: {exc}") from exc
+            hint = f"; for a file, give its path: {prefix.replace('.', '/')}.py:{name}" if isinstance(exc, ModuleNotFoundError) else ""
+            raise ModelError(f"cannot import module {prefix!r} of architecture spec {spec!r}: {exc}{hint}") from exc
     factory = module
     for part in name.split("."):
         factory = getattr(factory, part, None)
@@ -198,6 +199,11 @@ def load_float_model(path: Path, spec: str, num_classes: int | None = None, trus
     state = read_state_dict(path, trust)
     model = build_model(spec, num_classes, args)
     load_weights(model, state, f"{path} does not fit architecture {spec}")
+    for name, tensor in model.state_dict().items():
+        bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+        if bad:
+            raise ModelError(f"{path}: {name} holds {bad} non-finite value{'s' * (bad > 1)} (NaN or inf) of "
+                             f"{tensor.numel()}; such a model cannot be calibrated or quantized")
     return model.eval()
 
 

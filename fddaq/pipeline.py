@@ -6,6 +6,7 @@ reconstruction (per recipe) -> fine-tune by distillation on real + synthetic ima
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -80,10 +81,30 @@ class Inputs:
     calib: ImageSet  # labels: folder labels, or the float model's predictions for a flat folder
     val: ImageSet | None
     seconds: float
+    calib_top1: float | None = None  # the float model's top-1 on labelled calibration images, percent
 
     @property
     def num_classes(self) -> int:
         return len(self.info.class_names)
+
+    def fingerprint(self) -> str:
+        """A hash of what a run learns from: the float model's weights and the calibration images
+        and labels (a resumable state made from other ones must not be continued)."""
+        digest = hashlib.sha256()
+        tensors = [*self.float_model.state_dict().values(), self.calib.images, self.calib.labels]
+        for tensor in tensors:
+            digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def class_order_warning(self) -> str | None:
+        """A warning when the float model scores labelled calibration images near chance (under
+        twice it): the class folders then rarely follow the model's class order."""
+        chance = 100.0 / self.num_classes
+        if self.calib_top1 is None or self.calib_top1 >= 2 * chance:
+            return None
+        return (f"the float model's top-1 on the labelled calibration images is {self.calib_top1:.1f}%, near chance "
+                f"({chance:.1f}%): the class folders probably do not follow the model's class order")
 
     @property
     def teacher(self) -> nn.Module:
@@ -96,13 +117,18 @@ class Inputs:
 
 
 def resolve_preprocess(arch: str, channels: int, options: PreprocessOptions) -> Preprocess:
-    """The preset (explicit, else the zoo model's), with every explicitly given field on top."""
+    """The preset (explicit, else the zoo model's), with every explicitly given field on top.
+    An input size given without a resize scales the preset's resize in the preset's ratio
+    (imagenet at 64 px: resize 73, crop 64; not resize 256, crop the centre 64)."""
     name = options.preset
     if name is None and arch.startswith("fddaq:") and arch[6:] in ZOO:
         name = ZOO[arch[6:]].preset
     overrides = {k: getattr(options, k) for k in ("input_size", "resize", "mean", "std") if getattr(options, k) is not None}
     if name is not None:
-        return replace(preset(name, channels), **overrides)
+        base = preset(name, channels)
+        if "input_size" in overrides and "resize" not in overrides and base.resize is not None:
+            overrides["resize"] = max(overrides["input_size"], round(overrides["input_size"] * base.resize / base.input_size))
+        return replace(base, **overrides)
     missing = [f"--{k.replace('_', '-')}" for k in ("input_size", "mean", "std") if k not in overrides]
     if missing:
         raise ConfigError(f"preprocessing of {arch} is unknown: give --preset or {', '.join(missing)}")
@@ -114,9 +140,18 @@ def _class_names(source: Source, calib_dir_names: tuple[str, ...], outputs: int)
         path = Path(source.classes_file)
         if not path.is_file():
             raise DataError(f"classes file {path} does not exist")
-        names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
+        except UnicodeDecodeError as exc:
+            raise DataError(f"classes file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        names = tuple(line.strip() for line in text.splitlines() if line.strip())
         if len(names) != outputs:
             raise DataError(f"{path} lists {len(names)} classes but the model has {outputs} outputs")
+        seen: dict[str, int] = {}
+        for line, name in enumerate(names, 1):
+            if name in seen:
+                raise DataError(f"{path} lists class {name!r} twice (lines {seen[name]} and {line} of the names)")
+            seen[name] = line
         return names
     if len(calib_dir_names) == outputs:
         return calib_dir_names
@@ -195,7 +230,8 @@ def load_inputs(source: Source, device: torch.device = CPU, loaded: FloatModel |
         if not val.labelled:
             raise DataError(f"{source.val_dir} must hold one folder per class to measure accuracy")
     info = ModelInfo(source.arch, source.num_classes, preprocess, names, source.arch_args, loaded.output)
-    return Inputs(float_model, info, loaded.capture, calib, val, time.perf_counter() - start)
+    calib_top1 = top1(predict(teacher, calib.images), calib.labels) if calib.labelled and len(calib) else None
+    return Inputs(float_model, info, loaded.capture, calib, val, time.perf_counter() - start, calib_top1)
 
 
 MAX_CURVE_POINTS = 500
@@ -333,7 +369,7 @@ class QuantizeResult:
     config: RunConfig | None = None  # the configuration run, with that choice made
 
 
-# A resumable state: {"config": RunConfig as a JSON string, "synthesis": {images, labels, report} or None,
+# A resumable state: {"config": RunConfig as a JSON string, "inputs": `Inputs.fingerprint`, "synthesis": {images, labels, report} or None,
 # "synthesizing": the synthesis loop's state while it runs, or None,
 # "reconstruct": the reconstruction's state after its last finished unit, or None,
 # "finetune": the fine-tuning loop's state, or None while reconstructing}. `on_checkpoint`
@@ -406,13 +442,18 @@ def _quantize(
     config_json = json.dumps(config.to_json(), sort_keys=True)
     if resume is not None and resume["config"] != config_json:
         raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
+    fingerprint = inputs.fingerprint()
+    if resume is not None and resume.get("inputs") != fingerprint:
+        raise ConfigError("the state to resume was made from another model file or other calibration images: run again "
+                          "with the same ones, or without --resume")
     timings = {"load": inputs.seconds}
 
     trains = config.finetune.steps > 0 or config.reconstruct.iterations > 0
     needs_synthesis = config.synth.num_images > 0 and (trains or not config.real_images)
     if synthesis is None and needs_synthesis:
         synthesizing = None if on_checkpoint is None else lambda state: on_checkpoint(
-            {"config": config_json, "synthesis": None, "synthesizing": state, "reconstruct": None, "finetune": None})
+            {"config": config_json, "inputs": fingerprint, "synthesis": None, "synthesizing": state, "reconstruct": None,
+             "finetune": None})
         synthesis = synthesize(inputs, config.synth, on_event, config.real_images, device, synthesizing,
                                None if resume is None else resume.get("synthesizing"))
         timings["synthesize"] = synthesis.seconds
@@ -427,7 +468,7 @@ def _quantize(
 
     def checkpoint(reconstruct_state: dict | None = None, finetune_state: dict | None = None) -> None:
         if on_checkpoint is not None:
-            on_checkpoint({"config": config_json, "synthesis": saved_synthesis, "synthesizing": None,
+            on_checkpoint({"config": config_json, "inputs": fingerprint, "synthesis": saved_synthesis, "synthesizing": None,
                            "reconstruct": reconstruct_state, "finetune": finetune_state})
 
     real = (inputs.calib.images, inputs.calib.labels)

@@ -32,7 +32,8 @@ def batchnorm_layers(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Ba
         for handle in handles:
             handle.remove()
     if not order:
-        raise ModelError("the model has no BatchNorm2d layer: FDDA aligns BatchNorm statistics and needs some")
+        raise ModelError("the model has no BatchNorm2d layer: FDDA synthesis aligns BatchNorm statistics and needs some; "
+                         "quantize it on real images alone (--synthetic 0, or --recipe reconstruct or ptq)")
     return [(name, modules[name]) for name in order]
 
 

@@ -91,4 +91,7 @@ def resolve_layer_plan(capture: Capture, config: QuantConfig) -> LayerPlan:
         names = [layer.name for layer in found]
         listed = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         raise ConfigError(f"layer override {text!r} matches no layer; layers: {listed}")
+    if all(entry.kind == "float" for entry in entries):
+        overrides = ", ".join(repr(t) for t in config.layers) or "none"
+        raise ConfigError(f"no layer is left to quantize: every layer is kept float (layer overrides: {overrides})")
     return LayerPlan(tuple(entries))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,12 @@ def test_model_file_mistakes(tmp_path):
     expect_error(quantize(tmp_path, model=tmp_path / "other.pth"), tmp_path,
                  "does not fit architecture fddaq:fashion_resnet: missing: stem.0.weight (1); "
                  "unexpected: head.weight (1); shape mismatch: fc.weight (1)")
+    for value, name in ((float("inf"), "fc.weight"), (float("nan"), "stages.0.0.bn1.running_var")):
+        state = torch.load(EXAMPLE / "model.pth", weights_only=True)
+        state[name].view(-1)[:2] = value
+        torch.save(state, tmp_path / "broken.pth")
+        expect_error(quantize(tmp_path, model=tmp_path / "broken.pth"), tmp_path,
+                     f"broken.pth: {name} holds 2 non-finite values (NaN or inf) of")
 
 
 def test_image_folder_mistakes(tmp_path):
@@ -87,6 +94,11 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "report.json").read_text())["data"]
     assert data["calib_images"] == 10 and data["calib_skipped"] == 2
+    assert "10 (10 class folders, 2 unreadable files skipped)" in (tmp_path / "out" / "summary.md").read_text()
+    for i in range(12):  # more unreadable files than readable ones: refused before any work
+        (calib / CLASSES[2] / f"junk{i}.png").write_bytes(b"junk")
+    result = quantize(tmp_path, "--force", calib=calib)
+    assert result.exit_code == 1 and "14 of the 24 image files" in result.output, result.output
 
 
 def test_rgb_images_for_a_grey_model_are_converted(tmp_path):
@@ -103,6 +115,7 @@ def test_option_mistakes(tmp_path):
     expect_error(quantize(tmp_path, "--layer-bits", "classifier=8"), tmp_path, "layer override 'classifier=8' matches no layer")
     expect_error(quantize(tmp_path, "--arch", "torchvision:resnet1"), tmp_path, "unknown torchvision model")
     expect_error(quantize(tmp_path, "--arch", "mymodels:build"), tmp_path, "cannot import module 'mymodels'")
+    expect_error(quantize(tmp_path, "--arch", "my.models:build"), tmp_path, "for a file, give its path: my/models.py:build")
     expect_error(quantize(tmp_path, "--device", "tpu"), tmp_path, "--device 'tpu' is not one of auto, cpu, cuda")
 
 
@@ -132,3 +145,89 @@ def test_checkpoint_from_another_format_version(tmp_path, quick_run):
 def test_every_command_has_help_with_a_working_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0 and "Example: fddaq " + command in " ".join(result.output.split())
+
+
+def test_an_unusable_out_or_output_path_is_refused_before_any_work(tmp_path):
+    def refused(result, message):
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("Error: ") and message in result.output, result.output
+        assert "Traceback" not in result.output
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        refused(quantize(tmp_path, "--out", str(out)), "a_file is a file, not a folder")
+    if Path("/sys").is_dir() and not os.access("/sys", os.W_OK):
+        refused(quantize(tmp_path, "--out", "/sys/fddaq-out"), "cannot write in /sys")
+    (tmp_path / "taken" / "model.onnx").mkdir(parents=True)
+    refused(quantize(tmp_path, "--out", str(tmp_path / "taken"), "--force"), "holds folders named model.onnx")
+    refused(invoke("export", str(tmp_path / "q.pt"), "-o", str(tmp_path), "--force"), "is a folder: give a file name")
+    refused(invoke("export", str(tmp_path / "q.pt"), "-o", str(blocker / "m.onnx")), "a_file is a file, not a folder")
+
+
+def test_a_class_order_that_does_not_match_the_model_is_warned_about(tmp_path):
+    """Reversed --classes scored 0.7% float top-1 without a word."""
+    (tmp_path / "classes.txt").write_text("\n".join(reversed(CLASSES)))
+    result = quantize(tmp_path, "--classes", str(tmp_path / "classes.txt"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["data"]["calib_float_top1"] < 20
+    assert len(report["data"]["warnings"]) == 1 and "class order" in report["data"]["warnings"][0]
+    assert "WARNING: class order" in (tmp_path / "out" / "summary.md").read_text()
+    result = quantize(tmp_path, "--force")  # the right order: no warning
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["data"]["warnings"] == []
+
+
+def test_an_architecture_module_in_the_current_folder_is_found(tmp_path, monkeypatch):
+    """`--arch mymodule:build` with mymodule.py where the command runs, as `python -m` finds it."""
+    (tmp_path / "mymodule.py").write_text("from fddaq.zoo.resnet import fashion_resnet as build\n")
+    monkeypatch.chdir(tmp_path)
+    result = quantize(tmp_path, "--arch", "mymodule:build", "--preset", "fashion-mnist")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_model_without_batchnorm_is_told_what_works_instead_of_synthesis(tmp_path):
+    (tmp_path / "plain.py").write_text(
+        "from torch import nn\n"
+        "def build(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plain", tmp_path / "plain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.save(module.build().state_dict(), tmp_path / "plain.pth")
+    calib = copy_calib(tmp_path)
+    args = ["quantize", str(tmp_path / "plain.pth"), "--arch", f"{tmp_path / 'plain.py'}:build", "--calib", str(calib),
+            "--preset", "fashion-mnist", "--steps", "1", "--synth-steps", "1", "--quiet", "--out", str(tmp_path / "out")]
+    result = invoke(*args, "--recipe", "fddaq", "--synthetic", "8")
+    assert result.exit_code == 1, result.output
+    assert "no BatchNorm2d layer" in result.output and "--synthetic 0, or --recipe reconstruct or ptq" in result.output
+    assert invoke(*args, "--synthetic", "0", "--recipe", "fddaq").exit_code == 0
+
+
+def test_a_classes_file_with_a_byte_order_mark_or_a_duplicate_name(tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join([*CLASSES[:-1], CLASSES[0]]))
+    expect_error(quantize(tmp_path, "--classes", str(classes)), tmp_path,
+                 f"lists class '{CLASSES[0]}' twice (lines 1 and 10 of the names)")
+    classes.write_bytes(b"\xef\xbb\xbf" + "\n".join(CLASSES).encode())  # as Windows editors save UTF-8
+    assert quantize(tmp_path, "--classes", str(classes)).exit_code == 0
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    """Two runs on one folder overwrote each other's files without --force."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".fddaq.lock").write_text(str(os.getpid()))  # a running process holds it
+    result = quantize(tmp_path, "--force")
+    assert result.exit_code == 1 and "is being written by another fddaq run (process" in result.output, result.output
+    assert (out / ".fddaq.lock").exists() and sorted(p.name for p in out.iterdir()) == [".fddaq.lock"]
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".fddaq.lock").write_text(ended.stdout.strip())  # left by a process that has ended: taken over
+    result = quantize(tmp_path, "--force")
+    assert result.exit_code == 0, result.output
+    assert not (out / ".fddaq.lock").exists() and (out / "model.onnx").exists()

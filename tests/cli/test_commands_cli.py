@@ -1,6 +1,7 @@
 """`plan`, `eval`, per-layer overrides and `--config` files."""
 
 import json
+import shutil
 
 import pytest
 
@@ -18,6 +19,8 @@ def test_plan_lists_every_layer_with_overrides(tmp_path):
     assert len(shortcuts) == 2 and all(plan[name]["kind"] == "float" for name in shortcuts)
     assert "8 layers quantized, 2 kept float" in result.output
     assert "stages.1.0.shortcut.0" in result.output
+    # piped (80 columns here) each row is one line, nothing cut: every reason is there in full
+    assert all(entry["reason"] in result.output for entry in plan.values())
     assert plan["stages.0.0.conv1"]["weight_grid"] == "affine" and plan["fc"]["weight_grid"] == "symmetric"
     result = invoke("plan", *MODEL_ARGS, "--bits", "4", "--weight-grid", "symmetric", "--json", str(tmp_path / "sym.json"))
     assert result.exit_code == 0, result.output
@@ -106,6 +109,30 @@ def test_config_file_values_are_defaults_that_flags_override(tmp_path):
     assert second["accuracy"] == first["accuracy"]
 
 
+def test_a_saved_config_repeats_the_run_from_another_folder(tmp_path, monkeypatch):
+    """config.toml stored paths as given (relative to where the run started), so
+    `--config out/config.toml` failed from any other folder. They are stored absolute, and a
+    relative path written in a config file is read relative to that file."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copytree(EXAMPLE / "calib", work / "data" / "calib")
+    shutil.copy(EXAMPLE / "model.pth", work / "model.pth")
+    monkeypatch.chdir(work)
+    result = invoke("quantize", "model.pth", "--arch", "fddaq:fashion_resnet", "--calib", "data/calib", "--steps", "0",
+                    "--out", "a", "--quiet")
+    assert result.exit_code == 0, result.output
+    saved = (work / "a" / "config.toml").read_text()
+    assert f'calib = "{work / "data" / "calib"}"' in saved and f'model = "{work / "model.pth"}"' in saved
+    monkeypatch.chdir(tmp_path)
+    result = invoke("quantize", "--config", "work/a/config.toml", "--out", "b", "--quiet")
+    assert result.exit_code == 0, result.output
+    (work / "by_hand.toml").write_text('model = "model.pth"\narch = "fddaq:fashion_resnet"\ncalib = "data/calib"\n'
+                                       'steps = 0\nout = "c"\n')
+    result = invoke("quantize", "--config", "work/by_hand.toml", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (work / "c" / "report.json").is_file()
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -167,3 +194,15 @@ def test_sensitivity_writes_a_ranked_table_a_chart_and_json(tmp_path):
     assert "all at W4A8" in result.output and "stem.0 weight (4 bits)" in result.output
     assert (tmp_path / "sensitivity.png").read_bytes().startswith(b"\x89PNG")
     assert "[sensitivity]" in (tmp_path / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("command", ["quantize", "synth", "export", "verify", "plan", "sensitivity", "eval"])
+def test_help_renders_flags_as_flags_and_examples_unbroken(command, monkeypatch):
+    """typer 0.27+ printed `--force <bool>` (and `--force true` is a usage error) and
+    `{model}` in the usage line; examples broke mid-command."""
+    monkeypatch.setenv("COLUMNS", "300")
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output and "{" not in result.output.splitlines()[1]
+    example = next(line for line in result.output.splitlines() if "Example:" in line)
+    assert example.strip().endswith(("out/", "synth/", "model.onnx", "./val", "'fc=8'", "--bits 4", "val")), example

@@ -19,7 +19,8 @@ VALUES = {
     "--weight-bits": ["3", "0", "x"],
     "--act-bits": ["6", "12"],
     "--first-last-bits": ["8", "1"],
-    "--layer-bits": ["fc=8", "nope=4", "fc", "fc=float", "*=9", "stem.0=4/8", "=4", "fc=4/4/4", "stem.*=x"],
+    "--layer-bits": ["fc=8", "nope=4", "fc", "fc=float", "*=9", "stem.0=4/8", "=4", "fc=4/4/4", "stem.*=x", "*=float",
+                     "*=8/4"],
     "--recipe": ["fddaq", "ptq", "fdda-paper", "nope"],
     "--steps": ["0", "-1", "x"],
     "--synthetic": ["0", "-5"],
@@ -31,6 +32,7 @@ VALUES = {
     "--num-classes": ["0", "10", "3", "-1", "x"],
     "--max-drop": ["1", "-1", "x"],
     "--seed": ["0", "-7", "x"],
+    "--classes": ["{classes}", "{bom_classes}", "{duplicate_classes}", "/no/such/classes.txt"],
 }
 
 
@@ -48,8 +50,13 @@ def flat(pairs: list[tuple[str, str]]) -> list[str]:
 
 
 def make_files(root: Path, model: bytes | None, image: bytes | None) -> tuple[Path, Path]:
-    """A model file (the bundled weights, or random bytes) and a two-class image folder (the
-    bundled images, or one of random bytes among them)."""
+    """A model file (the bundled weights, or random bytes), a class-folder image folder (the
+    bundled images, or one of random bytes among them) and classes files (plain, with a byte
+    order mark, with a duplicate name)."""
+    names = [folder.name for folder in sorted((EXAMPLE / "calib").iterdir())]
+    (root / "classes.txt").write_text("\n".join(names))
+    (root / "bom_classes.txt").write_bytes(b"\xef\xbb\xbf" + "\n".join(names).encode())
+    (root / "duplicate_classes.txt").write_text("\n".join([*names[:-1], names[0]]))
     path = root / "model.pth"
     path.write_bytes((EXAMPLE / "model.pth").read_bytes() if model is None else model)
     calib = root / "calib"
@@ -80,7 +87,9 @@ def test_quantize_and_plan_never_show_a_traceback(args, model, image):
         root = Path(tmp)
         model_path, calib = make_files(root, model, image)
         out = root / "out"
-        plan_args = flat([(name, value) for name, value in args if name not in QUANTIZE_ONLY])
+        args = [(name, value.format(**{k: root / f"{k}.txt" for k in ("classes", "bom_classes", "duplicate_classes")}))
+                for name, value in args]
+        plan_args = flat([(name, value) for name, value in args if name not in QUANTIZE_ONLY | {"--classes"}])
         check(invoke("plan", str(model_path), "--arch", "fddaq:fashion_resnet", *plan_args))
         result = invoke("quantize", str(model_path), "--arch", "fddaq:fashion_resnet", "--calib", str(calib),
                         "--steps", "0", "--synthetic", "0", "--quiet", "--out", str(out), *flat(args))

@@ -1,8 +1,12 @@
 import json
 
+import numpy as np
+import onnx
 import pytest
 
 from cli_helpers import BASE, EXAMPLE, invoke
+from exporters import run_onnx
+from exporters.runtime import newest_runnable_opset
 from fddaq import __version__
 
 
@@ -10,9 +14,11 @@ def test_quantize_writes_checkpoint_onnx_and_report(quick_run):
     out, result = quick_run
     report = json.loads((out / "report.json").read_text())
     assert report["fddaq_version"] == __version__
+    assert report["data"].pop("calib_float_top1") > 90
     assert report["data"] == {
-        "calib_images": 100, "calib_skipped": 0, "calib_labelled": True, "val_images": 2000, "val_skipped": 0,
-        "verify_set": "val",
+        "calib_images": 100, "calib_skipped": 0, "calib_layout": "10 class folders", "calib_labelled": True,
+        "val_images": 2000, "val_skipped": 0,
+        "verify_set": "val", "warnings": [],
     }
     assert [e["name"] for e in report["plan"]][0] == "stem.0" and report["plan"][-1]["name"] == "fc"
     assert all(e["weight_bits"] == 4 for e in report["plan"])
@@ -34,6 +40,21 @@ def test_export_from_checkpoint_alone_reproduces_the_graph(quick_run, tmp_path):
     assert (tmp_path / "again.onnx").read_bytes() == (out / "model.onnx").read_bytes()
 
 
+def test_export_refuses_an_opset_the_installed_onnxruntime_cannot_run(quick_run, tmp_path):
+    """A newer onnx knows opsets that onnxruntime does not run yet ("NOT_IMPLEMENTED
+    QuantizeLinear(28)" on loading); such a file was written with exit 0."""
+    newest = newest_runnable_opset()
+    out, _ = quick_run
+    result = invoke("export", str(out / "quantized.pt"), "-o", str(tmp_path / "newest.onnx"), "--opset", str(newest))
+    assert result.exit_code == 0, result.output
+    assert run_onnx(tmp_path / "newest.onnx", np.zeros((1, 1, 28, 28), np.float32)).shape == (1, 10)
+    if newest == onnx.defs.onnx_opset_version():
+        pytest.skip(f"the installed onnxruntime runs every opset the installed onnx knows ({newest})")
+    result = invoke("export", str(out / "quantized.pt"), "-o", str(tmp_path / "new.onnx"), "--opset", str(newest + 1))
+    assert result.exit_code == 1 and f"runs Q/DQ graphs up to opset {newest}" in result.output, result.output
+    assert not (tmp_path / "new.onnx").exists()
+
+
 def test_existing_outputs_need_force(quick_run):
     out, _ = quick_run
     before = (out / "report.json").read_bytes()
@@ -48,7 +69,10 @@ def test_quality_gate_exits_3_after_writing_the_report(tmp_path):
                     "--max-drop", "0.5", "--out", str(tmp_path))
     assert result.exit_code == 3, result.output
     assert "Quality gate failed" in result.output
-    assert json.loads((tmp_path / "report.json").read_text())["gate"]["drop"] > 0.5
+    gate = json.loads((tmp_path / "report.json").read_text())["gate"]
+    assert gate["drop"] > 0.5 and gate["max_drop"] == 0.5 and gate["passed"] is False  # the outcome is recorded
+    assert "| quality gate (--max-drop) | FAILED:" in (tmp_path / "summary.md").read_text()
+    assert f"{tmp_path / 'preview.png'}" not in result.output  # no synthesis, no preview
 
 
 @pytest.mark.parametrize(
@@ -82,7 +106,7 @@ def test_verify_command_measures_the_exported_graph(quick_run, tmp_path):
     assert verify["activation_max_step_diff"] <= 1
     assert verify["local_mismatches"] <= 1e-3 * verify["activation_values"] and verify["local_max_step_diff"] <= 1
     assert verify["onnx_top1"] == verify["torch_top1"] > 80
-    assert report["gate"] == {"min_agreement": 99.0, "passed": True}
+    assert report["gate"] == {"min_agreement": 99.0, "passed": True, "failures": []}
     assert "quantized activations that differ" in result.output
 
     # the graph of another model (2-bit, calibration only) fails the agreement gate: exit 3
@@ -93,18 +117,34 @@ def test_verify_command_measures_the_exported_graph(quick_run, tmp_path):
     assert result.exit_code == 3, result.output
     assert "Verification failed" in result.output
 
+    # the same computation under other tensor names (a graph fddaq did not write) agrees on
+    # every image, but no quantized activation can be compared: that fails, not "0 of 0"
+    graph = onnx.load(str(out / "model.onnx"))
+    keep = {v.name for v in [*graph.graph.input, *graph.graph.output, *graph.graph.initializer]}
+    for node in graph.graph.node:
+        node.input[:] = [n if n in keep or not n else f"foreign/{n}" for n in node.input]
+        node.output[:] = [n if n in keep else f"foreign/{n}" for n in node.output]
+    onnx.save(graph, tmp_path / "foreign.onnx")
+    result = invoke("verify", str(tmp_path / "foreign.onnx"), "--checkpoint", str(out / "quantized.pt"),
+                    "--data", str(EXAMPLE / "calib"), "--json", str(tmp_path / "foreign.json"))
+    assert result.exit_code == 3 and "no quantized activation of the checkpoint could be compared" in " ".join(result.output.split())
+    report = json.loads((tmp_path / "foreign.json").read_text())
+    assert report["verify"]["agreement"] == 100.0 and report["verify"]["activation_values"] == 0
+
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (("missing.onnx",), "ONNX file missing.onnx does not exist"),
+        (("{garbage}",), "garbage.onnx is not a readable ONNX file"),
         (("{out}/model.onnx", "--data", "/no/such/folder"), "image folder /no/such/folder does not exist"),
         (("{out}/model.onnx", "--min-agreement", "120"), "--min-agreement=120.0 must be within 0..100"),
     ],
 )
-def test_verify_errors(quick_run, args, message):
+def test_verify_errors(quick_run, tmp_path, args, message):
     out, _ = quick_run
-    args = [a.format(out=out) for a in args]
+    (tmp_path / "garbage.onnx").write_bytes(b"\xff\xfe\x00not a graph" * 10)
+    args = [a.format(out=out, garbage=tmp_path / "garbage.onnx") for a in args]
     defaults = {"--checkpoint": str(out / "quantized.pt"), "--data": str(EXAMPLE / "calib")}
     options = [v for k, d in defaults.items() if k not in args for v in (k, d)]
     result = invoke("verify", *args, *options)
@@ -142,6 +182,14 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
 
     result = invoke(*args, "--steps", "121", "--out", str(out), "--resume")
     assert result.exit_code == 1 and "other options" in result.output
+    import torch  # the same options on a changed weights file: refused, not continued with the old student
+
+    state = torch.load(EXAMPLE / "model.pth", weights_only=True)
+    state["fc.bias"] += 0.01
+    torch.save(state, tmp_path / "changed.pth")
+    result = invoke(*[str(tmp_path / "changed.pth") if a == str(EXAMPLE / "model.pth") else a for a in args],
+                    "--out", str(out), "--resume")
+    assert result.exit_code == 1 and "another model file or other calibration images" in result.output, result.output
     result = invoke(*args, "--out", str(out), "--resume")
     assert result.exit_code == 0, result.output
     assert not (out / "resume.pt").exists()
@@ -212,6 +260,26 @@ def test_progress_lines_leave_out_stages_with_no_steps():
             render(event)
     printed = console.file.getvalue()
     assert "Reconstructing blocks: 2 steps" in printed and "2/2" in printed and "Fine-tuning" not in printed
+
+
+def test_piped_progress_prints_at_most_one_line_per_interval_besides_start_and_end(monkeypatch):
+    """A 12-step stage printed all 12 steps to a log."""
+    import io
+
+    from rich.console import Console
+
+    import cli.render
+    from cli.render import ProgressRenderer
+    from fddaq.events import Event
+
+    clock = iter([0.0, 1.0, 2.0, 3.0, 6.0, 7.0, 8.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0])
+    monkeypatch.setattr(cli.render.time, "perf_counter", lambda: next(clock, 99.0))
+    console = Console(file=io.StringIO(), width=120)
+    with ProgressRenderer(console) as render:
+        for step in range(13):
+            render(Event("calibrate", step, 12, {}))
+    lines = console.file.getvalue().splitlines()
+    assert [line.split(":")[1].split()[0] for line in lines] == ["12", "4/12", "7/12", "12/12"]
 
 
 def test_synthetic_from_reuses_the_images_of_fddaq_synth(tmp_path):

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from exporters import export_qdq, verify
 from exporters.runtime import optimized_ops
+from fddaq.zoo.resnet import SmallResNet
 
 from export_helpers import quantize_model, randomize_batch_norms
 
@@ -142,6 +143,21 @@ def test_every_layer_kind_at_every_bit_width(kind, bits):
 def test_mixed_weight_and_activation_bits(weight_bits, act_bits):
     x = images()
     qmodel = quantize_model(build("residual"), x, weight_bits, act_bits)
+    check(verify(export_qdq(qmodel), qmodel, x))
+
+
+@pytest.mark.parametrize("weight_bits", range(2, 9))
+@pytest.mark.parametrize("act_bits", range(2, 9))
+def test_every_weight_and_input_bit_pair_runs_with_graph_optimizations(weight_bits, act_bits):
+    """The bundled ResNet's shape: an 8-bit-input stem conv whose ReLU output is the next
+    layers' input at `act_bits`. With a Clip before that input's QuantizeLinear, onnxruntime
+    fused stem conv, ReLU and a UINT4 QuantizeLinear into a QLinearConv it then refused to
+    load ("Type 'tensor(uint4)' ... of operator (QLinearConv) is invalid") for 5-8-bit weights
+    with 4-bit inputs. verify runs the graph with optimizations off and on."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(SmallResNet(widths=(8, 8, 8)))
+    x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    qmodel = quantize_model(model, x, weight_bits, act_bits)
     check(verify(export_qdq(qmodel), qmodel, x))
 
 

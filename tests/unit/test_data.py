@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fddaq.data import UNLABELLED, Preprocess, load_image_folder, preset
+from fddaq.data import BACKGROUND, UNLABELLED, Preprocess, load_image_folder, preset
 from fddaq.errors import ConfigError, DataError
 
 GREY = Preprocess(input_size=4, mean=(0.5,), std=(0.25,), channels=1)
@@ -39,6 +39,25 @@ def test_flat_folder_is_unlabelled(tmp_path):
     assert data.labels.tolist() == [UNLABELLED] and not data.labelled
 
 
+def test_a_flat_folder_with_system_or_empty_sub_folders_stays_flat_and_says_so(tmp_path):
+    """`__MACOSX/` or a folder named `holiday.jpg/` flipped a flat folder into class-folder mode."""
+    for i in range(3):
+        save(tmp_path / f"{i}.png", np.zeros((4, 4)))
+    (tmp_path / "__MACOSX").mkdir()
+    (tmp_path / "__MACOSX" / "._0.png").write_bytes(b"apple double")
+    (tmp_path / "holiday.jpg").mkdir()
+    data = load_image_folder(tmp_path, GREY)
+    assert len(data) == 3 and not data.labelled and data.skipped == 0
+    assert data.layout == "a flat folder (unlabelled); folders ignored: __MACOSX, holiday.jpg"
+    save(tmp_path / "holiday.jpg" / "x.png", np.zeros((4, 4)))
+    with pytest.raises(DataError, match=r"holds both images and folders of images \(holiday.jpg\)"):
+        load_image_folder(tmp_path, GREY)
+    classes = tmp_path / "classes"
+    save(classes / "cat" / "1.png", np.zeros((4, 4)))
+    (classes / "__MACOSX").mkdir()
+    assert load_image_folder(classes, GREY).layout == "1 class folder; folders ignored: __MACOSX"
+
+
 def test_resize_and_centre_crop_rgb(tmp_path):
     image = np.zeros((8, 16, 3))
     image[:, 8:] = 255  # right half white
@@ -57,6 +76,40 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
     (tmp_path / "c" / "good.png").write_bytes(b"garbage too")
     with pytest.raises(DataError, match="none of the 2 files"):
         load_image_folder(tmp_path, GREY)
+
+
+def test_mostly_unreadable_folders_and_classes_without_a_readable_image_are_refused(tmp_path):
+    """10 real images among 90 garbage files ran with exit 0, the skips only in report.json."""
+    for i in range(3):
+        save(tmp_path / "a" / f"{i}.png", np.zeros((4, 4)))
+    for i in range(4):
+        (tmp_path / "a" / f"bad{i}.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"4 of the 7 image files in .* are not readable images \(e.g. .*bad0.png\)"):
+        load_image_folder(tmp_path, GREY)
+    (tmp_path / "a" / "bad3.png").unlink()
+    assert load_image_folder(tmp_path, GREY).skipped == 3  # half: read, and counted
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.png").write_bytes(b"garbage")
+    save(tmp_path / "a" / "3.png", np.zeros((4, 4)))
+    with pytest.raises(DataError, match="class folder b of .* has no readable image"):
+        load_image_folder(tmp_path, GREY)
+
+
+def test_an_image_header_claiming_a_huge_size_is_skipped_and_counted(tmp_path):
+    """A PNG header that claims 20000x20000 pixels (a few bytes) raised PIL's
+    DecompressionBombError through the whole tool."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    save(tmp_path / "c" / "good.png", np.zeros((4, 4)))
+    data = load_image_folder(tmp_path, GREY)
+    assert len(data) == 1 and data.skipped == 1
 
 
 def test_missing_empty_and_too_small(tmp_path):
@@ -123,3 +176,67 @@ def test_pinned_images_match_pageable_ones(tmp_path):
     (tmp_path / "c" / "bad.png").write_bytes(b"garbage")
     pinned = load_image_folder(tmp_path, GREY, pin_memory=True)
     assert pinned.images.is_pinned() and torch.equal(pinned.images, load_image_folder(tmp_path, GREY).images)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_pil_mode_decodes_to_the_same_image(tmp_path, channels):
+    """16-bit greyscale was clipped by convert("L") (a folder of them scored 70% instead of
+    93%); 32-bit integer and float images, palettes with a transparent entry, grey + alpha,
+    RGBA and CMYK decode to the same values as the 8-bit image they hold."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (6, 6)).astype(np.uint8)
+    grey[0, 0], grey[0, 1] = 0, 255
+    rgb = np.stack([grey, 255 - grey, grey // 2], axis=2)
+    prep = Preprocess(input_size=6, mean=(0.0,) * channels, std=(1.0,) * channels, channels=channels)
+    reference_image = Image.fromarray(grey if channels == 1 else rgb)
+    folder = tmp_path / ("grey" if channels == 1 else "rgb")
+    folder.mkdir()
+    reference_image.save(folder / "a_reference.png")
+    if channels == 1:
+        Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "b_16bit.png")  # mode I;16
+        Image.fromarray(grey.astype(np.int32) * 257, "I").save(folder / "c_32bit.tif")
+        Image.fromarray(grey.astype(np.float32) / 255, "F").save(folder / "d_float.tif")
+        Image.fromarray(np.stack([grey, np.full_like(grey, 255)], axis=2), "LA").save(folder / "e_la.png")
+    else:
+        Image.fromarray(np.dstack([rgb, np.full_like(grey, 255)]), "RGBA").save(folder / "b_rgba.png")
+        Image.fromarray(rgb).convert("CMYK").save(folder / "c_cmyk.tif")
+        Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "d_grey16.png")  # a grey 16-bit file, RGB model
+    data = load_image_folder(folder, prep)
+    assert data.skipped == 0 and len(data) >= 4
+    reference = data.images[0]
+    for name, image in zip(data.paths[1:], data.images[1:]):
+        expected = reference if "grey16" not in name else torch.from_numpy(grey / 255.0).float().expand(3, 6, 6)
+        torch.testing.assert_close(image, expected, atol=1 / 255 + 1e-6, rtol=0, msg=name)
+
+
+def test_transparent_pixels_are_composited_onto_the_stated_background(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[:2, :, 3] = 255  # top half opaque, bottom half transparent
+    rgba[2:, :, :3] = 90  # colour hidden under alpha 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    palette.putpalette([200, 200, 200, 90, 90, 90])
+    palette.info["transparency"] = 1
+    palette.save(tmp_path / "b.png", transparency=1)
+    prep = Preprocess(input_size=2, mean=(0.0,), std=(1.0,), channels=3)
+    data = load_image_folder(tmp_path, prep)
+    background = torch.tensor(BACKGROUND, dtype=torch.float32) / 255
+    assert torch.allclose(data.images[0, :, 0, 0], torch.full((3,), 200 / 255))
+    assert torch.allclose(data.images[0, :, 1, 0], background)  # bottom-left after the 4 -> 2 centre crop rows 1..2
+    assert torch.allclose(data.images[1, :, 0, 0], torch.full((3,), 200 / 255))
+    assert torch.allclose(data.images[1, :, 0, 1], background)
+
+
+def test_an_input_size_without_a_resize_scales_the_presets_resize():
+    """--preset imagenet --input-size 64 kept resize 256: a 64 px crop from the middle of a
+    256 px image, a quarter of the picture."""
+    from fddaq.pipeline import PreprocessOptions, resolve_preprocess
+
+    small = resolve_preprocess("torchvision:resnet18", 3, PreprocessOptions(preset="imagenet", input_size=64))
+    assert (small.input_size, small.resize) == (64, 73)  # 256 / 224 of 64
+    assert small.describe() == ("shorter side to 73 (bilinear), centre crop 64x64, RGB, mean 0.485, 0.456, 0.406, "
+                                "std 0.229, 0.224, 0.225")
+    given = resolve_preprocess("torchvision:resnet18", 3, PreprocessOptions(preset="imagenet", input_size=64, resize=64))
+    assert given.resize == 64
+    assert resolve_preprocess("x:y", 3, PreprocessOptions(preset="imagenet")).resize == 256

@@ -95,6 +95,9 @@ def test_override_matching_nothing_and_float_override(tiny_model):
     plan = resolve_layer_plan(found, QuantConfig(layers=("short=float", "fc=8/4")))
     entries = {e.name: e for e in plan.layers}
     assert entries["short"].kind == "float" and (entries["fc"].weight_bits, entries["fc"].act_bits) == (8, 4)
+    # everything float is refused when the plan is made, not after calibration ("use export_float")
+    with pytest.raises(ConfigError, match=r"no layer is left to quantize: every layer is kept float \(layer overrides: '\*=float'\)"):
+        resolve_layer_plan(found, QuantConfig(layers=("*=float",)))
 
 
 @pytest.mark.parametrize("field, value", [("weight_bits", 1), ("act_bits", 9), ("first_last_bits", 0)])

@@ -1,0 +1,30 @@
+import json
+import math
+import os
+import stat
+
+import pytest
+
+from fddaq.io import atomic_write_bytes, atomic_write_json, strict_json
+
+
+def test_json_files_are_strict_json_with_null_for_nan_and_infinity(tmp_path):
+    report = {"first_loss": math.nan, "curve": [1.0, math.inf, -math.inf], "nested": {"x": (math.nan, 2)}, "n": 3, "s": "nan"}
+    atomic_write_json(tmp_path / "report.json", report)
+    strict = lambda constant: pytest.fail(f"report.json holds {constant}")  # noqa: E731
+    loaded = json.loads((tmp_path / "report.json").read_text(), parse_constant=strict)
+    assert loaded == {"first_loss": None, "curve": [1.0, None, None], "nested": {"x": [None, 2]}, "n": 3, "s": "nan"}
+    assert strict_json(report)["n"] == 3
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_permissions_open_would_give_them(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "model.onnx", b"x")
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model.onnx").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == mode
