@@ -274,48 +274,61 @@ LOCK_FILE = ".fddaq.lock"
 
 @contextlib.contextmanager
 def _locked(out: Path, owner: bool = True):
-    """One writer per --out: `out/.fddaq.lock` holds the writing process's id while it runs,
-    and a second run on the folder is refused (a lock whose process has ended is taken over).
-    A folder this creates and leaves empty is removed again. `owner`: this process writes
-    (rank 0 of a torchrun job)."""
+    """One writer per --out: the run holds an exclusive `flock` on `out/.fddaq.lock` (which
+    names its process) while it runs, and a second run on the folder is refused. The kernel
+    drops the lock when its process ends, however it ends. Folders this creates and leaves
+    empty are removed again. `owner`: this process writes (rank 0 of a torchrun job)."""
     if not owner:
         yield
         return
-    created = not out.exists()
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder is not None:
-                raise ConfigError(f"{out} is being written by another fddaq run (process {holder}): wait for it to end, "
-                                  "or choose another --out") from None
-            lock.unlink(missing_ok=True)  # left by a run that no longer runs
-    with os.fdopen(fd, "w") as handle:
-        handle.write(str(os.getpid()))
+    try:
+        fd = _acquire(lock, out)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        os.close(fd)
+        _remove_empty(created)
 
 
-def _lock_holder(lock: Path) -> int | None:
-    """The id of the running process that holds `lock`, or None (it ended, or the file is not one)."""
-    try:
-        pid = int(lock.read_text().strip())
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # another user's running process
-        return pid
-    except (OSError, ValueError):
-        return None
-    return pid
+def _acquire(lock: Path, out: Path) -> int:
+    """An open descriptor of `lock` holding its exclusive lock, with this process's id in it."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot lock {out} for this run: {lock} ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"{out} is being written by another fddaq run (process {holder}): wait for it to end, "
+                              "or choose another --out") from None
+        try:
+            current = os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:  # not a file its last holder removed meanwhile
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            return fd
+        os.close(fd)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders of `folders` (deepest first) that are empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @contextlib.contextmanager

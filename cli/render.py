@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from rich.console import Console
@@ -27,10 +28,8 @@ STAGE_TITLES = {
 
 class ProgressRenderer:
     """Callable `on_event`: a rich progress bar per stage on a terminal; on anything else a
-    line when a stage starts, every ~10% but at most every `PIPED_INTERVAL` seconds, and when
-    it ends. Silent when `quiet`."""
-
-    PIPED_INTERVAL = 5.0
+    line when a stage starts, every ~10% but at most every `FDDAQ_PROGRESS_SECONDS` seconds
+    (environment; default 5), and when it ends. Silent when `quiet`."""
 
     def __init__(self, console: Console, quiet: bool = False) -> None:
         self.console = console
@@ -40,6 +39,7 @@ class ProgressRenderer:
         self.tasks: dict[str, int] = {}
         self.started: dict[str, float] = {}
         self.printed: dict[str, float] = {}  # when each stage last printed a line
+        self.interval = float(os.environ.get("FDDAQ_PROGRESS_SECONDS", 5))
 
     def __enter__(self) -> "ProgressRenderer":
         if self.live:
@@ -70,7 +70,7 @@ class ProgressRenderer:
             self.started[event.stage] = self.printed[event.stage] = now
             self.console.print(f"{title}: {event.total} steps")
         elif event.step == event.total or (event.step % max(1, event.total // 10) == 0
-                                           and now - self.printed.get(event.stage, 0.0) >= self.PIPED_INTERVAL):
+                                           and now - self.printed.get(event.stage, 0.0) >= self.interval):
             self.printed[event.stage] = now
             elapsed = now - self.started.get(event.stage, now)
             self.console.print(f"{title}: {event.step}/{event.total} {metrics} ({elapsed:.0f}s)")

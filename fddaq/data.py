@@ -119,14 +119,15 @@ BACKGROUND = (0, 0, 0)  # what transparent pixels are composited onto (RGB)
 def _normalised(img, channels: int):
     """`img` in mode "L" / "RGB" (8-bit; `channels` 1 / 3) or "F" (one channel, floats in
     [0, 1]: images of more than 8 bits keep their precision). 16- and 32-bit integer images
-    are scaled from 0..65535; float images are taken as [0, 1] (as 0..255 when a value exceeds
-    1); an alpha channel or a transparent palette entry is composited onto `BACKGROUND`."""
+    are read as 16-bit (0..65535; higher values saturate); float images as [0, 1] (as 0..255
+    when a value exceeds 1), NaN as 0; an alpha channel or a transparent palette entry is
+    composited onto `BACKGROUND`."""
     from PIL import Image
 
     if img.mode.startswith("I") or img.mode == "F":
         array = np.asarray(img, dtype=np.float32)
         scale = 65535.0 if img.mode != "F" else 255.0 if array.max(initial=0.0) > 1.0 else 1.0
-        return Image.fromarray(np.clip(array / scale, 0.0, 1.0).astype(np.float32), "F")
+        return Image.fromarray(np.clip(np.nan_to_num(array / scale), 0.0, 1.0).astype(np.float32), "F")
     if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba)
@@ -158,8 +159,10 @@ def _decode(path: Path, preprocess: Preprocess) -> np.ndarray | None:
         return None  # DecompressionBombError: a header that claims more pixels than PIL's limit
     if img.mode != "F":
         array = array / 255.0
-    elif preprocess.channels == 3:  # a grey image of more than 8 bits, for an RGB model
-        array = np.repeat(array[:, :, None], 3, axis=2)
+    else:  # a grey image of more than 8 bits; bicubic resizing can overshoot [0, 1]
+        array = np.clip(array, 0.0, 1.0)
+        if preprocess.channels == 3:
+            array = np.repeat(array[:, :, None], 3, axis=2)
     return array.reshape(size, size, preprocess.channels)
 
 
@@ -223,11 +226,10 @@ def class_folders(root: Path) -> list[Path]:
     return folders
 
 
-def describe_layout(root: Path) -> str:
-    """How `load_image_folder` reads `root`, and which folders it ignores."""
-    root = Path(root)
-    folders = class_folders(root)
-    ignored = [p.name for p in sorted(root.iterdir()) if p.is_dir() and p not in folders]
+def describe_layout(root: Path, folders: list[Path]) -> str:
+    """How `load_image_folder` reads `root` (its class `folders`), and which folders it ignores."""
+    root, read = Path(root), set(folders)
+    ignored = [p.name for p in sorted(root.iterdir()) if p.is_dir() and p not in read]
     text = f"{len(folders)} class folder{'s' * (len(folders) != 1)}" if folders else "a flat folder (unlabelled)"
     return text + (f"; folders ignored: {', '.join(ignored[:3])}{' ...' if len(ignored) > 3 else ''}" if ignored else "")
 
@@ -274,4 +276,4 @@ def load_image_folder(
         raise DataError(f"class folder {names[lost[0]]} of {root} has no readable image: fix or remove its files")
     labels = torch.tensor([files[i][1] for i in readable], dtype=torch.int64)
     return ImageSet(images, labels, names, tuple(str(files[i][0]) for i in readable), len(files) - len(readable),
-                    describe_layout(root))
+                    describe_layout(root, folders))

@@ -129,7 +129,9 @@ def _user_factory(prefix: str, name: str, spec: str):
             with _on_import_path(os.getcwd()):
                 module = importlib.import_module(prefix)
         except ImportError as exc:
-            hint = f"; for a file, give its path: {prefix.replace('.', '/')}.py:{name}" if isinstance(exc, ModuleNotFoundError) else ""
+            missing = getattr(exc, "name", None) or ""
+            own = isinstance(exc, ModuleNotFoundError) and (prefix + ".").startswith(missing + ".")  # not a dependency of it
+            hint = f"; for a file, give its path: {prefix.replace('.', '/')}.py:{name}" if own else ""
             raise ModelError(f"cannot import module {prefix!r} of architecture spec {spec!r}: {exc}{hint}") from exc
     factory = module
     for part in name.split("."):
@@ -200,7 +202,7 @@ def load_float_model(path: Path, spec: str, num_classes: int | None = None, trus
     model = build_model(spec, num_classes, args)
     load_weights(model, state, f"{path} does not fit architecture {spec}")
     for name, tensor in model.state_dict().items():
-        bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+        bad = int((~torch.isfinite(tensor)).sum()) if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() else 0
         if bad:
             raise ModelError(f"{path}: {name} holds {bad} non-finite value{'s' * (bad > 1)} (NaN or inf) of "
                              f"{tensor.numel()}; such a model cannot be calibrated or quantized")

@@ -217,17 +217,22 @@ def test_a_classes_file_with_a_byte_order_mark_or_a_duplicate_name(tmp_path):
 
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path):
     """Two runs on one folder overwrote each other's files without --force."""
-    import subprocess
-    import sys
+    import fcntl
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".fddaq.lock").write_text(str(os.getpid()))  # a running process holds it
-    result = quantize(tmp_path, "--force")
-    assert result.exit_code == 1 and "is being written by another fddaq run (process" in result.output, result.output
-    assert (out / ".fddaq.lock").exists() and sorted(p.name for p in out.iterdir()) == [".fddaq.lock"]
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (out / ".fddaq.lock").write_text(ended.stdout.strip())  # left by a process that has ended: taken over
+    with open(out / ".fddaq.lock", "w+") as held:  # another run holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        result = quantize(tmp_path, "--force")
+        assert result.exit_code == 1 and "being written by another fddaq run (process 4242)" in result.output, result.output
+        assert sorted(p.name for p in out.iterdir()) == [".fddaq.lock"]
+    # the holder ended (its lock went with it) and left the file: the next run takes it
     result = quantize(tmp_path, "--force")
     assert result.exit_code == 0, result.output
     assert not (out / ".fddaq.lock").exists() and (out / "model.onnx").exists()
+    # a failed run leaves no folder it created, parents included
+    deep = tmp_path / "a" / "b" / "out"
+    assert quantize(tmp_path, "--out", str(deep), model=tmp_path / "missing.pth").exit_code == 1  # fails inside the lock
+    assert not (tmp_path / "a").exists()

@@ -190,6 +190,13 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     result = invoke(*[str(tmp_path / "changed.pth") if a == str(EXAMPLE / "model.pth") else a for a in args],
                     "--out", str(out), "--resume")
     assert result.exit_code == 1 and "another model file or other calibration images" in result.output, result.output
+    saved = (out / "resume.pt").read_bytes()
+    older = torch.load(out / "resume.pt", weights_only=True)
+    del older["inputs"]  # as written before the inputs were recorded
+    torch.save(older, out / "resume.pt")
+    result = invoke(*args, "--out", str(out), "--resume")
+    assert result.exit_code == 1 and "written by an older fddaq" in result.output, result.output
+    (out / "resume.pt").write_bytes(saved)
     result = invoke(*args, "--out", str(out), "--resume")
     assert result.exit_code == 0, result.output
     assert not (out / "resume.pt").exists()
@@ -229,7 +236,7 @@ def test_a_killed_process_resumes(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-c", "from cli.main import main; main()", *BASE[:-1], "--recipe", "fddaq", "--steps", "300",
                "--synthetic", "0", "--out", str(out)]
-    env = {**os.environ, "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200", "FDDAQ_PROGRESS_SECONDS": "0"}  # every 10% line, however fast
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in process.stdout:  # plain progress lines: not a terminal
         if "Fine-tuning (distillation): 120/300" in line:

@@ -28,3 +28,11 @@ def test_written_files_get_the_permissions_open_would_give_them(tmp_path, umask,
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "model.onnx").stat().st_mode) == mode
     assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == mode
+
+
+def test_an_overwritten_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text("{}")
+    path.chmod(0o640)
+    atomic_write_json(path, {"a": 1})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and json.loads(path.read_text()) == {"a": 1}
