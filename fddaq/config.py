@@ -205,7 +205,9 @@ class SynthConfig:
     calibration image for the centers, then misclassified images are dropped. A resumable
     state is handed out every `checkpoint_every` steps.
 
-    Ablations of the generator (issue 17; the defaults are GDFQ's and FDDA's):
+    Ablations of the generator (issue 17; the defaults are GDFQ's and FDDA's; measured in
+    benchmarks/RESULTS.md: "learned" latents gave the best generator images, "range" the
+    class fidelity without the diversity, "standardised" BNS collapsed at the paper's weights):
     `generator_output` "batchnorm" standardises the tanh output per batch (which also
     standardises every single-class batch like a mixed one), "range" maps it into the model's
     input range instead; `label_embedding` False conditions on the label through the

@@ -194,6 +194,8 @@ def test_the_run_chooses_synthesis_from_its_images_unless_told(monkeypatch):
     config, why = synthesis_choice(recipe_config("fddaq", quant), 10, 10, 10)  # measured to pay
     assert config.synth.num_images == 1024 and why.startswith("FDDA images: 10 calibration images per class;")
     assert "end-to-end" in why
+    config, why = synthesis_choice(recipe_config("fddaq", quant), 1, 10, 10)  # measured to pay with one image too
+    assert config.synth.num_images == 1024 and "+0.34 points" in why
     config, why = synthesis_choice(recipe_config("fddaq", quant), 10, 3, 10)
     assert config.synth.num_images == 0 and why.startswith("no FDDA images: 3 of 10 classes")
     # the measured table decides: where it says synthesis pays, the recipe's images are made
