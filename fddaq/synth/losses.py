@@ -17,7 +17,7 @@ def bns_loss(mean: Tensor, var: Tensor, target_mean: Tensor, target_var: Tensor,
     that never varies does not blow up)."""
     if scale is None:
         return F.mse_loss(mean, target_mean) + F.mse_loss(var, target_var)
-    scale = scale.clamp(min=0.1 * scale.median().item() + 1e-12)
+    scale = torch.maximum(scale, 0.1 * scale.median() + 1e-12)  # on the tensor's device: no sync per layer
     return ((mean - target_mean) ** 2 / scale).mean() + ((var - target_var) / scale).square().mean()
 
 

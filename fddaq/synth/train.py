@@ -78,10 +78,11 @@ def train_generator(
     optimizer = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(0.5, 0.999))
     milestones = [int(config.steps * f) for f in config.lr_milestones]
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    latents = latent_labels = None
+    latents = latent_labels = held = None
     if learned:  # Genie-like: one latent per final image, spread evenly over the classes
         latent_labels = (torch.arange(config.num_images) % num_classes)[torch.randperm(config.num_images, generator=rng)]
         latents = RowAdam(torch.randn(config.num_images, config.latent_dim, generator=rng).to(device), config.pool_lr)
+        held = latent_labels.unique()  # the classes that hold a latent (on the CPU, as the candidates)
         latent_labels = latent_labels.to(device)
     first = 1
     if resume is not None:
@@ -128,12 +129,13 @@ def train_generator(
         for step in range(first, config.steps + 1):
             candidates = objective.candidates(step)
             if learned:  # classes that hold a latent
-                candidates = candidates[torch.isin(candidates, latent_labels.cpu())]
+                candidates = candidates[torch.isin(candidates, held)]
             two_passes = len(candidates) > 0
             labels, rows = batch(None)
-            single, z, z_single = None, None, None
+            label, single, z, z_single = None, None, None, None
             if learned:  # one leaf for the latents of both passes (drawn first: a latent may be in both)
-                single, single_rows = batch(pick(candidates)) if two_passes else (None, rows[:0])
+                label = pick(candidates) if two_passes else None
+                single, single_rows = batch(label) if two_passes else (None, rows[:0])
                 drawn, where = torch.unique(torch.cat([rows, single_rows]), return_inverse=True)
                 leaf = latents.draw(drawn)
                 z, z_single = leaf[where[:batch_size]], leaf[where[batch_size:]]
@@ -142,9 +144,11 @@ def train_generator(
             with trainer.no_sync() if two_passes and trainer is not generator else nullcontext():
                 parts = objective.mixed(stats, teacher_logits(labels, z), labels)
             if two_passes:
-                single = batch(pick(candidates))[0] if single is None else single
+                if label is None:  # fresh latents: the class is drawn after the mixed pass, as always
+                    label = pick(candidates)
+                    single = batch(label)[0]
                 stats.clear()
-                parts |= objective.single(step, single[0].item(), stats, teacher_logits(single, z_single), single, rng)
+                parts |= objective.single(step, label, stats, teacher_logits(single, z_single), single, rng)
             objective.minimise(parts, _Both(optimizer, latents) if learned else optimizer)
             schedule.step()
             if on_checkpoint is not None and objective.checkpoint_due(step):
