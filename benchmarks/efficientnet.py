@@ -22,8 +22,8 @@ Methods: onnxruntime `quantize_static` (MinMax, Percentile; as in `peers.py`) on
 ONNX; fddaq `ptq`; `real-only` (the `fddaq` recipe without synthetic images); `fddaq` (FDDA
 synthesis from the 10 images, `--synth-steps` generator steps, `--synthetic` images mixed 1:1);
 `data-free` (no real image); `reconstruct` (block-wise reconstruction, `--iterations` per unit
-on `--views` views of the 10 images, no synthetic images). `--bits W/A[/F]`: F bits for the
-first and last layers. Each method runs in its own process, which reports its peak
+on `--views` views of the 10 images, no synthetic images). `--bits W/A[/F][:all|:inputs]`: F bits for the
+first and last layers, the suffix sets `--activations` (onnxruntime has no `:inputs` row here). Each method runs in its own process, which reports its peak
 resident memory; a row's wall time includes its share of generator training (trained once
 per method, shared by the bit widths). Needs `benchmarks/requirements.txt` and scikit-image.
 """
@@ -164,21 +164,23 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
             synthesis = synthesize(inputs, config.synth, real_images=config.real_images)
             synth_seconds = synthesis.seconds
         for setting in args.bits:
+            setting, _, activations = setting.partition(":")
             w, a, *first_last = (int(v) for v in setting.split("/"))
             fl = first_last[0] if first_last else None
-            label = f"W{w}A{a}" + (f"-fl{fl}" if fl else "")
+            label = f"W{w}A{a}" + (f"-fl{fl}" if fl else "") + (f"-{activations}" if activations else "")
             row = {"model": args.model, "bits": label, "method": method, "steps": 0, "float_held_top1": float_top1}
             start = time.perf_counter()
             if method in PEERS:
                 float_path, graph = root / "float.onnx", root / "quantized.onnx"
                 float_path.write_bytes(export_float(inputs.float_model, inputs.input_shape).SerializeToString())
-                if fl is not None or w != a:
-                    continue  # onnxruntime's quantizer: one bit width for the whole model
-                peers.quantize(float_path, graph, inputs.calib.images.numpy(), label, method.split()[-1])
+                if fl is not None or w != a or activations == "inputs":
+                    continue  # onnxruntime's quantizer: one bit width for the whole model, every tensor
+                peers.quantize(float_path, graph, inputs.calib.images.numpy(), f"W{w}A{a}", method.split()[-1])
                 row["seconds"] = time.perf_counter() - start
             else:
                 recipe = "fddaq" if method in ("real-only", "ptq") else method
-                config = recipe_config(recipe, QuantConfig(w, a, fl, weight_grid=args.weight_grid),
+                config = recipe_config(recipe, QuantConfig(w, a, fl, weight_grid=args.weight_grid,
+                                                           activations=activations or "auto"),
                                        steps={"ptq": 0, "reconstruct": args.iterations}.get(method, args.steps),
                                        synthetic=0 if method in ("real-only", "ptq", "reconstruct") else args.synthetic,
                                        synth_steps=args.synth_steps)

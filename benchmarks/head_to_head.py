@@ -37,7 +37,9 @@ from fddaq.recipes import DEFAULT_RECIPE  # noqa: E402
 FASHION = tuple(recipes.fmnist.MODELS)  # the bundled models
 
 # setting -> recipes.py --bits value
-SETTINGS = {"W8A8": "8/8", "W4A4": "4/4", "W4A4-fl8": "4/4/8", "W3A3": "3/3"}
+SETTINGS = {"W8A8": "8/8", "W4A4": "4/4", "W4A4-fl8": "4/4/8", "W3A3": "3/3",  # fddaq's default tensor set
+            # matching tensor sets (peers.py): every tensor between operators, or the conv/linear inputs only
+            "W8A8-inputs": "8/8:inputs", "W4A4-inputs": "4/4:inputs", "W4A4-all": "4/4:all"}
 PEER_SETTINGS = set(peers.SETTINGS)  # onnxruntime has no 3-bit type
 
 

@@ -9,7 +9,11 @@ Settings, as fddaq names them: `W8A8`; `W4A4` (every layer's weights and activat
 INT4/UINT4, first and last included, the model input at 8 bits as in fddaq); `W4A4-fl8` (the
 first and last layers at 8 bits). As in fddaq's graphs the logits stay float
 (`OpTypesToExcludeOutputQuantization: Gemm`); onnxruntime quantizes every other tensor between
-operators, its QDQ convention. onnxruntime has no 3-bit type: W3A3 has no peer. Calibration
+operators, its QDQ convention, which fddaq's `--activations all` follows (`W4A4-all` is the
+same onnxruntime graph as `W4A4`, named for the fddaq row it faces). `-inputs` (`W8A8-inputs`,
+`W4A4-inputs`) restricts onnxruntime to the inputs of Conv and Gemm nodes
+(`op_types_to_quantize`, their outputs excluded), the tensor set of fddaq's `--activations
+inputs`. onnxruntime has no 3-bit type: W3A3 has no peer. Calibration
 images: the first N per class of `examples/fashion_mnist/calib`, as in `benchmarks/recipes.py`;
 onnxruntime's calibrators are deterministic, so one run per setting stands for every seed. Each
 quantization runs in a fresh process: its wall time and peak resident memory are reported.
@@ -38,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(EXAMPLE))
 import fmnist  # noqa: E402
 
-SETTINGS = ("W8A8", "W4A4", "W4A4-fl8")
+SETTINGS = ("W8A8", "W4A4", "W4A4-fl8", "W8A8-inputs", "W4A4-inputs", "W4A4-all")
 METHODS = ("MinMax", "Entropy", "Percentile")
 
 
@@ -74,6 +78,8 @@ def quantize(float_path: Path, out: Path, images: np.ndarray, setting: str, meth
         def get_next(self):
             return next(self.batches, None)
 
+    inputs_only = setting.endswith("-inputs")
+    setting = setting.removesuffix("-inputs").removesuffix("-all")
     low = setting.startswith("W4")
     overrides: dict = {"input": [{"quant_type": QuantType.QUInt8}]} if low else {}  # the image at 8 bits, as fddaq
     if setting == "W4A4-fl8":
@@ -89,7 +95,9 @@ def quantize(float_path: Path, out: Path, images: np.ndarray, setting: str, meth
             weight_type=QuantType.QInt4 if low else QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, method),
             # logits stay float, as in fddaq's graphs (quantizing them at 4 bits would make ties)
-            extra_options={"TensorQuantOverrides": overrides, "OpTypesToExcludeOutputQuantization": ["Gemm"]},
+            extra_options={"TensorQuantOverrides": overrides,
+                           "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm"] if inputs_only else ["Gemm"]},
+            op_types_to_quantize=["Conv", "Gemm"] if inputs_only else None,
         )
 
 

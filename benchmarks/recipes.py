@@ -6,7 +6,8 @@ class, several seeds.
     .venv/bin/python benchmarks/recipes.py [--models resnet mobilenet] [--seeds 0 1 2] [--per-class 1 10]
         [--bits 4/4 8/8 3/3 2/4] [--methods ...] [--ablate 10:4/4 10:2/4]
 
-`--bits W/A/F` sets the first and last layers to F bits (`4/4/8`: the W4A4-fl8 rows).
+`--bits W/A/F` sets the first and last layers to F bits (`4/4/8`: the W4A4-fl8 rows); a suffix
+`:all` or `:inputs` sets `--activations` (`4/4:all`: every tensor between operators quantized).
 
 Methods: `ptq` (calibration only), `real-only` (the fddaq recipe without synthetic data),
 `fdda-paper` and `fddaq`, all at the same fine-tuning steps, and `reconstruct` (block-wise
@@ -73,21 +74,31 @@ def group(model: str, per_class: int, seed: int, bits: list[str], methods: list[
     x, y = test_set()
     float_top1 = 100.0 * (run_float(inputs.float_model, x) == y).float().mean().item()
     methods = ("data-free",) if per_class == 0 else tuple(methods)
-    start = time.perf_counter()
-    synth_config = recipe_config("data-free" if per_class == 0 else "fddaq", QuantConfig(), seed)
-    synthesis = synthesize(inputs, synth_config.synth, real_images=synth_config.real_images)
-    synth_seconds = time.perf_counter() - start
+    synthesis, synth_seconds = None, 0.0
+
+    def synthesized():  # one generator for the group, trained when a recipe first needs it
+        nonlocal synthesis, synth_seconds
+        if synthesis is None:
+            start = time.perf_counter()
+            synth_config = recipe_config("data-free" if per_class == 0 else "fddaq", QuantConfig(), seed)
+            synthesis = synthesize(inputs, synth_config.synth, real_images=synth_config.real_images)
+            synth_seconds = time.perf_counter() - start
+        return synthesis
+
     rows = []
     for setting in bits:
+        setting, _, activations = setting.partition(":")
         w, a, *first_last = (int(v) for v in setting.split("/"))
         fl = first_last[0] if first_last else None
-        label = f"W{w}A{a}" + (f"-fl{fl}" if fl else "")
+        label = f"W{w}A{a}" + (f"-fl{fl}" if fl else "") + (f"-{activations}" if activations else "")
         for method in methods + (tuple(ABLATIONS) if f"{per_class}:{setting}" in ablate else ()):
             recipe = "fddaq" if method == "real-only" or method in ABLATIONS else method
-            config = recipe_config(recipe, QuantConfig(w, a, fl), seed, synthetic=0 if method == "real-only" else None)
+            quant = QuantConfig(w, a, fl, activations=activations or "auto")
+            config = recipe_config(recipe, quant, seed, synthetic=0 if method == "real-only" else None)
             config = replace(config, finetune=replace(config.finetune, **ABLATIONS.get(method, {})))
+            synthetic = synthesized() if config.synth.num_images else None
             start = time.perf_counter()
-            result = quantize_inputs(inputs, config, synthesis=synthesis if config.synth.num_images else None)
+            result = quantize_inputs(inputs, config, synthesis=synthetic)
             onnx_model = export_qdq(result.model)
             seconds = time.perf_counter() - start
             logits = run_onnx(onnx_model, x)

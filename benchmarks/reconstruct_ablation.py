@@ -7,7 +7,8 @@ class, seed), trained once and shared by every variant.
         ptq reconstruct fddaq 'fddaq,r.iterations=500' 'reconstruct,a=8' 'reconstruct,synth=1024' 'reconstruct,r.drop=0.0'
 
 A variant is RECIPE[,KEY=VALUE...]: `w=`/`a=` weight and activation bits (default 4/4), `grid=symmetric`
-the weight grid (`QuantConfig.weight_grid`),
+the weight grid (`QuantConfig.weight_grid`), `act=all|inputs` the quantized activations
+(`QuantConfig.activations`),
 `r.FIELD=` a `ReconstructConfig` field, `f.FIELD=` a `FinetuneConfig` field, `c.FIELD=` a
 `CalibrationConfig` field (`c.bias_images=0`: no bias correction), `s.FIELD=` a `SynthConfig`
 field of the synthesis (`s.method=pool`), `synth=N` N synthetic images (the recipe's own count
@@ -79,7 +80,8 @@ def main() -> None:
     for variant in args.variants:
         recipe, *pairs = variant.split(",")
         options = dict(pair.split("=", 1) for pair in pairs)
-        quant = QuantConfig(int(options.pop("w", 4)), int(options.pop("a", 4)), weight_grid=options.pop("grid", "auto"))
+        quant = QuantConfig(int(options.pop("w", 4)), int(options.pop("a", 4)), weight_grid=options.pop("grid", "auto"),
+                            activations=options.pop("act", "auto"))
         config = recipe_config(recipe, quant, args.seed)
         reconstruct = {k[2:]: value(v) for k, v in options.items() if k.startswith("r.")}
         finetune = {k[2:]: value(v) for k, v in options.items() if k.startswith("f.")}

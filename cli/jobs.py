@@ -401,6 +401,7 @@ def run_quantize(
         **header,
         "model": inputs.info.to_json(),
         "plan": result.plan.to_json(),
+        "tensors": {site.name: site.bits for site in result.model.sites},  # quantized between operators (--activations)
         "data": {**_data(inputs), "verify_set": "val" if inputs.val is not None else "calib"},
         "synthesis": None if result.synthesis is None else result.synthesis.report,
         "synthesis_choice": result.synthesis_why,
@@ -434,6 +435,8 @@ def run_quantize(
                                         f"{drop:.2f} points below float, at most {max_drop:g} allowed")]),
         (f"ONNX vs fake-quant top-1 agreement ({report['data']['verify_set']}, {verify.samples} images)", _pct(verify.agreement)),
         *verify_rows(verify)[1:],
+        ("activations quantized", f"every tensor between operators ({len(report['tensors'])} tensors)"
+                                  if result.model.sites else "the inputs of the layers"),
         ("ONNX size vs float ONNX", f"{len(deployment.onnx) / 1024:.1f} KiB / {deployment.float_size / 1024:.1f} KiB "
                                      f"= {report['size']['ratio']:.3f}x"),
         ("lowest layer SQNR vs float", _worst_layers(result.layer_sqnr)),

@@ -225,7 +225,8 @@ def _std_option():
 
 
 def _bits_options():
-    """--bits, --weight-bits, --act-bits, --first-last-bits, --layer-bits, --weight-grid (quantize, plan, sensitivity)."""
+    """--bits, --weight-bits, --act-bits, --first-last-bits, --layer-bits, --weight-grid, --activations
+    (quantize, plan, sensitivity)."""
     return {
         "bits": typer.Option(4, "--bits", help="Weight and activation bits of every layer, first and last included."),
         "weight_bits": typer.Option(None, "--weight-bits", help="Weight bits (default: --bits)."),
@@ -241,15 +242,21 @@ def _bits_options():
             help="auto: weights of 4 bits and fewer on an affine grid (16 levels, a zero point per channel), wider ones "
                  "symmetric; symmetric: zero point 0 at every width (for hardware whose low-bit kernels take none).",
         ),
+        "activations": typer.Option(
+            "auto", "--activations",
+            help="all: every tensor between operators is quantized (conv outputs, adds, concats, pooling: the graph "
+                 "integer runtimes and accelerators chain integer kernels on); inputs: only the inputs of conv and linear "
+                 "layers; auto: all at 8-bit activations, inputs below.",
+        ),
     }
 
 
 def _quant_config(bits: int, weight_bits: Optional[int], act_bits: Optional[int], first_last_bits: Optional[int],
-                  layer_bits: Optional[list[str]], weight_grid: str):
+                  layer_bits: Optional[list[str]], weight_grid: str, activations: str):
     from fddaq.config import QuantConfig
 
     return QuantConfig(weight_bits or bits, act_bits or bits, first_last_bits, layers=tuple(layer_bits or ()),
-                       weight_grid=weight_grid)
+                       weight_grid=weight_grid, activations=activations)
 
 
 def _trust_model_option():
@@ -378,6 +385,7 @@ def quantize(
     first_last_bits: Optional[int] = _BITS["first_last_bits"],
     layer_bits: Optional[list[str]] = _BITS["layer_bits"],
     weight_grid: str = _BITS["weight_grid"],
+    activations: str = _BITS["activations"],
     recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="reconstruct (default: block-wise reconstruction, AdaRound + LSQ + QDrop, unit by unit), fddaq (end-to-end fine-tuning on real and FDDA images), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result)."),
     steps: Optional[int] = typer.Option(None, "--steps", help=f"Training steps: reconstruction iterations per unit (reconstruct: {RECONSTRUCT_ITERATIONS}) or fine-tuning steps (the others: 400); 0: calibration only."),
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="FDDA synthetic images added to the training images (fddaq, fdda-paper: 1024, mixed 1:1 into fine-tuning; reconstruct: 0, up to 512 join its pool); 0: real images only."),
@@ -419,7 +427,7 @@ def quantize(
     _check_outputs(out, QUANTIZE_OUTPUTS, force)
     if max_drop is not None and val is None:
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
-    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid)
+    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid, activations)
     run_config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps, synth_method)
     if synthetic_from is not None and run_config.finetune.steps == 0 and run_config.reconstruct.iterations == 0 \
             and run_config.real_images:
@@ -513,6 +521,10 @@ def export(
     checkpoint: Path = typer.Argument(..., help="quantized.pt written by `fddaq quantize`."),
     output: Path = typer.Option(Path("model.onnx"), "-o", "--output", help="ONNX file to write."),
     opset: int = typer.Option(21, "--opset", help="ONNX opset (21 or newer: INT4 types)."),
+    int8_weights: bool = typer.Option(
+        False, "--int8-weights",
+        help="Store weights of 4 bits and fewer as INT8 (the same values; about twice the weight bytes): onnxruntime "
+             "then runs symmetric-grid (--weight-grid symmetric) W4A8 convolutions on its 8-bit integer kernels."),
     force: bool = _force_option(),
     config: Optional[Path] = _config_option(),
 ) -> None:
@@ -526,7 +538,7 @@ def export(
 
     _check_file(output, force)
     start = time.perf_counter()
-    data = export_checkpoint(load_checkpoint(checkpoint), opset)
+    data = export_checkpoint(load_checkpoint(checkpoint), opset, int8_weights)
     atomic_write_bytes(output, data)
     console.print(f"wrote {output} ({len(data) / 1024:.1f} KiB) in {time.perf_counter() - start:.1f}s")
 
@@ -575,6 +587,7 @@ def plan(
     first_last_bits: Optional[int] = _PLAN_BITS["first_last_bits"],
     layer_bits: Optional[list[str]] = _PLAN_BITS["layer_bits"],
     weight_grid: str = _PLAN_BITS["weight_grid"],
+    activations: str = _PLAN_BITS["activations"],
     num_classes: Optional[int] = _num_classes_option(),
     preset: Optional[str] = _preset_option(),
     input_size: Optional[int] = _input_size_option(),
@@ -597,12 +610,13 @@ def plan(
     from exporters.dry_run import dry_run
     from fddaq.io import atomic_write_json
     from fddaq.pipeline import load_float, plan_layers
+    from fddaq.quant.plan import tensor_sites
 
     _check_file(json_path, force)
     source = _source(model, arch, None, None, num_classes, None, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
     loaded = load_float(source)
-    layers = plan_layers(loaded, _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid))
+    layers = plan_layers(loaded, _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid, activations))
     checked = dry_run(loaded.model, loaded.capture, layers, loaded.output)
     kinds = {layer.name: layer for layer in loaded.capture.layers}
     out = Table(title=f"fddaq plan: {model.name} ({arch})", title_justify="left")
@@ -619,9 +633,12 @@ def plan(
     outputs = ", ".join(f"{o.name} {list(o.shape)}" for o in loaded.capture.outputs)
     console.print(f"{len(layers.quantized)} layers quantized, {kept} kept float; outputs: {outputs} "
                   f"(scored: {loaded.output}); export dry run passed in {checked.seconds:.1f}s")
+    tensors, tied = tensor_sites(loaded.capture, layers)
+    console.print(f"activations: every tensor between operators, {len(tensors)} tensors quantized ({len(tied)} layers read "
+                  "one as it is)" if layers.tensor_bits is not None else "activations: the inputs of the layers")
     console.print(f"preprocessing: {loaded.preprocess.describe()}")
     if json_path is not None:
-        atomic_write_json(json_path, {"model": str(model), "arch": arch, "plan": layers.to_json(),
+        atomic_write_json(json_path, {"model": str(model), "arch": arch, "plan": layers.to_json(), "tensors": tensors,
                                       "outputs": [o.name for o in loaded.capture.outputs], "scored_output": loaded.output})
 
 
@@ -638,6 +655,7 @@ def sensitivity(
     first_last_bits: Optional[int] = _SENSITIVITY_BITS["first_last_bits"],
     layer_bits: Optional[list[str]] = _SENSITIVITY_BITS["layer_bits"],
     weight_grid: str = _SENSITIVITY_BITS["weight_grid"],
+    activations: str = _SENSITIVITY_BITS["activations"],
     synthetic: int = typer.Option(0, "--synthetic", help="Also measure on this many FDDA synthetic images (trains the generator first)."),
     synth_steps: int = typer.Option(500, "--synth-steps", help="Generator training steps, with --synthetic."),
     seed: int = _seed_option(),
@@ -668,7 +686,7 @@ def sensitivity(
     from fddaq.config import SynthConfig
 
     _check_outputs(out, SENSITIVITY_OUTPUTS, force)
-    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid)
+    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid, activations)
     synth_config = SynthConfig(steps=synth_steps, num_images=synthetic, seed=seed)
     source = _source(model, arch, calib, None, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)

@@ -48,11 +48,11 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     return {prop.key: prop.value for prop in load_onnx(path, external_data=False).metadata_props}
 
 
-def export_checkpoint(checkpoint: Checkpoint, opset: int = 21) -> bytes:
+def export_checkpoint(checkpoint: Checkpoint, opset: int = 21, int8_weights: bool = False) -> bytes:
     """The serialized QDQ graph of a loaded checkpoint, in an `opset` the installed onnxruntime
-    (when there is one) can run."""
+    (when there is one) can run; `int8_weights`: see `export_qdq`."""
     check_runnable_opset(opset)
-    proto = export_qdq(checkpoint.model, onnx_metadata(checkpoint.info, checkpoint.plan), opset)
+    proto = export_qdq(checkpoint.model, onnx_metadata(checkpoint.info, checkpoint.plan), opset, int8_weights)
     return proto.SerializeToString()
 
 

@@ -8,7 +8,10 @@ a quantized layer uses passes through `_Marker`, which computes nothing new and 
 
 - an input marker by [Max -> Min ->] QuantizeLinear -> DequantizeLinear with the layer's
   input quantizer (UINT4 for 4 bits or fewer, else UINT8; the clamp to the grid below 8 bits,
-  see `_Rewrite._quantized_input`),
+  see `_Rewrite._quantized`), or by nothing when the layer reads a tensor quantized before
+  (`QuantLayer.tied`),
+- a site marker (a tensor between operators, `fddaq.quant.sites`) likewise with the site's
+  quantizer,
 - a weight marker by an INT4 (4 bits or fewer, with per-channel INT4 zero points: the affine
   grid) or INT8 initializer (symmetric) with a per-output-channel DequantizeLinear (the float
   weight and whatever computed it become dead and are removed),
@@ -49,7 +52,7 @@ from fddaq import __version__
 from fddaq.errors import ExportError, first_line
 from fddaq.quant.capture import output_leaves, short_location
 from fddaq.quant.fold import fold_batch_norms
-from fddaq.quant.modules import QuantizedModel, QuantLayer
+from fddaq.quant.modules import ActivationQuantizer, QuantizedModel, QuantLayer
 from fddaq.quant.primitives import BIAS_SPAN, activation_range
 
 INPUT_NAME = "input"
@@ -64,19 +67,21 @@ def layer_input(layer: str, call: int = 0) -> str:
     return f"{layer}.x" if call == 0 else f"{layer}.x{call}"
 
 
-def export_qdq(model: QuantizedModel, metadata: dict[str, str] | None = None, opset: int = 21) -> onnx.ModelProto:
+def export_qdq(model: QuantizedModel, metadata: dict[str, str] | None = None, opset: int = 21,
+               int8_weights: bool = False) -> onnx.ModelProto:
     """The QDQ graph of a quantized `model` for inputs [N, *model.capture.input_shape] (N
     dynamic), every output of the model an output of the graph. Quantized weights are stored
-    only as INT4 (bits <= 4) or INT8 initializers."""
+    only as INT4 (bits <= 4) or INT8 initializers; `int8_weights` stores 4-bit weights as INT8
+    too (the same values: twice the weight bytes, and runtimes whose 8-bit kernels take them)."""
     _check_opset(opset)
     if not model.layers:
         raise ExportError("the model has no quantized layer: use export_float for a float model")
     model = fold_batch_norms(model).cpu().float()  # a copy, deployed
     model.output = None  # every output
-    model.tap = lambda layer, role, raw, quantized: _Marker.apply(raw, quantized, f"{layer.name}|{role}")
+    model.tap = lambda owner, role, raw, quantized: _Marker.apply(raw, quantized, f"{owner.name}|{role}")
     proto = _torch_export(model, model.capture.input_shape, prefix="model.")
     layers = {layer.name: layer for layer in model.layers}
-    _Rewrite(proto.graph, layers).run()
+    _Rewrite(proto.graph, layers, {site.name: site for site in model.sites}, int8_weights).run()
     return _finish(proto, metadata, opset, set(layers))
 
 
@@ -218,15 +223,18 @@ def _describe_scope(scope: str | None, prefix: str) -> str:
 class _Rewrite:
     """Replaces the `fddaq::Quant` markers of a graph torch exported (see the module doc)."""
 
-    def __init__(self, graph: onnx.GraphProto, layers: dict[str, QuantLayer]) -> None:
+    def __init__(self, graph: onnx.GraphProto, layers: dict[str, QuantLayer], sites: dict[str, ActivationQuantizer],
+                 int8_weights: bool = False) -> None:
         self.graph = graph
         self.layers = layers
+        self.sites = sites
+        self.int8_weights = int8_weights
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.zero_points: dict[tuple[str, float], str] = {}  # shared scalars: zero points and clamp bounds
         self.renames: dict[str, str] = {}
         self.calls: dict[str, int] = defaultdict(int)
-        self.emitted: dict[str, str] = {}  # what an initializer was made from -> the tensor made
+        self.emitted: dict[str, str] = {}  # what an initializer was made from (per layer) -> the tensor made
         self.values = {init.name: init for init in graph.initializer}
         self.values.update({node.output[0]: node.attribute[0].t for node in graph.node
                             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
@@ -238,15 +246,19 @@ class _Rewrite:
                 self.nodes.append(node)
                 continue
             name, role = helper.get_attribute_value(node.attribute[0]).decode().rsplit("|", 1)
-            layer, raw = self.layers[name], node.input[0]
+            raw = self.renames.get(node.input[0], node.input[0])  # a marker's output is renamed at once
+            if role == "y":  # a site: quantized where it is computed
+                self.renames[node.output[0]] = self._quantized(raw, self.sites[name], name)
+                continue
+            layer = self.layers[name]
             if role == "w":
                 self.renames[node.output[0]] = self._weight(layer)
-            elif not layer.input_quant.enabled:  # a float input (and float bias), as in PyTorch
+            elif not layer.input_quant.enabled or (role == "x" and layer.tied):  # float, or quantized before
                 self.renames[node.output[0]] = raw
             elif role == "x":
                 call = self.calls[name]
                 self.calls[name] += 1
-                self.renames[node.output[0]] = self._quantized_input(raw, layer, layer_input(name, call))
+                self.renames[node.output[0]] = self._quantized(raw, layer.input_quant, layer_input(name, call))
             else:
                 self.renames[node.output[0]] = self._bias(layer, raw)
         del self.graph.node[:]
@@ -262,9 +274,8 @@ class _Rewrite:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def _quantized_input(self, x: str, layer: QuantLayer, name: str) -> str:
-        """x -> [Max -> Min] -> QuantizeLinear -> DequantizeLinear with the layer's input quantizer."""
-        quant = layer.input_quant
+    def _quantized(self, x: str, quant: ActivationQuantizer, name: str) -> str:
+        """x -> [Max -> Min] -> QuantizeLinear -> DequantizeLinear with an activation quantizer."""
         qmin, qmax = activation_range(quant.bits)
         scale = np.float32(quant.scale().item())
         zero_point = int(quant.zero_point.item())
@@ -285,7 +296,14 @@ class _Rewrite:
             self.zero_points[key] = self._constant(f"zero_point_{key[0]}_{zero_point}", np.array(zero_point, storage))
         q_params = [self._constant(f"{name}_scale", np.array(scale, np.float32)), self.zero_points[key]]
         quantized = self._emit("QuantizeLinear", [x, *q_params], f"{name}_q")
-        return self._emit("DequantizeLinear", [quantized, *q_params], name)
+        if storage is np.uint8 or quant.name is None:
+            return self._emit("DequantizeLinear", [quantized, *q_params], name)
+        # A UINT4 site's values can reach a MaxPool (or Reshape, ...) next: onnxruntime would move
+        # the DequantizeLinear past it and leave it on UINT4, which no kernel takes. A Max with
+        # the grid's lowest value changes no value and stops that (4-bit activations have no
+        # integer kernel to lose).
+        dequantized = self._emit("DequantizeLinear", [quantized, *q_params], f"{name}_dq")
+        return self._emit("Max", [dequantized, self._bound(np.float32(qmin - zero_point) * scale)], name)
 
     def _bound(self, value: np.float32) -> str:
         """A float32 scalar initializer, one per value (most lower bounds are 0)."""
@@ -300,7 +318,7 @@ class _Rewrite:
         if name not in self.emitted:
             self.emitted[name] = name
             quant = layer.weight_quant
-            storage = ml_dtypes.int4 if quant.bits <= 4 else np.int8
+            storage = ml_dtypes.int4 if quant.bits <= 4 and not self.int8_weights else np.int8
             scale = quant.scale().detach().cpu().numpy().astype(np.float32)
             zero_point = quant.zero_point.cpu().numpy().astype(storage) if quant.affine else None
             self._dequantized(name, layer.integers.cpu().numpy().astype(storage), scale, quant.axis, zero_point)
@@ -315,16 +333,17 @@ class _Rewrite:
         if raw not in self.values:
             raise ExportError(f"cannot export layer {layer.name!r}: its bias is computed from the input, and fddaq "
                               "quantizes constant biases")
-        if raw not in self.emitted:
+        key = f"{layer.name}|{raw}"  # torch shares one initializer between equal biases (zeros): not their steps
+        if key not in self.emitted:
             name = f"{layer.name}.b" + ("" if f"{layer.name}.b" not in self.emitted.values()
                                         else str(sum(v.startswith(f"{layer.name}.b") for v in self.emitted.values())))
-            self.emitted[raw] = name
+            self.emitted[key] = name
             bias = numpy_helper.to_array(self.values[raw]).astype(np.float32).reshape(-1)
             scale = np.float32(layer.input_quant.scale().item()) * layer.weight_quant.scale().detach().cpu().numpy().astype(np.float32)
             scale = np.tile(scale, bias.size // scale.size)
             integers = np.clip(np.round(bias / scale), -BIAS_SPAN, BIAS_SPAN).astype(np.int32)
             self._dequantized(name, integers, scale, 0)
-        return self.emitted[raw]
+        return self.emitted[key]
 
     def _dequantized(self, name: str, integers: np.ndarray, scale: np.ndarray, axis: int,
                      zero_point: np.ndarray | None = None) -> str:
@@ -467,8 +486,11 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
 def _short_names(graph: onnx.GraphProto, layers: set[str]) -> None:
     """Torch's generated tensor names (`/blocks/blocks.0/conv/Conv_output_0`, `onnx::Conv_12`)
     become `t0`, `t1`, ...; parameter names lose the wrapper prefix `model.`; a layer's compute
-    node and its output are named after the layer; other nodes lose their names."""
+    node and its output are named after the layer; other nodes lose their names. (Only
+    parameters carry the wrapper prefix: fddaq's own names, such as a layer input `model.conv.x`
+    of a user module called `model`, keep theirs.)"""
     public = {value.name for value in [*graph.input, *graph.output]}
+    parameters = {init.name for init in graph.initializer}
     layer_of: dict[str, str] = {}  # a layer's compute output -> its name
     calls: dict[str, int] = defaultdict(int)
     weights = {f"{layer}.w": layer for layer in layers}
@@ -487,7 +509,7 @@ def _short_names(graph: onnx.GraphProto, layers: set[str]) -> None:
         if name.startswith("/") or name.startswith("onnx::") or name.isdigit():
             renames.setdefault(name, f"t{len(renames)}")
             return renames[name]
-        return name[len("model."):] if name.startswith("model.") else name
+        return name[len("model."):] if name in parameters and name.startswith("model.") else name
 
     for init in graph.initializer:
         init.name = short(init.name)

@@ -20,7 +20,7 @@ from fddaq.evaluate import class_logits
 from fddaq.events import EventHandler, emit
 from fddaq.quant.capture import output_leaves
 from fddaq.quant.fold import fold_batch_norms
-from fddaq.quant.modules import QuantizedModel, QuantLayer
+from fddaq.quant.modules import QuantizedModel
 
 from .onnx_export import MIN_OPSET, layer_input
 
@@ -135,8 +135,9 @@ def run_session(session, images: torch.Tensor | np.ndarray, batch_size: int = 25
 ACTIVATION_BUDGET = 1 << 30  # bytes of compared activations `verify` holds per batch
 # Operators of onnxruntime's integer kernels (what QDQ node groups fuse into on the CPU).
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
-               "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd",
-               "QLinearGlobalAveragePool", "QLinearAveragePool")
+               "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearMul",
+               "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid",
+               "QLinearLeakyRelu", "QLinearSoftmax")
 FLOAT_OPS = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
 
 
@@ -251,19 +252,21 @@ class _Tally:
 
 
 class _Probe:
-    """A `QuantizedModel.tap` that records each compared layer's quantized input at its first
-    call and, for a layer in `forced`, goes on with that value instead."""
+    """A `QuantizedModel.tap` that records each compared activation quantizer's value (a
+    layer's input by the layer's name, a site's by the site's) at its first call and, for one
+    in `forced`, goes on with that value instead."""
 
-    def __init__(self, layers: list[str]) -> None:
-        self.layers = set(layers)
+    def __init__(self, names: list[str]) -> None:
+        self.names = set(names)
         self.outputs: dict[str, torch.Tensor] = {}
         self.forced: dict[str, torch.Tensor] = {}
 
-    def __call__(self, layer: QuantLayer, role: str, raw: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        if role != "x" or layer.name not in self.layers or layer.name in self.outputs:
+    def __call__(self, owner, role: str, raw: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if role not in ("x", "y") or owner.name not in self.names or owner.name in self.outputs:
             return value
-        self.outputs[layer.name] = value
-        return self.forced.get(layer.name, value)
+        self.outputs[owner.name] = value.clone()  # the model may go on in place (`out += identity`)
+        forced = self.forced.get(owner.name)
+        return value if forced is None else forced.clone()
 
 
 def _output_step(model: QuantizedModel, images: np.ndarray) -> np.ndarray | None:
@@ -333,13 +336,14 @@ def verify(
     output_names = [output.name for output in onnx_model.graph.output]
     scored = model.output
 
-    # ONNX with every quantized layer input as an extra output, PyTorch with a tap on the same
-    quantizers = {layer.name: layer.input_quant for layer in model.layers if layer.input_quant.enabled}
+    # ONNX with every quantized activation as an extra output, PyTorch with a tap on the same
+    quantizers = {name: quant for name, quant in model.activation_quantizers().items() if quant.enabled}
+    tensor = {name: name if quant.name is not None else layer_input(name) for name, quant in quantizers.items()}
     produced = {output for node in onnx_model.graph.node for output in node.output}
-    compared = [name for name in quantizers if layer_input(name) in produced]
+    compared = [name for name in quantizers if tensor[name] in produced]
     probed = copy.deepcopy(onnx_model)
     probed.graph.output.extend(
-        onnx.helper.make_tensor_value_info(layer_input(name), onnx.TensorProto.FLOAT, None) for name in compared
+        onnx.helper.make_tensor_value_info(tensor[name], onnx.TensorProto.FLOAT, None) for name in compared
     )
     session = inference_session(probed, optimize=False)
     probe = _Probe(compared)
@@ -351,7 +355,7 @@ def verify(
     free, local = _Tally(), _Tally()
     batches = -(-len(images) // batch_size)
     emit(on_event, "verify", 0, 2 * batches)
-    requested = output_names + [layer_input(name) for name in compared]
+    requested = output_names + [tensor[name] for name in compared]
     for start, values in zip(range(0, len(images), batch_size), _batches(session, images, batch_size, requested)):
         emit(on_event, "verify", start // batch_size + 1, 2 * batches)
         x = torch.from_numpy(images[start : start + batch_size])

@@ -76,6 +76,8 @@ def checkpoint_bytes(model: QuantizedModel, plan: LayerPlan, info: ModelInfo, ex
         "torch_version": torch.__version__,
         "model": info.to_json(),
         "plan": plan.to_json(),
+        "tensor_bits": plan.tensor_bits,
+        "tensor_sites": [site.name for site in model.sites],
         **(extra or {}),
     }
     folded = fold_batch_norms(model)  # a copy; no change to an already folded model
@@ -107,10 +109,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
         )
     try:
         info = ModelInfo.from_json(recipe["model"])
-        plan = LayerPlan.from_json(recipe["plan"])
+        plan = LayerPlan.from_json(recipe["plan"], recipe.get("tensor_bits"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path} is a damaged fddaq checkpoint ({first_line(exc)}): re-run `fddaq quantize`") from exc
     model = rebuild(info, plan)
+    if [site.name for site in model.sites] != recipe.get("tensor_sites", []):
+        raise ModelError(f"{path} quantizes other tensors between operators than this fddaq finds in architecture "
+                         f"{info.arch}: re-run `fddaq quantize`")
     load_weights(model, state, f"{path} does not fit architecture {info.arch}")
     return Checkpoint(model.eval(), plan, info, recipe)
 

@@ -21,6 +21,7 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 
 WEIGHT_GRIDS = ("auto", "symmetric")
+ACTIVATIONS = ("auto", "all", "inputs")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,11 @@ class QuantConfig:
     pattern (`stages.*.conv1`), SPEC `W` (weights and input), `W/A` or `float`. `weight_grid`:
     "auto" puts weights of 4 bits and fewer on an affine grid (every level, a zero point per
     channel) and wider ones on a symmetric grid; "symmetric" puts every weight on a symmetric
-    grid with zero point 0 (for hardware whose low-bit kernels take no weight zero point)."""
+    grid with zero point 0 (for hardware whose low-bit kernels take no weight zero point).
+    `activations`: which activations are quantized: "inputs" of the convolution and linear
+    layers only, or "all" tensors between operators (`quant.sites`: the graph integer
+    runtimes chain integer kernels on); "auto" is "all" at 8-bit activations and "inputs"
+    below (`all_tensors`)."""
 
     weight_bits: int = 4
     act_bits: int = 4
@@ -40,12 +45,20 @@ class QuantConfig:
     input_bits: int = 8
     layers: tuple[str, ...] = ()
     weight_grid: str = "auto"
+    activations: str = "auto"
+
+    @property
+    def all_tensors(self) -> bool:
+        """Whether every tensor between operators is quantized (see `activations`)."""
+        return self.activations == "all" or (self.activations == "auto" and self.act_bits >= 8)
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits", "first_last_bits", "input_bits"):
             _check_bits(name, getattr(self, name))
         if self.weight_grid not in WEIGHT_GRIDS:
             raise ConfigError(f"weight_grid={self.weight_grid!r} is not one of {', '.join(WEIGHT_GRIDS)}")
+        if self.activations not in ACTIVATIONS:
+            raise ConfigError(f"activations={self.activations!r} is not one of {', '.join(ACTIVATIONS)}")
         object.__setattr__(self, "layers", tuple(self.layers))
         for override in self.layers:
             parse_layer_override(override)

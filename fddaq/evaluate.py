@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .device import batches, model_device
 from .distributed import Ranks, gather, total
-from .quant.modules import QuantizedModel, quant_layers
+from .quant.modules import QuantizedModel, activation_quantizers, quant_layers
 
 
 @torch.no_grad()
@@ -46,6 +46,8 @@ def layer_sqnr(model: QuantizedModel, images: Tensor, batch_size: int = 64, rank
     reference = copy.deepcopy(model)
     for layer in quant_layers(reference):
         layer.enabled = False
+    for quant in activation_quantizers(reference):  # the tensors between operators too
+        quant.enabled = False
     layers = [layer.name for layer in quant_layers(model)]
     device = model_device(model)
     sums = torch.zeros(2, len(layers), dtype=torch.float64, device=device)  # signal and noise per layer

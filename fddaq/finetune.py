@@ -24,7 +24,7 @@ from .distributed import Ranks, average, current, data_parallel
 from .errors import ConfigError
 from .evaluate import predict, top1
 from .events import EventHandler, emit
-from .quant.modules import QuantizedModel, quant_layers
+from .quant.modules import QuantizedModel, activation_quantizers, quant_layers
 
 RESUME_FORMAT = 1
 Checkpointer = Callable[[dict], None]
@@ -119,8 +119,9 @@ class _Batches:
 
 
 def _step_sizes(student: nn.Module) -> list[nn.Parameter]:
-    """The log step size of every weight and input quantizer."""
-    return [q.log_scale for layer in quant_layers(student) for q in (layer.weight_quant, layer.input_quant)]
+    """The log step size of every weight and activation quantizer."""
+    return [*(layer.weight_quant.log_scale for layer in quant_layers(student)),
+            *(quant.log_scale for quant in activation_quantizers(student))]
 
 
 def _optimizer(student: QuantizedModel, config: FinetuneConfig) -> torch.optim.Optimizer:
@@ -140,13 +141,13 @@ def _set_weight_ranges(student: QuantizedModel) -> None:
 
 
 def _set_observers(student: nn.Module, momentum: float | None) -> None:
-    for layer in quant_layers(student):
-        layer.input_quant.ema_momentum = momentum
+    for quant in activation_quantizers(student):
+        quant.ema_momentum = momentum
 
 
 def _sync_observers(student: nn.Module, ranks: Ranks) -> None:
     """Every rank's observed activation ranges replaced by their mean over the ranks."""
-    quantizers = [layer.input_quant for layer in quant_layers(student) if layer.input_quant.observed]
+    quantizers = [quant for quant in activation_quantizers(student) if quant.observed]
     if ranks.world == 1 or not quantizers:
         return
     observed = torch.tensor([q.observed for q in quantizers], dtype=torch.float64, device=model_device(student))
@@ -212,12 +213,12 @@ def finetune(
         schedule.load_state_dict(resume["schedule"])
         batches.generator.set_state(resume["rng"])
         losses = resume["losses"].tolist()
-        for layer, observed in zip(quant_layers(student), resume["observed"].tolist()):
-            layer.input_quant.observed = None if math.isnan(observed[0]) else tuple(observed)
+        for quant, observed in zip(activation_quantizers(student), resume["observed"].tolist()):
+            quant.observed = None if math.isnan(observed[0]) else tuple(observed)
 
     def state(step: int) -> dict:
         """A snapshot (copies, not live tensors) of everything the next steps depend on."""
-        observed = [layer.input_quant.observed or (math.nan, math.nan) for layer in quant_layers(student)]
+        observed = [quant.observed or (math.nan, math.nan) for quant in activation_quantizers(student)]
         return copy.deepcopy({
             "format": RESUME_FORMAT, "step": step, "student": student.state_dict(),
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),

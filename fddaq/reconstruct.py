@@ -42,8 +42,8 @@ from .config import ReconstructConfig
 from .device import model_device
 from .events import EventHandler, emit
 from .finetune import augment
-from .quant.modules import QuantizedModel, QuantLayer, StopForward, forward_until_stopped
-from .quant.units import find_units
+from .quant.modules import ActivationQuantizer, QuantizedModel, QuantLayer, StopForward, forward_until_stopped
+from .quant.units import Unit, find_units
 
 RESUME_FORMAT = 1
 CACHE_BATCH = 64
@@ -138,9 +138,9 @@ def _unit_elements(student: QuantizedModel, module: nn.Module, example: Tensor) 
     """The activation elements the unit's layers quantize for one image."""
     count = 0
 
-    def tap(layer: QuantLayer, role: str, raw: Tensor, quantized: Tensor) -> Tensor:
+    def tap(owner: QuantLayer | ActivationQuantizer, role: str, raw: Tensor, quantized: Tensor) -> Tensor:
         nonlocal count
-        count += raw.numel() if role == "x" else 0
+        count += raw.numel() if role == "y" or (role == "x" and not owner.tied) else 0
         return quantized
 
     student.tap = tap
@@ -253,10 +253,11 @@ def reconstruct(
         deployed = lambda: _apply(lambda x: student.run_module(module, x), inputs, device)  # noqa: E731
         before = _error(deployed(), targets)
         layers = [quant[name] for name in unit.layers]
-        saved = _unit_state(layers, roundable)
+        saved = _unit_state(layers, _unit_quantizers(student, unit, layers), roundable)
         batch = max(1, min(config.batch_size, config.batch_elements // max(1, _unit_elements(student, module, inputs))))
         _train_unit(
-            student, module, layers, roundable, inputs, targets, replace(config, batch_size=batch),
+            student, module, layers, _unit_quantizers(student, unit, layers), roundable, inputs, targets,
+            replace(config, batch_size=batch),
             torch.Generator().manual_seed(config.seed * 100_003 + index),
             lambda step, loss: emit(on_event, "reconstruct", index * config.iterations + step, total,
                                     loss=loss, unit=index + 1),
@@ -283,9 +284,20 @@ def reconstruct(
     )
 
 
-def _unit_state(layers: list[QuantLayer], roundable: dict[str, nn.Parameter]) -> list[tuple[Tensor, Tensor]]:
+def _unit_quantizers(student: QuantizedModel, unit: Unit, layers: list[QuantLayer]) -> list[ActivationQuantizer]:
+    """The activation quantizers a unit's replay applies: its layers' own input quantizers and
+    the sites computed inside its module (a tied layer reads a site of the unit before)."""
+    inside = {site.name for site in student.capture.sites
+              if not unit.module or site.module == unit.module or site.module.startswith(unit.module + ".")}
+    found = {id(layer.input_quant): layer.input_quant for layer in layers if not layer.tied}
+    found.update((id(site), site) for site in student.sites if site.name in inside)
+    return list(found.values())
+
+
+def _unit_state(layers: list[QuantLayer], quantizers: list[ActivationQuantizer],
+                roundable: dict[str, nn.Parameter]) -> list[tuple[Tensor, Tensor]]:
     """(tensor, a copy of its value) for what training a unit changes."""
-    tensors = [*roundable.values(), *(layer.input_quant.log_scale for layer in layers)]
+    tensors = [*roundable.values(), *(quant.log_scale for quant in quantizers)]
     tensors += [layer.bias_shift for layer in layers if layer.bias_shift is not None]
     return [(t, t.detach().clone()) for t in tensors]
 
@@ -319,6 +331,7 @@ def _train_unit(
     student: QuantizedModel,
     module: nn.Module,
     layers: list[QuantLayer],
+    quantizers: list[ActivationQuantizer],
     roundable: dict[str, nn.Parameter],
     inputs: Tensor,
     targets: Tensor,
@@ -338,7 +351,7 @@ def _train_unit(
     for name, weight in roundable.items():
         quant = by_name[name].weight_quant
         roundings[name] = _Rounding(weight, weight_scale(name), quant.channel_zero_point(weight), *quant.range()).to(device)
-    scales = [layer.input_quant.log_scale for layer in layers if layer.input_quant.enabled]
+    scales = [quant.log_scale for quant in quantizers if quant.enabled]
     shifts = [layer.bias_shift.requires_grad_(True) for layer in layers if config.bias_lr > 0 and layer.bias_shift is not None]
     groups = [{"params": [r.v for r in roundings.values()], "lr": config.rounding_lr}]
     if scales:
@@ -351,10 +364,10 @@ def _train_unit(
         parameter.requires_grad_(False)
     masks = _MaskBank(config.drop, torch.Generator(device=device).manual_seed(int(torch.randint(2**31, (1,), generator=generator))))
 
-    def tap(layer: QuantLayer, role: str, raw: Tensor, quantized: Tensor) -> Tensor:
-        if role == "w" and layer.name in roundings:
-            return roundings[layer.name](weight_scale(layer.name))
-        if role == "x" and config.drop > 0:
+    def tap(owner: QuantLayer | ActivationQuantizer, role: str, raw: Tensor, quantized: Tensor) -> Tensor:
+        if role == "w" and owner.name in roundings:
+            return roundings[owner.name](weight_scale(owner.name))
+        if role in ("x", "y") and config.drop > 0:
             return torch.lerp(quantized, raw, masks.draw(raw))  # the element's raw value where the mask is 1
         return quantized
 

@@ -21,11 +21,11 @@ from .config import CalibrationConfig, QuantConfig
 from .events import EventHandler, emit
 from .quant.calibrate import calibrate
 from .quant.capture import Capture
-from .quant.modules import QuantizedModel, QuantLayer, Selected
+from .quant.modules import ActivationQuantizer, QuantizedModel, QuantLayer, Selected
 from .quant.plan import resolve_layer_plan
 from .quant.prepare import prepare
 
-ROLES = {"w": "weight", "x": "input"}
+ROLES = {"w": "weight", "x": "input", "y": "output"}
 BATCH = 64
 
 
@@ -42,8 +42,8 @@ class Divergence:
 
 @dataclass(frozen=True)
 class QuantizerSensitivity:
-    layer: str
-    role: str  # "weight" or "input"
+    layer: str  # a layer, or for role "output" a site (`quant.sites`)
+    role: str  # "weight", "input" or "output"
     bits: int
     divergence: Divergence
 
@@ -111,33 +111,37 @@ def sensitivity(
     measure = _Measure(Selected(model, output), images, synthetic)
     calibration = replace(calibration, bias_images=0)
     student = _calibrated(model, capture, quant, output, images, calibration)
-    jobs = [(layer, role) for layer in student.layers for role in ROLES if role == "w" or layer.input_quant.enabled]
+    jobs = [*((layer, "w") for layer in student.layers),
+            *((layer, "x") for layer in student.layers if not layer.tied and layer.input_quant.enabled),
+            *((site, "y") for site in student.sites)]
     total = len(jobs) + 3
     emit(on_event, "sensitivity", 0, total)
     found = []
-    for index, (layer, role) in enumerate(jobs, 1):
-        student.tap = _only(layer, role)
+    for index, (owner, role) in enumerate(jobs, 1):
+        student.tap = _only(owner, role)
         try:
             divergence = measure(student)
         finally:
             student.tap = None
-        bits = layer.weight_quant.bits if role == "w" else layer.input_quant.bits
-        found.append(QuantizerSensitivity(layer.name, ROLES[role], bits, divergence))
+        bits = owner.weight_quant.bits if role == "w" else owner.input_quant.bits if role == "x" else owner.bits
+        found.append(QuantizerSensitivity(owner.name, ROLES[role], bits, divergence))
         emit(on_event, "sensitivity", index, total, kl=divergence.kl)
     splits = {}
     settings = [(quant.weight_bits, 8), (8, quant.act_bits), (quant.weight_bits, quant.act_bits)]
     for index, (weight_bits, act_bits) in enumerate(settings, len(jobs) + 1):
-        setting = replace(quant, weight_bits=weight_bits, act_bits=act_bits)  # overrides and first/last bits kept
+        # overrides, first/last bits and the quantized tensors kept (not `auto`'s choice per activation width)
+        setting = replace(quant, weight_bits=weight_bits, act_bits=act_bits,
+                          activations="all" if quant.all_tensors else "inputs")
         splits[f"W{weight_bits}A{act_bits}"] = measure(_calibrated(model, capture, setting, output, images, calibration))
         emit(on_event, "sensitivity", index, total)
     ranked = tuple(sorted(found, key=lambda q: -q.divergence.kl))
     return Sensitivity(quant, len(images), 0 if synthetic is None else len(synthetic), ranked, splits)
 
 
-def _only(target: QuantLayer, role: str):
+def _only(target: QuantLayer | ActivationQuantizer, role: str):
     """A tap that keeps one quantizer (`role` of `target`) and makes every other value float."""
 
-    def tap(layer: QuantLayer, which: str, raw: Tensor, quantized: Tensor) -> Tensor:
-        return quantized if layer is target and which == role else raw
+    def tap(owner: QuantLayer | ActivationQuantizer, which: str, raw: Tensor, quantized: Tensor) -> Tensor:
+        return quantized if owner is target and which == role else raw
 
     return tap

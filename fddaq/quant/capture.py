@@ -36,6 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ConfigError, ModelError, first_line
 from .intercept import LAYER_FUNCTIONS, Dataflow, Interceptor, batch_norm_arguments, channel_axis, layer_arguments, tensors
+from .sites import CallPositions, Site, SiteCall, Value, find_sites, inside_custom_function, keyed_op, layer_output
 
 SINGLE_OUTPUT = "logits"  # the name of a model's output when it returns one tensor
 
@@ -108,6 +109,8 @@ class Capture:
     folds: tuple[BatchNormFold, ...]
     clips: dict[str, tuple[float, float]] = field(default_factory=dict)
     outputs: tuple[Output, ...] = ()
+    sites: tuple[Site, ...] = ()  # the tensors a fully quantized graph quantizes (see `sites`)
+    tied: dict[str, str] = field(default_factory=dict)  # layer -> the site it reads as it is
 
     def layer(self, name: str) -> Layer:
         return next(layer for layer in self.layers if layer.name == name)
@@ -249,11 +252,8 @@ _METADATA = {"size", "dim", "numel", "nelement", "ndimension", "stride", "is_con
 
 
 @dataclass
-class _Call:
-    func: Callable
-    inputs: tuple[int, ...]  # serial numbers of its tensor arguments
-    numbers: tuple  # its positional arguments after the first, tensors left out (clips, padding)
-    options: dict  # its keyword arguments, tensors left out
+class _Call(SiteCall):
+    inputs: tuple[int, ...] = ()  # serial numbers of its tensor arguments
 
 
 @dataclass
@@ -278,6 +278,8 @@ class _Recorder(Interceptor):
         self.modules = dict(model.named_modules())
         self.stack: list[str] = []
         self.serials = WeakIdKeyDictionary()  # tensor -> serial number (ids of dead tensors get reused)
+        self.versions: dict[int, int] = defaultdict(int)  # serial -> in-place writes so far
+        self.positions = CallPositions(model)
         self.counter = itertools.count()
         self.calls: list[_Call] = []
         self.producers: dict[int, list[int]] = defaultdict(list)  # serial -> calls that wrote it
@@ -304,10 +306,12 @@ class _Recorder(Interceptor):
 
         def enter(module: nn.Module, args: tuple) -> None:
             self.stack.append(self._module_name(module))
+            self.positions.enter(module)
 
         def leave(module: nn.Module, args: tuple, out: Any) -> None:
             if self.stack:
                 self.stack.pop()
+            self.positions.leave(module)
 
         handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
         try:
@@ -343,27 +347,44 @@ class _Recorder(Interceptor):
             )
         index = len(self.calls)
         kind = LAYER_FUNCTIONS.get(func)
+        layer = None
         if kind is not None:
-            self._layer(kind, args, kwargs, out, index)
+            layer = self._layer(kind, args, kwargs, out, index)
         elif func is F.batch_norm:
             self._norm(batch_norm_arguments(args, kwargs), index)
         elif func in _PRODUCTS and from_input:
             self._hidden(func, inputs)
         plain = lambda value: None if isinstance(value, Tensor) else value  # noqa: E731
-        self.calls.append(_Call(func, tuple(map(self.serial, inputs)), tuple(map(plain, args[1:])),
-                                {k: plain(v) for k, v in kwargs.items()}))
-        if getattr(func, "__name__", None) not in _METADATA:
+        metadata = getattr(func, "__name__", None) in _METADATA
+        read = tuple(self._value(t) for t in inputs if not metadata and self.flow.is_activation(t))
+        serials = {self.serial(t) for t in inputs}
+        for tensor in outputs:  # an in-place call writes a new version of its input
+            if self.serial(tensor) in serials:
+                self.versions[self.serial(tensor)] += 1
+        name, module, op = None, "", keyed_op(func)
+        if layer is not None:
+            name, module = layer_output(layer, self.layers[layer]["calls"] - 1), self.positions.module()
+        elif op is not None:
+            name, module = self.positions.name(op)  # counted in any case: the fake-quant model counts it too
+            name = None if inside_custom_function() else name
+        self.calls.append(_Call(func, tuple(map(plain, args[1:])), {k: plain(v) for k, v in kwargs.items()}, read,
+                                tuple(map(self._value, outputs)), name, module, layer, tuple(map(self.serial, inputs))))
+        if not metadata:
             for tensor in inputs:
                 self.readers[self.serial(tensor)].append(index)
         for tensor in outputs:
             self.producers[self.serial(tensor)].append(index)
         super().after(func, args, kwargs, out)
 
-    def _layer(self, kind: str, args: tuple, kwargs: dict, out: Any, index: int) -> None:
+    def _value(self, tensor: Tensor) -> Value:
+        return self.serial(tensor), self.versions[self.serial(tensor)]
+
+    def _layer(self, kind: str, args: tuple, kwargs: dict, out: Any, index: int) -> str | None:
+        """The layer this call is a call of (recorded), None when it is not a layer."""
         x, weight, bias, _, _ = layer_arguments(args, kwargs)
         sources = self.flow.sources(weight) if isinstance(weight, Tensor) else None
         if sources is None or not sources & self.parameters:
-            return  # a product of activations, or of a buffer: not a layer
+            return None  # a product of activations, or of a buffer: not a layer
         direct = self.flow.named.get(id(weight))
         direct = direct if direct in self.parameters else None
         identity = ("parameter", direct) if direct else ("computed", sources)
@@ -384,6 +405,7 @@ class _Recorder(Interceptor):
                 self.layer_outputs[name] = self.serial(out)
         self.layers[name]["calls"] += 1
         self.layer_inputs[name].append((self.serial(x), index))
+        return name
 
     def _norm(self, arguments: dict, index: int) -> None:
         keys = ("running_mean", "running_var", "weight", "bias")
@@ -419,17 +441,21 @@ class _Recorder(Interceptor):
             bounds = [self._bounds(*call) for call in self.layer_inputs[layer.name]]
             if bounds and all(b is not None for b in bounds):
                 clips[layer.name] = (min(b[0] for b in bounds), max(b[1] for b in bounds))
-        return Capture(input_shape, layers, hidden, self._folds(layers, returned), clips, outputs)
+        folds, folded = self._folds(layers, returned)
+        sites, tied = find_sites(self.calls, {self._value(t) for _, t in leaves}, folded,
+                                 lambda index: self._bounds(self.calls[index].outs[0][0], index + 1))
+        return Capture(input_shape, layers, hidden, folds, clips, outputs, sites, tied)
 
-    def _folds(self, layers: tuple[Layer, ...], returned: set[int]) -> tuple[BatchNormFold, ...]:
-        """A batch norm folds into a layer called once when it is the only use of the layer's
-        output (not returned by the model either) and it is called once, in eval mode, with
-        named running statistics of the layer's channels."""
+    def _folds(self, layers: tuple[Layer, ...], returned: set[int]) -> tuple[tuple[BatchNormFold, ...], set[int]]:
+        """The batch norms that fold, and the indices of their calls. A batch norm folds into a
+        layer called once when it is the only use of the layer's output (not returned by the
+        model either) and it is called once, in eval mode, with named running statistics of
+        the layer's channels."""
         uses = defaultdict(int)
         for norm in self.norms:
             uses[norm.names["running_mean"]] += 1
         by_call = {norm.index: norm for norm in self.norms}
-        folds = []
+        folds, calls = [], set()
         for layer in layers:
             output = self.layer_outputs.get(layer.name)
             readers = self.readers.get(output, []) if output is not None else []
@@ -444,7 +470,8 @@ class _Recorder(Interceptor):
                 continue
             folds.append(BatchNormFold(layer.name, norm.names["running_mean"], norm.names["running_var"],
                                        norm.names["weight"], norm.names["bias"], norm.eps))
-        return tuple(folds)
+            calls.add(norm.index)
+        return tuple(folds), calls
 
     def _bounds(self, tensor: int, before: int) -> tuple[float, float] | None:
         """The clip `tensor`, as read by call `before`, comes from, through range-keeping calls

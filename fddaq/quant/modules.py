@@ -12,6 +12,7 @@ become the identity."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ from .intercept import (
     layer_arguments,
     output_channel_dim,
 )
+from .sites import CallPositions, keyed_op, layer_output
 from .primitives import (
     BIAS_SPAN,
     MIN_SCALE,
@@ -143,11 +145,13 @@ class ActivationQuantizer(nn.Module):
     `bounds` (low, high): the input is clipped to that range (ReLU6, Hardtanh; set by
     `prepare`): the step size is capped so that no grid point lies outside it. Such points
     could never be used, and onnxruntime removes the Clip, and so runs 8-bit integer kernels,
-    only when the grid lies within it."""
+    only when the grid lies within it. `name`: the site (`sites.Site`) of a tensor quantizer
+    (None for a layer's input quantizer)."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, name: str | None = None) -> None:
         super().__init__()
         self.bits = bits
+        self.name = name
         self.enabled = True
         self.ema_momentum: float | None = None
         self.observed: tuple[float, float] | None = None
@@ -193,7 +197,7 @@ class ActivationQuantizer(nn.Module):
         return fake_quant(x, self.scale(), self.zero_point, qmin, qmax)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, per_tensor"
+        return f"{self.name!r}, " * (self.name is not None) + f"bits={self.bits}, per_tensor"
 
 
 class QuantLayer(nn.Module):
@@ -202,7 +206,9 @@ class QuantLayer(nn.Module):
     None before `bias.correct_biases`) and, once deployed, its integer weights, and either its
     bias with a BatchNorm folded in (the shift too) or its shift (zeros if none: other layers
     keep the bias each call passes). `enabled = False` makes a layer that is not deployed a
-    float layer (the reference of the per-layer SQNR)."""
+    float layer (the reference of the per-layer SQNR). A `tied` layer reads a quantized tensor
+    as it is: its `input_quant` is that tensor's quantizer (`QuantizedModel.sites`), applied
+    where the tensor is computed, not again here."""
 
     def __init__(self, name: str, kind: str, channels: int, weight_bits: int, act_bits: int, affine: bool) -> None:
         super().__init__()
@@ -211,6 +217,7 @@ class QuantLayer(nn.Module):
         self.enabled = True
         self.weight_quant = WeightQuantizer(weight_bits, channels, channel_axis(kind), affine)
         self.input_quant = ActivationQuantizer(act_bits)
+        self.tied = False
         self.register_buffer("integers", None)  # deployed: int8 weights (within the weight grid)
         self.register_buffer("deployed_bias", None)  # deployed with a BatchNorm folded in: float32 bias
         self.register_buffer("bias_shift", None)  # bias correction, added to the call's bias
@@ -251,13 +258,14 @@ class QuantLayer(nn.Module):
                 model.recording[self.name] = (weight.detach(), out.new_zeros(channels) if bias is None else bias.detach())
             return out
         if self.enabled:
+            quantized_x = x if self.tied else self.input_quant(x)
             if self.deployed:
                 weight = self.integers
                 bias = self.shifted_bias(bias) if self.deployed_bias is None else self.deployed_bias
-                quantized = (self.input_quant(x), self.deployed_weight(), self.quantized_bias(bias))
+                quantized = (quantized_x, self.deployed_weight(), self.quantized_bias(bias))
             else:
                 bias = self.shifted_bias(bias)
-                quantized = (self.input_quant(x), self.weight_quant(weight), self.quantized_bias(bias))
+                quantized = (quantized_x, self.weight_quant(weight), self.quantized_bias(bias))
             if model.tap is not None:
                 quantized = tuple(value if value is None else model.tap(self, role, raw, value)
                                   for role, raw, value in zip("xwb", (x, weight, bias), quantized))
@@ -268,10 +276,11 @@ class QuantLayer(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.name!r}, {self.kind}{', deployed' if self.deployed else ''}"
+        return f"{self.name!r}, {self.kind}{', tied' if self.tied else ''}{', deployed' if self.deployed else ''}"
 
 
-Tap = Callable[[QuantLayer, str, Tensor, Tensor], Tensor]
+# (owner, role, raw, quantized) -> the value to use; the owner of role "y" is a site's quantizer
+Tap = Callable[[QuantLayer | ActivationQuantizer, str, Tensor, Tensor], Tensor]
 
 
 class QuantizedModel(nn.Module):
@@ -279,17 +288,23 @@ class QuantizedModel(nn.Module):
     where those layers are called. `forward` returns the scored output (`output`, a name of
     `capture.outputs`); `forward_all` returns what the model returns.
 
-    `tap(layer, role, raw, quantized)`, when set, sees every value a layer quantizes (`role`
-    "x": its input, "w": its weight, "b": its bias) before and after quantization and returns
-    the value to use: the exporter marks them, verification records and replaces them.
+    `sites`: the quantizers of the tensors between operators (`sites.Site`, by name), applied
+    where each is computed.
+
+    `tap(owner, role, raw, quantized)`, when set, sees every value a layer quantizes (`role`
+    "x": its input, "w": its weight, "b": its bias; `owner` the layer) and every site's value
+    (`role` "y", `owner` its quantizer) before and after quantization and returns the value
+    to use: the exporter marks them, verification records and replaces them.
     `recording` and `outputs`, when set to a dict, receive each layer's first (weight, bias)
     arguments and its first output."""
 
-    def __init__(self, model: nn.Module, capture: Capture, layers: list[QuantLayer], output: str) -> None:
+    def __init__(self, model: nn.Module, capture: Capture, layers: list[QuantLayer], output: str,
+                 sites: list[ActivationQuantizer] = ()) -> None:
         super().__init__()
         self.model = model
         self.capture = capture
         self.layers = nn.ModuleList(layers)
+        self.sites = nn.ModuleList(sites)
         self.output = output
         self.tap: Tap | None = None
         self.recording: dict[str, tuple[Tensor, Tensor]] | None = None
@@ -301,6 +316,21 @@ class QuantizedModel(nn.Module):
 
     def quant_layer(self, name: str) -> QuantLayer:
         return next(layer for layer in self.layers if layer.name == name)
+
+    def activation_quantizers(self) -> dict[str, ActivationQuantizer]:
+        """Every activation quantizer once, by name: the input quantizer of each layer that is
+        not tied (by the layer's name), then each site's (by the site's name)."""
+        found = {layer.name: layer.input_quant for layer in self.layers if not layer.tied}
+        found.update((site.name, site) for site in self.sites)
+        return found
+
+    def quantize_site(self, quant: ActivationQuantizer, value: Tensor) -> Tensor:
+        """A site's value, quantized (through `tap`). Model code may go on in place
+        (`out += identity`), and `fake_quant` keeps its output for the backward pass: under
+        autograd the value handed on is a copy."""
+        quantized = quant(value)
+        quantized = quantized if self.tap is None else self.tap(quant, "y", value, quantized)
+        return quantized.clone() if quantized.requires_grad else quantized
 
     def folded_batch_norms(self) -> list[str]:
         """Running-mean buffer names of the BatchNorms folded into deployed layers."""
@@ -369,8 +399,9 @@ class Selected(nn.Module):
 
 class _Quantizing(Interceptor):
     """Hands each call of a quantized layer to its `QuantLayer` (found by the weight's
-    parameter, or for a computed weight by the parameters it comes from) and makes folded
-    BatchNorms the identity."""
+    parameter, or for a computed weight by the parameters it comes from), makes folded
+    BatchNorms the identity and quantizes each site's value where it is computed (found by
+    its name: `sites.CallPositions`)."""
 
     def __init__(self, qmodel: QuantizedModel, x: Tensor) -> None:
         model = qmodel.model
@@ -391,6 +422,36 @@ class _Quantizing(Interceptor):
         super().__init__(flow)
         self.qmodel = qmodel
         self.folded = {id(model.get_buffer(name)) for name in qmodel.folded_batch_norms()}
+        self.sites = {site.name: site for site in qmodel.sites}
+        self.positions = CallPositions(model) if self.sites else None
+        self.layer_calls: dict[str, int] = {}
+        self.tracking = contextlib.ExitStack()
+        self.depth = 0  # the mode is entered again inside (multi-head attention): one tracking, outermost
+
+    def __enter__(self):
+        if self.positions is not None and self.depth == 0:
+            self.tracking.enter_context(self.positions.tracked())
+        self.depth += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        try:
+            return super().__exit__(*exc_info)
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                self.tracking.close()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs)
+        op = keyed_op(func) if self.positions is not None else None
+        if op is not None:
+            quant = self.sites.get(self.positions.name(op)[0])
+            if quant is not None and isinstance(out, Tensor) and self.qmodel.recording is None:
+                out = self.qmodel.quantize_site(quant, out)
+                if self.flow is not None:
+                    self.flow.mark_input(out)
+        return out
 
     def layer(self, kind: str, func: Callable, args: tuple, kwargs: dict) -> Any:
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -399,7 +460,14 @@ class _Quantizing(Interceptor):
             quant = self.computed.get(self.flow.sources(weight))
         if quant is None:
             return func(*args, **kwargs)
-        return quant(func, args, kwargs, self.qmodel)
+        out = quant(func, args, kwargs, self.qmodel)
+        if self.sites and self.qmodel.recording is None:
+            call = self.layer_calls.get(quant.name, 0)
+            self.layer_calls[quant.name] = call + 1
+            site = self.sites.get(layer_output(quant.name, call))
+            if site is not None:
+                out = self.qmodel.quantize_site(site, out)
+        return out
 
     def batch_norm(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         arguments = batch_norm_arguments(args, kwargs)
@@ -425,3 +493,10 @@ def forward_until_stopped(run: Callable[[Tensor], Any], images: Tensor, batch_si
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
     """The QuantLayers of a quantized model (also inside a wrapper such as DDP)."""
     return [m for m in model.modules() if isinstance(m, QuantLayer)]
+
+
+def activation_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
+    """Every activation quantizer of a quantized model once (also inside a wrapper such as DDP):
+    `QuantizedModel.activation_quantizers`."""
+    qmodel = next(m for m in model.modules() if isinstance(m, QuantizedModel))
+    return list(qmodel.activation_quantizers().values())

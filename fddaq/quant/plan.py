@@ -33,7 +33,12 @@ def _grid(bits: int, choice: str) -> str:
 
 @dataclass(frozen=True)
 class LayerPlan:
+    """The layers' bits and, when every tensor between operators is quantized, the bits of a
+    tensor that no quantized layer reads directly (`tensor_bits`; None: only the layers'
+    inputs are quantized). Which tensors those are follows from the capture: `tensor_sites`."""
+
     layers: tuple[LayerPlanEntry, ...]
+    tensor_bits: int | None = None
 
     @property
     def quantized(self) -> tuple[LayerPlanEntry, ...]:
@@ -43,8 +48,31 @@ class LayerPlan:
         return [asdict(entry) for entry in self.layers]
 
     @classmethod
-    def from_json(cls, data: list[dict]) -> "LayerPlan":
-        return cls(tuple(LayerPlanEntry(**entry) for entry in data))
+    def from_json(cls, data: list[dict], tensor_bits: int | None = None) -> "LayerPlan":
+        return cls(tuple(LayerPlanEntry(**entry) for entry in data), tensor_bits)
+
+
+def tensor_sites(capture: Capture, plan: LayerPlan) -> tuple[dict[str, int], dict[str, str]]:
+    """The sites quantized under `plan`, with their bits, and the quantized layers that read one
+    as it is (layer -> site); none without `plan.tensor_bits`. The output of a layer kept float
+    stays float, and so does a tensor that a layer kept float reads as it is. A site gets the
+    input bits of the quantized layers reading it as it is (the most of them), else
+    `tensor_bits`; a layer whose input bits differ from its site's keeps a quantizer of its
+    own."""
+    if plan.tensor_bits is None:
+        return {}, {}
+    entries = {entry.name: entry for entry in plan.quantized}
+    bits: dict[str, int] = {}
+    for site in capture.sites:
+        if site.layer is not None and site.layer not in entries:
+            continue
+        if any(name == site.name and layer not in entries for layer, name in capture.tied.items()):
+            continue  # a layer kept float reads it: its input stays float
+        readers = [entries[layer].act_bits for layer, name in capture.tied.items() if name == site.name and layer in entries]
+        bits[site.name] = max(readers, default=plan.tensor_bits)
+    tied = {layer: site for layer, site in capture.tied.items()
+            if layer in entries and site in bits and entries[layer].act_bits == bits[site]}
+    return bits, tied
 
 
 def resolve_layer_plan(capture: Capture, config: QuantConfig) -> LayerPlan:
@@ -94,4 +122,4 @@ def resolve_layer_plan(capture: Capture, config: QuantConfig) -> LayerPlan:
     if all(entry.kind == "float" for entry in entries):
         overrides = ", ".join(repr(t) for t in config.layers) or "none"
         raise ConfigError(f"no layer is left to quantize: every layer is kept float (layer overrides: {overrides})")
-    return LayerPlan(tuple(entries))
+    return LayerPlan(tuple(entries), config.act_bits if config.all_tensors else None)

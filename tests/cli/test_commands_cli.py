@@ -25,6 +25,12 @@ def test_plan_lists_every_layer_with_overrides(tmp_path):
     result = invoke("plan", *MODEL_ARGS, "--bits", "4", "--weight-grid", "symmetric", "--json", str(tmp_path / "sym.json"))
     assert result.exit_code == 0, result.output
     assert {entry["weight_grid"] for entry in json.loads((tmp_path / "sym.json").read_text())["plan"]} == {"symmetric"}
+    assert "activations: the inputs of the layers" in result.output  # auto at 4 bits
+    result = invoke("plan", *MODEL_ARGS, "--bits", "4", "--activations", "all", "--json", str(tmp_path / "all.json"))
+    assert result.exit_code == 0, result.output
+    tensors = json.loads((tmp_path / "all.json").read_text())["tensors"]
+    assert "activations: every tensor between operators" in result.output and f"{len(tensors)} tensors" in result.output
+    assert tensors["stem.2:relu"] == 4 and set(tensors.values()) == {4}
 
 
 @pytest.mark.parametrize(

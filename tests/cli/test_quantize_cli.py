@@ -40,6 +40,17 @@ def test_export_from_checkpoint_alone_reproduces_the_graph(quick_run, tmp_path):
     assert (tmp_path / "again.onnx").read_bytes() == (out / "model.onnx").read_bytes()
 
 
+def test_export_can_store_4bit_weights_as_int8(quick_run, tmp_path):
+    out, _ = quick_run
+    result = invoke("export", str(out / "quantized.pt"), "-o", str(tmp_path / "int8.onnx"), "--int8-weights")
+    assert result.exit_code == 0, result.output
+    graph, before = onnx.load(str(tmp_path / "int8.onnx")).graph, onnx.load(str(out / "model.onnx")).graph
+    types = {t.data_type for t in graph.initializer if t.name.endswith(".w_q")}
+    assert types == {onnx.TensorProto.INT8} and onnx.TensorProto.INT4 in {t.data_type for t in before.initializer}
+    x = np.random.default_rng(0).random((4, 1, 28, 28), np.float32)
+    assert np.array_equal(run_onnx(tmp_path / "int8.onnx", x), run_onnx(out / "model.onnx", x))
+
+
 def test_export_refuses_an_opset_the_installed_onnxruntime_cannot_run(quick_run, tmp_path):
     """A newer onnx knows opsets that onnxruntime does not run yet ("NOT_IMPLEMENTED
     QuantizeLinear(28)" on loading); such a file was written with exit 0."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 from torch import Tensor, nn
 
 from exporters import export_qdq, verify
@@ -290,3 +290,75 @@ def test_each_call_of_a_shared_weight_keeps_its_bias():
     assert {"conv.w_q", "conv.b_q", "conv.b1_q"} <= names and "conv.w1_q" not in names
     assert {node.output[0] for node in onnx_model.graph.node} >= {"conv.x", "conv.x1"}
     check(verify(onnx_model, qmodel, x))
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_every_tensor_quantized_keeps_parity(kind, bits):
+    """`--activations all`: the layers' outputs, adds and pooling are quantized too, in PyTorch
+    and in the graph alike (every site is compared as integers by verify)."""
+    x = images()
+    qmodel = quantize_model(build(kind), x, bits, bits, activations="all")
+    assert qmodel.sites
+    report = verify(export_qdq(qmodel), qmodel, x)
+    check(report)
+    assert report.activation_values > x[0].numel() * len(x)  # more than the first layer's input
+
+
+def test_every_tensor_quantized_8bit_graph_chains_integer_kernels():
+    """With every tensor between operators quantized, onnxruntime runs every conv, the residual
+    add and both poolings on integers; only the logits' Gemm, whose output stays float, does
+    not. With layer inputs only, the convs feeding the add, the add and the pools stay float."""
+    from export_helpers import TinyResNet
+
+    x = images(16)
+    torch.manual_seed(0)
+    model = randomize_batch_norms(TinyResNet())
+    full = optimized_ops(export_qdq(quantize_model(model, x, 8, 8, activations="all")))
+    assert full.get("QLinearConv") == 4 and full.get("QLinearAdd") == 1, full
+    assert full.get("QLinearAveragePool") == 1 and full.get("QLinearGlobalAveragePool") == 1, full
+    assert not {"Conv", "FusedConv", "Add", "AveragePool", "GlobalAveragePool"} & set(full), full
+    assert full.get("QuantizeLinear", 0) <= 1  # the image's
+    inputs = optimized_ops(export_qdq(quantize_model(model, x, 8, 8, activations="inputs")))
+    assert inputs.get("QLinearConv", 0) < 4 and "QLinearAdd" not in inputs, inputs
+
+
+class ZeroBiases(nn.Module):
+    """Two convs whose biases are equal (zeros): torch's exporter stores one initializer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        for conv in (self.a, self.b):
+            nn.init.zeros_(conv.bias)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.b(F.relu(self.a(x)))).mean((2, 3)))
+
+
+def test_layers_with_equal_biases_get_their_own_int32_bias():
+    """Each layer's bias is stored at its own step (input scale x weight scale). A bias shared
+    by value used to reuse the first layer's step, which kept onnxruntime from fusing the
+    other layer into QLinearConv."""
+    x = images(8)
+    qmodel = quantize_model(ZeroBiases().eval(), x, 8, 8)
+    onnx_model = export_qdq(qmodel)
+    biases = [node.input[2] for node in onnx_model.graph.node if node.op_type == "Conv"]
+    assert biases == ["a.b", "b.b"]
+    assert optimized_ops(onnx_model).get("QLinearConv") == 2
+    check(verify(onnx_model, qmodel, x))
+
+
+def test_4bit_weights_stored_as_int8_keep_their_values_and_run_on_integer_kernels():
+    """`--int8-weights`: the same 4-bit integers in INT8 initializers; with 8-bit activations
+    onnxruntime then runs the convolutions on its 8-bit kernels, which INT4 weights never reach."""
+    x = images(8)
+    qmodel = quantize_model(build("plain"), x, 4, 8, weight_grid="symmetric")
+    int4, int8 = export_qdq(qmodel), export_qdq(qmodel, int8_weights=True)
+    weights = {t.name: t for t in int8.graph.initializer if t.name.endswith(".w_q")}
+    assert weights and all(t.data_type == TensorProto.INT8 for t in weights.values())
+    for name, tensor in weights.items():
+        assert np.abs(numpy_helper.to_array(tensor)).max() <= 7
+    assert "QLinearConv" not in optimized_ops(int4) and optimized_ops(int8).get("QLinearConv", 0) >= 2
+    check(verify(int8, qmodel, x))

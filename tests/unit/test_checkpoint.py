@@ -17,12 +17,12 @@ from fddaq.zoo.resnet import fashion_resnet
 INFO = ModelInfo("fddaq:fashion_resnet", None, preset("fashion-mnist", 1), tuple("abcdefghij"))
 
 
-@pytest.fixture
-def quantized():
+@pytest.fixture(params=["inputs", "all"])
+def quantized(request):
     torch.manual_seed(0)
     model = fashion_resnet().eval()
     found = capture(model, torch.zeros(1, 1, 28, 28))
-    plan = resolve_layer_plan(found, QuantConfig(4, 4))
+    plan = resolve_layer_plan(found, QuantConfig(4, 4, activations=request.param))
     qmodel = prepare(model, found, plan, "logits")
     calibrate(qmodel, torch.randn(16, 1, 28, 28))
     return qmodel, plan
@@ -38,6 +38,8 @@ def test_round_trip_is_exact_and_weights_only(tmp_path, quantized):
     x = torch.randn(4, 1, 28, 28)
     folded = fold_batch_norms(qmodel)  # what is stored: the deployed form
     assert loaded.model.deployed and len(loaded.model.folded_batch_norms()) == 9
+    assert [site.name for site in loaded.model.sites] == [site.name for site in qmodel.sites]
+    assert (plan.tensor_bits is None) == (not qmodel.sites)  # every tensor quantized: sites come back
     with torch.no_grad():
         assert torch.equal(loaded.model(x), folded(x))
 

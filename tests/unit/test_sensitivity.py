@@ -11,7 +11,8 @@ def test_the_quantizer_that_breaks_the_model_ranks_first(tiny_model):
     found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
     images = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     synthetic = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    result = sensitivity(tiny_model, found, found.outputs[0].name, QuantConfig(8, 8, layers=("conv2=2/8",)), images, synthetic)
+    quant = QuantConfig(8, 8, layers=("conv2=2/8",), activations="inputs")
+    result = sensitivity(tiny_model, found, found.outputs[0].name, quant, images, synthetic)
     top = result.quantizers[0]
     assert (top.layer, top.role, top.bits) == ("conv2", "weight", 2)
     assert len(result.quantizers) == 8  # weight and input of each of the 4 layers
@@ -32,3 +33,15 @@ def test_one_quantizer_alone_changes_less_than_all_of_them(tiny_model):
     assert set(result.splits) == {"W3A8", "W8A3", "W3A3"}
     assert max(q.divergence.kl for q in result.quantizers) < result.splits["W3A3"].kl
     assert result.quantizers[0].divergence.kl_synthetic is None
+
+
+def test_with_every_tensor_quantized_each_quantizer_is_measured_once(tiny_model):
+    """A layer that reads a quantized tensor as it is has no input quantizer of its own: the
+    tensor's quantizer is measured once, as an output."""
+    found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
+    images = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    result = sensitivity(tiny_model, found, found.outputs[0].name, QuantConfig(8, 8, activations="all"), images)
+    inputs = {q.layer for q in result.quantizers if q.role == "input"}
+    outputs = {q.layer for q in result.quantizers if q.role == "output"}
+    assert inputs == {layer.name for layer in found.layers} - set(found.tied)
+    assert outputs == {site.name for site in found.sites} and found.tied
