@@ -8,7 +8,8 @@ a quantized layer uses passes through `_Marker`, which computes nothing new and 
 
 - an input marker by [Max -> Min ->] QuantizeLinear -> DequantizeLinear with the layer's
   input quantizer (UINT4 for 4 bits or fewer, else UINT8; the clamp to the grid below 8 bits,
-  see `_Rewrite._quantized`), or by nothing when the layer reads a tensor quantized before
+  see `_Rewrite._quantized`), placed in front of the zero Pads feeding the layer
+  (`_Rewrite._input`), or by nothing when the layer reads a tensor quantized before
   (`QuantLayer.tied`),
 - a site marker (a tensor between operators, `fddaq.quant.sites`) likewise with the site's
   quantizer,
@@ -17,7 +18,8 @@ a quantized layer uses passes through `_Marker`, which computes nothing new and 
   weight and whatever computed it become dead and are removed),
 - a bias marker by an INT32 initializer at step input scale x weight scale,
 
-all from the quantizers' own float32 values, so the graph computes what PyTorch computes. The
+all from the quantizers' own float32 values, so the graph computes what PyTorch computes. A
+site's values moved by a data-moving op get its Q/DQ again (`_Rewrite._requantize_moved`). The
 model is exported in its deployed form (`fddaq.quant.fold.fold_batch_norms`).
 
 Tensors of a layer are named after it, tersely (names are a sizeable share of a 4-bit file):
@@ -60,6 +62,10 @@ BATCH_DIM = "N"
 MIN_OPSET = 21  # INT4/UINT4 tensors and Q/DQ
 TORCH_OPSET = 20  # the newest opset torch's TorchScript exporter writes; the graph is stamped with the asked one
 MARKER_DOMAIN = "fddaq"
+# ops that only move the values of their first input (Resize: in "nearest" mode only), which
+# runtimes run on integers between a DequantizeLinear and a QuantizeLinear of one grid
+MOVING_OPS = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Expand", "Tile",
+              "DepthToSpace", "SpaceToDepth", "Resize"}
 
 
 def layer_input(layer: str, call: int = 0) -> str:
@@ -239,11 +245,18 @@ class _Rewrite:
         self.values.update({node.output[0]: node.attribute[0].t for node in graph.node
                             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
         self.aliases = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
+        self.readers: dict[str, int] = defaultdict(int)
+        for node in graph.node:
+            for name in node.input:
+                self.readers[name] += 1
+        self.producers: dict[str, onnx.NodeProto] = {}
+        self.grids: dict[str, list[str]] = {}  # a value on an 8-bit site's grid -> that grid's scale and zero point
 
     def run(self) -> None:
         for node in self.graph.node:
             if node.domain != MARKER_DOMAIN:
                 self.nodes.append(node)
+                self.producers.update((output, node) for output in node.output)
                 continue
             name, role = helper.get_attribute_value(node.attribute[0]).decode().rsplit("|", 1)
             raw = self.renames.get(node.input[0], node.input[0])  # a marker's output is renamed at once
@@ -258,13 +271,66 @@ class _Rewrite:
             elif role == "x":
                 call = self.calls[name]
                 self.calls[name] += 1
-                self.renames[node.output[0]] = self._quantized(raw, layer.input_quant, layer_input(name, call))
+                self.renames[node.output[0]] = self._input(raw, layer.input_quant, layer_input(name, call))
             else:
                 self.renames[node.output[0]] = self._bias(layer, raw)
         del self.graph.node[:]
         self.graph.node.extend(self.nodes)
         self.graph.initializer.extend(self.initializers)
         _rename(self.graph, self.renames)
+        self._requantize_moved()
+
+    def _requantize_moved(self) -> None:
+        """A site's values that a data-moving op moves (MaxPool, Flatten, Reshape, ...) get the
+        site's Q/DQ again, for every reader. It changes no value (they are on the grid already)
+        and gives runtimes the DQ -> op -> Q they run on integers: a classifier after a Flatten
+        becomes a QGemm, a residual add reading a MaxPool a QLinearAdd. (Zero Pads are left to
+        the Conv they feed, which takes them in.)"""
+        nodes, renames = [], {}
+        outputs = {output.name for output in self.graph.output}
+        for node in self.graph.node:
+            node.input[:] = [renames.get(name, name) for name in node.input]
+            nodes.append(node)
+            moved = node.output[0] if node.output else ""
+            if (node.op_type not in MOVING_OPS or not node.input or node.input[0] not in self.grids
+                    or len(node.output) != 1 or moved in outputs or _attribute(node, "mode", b"nearest") != b"nearest"):
+                continue
+            grid = self.grids[node.input[0]]
+            nodes.append(helper.make_node("QuantizeLinear", [moved, *grid], [f"{moved}_q"]))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{moved}_q", *grid], [f"{moved}_dq"]))
+            self.grids[f"{moved}_dq"] = grid
+            renames[moved] = f"{moved}_dq"
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+
+    def _input(self, raw: str, quant: ActivationQuantizer, name: str) -> str:
+        """A layer's input `raw` quantized in front of the zero Pads that feed the layer (TF "same"
+        padding, a stem's padding): the same values, since zero is on every grid, and
+        onnxruntime then folds the Pads into the Conv's pads and runs a QLinearConv."""
+        pads, value = [], raw
+        while (pad := self._zero_pad(value)) is not None:
+            pads.append(pad)
+            value = pad.input[0]
+        if not pads:
+            return self._quantized(raw, quant, name)
+        for pad in pads:  # after the new Q/DQ, in order
+            self.nodes.remove(pad)
+        pads[-1].input[0] = self._quantized(value, quant, f"{name}_unpadded")
+        pads[0].output[0] = name  # the layer's input as PyTorch quantizes it (`verify` compares it)
+        self.nodes.extend(reversed(pads))
+        return name
+
+    def _zero_pad(self, value: str) -> onnx.NodeProto | None:
+        """The constant-mode Pad with value 0 that computes `value` for one reader only, if any."""
+        node = self.producers.get(value)
+        if node is None or node.op_type != "Pad" or self.readers[value] != 1:
+            return None
+        mode = _attribute(node, "mode", b"constant")
+        constant = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if mode != b"constant" or (constant is not None and (constant not in self.values or numpy_helper.to_array(
+                self.values[constant]).any())):
+            return None
+        return node
 
     def _emit(self, op: str, inputs: list[str], output: str, **attributes: Any) -> str:
         self.nodes.append(helper.make_node(op, inputs, [output], **attributes))
@@ -297,6 +363,8 @@ class _Rewrite:
         q_params = [self._constant(f"{name}_scale", np.array(scale, np.float32)), self.zero_points[key]]
         quantized = self._emit("QuantizeLinear", [x, *q_params], f"{name}_q")
         if storage is np.uint8 or quant.name is None:
+            if storage is np.uint8 and quant.name is not None:
+                self.grids[name] = q_params
             return self._emit("DequantizeLinear", [quantized, *q_params], name)
         # A UINT4 site's values can reach a MaxPool (or Reshape, ...) next: onnxruntime would move
         # the DequantizeLinear past it and leave it on UINT4, which no kernel takes. A Max with
@@ -321,6 +389,8 @@ class _Rewrite:
             storage = ml_dtypes.int4 if quant.bits <= 4 and not self.int8_weights else np.int8
             scale = quant.scale().detach().cpu().numpy().astype(np.float32)
             zero_point = quant.zero_point.cpu().numpy().astype(storage) if quant.affine else None
+            if zero_point is None and layer.kind == "linear" and storage is np.int8:  # QGemm needs B's zero point
+                zero_point = np.zeros(scale.shape, storage)
             self._dequantized(name, layer.integers.cpu().numpy().astype(storage), scale, quant.axis, zero_point)
         return name
 
@@ -354,6 +424,10 @@ class _Rewrite:
         return self._emit("DequantizeLinear", inputs, name, axis=axis)
 
 
+def _attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
 def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
     """Point every use of a tensor in `renames` (inputs, graph outputs) at its new name."""
     if not renames:
@@ -379,6 +453,7 @@ def _finish(proto: onnx.ModelProto, metadata: dict[str, str] | None, opset: int,
     _explicit_same_padding(graph)
     _drop_identities(graph)
     _drop_default_attributes(graph)
+    _drop_absent_trailing_inputs(graph)
     _prune(graph)
     _short_names(graph, layers)
     del proto.opset_import[:]
@@ -439,6 +514,14 @@ def _drop_default_attributes(graph: onnx.GraphProto) -> None:
             kept = [a for a in node.attribute if not default(a)]
             del node.attribute[:]
             node.attribute.extend(kept)
+
+
+def _drop_absent_trailing_inputs(graph: onnx.GraphProto) -> None:
+    """Leave out trailing optional inputs given as "" (torch writes a Pad's absent constant
+    value so, and onnxruntime then will not fold that Pad into the next Conv)."""
+    for node in graph.node:
+        while node.input and not node.input[-1]:
+            del node.input[-1]
 
 
 def _drop_identities(graph: onnx.GraphProto) -> None:

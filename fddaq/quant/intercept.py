@@ -10,6 +10,10 @@ arguments. An `Interceptor` routes
 - each `F.batch_norm` call to `batch_norm`,
 - `F.multi_head_attention_forward` into `multi_head_attention`, the same computation written
   with `F.linear`, so that its projections are layer calls too,
+- the gated activations (`GATED`: hard-swish, SiLU) into their parts, `x * gate(x)`, the way
+  torch's exporter writes SiLU and onnxruntime runs HardSwish: the gate is a tensor of its own,
+  which a fully quantized graph quantizes (`fddaq.quant.sites`), so that the product runs as an
+  integer kernel (QLinearMul),
 
 and lets a `Dataflow` follow which tensors come from the model input and which from
 parameters only (a weight computed from a parameter, like a weight-standardized conv's, is
@@ -129,6 +133,9 @@ class Interceptor(TorchFunctionMode):
         if func is F.multi_head_attention_forward and decomposable_attention(*args, **kwargs):
             with self:  # the projections inside are layer calls of this mode
                 return multi_head_attention(*args, **kwargs)
+        if func in GATED:
+            with self:  # the gate and the product are calls of this mode
+                return gated(func, *args, **kwargs)
         kind = LAYER_FUNCTIONS.get(func)
         if kind is not None:
             out = self.layer(kind, func, args, kwargs)
@@ -148,6 +155,17 @@ class Interceptor(TorchFunctionMode):
     def after(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         if self.flow is not None:
             self.flow.update(tensors((args, kwargs)), tensors(out))
+
+
+# Gated activations: the function -> its gate (the activation is x * gate(x)).
+GATED: dict[Callable, Callable] = {F.hardswish: F.hardsigmoid, F.silu: torch.sigmoid}
+
+
+def gated(func: Callable, x: Tensor, inplace: bool = False) -> Tensor:
+    """`func(x)` (a `GATED` activation) as x * gate(x). An in-place call returns the result as
+    a new tensor and leaves `x` as it was (the modules that call them in place all use the
+    result; writing it into `x` would break the gradient of the gate, which reads `x`)."""
+    return x * GATED[func](x)
 
 
 # ---------------------------------------------------------------- multi-head attention

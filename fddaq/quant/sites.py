@@ -7,7 +7,8 @@ through operators that only move data (MaxPool, Reshape, Flatten, Transpose, Sli
 Resize). fddaq follows the same rules, on what the model computes:
 
 - the output of each layer call and of each call in `SITE_OPS` (add, mul and concat of
-  activations, pooling, activations such as sigmoid or hard-swish) is quantized, after the
+  activations, pooling, activations such as sigmoid or hard-sigmoid; hard-swish and SiLU are
+  seen as their gate and a product, `fddaq.quant.intercept.GATED`) is quantized, after the
   clips that a runtime folds into the quantization (`FUSED_OPS`: ReLU, ReLU6, Hardtanh,
   clamp; a ReLU is the zero point at 0, a clip a grid within its bounds) and after the
   BatchNorm folded into a layer, when they are its only reader;
@@ -58,8 +59,6 @@ SITE_OPS: dict[Callable, str] = _table({
                 F.adaptive_avg_pool3d),
     "sigmoid": (torch.sigmoid, _T.sigmoid, _T.sigmoid_, F.sigmoid),
     "hardsigmoid": (F.hardsigmoid,),
-    "hardswish": (F.hardswish,),
-    "silu": (F.silu,),
     "gelu": (F.gelu,),
     "tanh": (torch.tanh, _T.tanh, F.tanh),
     "leaky_relu": (F.leaky_relu,),

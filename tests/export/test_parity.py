@@ -161,19 +161,26 @@ def test_every_weight_and_input_bit_pair_runs_with_graph_optimizations(weight_bi
     check(verify(export_qdq(qmodel), qmodel, x))
 
 
-def test_zero_padding_is_quantized_after_padding():
-    """Explicit padding (TensorFlow 'SAME' here) stays torch's Pad: the layer quantizes what it
-    reads, the padded tensor, in PyTorch and in the graph alike."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_padding_is_quantized_before_the_pad_and_fused_into_the_conv(bits):
+    """Explicit zero padding (TensorFlow 'SAME' here) stays torch's Pad. The layer quantizes the
+    padded tensor in PyTorch; the graph quantizes in front of the Pad, the same values (zero is
+    on the grid), so that onnxruntime folds the Pad into the conv and, at 8 bits, runs it as a
+    QLinearConv (a Pad between the DequantizeLinear and the Conv left both in float)."""
     x = images(8)
-    qmodel = quantize_model(build("tf_same_padding"), x, 4, 4)
-    graph = export_qdq(qmodel).graph
-    producers = {output: node for node in graph.node for output in node.output}
-    quantize = producers["conv.x_q"]
-    assert quantize.op_type == "QuantizeLinear" and producers[quantize.input[0]].op_type == "Pad"
-    report = verify(export_qdq(qmodel), qmodel, x)
-    # padded inputs of conv (3x17x17) and conv2 (8x10x10), and fc's (8), per image
-    assert report.activation_values == 8 * (3 * 17 * 17 + 8 * 10 * 10 + 8)
+    qmodel = quantize_model(build("tf_same_padding"), x, bits, bits)
+    onnx_model = export_qdq(qmodel)
+    producers = {output: node for node in onnx_model.graph.node for output in node.output}
+    pad = producers["conv.x"]
+    assert pad.op_type == "Pad" and producers[pad.input[0]].op_type == "DequantizeLinear"
+    report = verify(onnx_model, qmodel, x)
+    if bits == 4:  # layer inputs only: the padded inputs of conv (3x17x17) and conv2 (8x10x10), fc's (8)
+        assert report.activation_values == 8 * (3 * 17 * 17 + 8 * 10 * 10 + 8)
     check(report)
+    optimized = optimized_ops(onnx_model)
+    assert "Pad" not in optimized, optimized
+    if bits == 8:
+        assert optimized.get("QLinearConv") == 2 and "Conv" not in optimized, optimized
 
 
 class PaddedElsewhere(nn.Module):
@@ -307,8 +314,9 @@ def test_every_tensor_quantized_keeps_parity(kind, bits):
 
 def test_every_tensor_quantized_8bit_graph_chains_integer_kernels():
     """With every tensor between operators quantized, onnxruntime runs every conv, the residual
-    add and both poolings on integers; only the logits' Gemm, whose output stays float, does
-    not. With layer inputs only, the convs feeding the add, the add and the pools stay float."""
+    add, both poolings and the classifier on integers: the classifier reads the pool through a
+    Flatten, which gets the pool's Q/DQ again, and becomes a QGemm with float logits. With
+    layer inputs only, the convs feeding the add, the add and the pools stay float."""
     from export_helpers import TinyResNet
 
     x = images(16)
@@ -317,10 +325,38 @@ def test_every_tensor_quantized_8bit_graph_chains_integer_kernels():
     full = optimized_ops(export_qdq(quantize_model(model, x, 8, 8, activations="all")))
     assert full.get("QLinearConv") == 4 and full.get("QLinearAdd") == 1, full
     assert full.get("QLinearAveragePool") == 1 and full.get("QLinearGlobalAveragePool") == 1, full
-    assert not {"Conv", "FusedConv", "Add", "AveragePool", "GlobalAveragePool"} & set(full), full
-    assert full.get("QuantizeLinear", 0) <= 1  # the image's
+    assert full.get("QGemm") == 1, full
+    assert not {"Conv", "FusedConv", "Add", "AveragePool", "GlobalAveragePool", "Gemm"} & set(full), full
+    assert full.get("QuantizeLinear", 0) <= 1 and "DequantizeLinear" not in full, full  # the image's Q only
     inputs = optimized_ops(export_qdq(quantize_model(model, x, 8, 8, activations="inputs")))
     assert inputs.get("QLinearConv", 0) < 4 and "QLinearAdd" not in inputs, inputs
+
+
+class PoolThenResidual(nn.Module):
+    """A max pool read by a conv and by the residual add around it, as ResNet-18's stem is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.stem(x)), 2)
+        x = F.relu(self.conv(x) + x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_values_moved_by_a_max_pool_are_requantized_for_every_reader():
+    """The pooled values get the ReLU's Q/DQ again after the MaxPool, read by both the conv and
+    the add: onnxruntime runs the pool, the add and every layer on integers. (With the Q/DQ for
+    the conv alone, the add read float values and stayed a float Add.)"""
+    x = images(8)
+    qmodel = quantize_model(PoolThenResidual().eval(), x, 8, 8, activations="all")
+    onnx_model = export_qdq(qmodel)
+    ops = optimized_ops(onnx_model)
+    assert ops.get("QLinearConv") == 2 and ops.get("QLinearAdd") == 1 and ops.get("QGemm") == 1, ops
+    assert not {"Add", "Conv", "Gemm", "DequantizeLinear"} & set(ops), ops
+    check(verify(onnx_model, qmodel, x))
 
 
 class ZeroBiases(nn.Module):
