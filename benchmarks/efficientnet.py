@@ -17,7 +17,9 @@ on the exported ONNX in onnxruntime against the float model in PyTorch:
   photos: every colour photo of `skimage.data`, scikit-learn's sample images and
   matplotlib's sample photos (11 photos), each in 16 views (whole, four corner crops and a
   centre crop of 80%, centre crops of 60% and 40%, each also mirrored): 176 views;
-- for fddaq's graphs, `verify` on the photos: ONNX vs PyTorch fake-quant top-1 agreement.
+- for fddaq's graphs, `verify` on the photos: ONNX vs PyTorch fake-quant top-1 agreement
+  (the JSON adds the rest of its report: the agreement with every quantizer fed the graph's
+  values, and the activation values that differ, free-running and fed).
 Methods: onnxruntime `quantize_static` (MinMax, Percentile; as in `peers.py`) on the float
 ONNX; fddaq `ptq`; `real-only` (the `fddaq` recipe without synthetic images); `fddaq` (FDDA
 synthesis from the 10 images, `--synth-steps` generator steps, `--synthetic` images mixed 1:1);
@@ -190,7 +192,11 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
                 graph = export_qdq(result.model)
                 row["seconds"] = time.perf_counter() - start + synth_seconds / len(args.bits)
                 row["steps"] = config.finetune.steps or config.reconstruct.iterations
-                row["verify_agreement"] = verify(graph, result.model, natural.images).agreement
+                report = verify(graph, result.model, natural.images)
+                row["verify_agreement"] = report.agreement
+                row["verify"] = {key: getattr(report, key) for key in (
+                    "agreement", "optimized_agreement", "local_agreement", "activation_values",
+                    "activation_mismatches", "local_mismatches", "local_max_step_diff")}
             held_logits = run_onnx(graph, inputs.val.images, optimize=True)
             rows.append({
                 **row, "held_top1": 100.0 * float((held_logits.argmax(1) == held_labels).mean()),
