@@ -79,7 +79,10 @@ def _compare(reference: Tensor, logits: Tensor) -> tuple[float, float]:
     return kl.item(), 100.0 * (logits.argmax(1) == reference.argmax(1)).float().mean().item()
 
 
-class _Measure:
+class Measure:
+    """The divergence from the float `teacher` of a model's outputs on `images` and, when
+    given, `synthetic` (see `Divergence`)."""
+
     def __init__(self, teacher: nn.Module, images: Tensor, synthetic: Tensor | None) -> None:
         self.sets = [images] + ([] if synthetic is None or not len(synthetic) else [synthetic])
         self.references = [_outputs(teacher, x) for x in self.sets]
@@ -89,8 +92,9 @@ class _Measure:
         return Divergence(*found[0], *(found[1] if len(found) > 1 else (None, None)))
 
 
-def _calibrated(model: nn.Module, capture: Capture, quant: QuantConfig, output: str, images: Tensor,
-                calibration: CalibrationConfig) -> QuantizedModel:
+def calibrated(model: nn.Module, capture: Capture, quant: QuantConfig, output: str, images: Tensor,
+               calibration: CalibrationConfig) -> QuantizedModel:
+    """`model` prepared under `quant` and calibrated on `images`."""
     student = prepare(model, capture, resolve_layer_plan(capture, quant), output)
     calibrate(student, images, calibration)
     return student
@@ -108,9 +112,9 @@ def sensitivity(
 ) -> Sensitivity:
     """The sensitivity of `model` (float, returning `output` among its outputs) to each
     quantizer of the plan `quant` gives, on `images` (calibration) and `synthetic`."""
-    measure = _Measure(Selected(model, output), images, synthetic)
+    measure = Measure(Selected(model, output), images, synthetic)
     calibration = replace(calibration, bias_images=0)
-    student = _calibrated(model, capture, quant, output, images, calibration)
+    student = calibrated(model, capture, quant, output, images, calibration)
     jobs = [*((layer, "w") for layer in student.layers),
             *((layer, "x") for layer in student.layers if not layer.tied and layer.input_quant.enabled),
             *((site, "y") for site in student.sites)]
@@ -118,7 +122,7 @@ def sensitivity(
     emit(on_event, "sensitivity", 0, total)
     found = []
     for index, (owner, role) in enumerate(jobs, 1):
-        student.tap = _only(owner, role)
+        student.tap = only(owner, role)
         try:
             divergence = measure(student)
         finally:
@@ -132,13 +136,13 @@ def sensitivity(
         # overrides, first/last bits and the quantized tensors kept (not `auto`'s choice per activation width)
         setting = replace(quant, weight_bits=weight_bits, act_bits=act_bits,
                           activations="all" if quant.all_tensors else "inputs")
-        splits[f"W{weight_bits}A{act_bits}"] = measure(_calibrated(model, capture, setting, output, images, calibration))
+        splits[f"W{weight_bits}A{act_bits}"] = measure(calibrated(model, capture, setting, output, images, calibration))
         emit(on_event, "sensitivity", index, total)
     ranked = tuple(sorted(found, key=lambda q: -q.divergence.kl))
     return Sensitivity(quant, len(images), 0 if synthetic is None else len(synthetic), ranked, splits)
 
 
-def _only(target: QuantLayer | ActivationQuantizer, role: str):
+def only(target: QuantLayer | ActivationQuantizer, role: str):
     """A tap that keeps one quantizer (`role` of `target`) and makes every other value float."""
 
     def tap(owner: QuantLayer | ActivationQuantizer, which: str, raw: Tensor, quantized: Tensor) -> Tensor:

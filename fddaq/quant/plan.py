@@ -23,10 +23,10 @@ class LayerPlanEntry:
 
     def __post_init__(self) -> None:
         if self.weight_grid is None and self.weight_bits is not None:  # a plan saved before grids were chosen
-            object.__setattr__(self, "weight_grid", _grid(self.weight_bits, "auto"))
+            object.__setattr__(self, "weight_grid", weight_grid(self.weight_bits, "auto"))
 
 
-def _grid(bits: int, choice: str) -> str:
+def weight_grid(bits: int, choice: str) -> str:
     """The weight grid of a layer with `bits`-bit weights under `QuantConfig.weight_grid`."""
     return "affine" if choice == "auto" and affine_weights(bits) else "symmetric"
 
@@ -113,7 +113,7 @@ def resolve_layer_plan(capture: Capture, config: QuantConfig) -> LayerPlan:
                 continue
             reasons = [f"override {text}"]
         entries.append(LayerPlanEntry(name, layer.kind, weight_bits, act_bits, "; ".join(reasons) or "default bits",
-                                      _grid(weight_bits, config.weight_grid)))
+                                      weight_grid(weight_bits, config.weight_grid)))
     if unmatched:
         text = next(t for t in config.layers if t in unmatched)
         names = [layer.name for layer in found]

@@ -1,0 +1,373 @@
+"""Mixed precision under a budget: each layer's weight bits chosen from a few widths, for the
+smallest model that keeps its accuracy (`target_drop`) or the most accurate one that fits a
+size (`target_size`).
+
+- **Size** (`SizeModel`): what the exported graph stores for each layer at each width (packed
+  INT4 or INT8 weights, per-channel scales and zero points, an INT32 bias with its scales)
+  against the float graph (float32 weights, BatchNorms folded into their convs), from the
+  parameter counts alone: a budget no plan can meet is refused before any work.
+- **Sensitivity** (`weight_sensitivity`): for each searched layer and width, the output
+  divergence from float when only that layer's weights are quantized at that width (ZeroQ's
+  measure, `fddaq.sensitivity`), on held-out real images and synthetic ones when given.
+- **Search** (`pareto_walk`): from every layer at the widest choice, lower one layer a step at
+  a time, each time the one that adds the least divergence per byte saved. The walk gives
+  nested plans from the largest to the smallest, the size-vs-divergence curve. Per-layer
+  divergences do not add up (errors compound, and cancel), so the summed prediction only
+  orders the plans; `choose` then measures whole plans on the held-out images, bisecting the
+  curve for the smallest plan within the accepted drop. An exact knapsack optimum of a
+  prediction that is itself approximate would buy little, and nested plans make that
+  bisection monotone in size.
+- Activation bits are not searched: they do not change the file's size, and the widest
+  (8-bit) activations are what integer kernels run. Layers a user fixed (`--layer-bits`, first
+  and last at `--first-last-bits`) keep their bits; the rest are searched.
+
+The chosen plan is a list of layer overrides (`overrides`), which reproduce it without a search
+when given back as `QuantConfig.layers`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .config import CalibrationConfig, QuantConfig
+from .errors import ConfigError
+from .events import EventHandler, emit
+from .quant.capture import Capture
+from .quant.modules import Selected
+from .quant.plan import LayerPlan, resolve_layer_plan, weight_grid
+from .sensitivity import Divergence, Measure, calibrated, only
+
+# What a quantized layer and a quantized tensor between operators add to the graph besides
+# their numbers (nodes, tensor names, scalars), fitted on the bundled models, EfficientNet-Lite0,
+# ResNet-18 and MobileNetV3-Large at W4A4/W8A8/W4A8, both tensor sets (within 1.5% of the file)
+GRAPH_BYTES_PER_LAYER = 350
+GRAPH_BYTES_PER_NAME_CHAR = 32  # a layer's name appears in about 30 of the graph's names and nodes
+GRAPH_BYTES_PER_SITE = 160
+GRAPH_BYTES_PER_CLAMP = 100  # the Max clamping an input below 8 bits to its grid
+FLOAT_GRAPH_BYTES_PER_LAYER = 190  # a float layer's node and names
+FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    kind: str
+    weights: int  # number of weight values
+    channels: int
+    bias: bool  # a bias in the graph: its own, or a folded BatchNorm's
+
+    def bytes(self, bits: int | None, grid: str = "symmetric") -> float:
+        """What the graph stores for this layer with `bits`-bit weights (None: float) on the
+        weight grid `grid` ("affine" or "symmetric")."""
+        if bits is None:
+            return FLOAT_BYTES * (self.weights + (self.channels if self.bias else 0))
+        width = 0.5 if bits <= 4 else 1.0  # INT4 packs two values in a byte; 5..8 bits are INT8
+        size = self.weights * width + FLOAT_BYTES * self.channels  # integers and per-channel scales
+        if grid == "affine":
+            size += self.channels * width  # per-channel zero points
+        elif self.kind == "linear" and bits > 4:
+            size += self.channels  # the zero point a QGemm needs
+        if self.bias:
+            size += 2 * FLOAT_BYTES * self.channels  # INT32 bias and its per-channel scale
+        return size
+
+
+@dataclass(frozen=True)
+class SizeModel:
+    """The graph's size from parameter counts: `layers` by name, `other_bytes`, what no
+    layer's bits change (parameters outside the layers, stored float), and the number of
+    tensors between operators a fully quantized graph quantizes."""
+
+    layers: dict[str, LayerSize]
+    other_bytes: float
+    sites: int = 0
+
+    @classmethod
+    def of(cls, model: nn.Module, capture: Capture) -> "SizeModel":
+        parameters = dict(model.named_parameters())
+        folded = {fold.layer: fold for fold in capture.folds}
+        used: set[str] = set()
+        layers = {}
+        for layer in capture.layers:
+            names = [layer.weight] if layer.weight is not None else list(layer.sources)
+            weights = sum(parameters[name].numel() for name in names if name in parameters)
+            layers[layer.name] = LayerSize(layer.kind, weights, layer.channels, layer.bias is not None or layer.name in folded)
+            used.update(names)
+            used.update(name for name in (layer.bias,) if name is not None)
+        for fold in capture.folds:
+            used.update(name for name in (fold.weight, fold.bias) if name is not None)
+        other = sum(p.numel() for name, p in parameters.items() if name not in used)
+        return cls(layers, float(FLOAT_BYTES * other), len(capture.sites))
+
+    def float_bytes(self) -> float:
+        return self.other_bytes + sum(size.bytes(None) + FLOAT_GRAPH_BYTES_PER_LAYER for size in self.layers.values())
+
+    def plan_bytes(self, plan: LayerPlan) -> float:
+        """The size of `plan`'s graph (a layer it does not list, or keeps float, is float)."""
+        bits = {entry.name: entry for entry in plan.quantized}
+        graph = sum(GRAPH_BYTES_PER_LAYER + GRAPH_BYTES_PER_NAME_CHAR * len(name)
+                    + (GRAPH_BYTES_PER_CLAMP if (entry.act_bits or 8) < 8 else 0) for name, entry in bits.items())
+        graph += GRAPH_BYTES_PER_SITE * self.sites if plan.tensor_bits is not None else 0
+        return self.other_bytes + graph + sum(
+            size.bytes(bits[name].weight_bits, bits[name].weight_grid) if name in bits
+            else size.bytes(None) + FLOAT_GRAPH_BYTES_PER_LAYER for name, size in self.layers.items())
+
+
+@dataclass(frozen=True)
+class Point:
+    """A plan of the search: weight bits of the searched layers, its size against float and
+    the summed per-layer divergence it predicts; `drop` and `kl`, once measured."""
+
+    bits: dict[str, int]
+    ratio: float
+    predicted_kl: float
+    drop: float | None = None  # points of top-1 agreement with float lost on the held-out images
+    kl: float | None = None
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """The search's outcome: the `chosen` plan (None when no plan could be measured), whether
+    it meets the budget (`met`; else it is the closest plan), the curve (`points`, largest
+    first, measured ones with their drop), every searched layer's divergence per width, and
+    the overrides that reproduce the choice."""
+
+    choices: tuple[int, ...]
+    target_size: float | None
+    target_drop: float | None
+    searched: tuple[str, ...]
+    sensitivity: dict[str, dict[int, float]]  # layer -> bits -> KL from float, that layer alone
+    points: tuple[Point, ...]
+    chosen: Point
+    met: bool
+    overrides: tuple[str, ...]
+    held_out: int
+    uniform: dict[str, Point]  # "W4", "W8", ...: every searched layer at one width, measured
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "sensitivity": {layer: {str(b): kl for b, kl in by_bits.items()}
+                                                for layer, by_bits in self.sensitivity.items()}}
+
+
+def parse_choices(text: str) -> tuple[int, ...]:
+    """"4,8" as (4, 8): distinct widths, ascending."""
+    try:
+        found = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ConfigError(f"bit choices {text!r} must be comma-separated widths, e.g. 4,8") from None
+    if not found or any(not 2 <= bits <= 8 for bits in found):
+        raise ConfigError(f"bit choices {text!r} must be widths from 2 to 8, e.g. 4,8")
+    return tuple(found)
+
+
+def searched_layers(plan: LayerPlan) -> tuple[str, ...]:
+    """The quantized layers whose weight bits the search chooses: those at the default bits (the
+    first layer's input bits are the image's), not those a user fixed."""
+    return tuple(entry.name for entry in plan.quantized
+                 if "override" not in entry.reason and "first_last_bits" not in entry.reason)
+
+
+def check_budget(sizes: SizeModel, plan: LayerPlan, grid: str, choices: tuple[int, ...], target_size: float | None,
+                 target_drop: float | None) -> None:
+    """Refuse, before any work, a budget no plan can meet: a size below that of every searched
+    layer at the narrowest choice, a negative drop, or neither budget."""
+    if (target_size is None) == (target_drop is None):
+        raise ConfigError("give one budget: a target size (ratio to the float model) or a target drop (points)")
+    searched = searched_layers(plan)
+    if not searched:
+        raise ConfigError("no layer is left for the bit search: every quantized layer has bits fixed by an override")
+    if target_drop is not None and target_drop < 0:
+        raise ConfigError(f"target drop {target_drop:g} must be at least 0 points")
+    if target_size is not None:
+        smallest = _ratio(sizes, plan, dict.fromkeys(searched, min(choices)), grid)
+        if not 0 < target_size or target_size < smallest:
+            raise ConfigError(f"target size {target_size:g} is below the smallest model the bit choices "
+                              f"{','.join(map(str, choices))} allow: {smallest:.3f}x float (every searched layer at "
+                              f"{min(choices)} bits)")
+
+
+def _ratio(sizes: SizeModel, plan: LayerPlan, bits: dict[str, int], grid: str) -> float:
+    return sizes.plan_bytes(with_bits(plan, bits, grid)) / sizes.float_bytes()
+
+
+def with_bits(plan: LayerPlan, bits: dict[str, int], grid: str) -> LayerPlan:
+    """`plan` with the weight bits of the layers in `bits`, on the grid `grid`
+    (`QuantConfig.weight_grid`) gives them."""
+    return replace(plan, layers=tuple(
+        replace(entry, weight_bits=bits[entry.name], weight_grid=weight_grid(bits[entry.name], grid))
+        if entry.name in bits else entry for entry in plan.layers))
+
+
+def overrides(plan: LayerPlan, bits: dict[str, int]) -> tuple[str, ...]:
+    """`--layer-bits` entries giving each layer in `bits` its weight bits and its planned input
+    bits: with them a run plans what the search chose."""
+    entries = {entry.name: entry for entry in plan.quantized}
+    return tuple(f"{name}={bits[name]}/{entries[name].act_bits}" for name in entries if name in bits)
+
+
+def weight_sensitivity(
+    model: nn.Module, capture: Capture, output: str, quant: QuantConfig, choices: tuple[int, ...],
+    searched: tuple[str, ...], images: Tensor, held: Tensor, synthetic: Tensor | None = None,
+    calibration: CalibrationConfig = CalibrationConfig(), on_event: EventHandler | None = None,
+) -> dict[str, dict[int, float]]:
+    """KL from float on `held` (and `synthetic`) of each searched layer's weights alone at each
+    width of `choices`, the quantizers calibrated on `images`."""
+    measure = Measure(Selected(model, output), held, synthetic)
+    calibration = replace(calibration, bias_images=0)
+    found: dict[str, dict[int, float]] = {name: {} for name in searched}
+    total, done = len(choices) * len(searched), 0
+    emit(on_event, "bit search", 0, total)
+    for bits in choices:
+        student = calibrated(model, capture, replace(quant, weight_bits=bits), output, images, calibration)
+        layers = {layer.name: layer for layer in student.layers}
+        for name in searched:
+            student.tap = only(layers[name], "w")
+            try:
+                divergence = measure(student)
+            finally:
+                student.tap = None
+            found[name][bits] = _mean_kl(divergence)
+            done += 1
+            emit(on_event, "bit search", done, total)
+    return found
+
+
+def _mean_kl(divergence: Divergence) -> float:
+    return divergence.kl if divergence.kl_synthetic is None else (divergence.kl + divergence.kl_synthetic) / 2
+
+
+def pareto_walk(sensitivity: dict[str, dict[int, float]], sizes: SizeModel, plan: LayerPlan, grid: str) -> list[Point]:
+    """Nested plans from every searched layer at its widest choice to every one at its
+    narrowest, each one step narrower in the layer that adds the least divergence per byte
+    saved (see the module doc)."""
+    current = {name: max(by_bits) for name, by_bits in sensitivity.items()}
+
+    def saved(name: str, bits: int, lower: int) -> float:
+        size = sizes.layers[name]
+        return size.bytes(bits, weight_grid(bits, grid)) - size.bytes(lower, weight_grid(lower, grid))
+
+    def point() -> Point:
+        return Point(dict(current), _ratio(sizes, plan, current, grid), sum(sensitivity[n][b] for n, b in current.items()))
+
+    points = [point()]
+    while True:
+        best = None
+        for name, bits in current.items():
+            lower = max((b for b in sensitivity[name] if b < bits), default=None)
+            if lower is None or saved(name, bits, lower) <= 0:
+                continue
+            cost = max(sensitivity[name][lower] - sensitivity[name][bits], 0.0)
+            key = (cost / saved(name, bits, lower), -saved(name, bits, lower))
+            if best is None or key < best[0]:
+                best = (key, name, lower)
+        if best is None:
+            return points
+        current[best[1]] = best[2]
+        points.append(point())
+
+
+def hold_out(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Indices (calibration, held out) of a split of `labels`: `fraction` of each class's images
+    held out (at least one image in all, and at least one image of each class left for
+    calibration), drawn with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(int(round(fraction * len(members))), len(members) - 1)
+        held.append(members[:count])
+        keep.append(members[count:])
+    kept, out = torch.cat(keep), torch.cat(held)
+    if not len(out):
+        if len(kept) < 2:
+            raise ConfigError("the bit search holds out calibration images to measure plans on: give at least 2 images")
+        out, kept = kept[:1], kept[1:]
+    return kept.sort().values, out.sort().values
+
+
+def measure_plan(model: nn.Module, capture: Capture, output: str, plan: LayerPlan, images: Tensor, held: Tensor,
+                 calibration: CalibrationConfig = CalibrationConfig()) -> tuple[float, float]:
+    """(drop, KL) of `plan` calibrated on `images`: points of top-1 agreement with float lost
+    on `held`, and the KL from float there."""
+    from .quant.calibrate import calibrate
+    from .quant.prepare import prepare
+
+    student = prepare(model, capture, plan, output)
+    calibrate(student, images, calibration)
+    divergence = Measure(Selected(model, output), held, None)(student.eval())
+    return 100.0 - divergence.agreement, divergence.kl
+
+
+def choose(points: list[Point], measure: Callable[[Point], tuple[float, float]], target_size: float | None,
+           target_drop: float | None) -> tuple[Point, bool, list[Point]]:
+    """The plan of `points` (largest first) for the budget, measured with `measure` (point ->
+    (drop, KL)), whether it meets the budget, and every point measured on the way.
+
+    A size budget takes the largest plan that fits. A drop budget bisects the curve for the
+    smallest plan measured within the drop; when even the largest plan is not, that plan is
+    returned as the closest one."""
+    measured: dict[int, Point] = {}
+
+    def at(index: int) -> Point:
+        if index not in measured:
+            drop, kl = measure(points[index])
+            measured[index] = replace(points[index], drop=drop, kl=kl)
+        return measured[index]
+
+    if target_size is not None:
+        index = next((i for i, p in enumerate(points) if p.ratio <= target_size), len(points) - 1)
+        chosen = at(index)
+        return chosen, chosen.ratio <= target_size, [measured[i] for i in sorted(measured)]
+    assert target_drop is not None
+    if at(0).drop > target_drop:
+        return measured[0], False, [measured[0]]
+    good, bad = 0, len(points)  # points[good] is within the drop; past `bad` none is known to be
+    if at(len(points) - 1).drop <= target_drop:
+        good = len(points) - 1
+    else:
+        bad = len(points) - 1
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            if at(middle).drop <= target_drop:
+                good = middle
+            else:
+                bad = middle
+    return measured[good], True, [measured[i] for i in sorted(measured)]
+
+
+def search(
+    model: nn.Module, capture: Capture, output: str, quant: QuantConfig, choices: tuple[int, ...],
+    images: Tensor, labels: Tensor, target_size: float | None = None, target_drop: float | None = None,
+    synthetic: Tensor | None = None, holdout: float = 0.25, seed: int = 0,
+    calibration: CalibrationConfig = CalibrationConfig(), on_event: EventHandler | None = None,
+) -> MixedPrecision:
+    """Choose each searched layer's weight bits from `choices` for the budget (see the module
+    doc): sensitivities and plans are measured on a `holdout` share of the calibration
+    `images` (per class, by `labels`) that calibrates nothing."""
+    plan = resolve_layer_plan(capture, quant)
+    sizes = SizeModel.of(model, capture)
+    check_budget(sizes, plan, quant.weight_grid, choices, target_size, target_drop)
+    searched = searched_layers(plan)
+    kept, held_index = hold_out(labels, holdout, seed)
+    calib, held = images[kept], images[held_index]
+    sensitivity = weight_sensitivity(model, capture, output, quant, choices, searched, calib, held, synthetic,
+                                     calibration, on_event)
+    points = pareto_walk(sensitivity, sizes, plan, quant.weight_grid)
+
+    def measure(point: Point) -> tuple[float, float]:
+        return measure_plan(model, capture, output, with_bits(plan, point.bits, quant.weight_grid), calib, held,
+                            calibration)
+
+    chosen, met, measured = choose(points, measure, target_size, target_drop)
+    uniform = {}
+    for bits in choices:
+        setting = dict.fromkeys(searched, bits)
+        drop, kl = measure(Point(setting, 0.0, 0.0))
+        uniform[f"W{bits}"] = Point(setting, _ratio(sizes, plan, setting, quant.weight_grid),
+                                    sum(sensitivity[n][bits] for n in searched), drop, kl)
+    curve = tuple(next((m for m in measured if m.bits == p.bits), p) for p in points)
+    return MixedPrecision(choices, target_size, target_drop, searched, sensitivity, curve, chosen, met,
+                          overrides(plan, chosen.bits), len(held), uniform)

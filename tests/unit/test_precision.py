@@ -1,0 +1,137 @@
+"""Mixed precision under a budget (`fddaq.precision`)."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fddaq.config import QuantConfig
+from fddaq.errors import ConfigError
+from fddaq.precision import (LayerSize, Point, SizeModel, check_budget, choose, hold_out, parse_choices, pareto_walk,
+                             search, searched_layers)
+from fddaq.quant.capture import capture
+from fddaq.quant.plan import LayerPlan, LayerPlanEntry, resolve_layer_plan, tensor_sites
+
+
+def images_and_labels(count: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 1, 16, 16, generator=generator), torch.arange(count) % 4
+
+
+def test_bit_choices_parse_and_refuse_nonsense():
+    assert parse_choices("8,4") == (4, 8) and parse_choices("4, 6,8,4") == (4, 6, 8)
+    for text in ("", "4,x", "1,8", "4,9"):
+        with pytest.raises(ConfigError):
+            parse_choices(text)
+
+
+def test_impossible_budgets_are_refused_before_any_work(tiny_model):
+    """From parameter counts alone: no calibration, no forward (the model is never run)."""
+    found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
+    sizes = SizeModel.of(tiny_model, found)
+    plan = resolve_layer_plan(found, QuantConfig(8, 8))
+    with pytest.raises(ConfigError, match=r"below the smallest model .* 4,8 allow: 0\.\d+x"):
+        check_budget(sizes, plan, "auto", (4, 8), 0.01, None)
+    for size, drop in ((None, None), (0.5, 1.0), (None, -1.0)):
+        with pytest.raises(ConfigError):
+            check_budget(sizes, plan, "auto", (4, 8), size, drop)
+    fixed = resolve_layer_plan(found, QuantConfig(8, 8, layers=("*=8",)))
+    with pytest.raises(ConfigError, match="no layer is left"):
+        check_budget(sizes, fixed, "auto", (4, 8), 0.5, None)
+    check_budget(sizes, plan, "auto", (4, 8), 0.9, None)  # a reachable one passes
+
+    def no_forward(*args):
+        raise AssertionError("the model ran")
+
+    tiny_model.register_forward_pre_hook(no_forward)
+    with pytest.raises(ConfigError, match="below the smallest"):
+        search(tiny_model, found, found.outputs[0].name, QuantConfig(8, 8), (4, 8), *images_and_labels(), target_size=0.01)
+
+
+def test_layers_fixed_by_the_user_are_not_searched(tiny_model):
+    found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
+    names = [layer.name for layer in found.layers]
+    plan = resolve_layer_plan(found, QuantConfig(8, 8, first_last_bits=8, layers=("short=6",)))
+    assert searched_layers(plan) == tuple(n for n in names if n not in (names[0], names[-1], "short"))
+
+
+def test_a_layer_size_counts_what_the_graph_stores():
+    conv = LayerSize("conv2d", weights=1000, channels=10, bias=True)
+    assert conv.bytes(None) == 4 * 1010
+    assert conv.bytes(8, "symmetric") == 1000 + 40 + 80  # INT8, scales, INT32 bias and its scales
+    assert conv.bytes(4, "affine") == 500 + 40 + 5 + 80  # packed INT4 and INT4 zero points
+    assert LayerSize("linear", 1000, 10, False).bytes(8, "symmetric") == 1000 + 40 + 10  # QGemm's zero point
+
+
+def walk_fixture():
+    """Three layers: `a` big and insensitive, `b` small and sensitive, `c` big and sensitive."""
+    sizes = SizeModel({"a": LayerSize("conv2d", 10000, 10, True), "b": LayerSize("conv2d", 100, 10, True),
+                       "c": LayerSize("conv2d", 10000, 10, True)}, other_bytes=0.0)
+    sensitivity = {"a": {4: 0.02, 8: 0.001}, "b": {4: 0.5, 8: 0.0}, "c": {4: 0.3, 8: 0.0}}
+    return sizes, sensitivity
+
+
+def test_the_walk_gives_nested_plans_from_widest_to_narrowest():
+    """`a` goes first (big, insensitive), then `c` (big), then `b` (small, sensitive)."""
+    sizes, sensitivity = walk_fixture()
+    plan = LayerPlan(tuple(LayerPlanEntry(n, "conv2d", 8, 8, "default bits", "symmetric") for n in "abc"))
+    points = pareto_walk(sensitivity, sizes, plan, "auto")
+    assert [p.bits for p in points] == [{"a": 8, "b": 8, "c": 8}, {"a": 4, "b": 8, "c": 8},
+                                        {"a": 4, "b": 8, "c": 4}, {"a": 4, "b": 4, "c": 4}]
+    ratios = [p.ratio for p in points]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] < 1
+    assert [round(p.predicted_kl, 3) for p in points] == [0.001, 0.02, 0.32, 0.82]
+
+
+def test_choose_bisects_for_the_smallest_plan_within_the_drop():
+    points = [Point({"x": i}, ratio=1.0 - 0.1 * i, predicted_kl=float(i)) for i in range(8)]
+    calls = []
+
+    def measure(point):  # drop grows with the plan's index: 0, 0.5, 1, ...
+        calls.append(point.bits["x"])
+        return 0.5 * point.bits["x"], 0.0
+
+    chosen, met, measured = choose(points, measure, None, 1.6)
+    assert met and chosen.bits == {"x": 3} and chosen.drop == 1.5
+    assert len(calls) <= 5 and [p.bits["x"] for p in measured] == sorted(set(calls))
+    chosen, met, _ = choose(points, lambda p: (5.0, 1.0), None, 1.0)  # missed: the closest, the largest plan
+    assert not met and chosen.bits == {"x": 0} and chosen.drop == 5.0
+    chosen, met, _ = choose(points, measure, 0.55, None)  # size: the largest plan that fits
+    assert met and chosen.bits == {"x": 5}
+
+
+def test_hold_out_splits_every_class():
+    labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 1)
+    kept, held = hold_out(labels, 0.25)
+    assert set(kept.tolist()).isdisjoint(held.tolist()) and len(kept) + len(held) == 13
+    assert sorted(labels[held].tolist()) == [0, 0, 1]  # 2 of 8, 1 of 4, none of the single image
+    assert set(labels[kept].tolist()) == {0, 1, 2}
+
+
+def test_search_meets_a_drop_budget_and_its_overrides_reproduce_the_plan(tiny_model):
+    found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
+    quant = QuantConfig(8, 8, activations="all")
+    images, labels = images_and_labels()
+    result = search(tiny_model, found, found.outputs[0].name, quant, (2, 8), images, labels, target_drop=100.0)
+    assert result.met and result.held_out == 12
+    assert result.chosen.bits == dict.fromkeys(result.searched, 2)  # any drop is accepted: the smallest plan
+    planned = resolve_layer_plan(found, replace(quant, layers=result.overrides))
+    assert {e.name: e.weight_bits for e in planned.quantized} == result.chosen.bits
+    sizes = SizeModel.of(tiny_model, found)
+    assert sizes.plan_bytes(planned) / sizes.float_bytes() == pytest.approx(result.chosen.ratio)
+    # activation bits are kept: every branch reading one tensor still shares its quantizer
+    assert tensor_sites(found, planned) == tensor_sites(found, resolve_layer_plan(found, quant))
+    assert set(result.uniform) == {"W2", "W8"} and result.uniform["W8"].drop <= result.uniform["W2"].drop
+    assert result.to_json()["sensitivity"]
+
+
+def test_search_reports_the_closest_plan_when_the_drop_budget_is_missed():
+    """A linear classifier whose 2-bit weights move some images' classes: with 2 bits the only
+    choice, no plan keeps every held-out image, and the closest plan is returned."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10)).eval()
+    found = capture(model, torch.zeros(2, 1, 16, 16))
+    images, labels = images_and_labels(96)
+    result = search(model, found, found.outputs[0].name, QuantConfig(2, 8), (2,), images, labels, target_drop=0.0)
+    assert not result.met and result.chosen.drop > 0
+    assert result.chosen.bits == {"1": 2} and result.points == (result.chosen,)
