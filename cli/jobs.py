@@ -362,6 +362,47 @@ def read_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     return data["images"], data["labels"], str(path)
 
 
+def precision_report(precision, onnx_ratio: float, act_bits: int) -> dict:
+    """The bit search in report.json: what was searched and chosen, each searched layer's
+    sensitivity, the curve, and whether the budget is met by the written file (`onnx_ratio`:
+    its size against the float file; the search chose by a size model)."""
+    budget = precision.budget
+    chosen = precision.chosen
+    met = precision.met and (budget.target_size is None or onnx_ratio <= budget.target_size)
+    counts = {bits: sum(b == bits for b in chosen.bits.values()) for bits in budget.bit_choices}
+    plan = ", ".join(f"{n} layers at {bits}" for bits, n in counts.items() if n)
+    where = (f"{onnx_ratio:.3f}x float, {chosen.drop:.2f} points of agreement lost on {precision.views} views of "
+             f"{precision.held_out} held-out calibration images")
+    if budget.target_size is not None:
+        want = f"at most {budget.target_size:g}x float"
+    else:
+        want = f"at most {budget.target_drop:g} points lost"
+    if met:
+        verdict = f"met ({want}): {plan}; {where}"
+    elif budget.target_size is not None and precision.met:
+        verdict = (f"missed ({want}): the file is {onnx_ratio:.3f}x float, where the size model predicted "
+                   f"{chosen.ratio:.3f}x; {plan}")
+    else:
+        verdict = f"missed ({want}): the closest plan, {plan}, is {where}"
+    return {
+        **precision.to_json(), "met": met, "verdict": verdict, "onnx_ratio": onnx_ratio, "act_bits": act_bits,
+        "layers": {name: {"weight_bits": chosen.bits[name],
+                          "kl_by_bits": {str(b): kl for b, kl in precision.sensitivity[name].items()}}
+                   for name in precision.searched},
+    }
+
+
+def precision_chart(report: dict) -> np.ndarray:
+    from .charts import curve_chart
+
+    budget = report["budget"]
+    points = [(p["ratio"], 100.0 - p["drop"], "curve") for p in report["points"] if p["drop"] is not None]
+    points += [(p["ratio"], 100.0 - p["drop"], f"{name}A{report['act_bits']}") for name, p in report["uniform"].items()]
+    points.append((report["chosen"]["ratio"], 100.0 - report["chosen"]["drop"], "chosen"))
+    target = None if budget["target_drop"] is None else 100.0 - budget["target_drop"]
+    return curve_chart(f"bit search: {report['verdict'][:110]}", points, budget["target_size"], target)
+
+
 def run_quantize(
     source: Source, config: RunConfig, out: Path, on_event: EventHandler | None = None, resume: bool = False,
     device: torch.device = torch.device("cpu"), synthetic_from: Path | None = None, max_drop: float | None = None,
@@ -397,10 +438,14 @@ def run_quantize(
         drop = result.float_top1 - verify.onnx_top1
     header = _header("quantize", source, result.config.to_json(), device)
     header["versions"].update(deployment.versions)
+    onnx_ratio = len(deployment.onnx) / deployment.float_size
+    precision = None if result.precision is None else precision_report(result.precision, onnx_ratio,
+                                                                       result.config.quant.act_bits)
     report = {
         **header,
         "model": inputs.info.to_json(),
         "plan": result.plan.to_json(),
+        "precision": precision,
         "tensors": {site.name: site.bits for site in result.model.sites},  # quantized between operators (--activations)
         "data": {**_data(inputs), "verify_set": "val" if inputs.val is not None else "calib"},
         "synthesis": None if result.synthesis is None else result.synthesis.report,
@@ -420,7 +465,11 @@ def run_quantize(
         "reconstruct": None if result.reconstruct is None else result.reconstruct.to_json(),
         "finetune": result.finetune.to_json(),
         "layers": [
-            {**entry, "sqnr_db": _finite(result.layer_sqnr.get(entry["name"]))} for entry in result.plan.to_json()
+            {**entry, "sqnr_db": _finite(result.layer_sqnr.get(entry["name"])),
+             **({} if precision is None or entry["name"] not in precision["layers"] else {
+                 "reason": "bit search: KL from float with this layer alone at " + ", ".join(
+                     f"{bits} bits {kl:.2g}" for bits, kl in precision["layers"][entry["name"]]["kl_by_bits"].items())})}
+            for entry in result.plan.to_json()
         ],
         "timings_s": timings,
         "gate": {"drop": drop, "max_drop": max_drop,
@@ -440,6 +489,7 @@ def run_quantize(
         ("ONNX size vs float ONNX", f"{len(deployment.onnx) / 1024:.1f} KiB / {deployment.float_size / 1024:.1f} KiB "
                                      f"= {report['size']['ratio']:.3f}x"),
         ("lowest layer SQNR vs float", _worst_layers(result.layer_sqnr)),
+        *([] if precision is None else [("bit search (--target-size/--target-drop)", precision["verdict"])]),
         *([] if result.reconstruct is None else [_reconstruct_row(result.reconstruct)]),
         ("synthetic images", result.synthesis_why),
         *([] if result.synthesis is None else _synthesis_rows(result.synthesis)),
@@ -450,6 +500,8 @@ def run_quantize(
     if result.synthesis is not None:
         s = result.synthesis
         atomic_write_bytes(out / "preview.png", png_bytes(preview_grid(s.images, s.labels, inputs.info.preprocess, inputs.info.class_names)))
+    if precision is not None:
+        atomic_write_bytes(out / "precision.png", png_bytes(precision_chart(precision)))
     atomic_write_json(out / "report.json", report)
     (out / RESUME_FILE).unlink(missing_ok=True)
     return report

@@ -8,6 +8,7 @@ import os
 import signal
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +34,7 @@ err_console = Console(stderr=True)
 EXIT_GATE = 3
 EXIT_INTERRUPTED = 130
 SENSITIVITY_OUTPUTS = ("sensitivity.json", "sensitivity.png", "config.toml", "summary.md")
-QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json", "preview.png", "config.toml", "summary.md")
+QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json", "preview.png", "precision.png", "config.toml", "summary.md")
 SYNTH_OUTPUTS = ("synthetic.pt", "preview.png", "report.json", "config.toml", "summary.md")
 
 
@@ -111,13 +112,15 @@ def _config_option():
     )
 
 
-def _save_config(ctx: typer.Context, out: Path) -> None:
-    """The resolved options, for `--config` to repeat the run."""
+def _save_config(ctx: typer.Context, out: Path, **chosen) -> None:
+    """The resolved options, for `--config` to repeat the run; `chosen`: options to write
+    instead (a bit search's plan as --layer-bits, without its budget)."""
     from fddaq.io import atomic_write_bytes
 
     from .config_file import config_toml, path_options
 
-    atomic_write_bytes(out / "config.toml", config_toml(ctx.command.name, ctx.params, path_options(ctx.command)).encode())
+    params = {**ctx.params, **chosen}
+    atomic_write_bytes(out / "config.toml", config_toml(ctx.command.name, params, path_options(ctx.command)).encode())
 
 
 def _show(title: str, report: dict, out: Optional[Path] = None) -> None:
@@ -406,6 +409,15 @@ def quantize(
     arch_arg: Optional[list[str]] = _arch_arg_option(),
     output: Optional[str] = _output_option(),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float."),
+    target_size: Optional[float] = typer.Option(
+        None, "--target-size", help="Choose each layer's weight bits (--bit-choices) for the most accurate model whose ONNX "
+        "file is at most this ratio of the float ONNX (e.g. 0.2); exit 3 if the file misses it."),
+    target_drop: Optional[float] = typer.Option(
+        None, "--target-drop", help="Choose each layer's weight bits (--bit-choices) for the smallest model that loses at "
+        "most this many points of top-1 agreement with float on calibration images held out of calibration (never "
+        "--val); exit 3 if no plan does."),
+    bit_choices: str = typer.Option("4,8", "--bit-choices", help="Weight widths the budget search chooses from. "
+                                    "Activations stay at --act-bits (default: the widest choice)."),
     out: Path = typer.Option(Path("out"), "--out", help="Output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same options)."),
     device: str = _device_option(),
@@ -427,8 +439,14 @@ def quantize(
     _check_outputs(out, QUANTIZE_OUTPUTS, force)
     if max_drop is not None and val is None:
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
+    budget = None
+    if target_size is not None or target_drop is not None:
+        from fddaq.config import BudgetConfig, parse_bit_choices
+
+        budget = BudgetConfig(target_size, target_drop, parse_bit_choices(bit_choices))
+        act_bits = act_bits or max(budget.bit_choices)  # activation bits do not change the size
     quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid, activations)
-    run_config = recipe_config(recipe, quant, seed, steps, synthetic, synth_steps, synth_method)
+    run_config = replace(recipe_config(recipe, quant, seed, steps, synthetic, synth_steps, synth_method), budget=budget)
     if synthetic_from is not None and run_config.finetune.steps == 0 and run_config.reconstruct.iterations == 0 \
             and run_config.real_images:
         raise ConfigError(f"--recipe {recipe} with --steps 0 does not train: the images of --synthetic-from would go unused")
@@ -440,13 +458,24 @@ def quantize(
             report = run_quantize(source, run_config, out, progress, resume, where, synthetic_from, max_drop)
         if report is None:  # another rank than 0 of a torchrun job: rank 0 reports
             return
-        _save_config(ctx, out)
-        _show(f"fddaq quantize: {model.name} at W{quant.weight_bits}A{quant.act_bits}, recipe {recipe}", report, out)
-    written = [name for name in QUANTIZE_OUTPUTS if name != "preview.png" or report["synthesis"] is not None]
+        searched = report["precision"]
+        if searched is None:
+            _save_config(ctx, out)
+            setting = f"W{quant.weight_bits}A{quant.act_bits}"
+        else:  # the plan chosen, so that --config repeats it without searching
+            _save_config(ctx, out, layer_bits=[*(layer_bits or ()), *searched["overrides"]], target_size=None,
+                         target_drop=None, act_bits=quant.act_bits)
+            setting = f"weights {'/'.join(map(str, searched['budget']['bit_choices']))}, A{quant.act_bits}"
+        _show(f"fddaq quantize: {model.name} at {setting}, recipe {recipe}", report, out)
+    written = [name for name in QUANTIZE_OUTPUTS if (name != "preview.png" or report["synthesis"] is not None)
+               and (name != "precision.png" or report["precision"] is not None)]
     console.print(f"wrote {', '.join(str(out / name) for name in written)}")
     gate = report["gate"]
     if gate["passed"] is False:
         err_console.print(f"Quality gate failed: ONNX top-1 is {gate['drop']:.2f} points below float (--max-drop {max_drop})")
+        raise typer.Exit(EXIT_GATE)
+    if report["precision"] is not None and not report["precision"]["met"]:
+        err_console.print(f"Budget missed: {report['precision']['verdict']}")
         raise typer.Exit(EXIT_GATE)
 
 

@@ -19,6 +19,7 @@ STAGE_TITLES = {
     "generate": "Generating synthetic images",
     "reconstruct": "Reconstructing blocks",
     "sensitivity": "Measuring each quantizer's sensitivity",
+    "bit search": "Searching weight bits for the budget",
     "finetune": "Fine-tuning (distillation)",
     "evaluate": "Evaluating (accuracy, per-layer SQNR)",
     "export": "Exporting ONNX",

@@ -283,6 +283,41 @@ class SynthConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """A mixed-precision budget (`fddaq.precision`): the exported graph's size against the float
+    graph's (`target_size`), or the points of top-1 agreement with the float model the user
+    accepts to lose (`target_drop`), measured on a `holdout` share of each class's calibration
+    images that the search calibrates nothing with. Each searched layer's weight bits come
+    from `bit_choices`."""
+
+    target_size: float | None = None
+    target_drop: float | None = None
+    bit_choices: tuple[int, ...] = (4, 8)
+    holdout: float = 0.25
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bit_choices", tuple(sorted(set(self.bit_choices))))
+        if (self.target_size is None) == (self.target_drop is None):
+            raise ConfigError("give one budget: a target size (ratio to the float model) or a target drop (points)")
+        if self.target_size is not None and not 0 < self.target_size:
+            raise ConfigError(f"target size {self.target_size:g} must be a ratio above 0 (0.2: a fifth of the float model)")
+        if self.target_drop is not None and not 0 <= self.target_drop <= 100:
+            raise ConfigError(f"target drop {self.target_drop:g} must be 0 to 100 points")
+        if not self.bit_choices or any(not MIN_BITS <= b <= MAX_BITS for b in self.bit_choices):
+            raise ConfigError(f"bit choices {self.bit_choices} must be widths from {MIN_BITS} to {MAX_BITS}")
+        if not 0 < self.holdout < 1:
+            raise ConfigError(f"holdout={self.holdout} must be a share within (0, 1)")
+
+
+def parse_bit_choices(text: str) -> tuple[int, ...]:
+    """"4,8" as (4, 8)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"bit choices {text!r} must be comma-separated widths, e.g. 4,8") from None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run. `real_images=False` is data-free: the generator learns from the float
     model's BatchNorm running statistics alone, and calibration and fine-tuning see only its
@@ -296,6 +331,7 @@ class RunConfig:
     recipe: str = "custom"
     real_images: bool = True
     auto_synthesis: bool = False  # the run chooses whether to synthesize (`recipes.synthesis_choice`)
+    budget: BudgetConfig | None = None  # weight bits chosen per layer for a budget (`fddaq.precision`)
 
     def __post_init__(self) -> None:
         if not self.real_images and self.synth.num_images == 0:

@@ -45,18 +45,26 @@ class FinetuneResult:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def split_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices (train, holdout): `fraction` of each class with at least 5 images (at least
-    one image of such a class), chosen at random with `seed`."""
+def split_holdout(labels: Tensor, fraction: float, seed: int, smallest: int = 5) -> tuple[Tensor, Tensor]:
+    """Indices (train, holdout): `fraction` of each class with at least `smallest` images (at
+    least one image of such a class), chosen at random with `seed`."""
     generator = torch.Generator().manual_seed(seed)
     train, holdout = [], []
     for label in labels.unique():
         members = (labels == label).nonzero().flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        count = max(1, round(fraction * len(members))) if fraction > 0 and len(members) >= 5 else 0
+        count = max(1, round(fraction * len(members))) if fraction > 0 and len(members) >= smallest else 0
         holdout.append(members[:count])
         train.append(members[count:])
     return torch.cat(train).sort().values, torch.cat(holdout).sort().values
+
+
+def views(images: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """`count` views of `images` (every image once when there are more): each image once as
+    it is, the rest augmented (`augment`)."""
+    found = images[torch.arange(max(count, len(images))) % len(images)].clone()
+    found[len(images):] = augment(found[len(images):], generator)
+    return found
 
 
 def augment(x: Tensor, generator: torch.Generator) -> Tensor:

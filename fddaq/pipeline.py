@@ -26,6 +26,7 @@ from .evaluate import class_logits, layer_sqnr, predict, top1
 from .events import EventHandler, emit
 from .finetune import FinetuneResult, finetune, split_holdout
 from .models import input_channels, load_float_model
+from .precision import MixedPrecision, search
 from .quant.calibrate import calibrate
 from .quant.capture import Capture, capture, resolve_output
 from .quant.fold import fold_batch_norms
@@ -376,7 +377,8 @@ class QuantizeResult:
     layer_sqnr: dict[str, float]  # dB per quantized layer's output vs float (val, else calib)
     reconstruct: ReconstructResult | None = None
     synthesis_why: str = ""  # whether FDDA images were used, and why (`recipes.synthesis_choice`)
-    config: RunConfig | None = None  # the configuration run, with that choice made
+    config: RunConfig | None = None  # the configuration run, with that choice made (and the bit search's plan)
+    precision: MixedPrecision | None = None  # the bit search, when the run had a budget
 
 
 # A resumable state: {"config": RunConfig as a JSON string, "inputs": `Inputs.fingerprint`, "synthesis": {images, labels, report} or None,
@@ -449,6 +451,15 @@ def _quantize(
         # images handed in (a file, a benchmark's shared synthesis) are used whatever the choice
         config = replace(config, synth=replace(config.synth, num_images=len(synthesis.labels)))
         synthesis_why = f"{len(synthesis.labels)} synthetic images, given ({synthesis.report.get('source', 'by the caller')})"
+    precision = None
+    if config.budget is not None:  # the plan first: the rest of the run quantizes it
+        start = time.perf_counter()
+        with placed(inputs.float_model, CPU):
+            precision = search(inputs.float_model, inputs.capture, inputs.info.output, config.quant, config.budget,
+                               inputs.calib.images, inputs.calib.labels, seed=config.calibration.seed,
+                               calibration=config.calibration, on_event=on_event)
+        config = replace(config, quant=replace(config.quant, layers=config.quant.layers + precision.overrides))
+        search_seconds = time.perf_counter() - start
     config_json = json.dumps(config.to_json(), sort_keys=True)
     if resume is not None and resume["config"] != config_json:
         raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
@@ -459,6 +470,8 @@ def _quantize(
         raise ConfigError("the state to resume was made from another model file or other calibration images: run again "
                           "with the same ones, or without --resume")
     timings = {"load": inputs.seconds}
+    if precision is not None:
+        timings["bit search"] = search_seconds
 
     trains = config.finetune.steps > 0 or config.reconstruct.iterations > 0
     needs_synthesis = config.synth.num_images > 0 and (trains or not config.real_images)
@@ -519,5 +532,5 @@ def _quantize(
     emit(on_event, "evaluate", 3, 3)
     timings["evaluate"] = time.perf_counter() - start
     return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr, reconstructed,
-                          synthesis_why, config)
+                          synthesis_why, config, precision)
 

@@ -6,9 +6,12 @@ size (`target_size`).
   INT4 or INT8 weights, per-channel scales and zero points, an INT32 bias with its scales)
   against the float graph (float32 weights, BatchNorms folded into their convs), from the
   parameter counts alone: a budget no plan can meet is refused before any work.
+- **Held out** (`held_out`): a share of each class's calibration images (of all of them with
+  one image per class) calibrates nothing in the search; plans are measured on `HELD_VIEWS`
+  views of them (each once as it is, the rest shifted and flipped), for a finer agreement.
 - **Sensitivity** (`weight_sensitivity`): for each searched layer and width, the output
   divergence from float when only that layer's weights are quantized at that width (ZeroQ's
-  measure, `fddaq.sensitivity`), on held-out real images and synthetic ones when given.
+  measure, `fddaq.sensitivity`), on those views and synthetic images when given.
 - **Search** (`pareto_walk`): from every layer at the widest choice, lower one layer a step at
   a time, each time the one that adds the least divergence per byte saved. The walk gives
   nested plans from the largest to the smallest, the size-vs-divergence curve. Per-layer
@@ -32,9 +35,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .config import CalibrationConfig, QuantConfig
+from .config import BudgetConfig, CalibrationConfig, QuantConfig
 from .errors import ConfigError
 from .events import EventHandler, emit
+from .finetune import split_holdout, views
 from .quant.capture import Capture
 from .quant.modules import Selected
 from .quant.plan import LayerPlan, resolve_layer_plan, weight_grid
@@ -49,6 +53,9 @@ GRAPH_BYTES_PER_SITE = 160
 GRAPH_BYTES_PER_CLAMP = 100  # the Max clamping an input below 8 bits to its grid
 FLOAT_GRAPH_BYTES_PER_LAYER = 190  # a float layer's node and names
 FLOAT_BYTES = 4
+HELD_VIEWS = 256  # views of the held-out images plans are measured on: each once, the rest augmented
+SENSITIVITY_VIEWS = 64  # of those, the ones each layer's sensitivity is measured on (a forward per layer and width)
+CURVE_POINTS = 6  # plans of the curve measured for the report, evenly spaced (besides those the choice measured)
 
 
 @dataclass(frozen=True)
@@ -134,32 +141,20 @@ class MixedPrecision:
     first, measured ones with their drop), every searched layer's divergence per width, and
     the overrides that reproduce the choice."""
 
-    choices: tuple[int, ...]
-    target_size: float | None
-    target_drop: float | None
+    budget: BudgetConfig
     searched: tuple[str, ...]
     sensitivity: dict[str, dict[int, float]]  # layer -> bits -> KL from float, that layer alone
     points: tuple[Point, ...]
     chosen: Point
     met: bool
     overrides: tuple[str, ...]
-    held_out: int
+    held_out: int  # calibration images held out
+    views: int  # views of them the plans are measured on
     uniform: dict[str, Point]  # "W4", "W8", ...: every searched layer at one width, measured
 
     def to_json(self) -> dict:
         return {**asdict(self), "sensitivity": {layer: {str(b): kl for b, kl in by_bits.items()}
                                                 for layer, by_bits in self.sensitivity.items()}}
-
-
-def parse_choices(text: str) -> tuple[int, ...]:
-    """"4,8" as (4, 8): distinct widths, ascending."""
-    try:
-        found = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise ConfigError(f"bit choices {text!r} must be comma-separated widths, e.g. 4,8") from None
-    if not found or any(not 2 <= bits <= 8 for bits in found):
-        raise ConfigError(f"bit choices {text!r} must be widths from 2 to 8, e.g. 4,8")
-    return tuple(found)
 
 
 def searched_layers(plan: LayerPlan) -> tuple[str, ...]:
@@ -169,23 +164,19 @@ def searched_layers(plan: LayerPlan) -> tuple[str, ...]:
                  if "override" not in entry.reason and "first_last_bits" not in entry.reason)
 
 
-def check_budget(sizes: SizeModel, plan: LayerPlan, grid: str, choices: tuple[int, ...], target_size: float | None,
-                 target_drop: float | None) -> None:
-    """Refuse, before any work, a budget no plan can meet: a size below that of every searched
-    layer at the narrowest choice, a negative drop, or neither budget."""
-    if (target_size is None) == (target_drop is None):
-        raise ConfigError("give one budget: a target size (ratio to the float model) or a target drop (points)")
+def check_budget(sizes: SizeModel, plan: LayerPlan, grid: str, budget: BudgetConfig) -> None:
+    """Refuse, before any work, a budget no plan can meet: no layer left to search, or a size
+    below that of every searched layer at the narrowest choice."""
     searched = searched_layers(plan)
     if not searched:
         raise ConfigError("no layer is left for the bit search: every quantized layer has bits fixed by an override")
-    if target_drop is not None and target_drop < 0:
-        raise ConfigError(f"target drop {target_drop:g} must be at least 0 points")
-    if target_size is not None:
-        smallest = _ratio(sizes, plan, dict.fromkeys(searched, min(choices)), grid)
-        if not 0 < target_size or target_size < smallest:
-            raise ConfigError(f"target size {target_size:g} is below the smallest model the bit choices "
-                              f"{','.join(map(str, choices))} allow: {smallest:.3f}x float (every searched layer at "
-                              f"{min(choices)} bits)")
+    if budget.target_size is not None:
+        narrowest = min(budget.bit_choices)
+        smallest = _ratio(sizes, plan, dict.fromkeys(searched, narrowest), grid)
+        if budget.target_size < smallest:
+            raise ConfigError(f"target size {budget.target_size:g} is below the smallest model the bit choices "
+                              f"{','.join(map(str, budget.bit_choices))} allow: {smallest:.3f}x float (every searched "
+                              f"layer at {narrowest} bits)")
 
 
 def _ratio(sizes: SizeModel, plan: LayerPlan, bits: dict[str, int], grid: str) -> float:
@@ -218,7 +209,7 @@ def weight_sensitivity(
     calibration = replace(calibration, bias_images=0)
     found: dict[str, dict[int, float]] = {name: {} for name in searched}
     total, done = len(choices) * len(searched), 0
-    emit(on_event, "bit search", 0, total)
+    emit(on_event, "bit search", 0, total)  # the plans measured afterwards take a few more forwards
     for bits in choices:
         student = calibrated(model, capture, replace(quant, weight_bits=bits), output, images, calibration)
         layers = {layer.name: layer for layer in student.layers}
@@ -268,24 +259,18 @@ def pareto_walk(sensitivity: dict[str, dict[int, float]], sizes: SizeModel, plan
         points.append(point())
 
 
-def hold_out(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Indices (calibration, held out) of a split of `labels`: `fraction` of each class's images
-    held out (at least one image in all, and at least one image of each class left for
-    calibration), drawn with `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    keep, held = [], []
-    for label in labels.unique():
-        members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        count = min(int(round(fraction * len(members))), len(members) - 1)
-        held.append(members[:count])
-        keep.append(members[count:])
-    kept, out = torch.cat(keep), torch.cat(held)
-    if not len(out):
-        if len(kept) < 2:
-            raise ConfigError("the bit search holds out calibration images to measure plans on: give at least 2 images")
-        out, kept = kept[:1], kept[1:]
-    return kept.sort().values, out.sort().values
+def held_out(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (calibration, held out): `fraction` of each class with 2 images or more; when no
+    class has 2 (one image per class), `fraction` of all the images, whatever their class
+    (agreement with float needs no label)."""
+    kept, held = split_holdout(labels, fraction, seed, smallest=2)
+    if len(held):
+        return kept, held
+    if len(labels) < 2:
+        raise ConfigError("the bit search measures plans on calibration images it holds out: give at least 2 images")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    count = max(1, round(fraction * len(labels)))
+    return order[count:].sort().values, order[:count].sort().values
 
 
 def measure_plan(model: nn.Module, capture: Capture, output: str, plan: LayerPlan, images: Tensor, held: Tensor,
@@ -339,35 +324,39 @@ def choose(points: list[Point], measure: Callable[[Point], tuple[float, float]],
 
 
 def search(
-    model: nn.Module, capture: Capture, output: str, quant: QuantConfig, choices: tuple[int, ...],
-    images: Tensor, labels: Tensor, target_size: float | None = None, target_drop: float | None = None,
-    synthetic: Tensor | None = None, holdout: float = 0.25, seed: int = 0,
+    model: nn.Module, capture: Capture, output: str, quant: QuantConfig, budget: BudgetConfig, images: Tensor,
+    labels: Tensor, synthetic: Tensor | None = None, seed: int = 0,
     calibration: CalibrationConfig = CalibrationConfig(), on_event: EventHandler | None = None,
 ) -> MixedPrecision:
-    """Choose each searched layer's weight bits from `choices` for the budget (see the module
-    doc): sensitivities and plans are measured on a `holdout` share of the calibration
-    `images` (per class, by `labels`) that calibrates nothing."""
+    """Choose each searched layer's weight bits from `budget.bit_choices` for the budget (see
+    the module doc): sensitivities and plans are measured on a `budget.holdout` share of the
+    calibration `images` (per class, by `labels`), which calibrates nothing here."""
     plan = resolve_layer_plan(capture, quant)
     sizes = SizeModel.of(model, capture)
-    check_budget(sizes, plan, quant.weight_grid, choices, target_size, target_drop)
+    check_budget(sizes, plan, quant.weight_grid, budget)
     searched = searched_layers(plan)
-    kept, held_index = hold_out(labels, holdout, seed)
-    calib, held = images[kept], images[held_index]
-    sensitivity = weight_sensitivity(model, capture, output, quant, choices, searched, calib, held, synthetic,
-                                     calibration, on_event)
+    kept, held_index = held_out(labels, budget.holdout, seed)
+    calib = images[kept]
+    held = views(images[held_index], HELD_VIEWS, torch.Generator().manual_seed(seed))
+    sensitivity = weight_sensitivity(model, capture, output, quant, budget.bit_choices, searched, calib,
+                                     held[:SENSITIVITY_VIEWS], synthetic, calibration, on_event)
     points = pareto_walk(sensitivity, sizes, plan, quant.weight_grid)
 
     def measure(point: Point) -> tuple[float, float]:
         return measure_plan(model, capture, output, with_bits(plan, point.bits, quant.weight_grid), calib, held,
                             calibration)
 
-    chosen, met, measured = choose(points, measure, target_size, target_drop)
+    chosen, met, measured = choose(points, measure, budget.target_size, budget.target_drop)
+    done = {tuple(sorted(p.bits.items())) for p in measured}
+    for index in sorted({round(i * (len(points) - 1) / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)}):
+        if tuple(sorted(points[index].bits.items())) not in done:  # the curve, for the report
+            measured.append(replace(points[index], **dict(zip(("drop", "kl"), measure(points[index])))))
     uniform = {}
-    for bits in choices:
+    for bits in budget.bit_choices:
         setting = dict.fromkeys(searched, bits)
         drop, kl = measure(Point(setting, 0.0, 0.0))
         uniform[f"W{bits}"] = Point(setting, _ratio(sizes, plan, setting, quant.weight_grid),
                                     sum(sensitivity[n][bits] for n in searched), drop, kl)
     curve = tuple(next((m for m in measured if m.bits == p.bits), p) for p in points)
-    return MixedPrecision(choices, target_size, target_drop, searched, sensitivity, curve, chosen, met,
-                          overrides(plan, chosen.bits), len(held), uniform)
+    return MixedPrecision(budget, searched, sensitivity, curve, chosen, met, overrides(plan, chosen.bits),
+                          len(held_index), len(held), uniform)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .config import ReconstructConfig
 from .device import model_device
 from .events import EventHandler, emit
-from .finetune import augment
+from .finetune import views
 from .quant.modules import ActivationQuantizer, QuantizedModel, QuantLayer, StopForward, forward_until_stopped
 from .quant.units import Unit, find_units
 
@@ -400,8 +400,7 @@ def view_pool(real: Tensor, synthetic: Tensor | None, config: ReconstructConfig)
     image once as it is, the rest augmented: `finetune.augment`; every image once when there
     are more images than views) and up to `config.views` synthetic images chosen at random."""
     generator = torch.Generator().manual_seed(config.seed)
-    views = real[torch.arange(max(config.views, len(real))) % len(real)].clone()
-    views[len(real):] = augment(views[len(real):], generator)
+    pool = views(real, config.views, generator)
     if synthetic is None or not len(synthetic):
-        return views
-    return torch.cat([views, synthetic[torch.randperm(len(synthetic), generator=generator)[: config.views]]])
+        return pool
+    return torch.cat([pool, synthetic[torch.randperm(len(synthetic), generator=generator)[: config.views]]])

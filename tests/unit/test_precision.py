@@ -5,10 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fddaq.config import QuantConfig
+from fddaq.config import BudgetConfig, QuantConfig, parse_bit_choices
 from fddaq.errors import ConfigError
-from fddaq.precision import (LayerSize, Point, SizeModel, check_budget, choose, hold_out, parse_choices, pareto_walk,
-                             search, searched_layers)
+from fddaq.precision import LayerSize, Point, SizeModel, check_budget, choose, pareto_walk, search, searched_layers
 from fddaq.quant.capture import capture
 from fddaq.quant.plan import LayerPlan, LayerPlanEntry, resolve_layer_plan, tensor_sites
 
@@ -18,11 +17,19 @@ def images_and_labels(count: int = 48, seed: int = 0) -> tuple[torch.Tensor, tor
     return torch.randn(count, 1, 16, 16, generator=generator), torch.arange(count) % 4
 
 
-def test_bit_choices_parse_and_refuse_nonsense():
-    assert parse_choices("8,4") == (4, 8) and parse_choices("4, 6,8,4") == (4, 6, 8)
-    for text in ("", "4,x", "1,8", "4,9"):
+def test_budgets_parse_and_refuse_nonsense():
+    assert BudgetConfig(0.2, bit_choices=parse_bit_choices("8,4")).bit_choices == (4, 8)
+    assert BudgetConfig(None, 1.0, parse_bit_choices("4, 6,8,4")).bit_choices == (4, 6, 8)
+    with pytest.raises(ConfigError):
+        parse_bit_choices("4,x")
+    for choices in ((), (1, 8), (4, 9)):
         with pytest.raises(ConfigError):
-            parse_choices(text)
+            BudgetConfig(0.2, bit_choices=choices)
+    for size, drop in ((None, None), (0.5, 1.0), (None, -1.0), (0.0, None), (None, 101.0)):
+        with pytest.raises(ConfigError):
+            BudgetConfig(size, drop)
+    with pytest.raises(ConfigError):
+        BudgetConfig(0.2, holdout=1.0)
 
 
 def test_impossible_budgets_are_refused_before_any_work(tiny_model):
@@ -31,21 +38,18 @@ def test_impossible_budgets_are_refused_before_any_work(tiny_model):
     sizes = SizeModel.of(tiny_model, found)
     plan = resolve_layer_plan(found, QuantConfig(8, 8))
     with pytest.raises(ConfigError, match=r"below the smallest model .* 4,8 allow: 0\.\d+x"):
-        check_budget(sizes, plan, "auto", (4, 8), 0.01, None)
-    for size, drop in ((None, None), (0.5, 1.0), (None, -1.0)):
-        with pytest.raises(ConfigError):
-            check_budget(sizes, plan, "auto", (4, 8), size, drop)
+        check_budget(sizes, plan, "auto", BudgetConfig(0.01))
     fixed = resolve_layer_plan(found, QuantConfig(8, 8, layers=("*=8",)))
     with pytest.raises(ConfigError, match="no layer is left"):
-        check_budget(sizes, fixed, "auto", (4, 8), 0.5, None)
-    check_budget(sizes, plan, "auto", (4, 8), 0.9, None)  # a reachable one passes
+        check_budget(sizes, fixed, "auto", BudgetConfig(0.5))
+    check_budget(sizes, plan, "auto", BudgetConfig(0.9))  # a reachable one passes
 
     def no_forward(*args):
         raise AssertionError("the model ran")
 
     tiny_model.register_forward_pre_hook(no_forward)
     with pytest.raises(ConfigError, match="below the smallest"):
-        search(tiny_model, found, found.outputs[0].name, QuantConfig(8, 8), (4, 8), *images_and_labels(), target_size=0.01)
+        search(tiny_model, found, found.outputs[0].name, QuantConfig(8, 8), BudgetConfig(0.01), *images_and_labels())
 
 
 def test_layers_fixed_by_the_user_are_not_searched(tiny_model):
@@ -100,20 +104,26 @@ def test_choose_bisects_for_the_smallest_plan_within_the_drop():
     assert met and chosen.bits == {"x": 5}
 
 
-def test_hold_out_splits_every_class():
+def test_the_search_holds_out_images_of_every_class_with_two_or_of_all_with_one_per_class():
+    from fddaq.precision import held_out
+
     labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 1)
-    kept, held = hold_out(labels, 0.25)
+    kept, held = held_out(labels, 0.25, 0)
     assert set(kept.tolist()).isdisjoint(held.tolist()) and len(kept) + len(held) == 13
     assert sorted(labels[held].tolist()) == [0, 0, 1]  # 2 of 8, 1 of 4, none of the single image
     assert set(labels[kept].tolist()) == {0, 1, 2}
+    kept, held = held_out(torch.arange(10), 0.25, 0)  # one image per class (partial coverage)
+    assert len(held) == 2 and len(kept) == 8 and set(kept.tolist()).isdisjoint(held.tolist())
+    with pytest.raises(ConfigError):
+        held_out(torch.tensor([3]), 0.25, 0)
 
 
 def test_search_meets_a_drop_budget_and_its_overrides_reproduce_the_plan(tiny_model):
     found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
     quant = QuantConfig(8, 8, activations="all")
     images, labels = images_and_labels()
-    result = search(tiny_model, found, found.outputs[0].name, quant, (2, 8), images, labels, target_drop=100.0)
-    assert result.met and result.held_out == 12
+    result = search(tiny_model, found, found.outputs[0].name, quant, BudgetConfig(None, 100.0, (2, 8)), images, labels)
+    assert result.met and result.held_out == 12 and result.views == 256
     assert result.chosen.bits == dict.fromkeys(result.searched, 2)  # any drop is accepted: the smallest plan
     planned = resolve_layer_plan(found, replace(quant, layers=result.overrides))
     assert {e.name: e.weight_bits for e in planned.quantized} == result.chosen.bits
@@ -132,6 +142,6 @@ def test_search_reports_the_closest_plan_when_the_drop_budget_is_missed():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10)).eval()
     found = capture(model, torch.zeros(2, 1, 16, 16))
     images, labels = images_and_labels(96)
-    result = search(model, found, found.outputs[0].name, QuantConfig(2, 8), (2,), images, labels, target_drop=0.0)
+    result = search(model, found, found.outputs[0].name, QuantConfig(2, 8), BudgetConfig(None, 0.0, (2,)), images, labels)
     assert not result.met and result.chosen.drop > 0
     assert result.chosen.bits == {"1": 2} and result.points == (result.chosen,)
