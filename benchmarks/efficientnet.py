@@ -117,6 +117,23 @@ def split_labelled(root: Path) -> tuple[Path, Path]:
     return root / "calib", root / "held"
 
 
+def prepared(model: str, root: Path):
+    """(inputs, photo views, float logits on the held-out labelled images, on the photos) of
+    `model` calibrated on the labelled images split into `root`."""
+    from fddaq.data import load_image_folder
+    from fddaq.evaluate import predict
+    from fddaq.pipeline import load_inputs
+
+    calib, held = split_labelled(root)
+    natural_images(root / "natural")
+    classes = root / "classes.txt"
+    classes.write_text("\n".join(str(i) for i in range(1000)))
+    inputs = load_inputs(model_source(model, calib, held, classes))
+    natural = load_image_folder(root / "natural", inputs.info.preprocess)
+    with torch.no_grad():
+        return inputs, natural, predict(inputs.teacher, inputs.val.images).numpy(), predict(inputs.teacher, natural.images).numpy()
+
+
 def scores(logits: np.ndarray, reference: np.ndarray) -> dict:
     def log_softmax(z: np.ndarray) -> np.ndarray:
         z = z - z.max(axis=1, keepdims=True)
@@ -141,23 +158,13 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
     import peers
     from exporters import export_float, export_qdq, run_onnx, verify
     from fddaq.config import QuantConfig
-    from fddaq.data import load_image_folder
-    from fddaq.evaluate import predict
-    from fddaq.pipeline import load_inputs, quantize_inputs, synthesize
+    from fddaq.pipeline import quantize_inputs, synthesize
     from fddaq.recipes import recipe_config
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        calib, held = split_labelled(root)
-        natural_images(root / "natural")
-        classes = root / "classes.txt"
-        classes.write_text("\n".join(str(i) for i in range(1000)))
-        inputs = load_inputs(model_source(args.model, calib, held, classes))
-        natural = load_image_folder(root / "natural", inputs.info.preprocess)
-        with torch.no_grad():
-            float_held = predict(inputs.teacher, inputs.val.images).numpy()
-            float_natural = predict(inputs.teacher, natural.images).numpy()
+        inputs, natural, float_held, float_natural = prepared(args.model, root)
         held_labels = inputs.val.labels.numpy()
         float_top1 = 100.0 * float((float_held.argmax(1) == held_labels).mean())
         synthesis, synth_seconds = None, 0.0

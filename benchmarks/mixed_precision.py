@@ -51,28 +51,18 @@ def main() -> None:
 
     import peers
     from cli.jobs import precision_chart, precision_report
-    from efficientnet import model_source, natural_images, scores, split_labelled
+    from efficientnet import prepared, scores
     from exporters import export_float, export_qdq, run_onnx
     from fddaq.config import BudgetConfig, QuantConfig
-    from fddaq.data import load_image_folder
-    from fddaq.evaluate import predict
     from fddaq.io import png_bytes
-    from fddaq.pipeline import load_inputs, quantize_inputs
+    from fddaq.pipeline import quantize_inputs
     from fddaq.recipes import recipe_config
 
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        calib, held = split_labelled(root)
-        natural_images(root / "natural")
-        classes = root / "classes.txt"
-        classes.write_text("\n".join(str(i) for i in range(1000)))
-        inputs = load_inputs(model_source(args.model, calib, held, classes))
-        natural = load_image_folder(root / "natural", inputs.info.preprocess)
-        with torch.no_grad():
-            float_natural = predict(inputs.teacher, natural.images).numpy()
-            float_held = predict(inputs.teacher, inputs.val.images).numpy()
+        inputs, natural, float_held, float_natural = prepared(args.model, root)
         labels = inputs.val.labels.numpy()
         float_path = root / "float.onnx"
         float_path.write_bytes(export_float(inputs.float_model, inputs.input_shape).SerializeToString())
@@ -116,7 +106,7 @@ def main() -> None:
             bits = list(result.precision.chosen.bits.values())
             scored(target, graph, time.perf_counter() - start, search_seconds=result.timings["bit search"],
                    met=report["met"], verdict=report["verdict"], layers_at_4=bits.count(4), layers_at_8=bits.count(8),
-                   search_drop=result.precision.chosen.drop)
+                   search_drop=result.precision.chosen.drop, predicted_ratio=result.precision.chosen.ratio)
     print(table(rows))
 
 

@@ -54,8 +54,9 @@ GRAPH_BYTES_PER_CLAMP = 100  # the Max clamping an input below 8 bits to its gri
 FLOAT_GRAPH_BYTES_PER_LAYER = 190  # a float layer's node and names
 FLOAT_BYTES = 4
 HELD_VIEWS = 256  # views of the held-out images plans are measured on: each once, the rest augmented
-SENSITIVITY_VIEWS = 64  # of those, the ones each layer's sensitivity is measured on (a forward per layer and width)
-CURVE_POINTS = 6  # plans of the curve measured for the report, evenly spaced (besides those the choice measured)
+SENSITIVITY_VIEWS = 16  # of those, the ones each layer's sensitivity is measured on (a forward per layer and
+# width: most of the search's time)
+CURVE_POINTS = 5  # plans of the curve measured for the report, evenly spaced (besides those the choice measured)
 
 
 @dataclass(frozen=True)
@@ -273,16 +274,16 @@ def held_out(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor
     return order[count:].sort().values, order[:count].sort().values
 
 
-def measure_plan(model: nn.Module, capture: Capture, output: str, plan: LayerPlan, images: Tensor, held: Tensor,
+def measure_plan(model: nn.Module, capture: Capture, output: str, plan: LayerPlan, images: Tensor, measure: Measure,
                  calibration: CalibrationConfig = CalibrationConfig()) -> tuple[float, float]:
-    """(drop, KL) of `plan` calibrated on `images`: points of top-1 agreement with float lost
-    on `held`, and the KL from float there."""
+    """(drop, KL) of `plan` calibrated on `images`: points of top-1 agreement with float lost,
+    and the KL from float, on the images of `measure`."""
     from .quant.calibrate import calibrate
     from .quant.prepare import prepare
 
     student = prepare(model, capture, plan, output)
     calibrate(student, images, calibration)
-    divergence = Measure(Selected(model, output), held, None)(student.eval())
+    divergence = measure(student.eval())
     return 100.0 - divergence.agreement, divergence.kl
 
 
@@ -342,8 +343,10 @@ def search(
                                      held[:SENSITIVITY_VIEWS], synthetic, calibration, on_event)
     points = pareto_walk(sensitivity, sizes, plan, quant.weight_grid)
 
+    on_held = Measure(Selected(model, output), held, None)  # the float model's outputs, once
+
     def measure(point: Point) -> tuple[float, float]:
-        return measure_plan(model, capture, output, with_bits(plan, point.bits, quant.weight_grid), calib, held,
+        return measure_plan(model, capture, output, with_bits(plan, point.bits, quant.weight_grid), calib, on_held,
                             calibration)
 
     chosen, met, measured = choose(points, measure, budget.target_size, budget.target_drop)
