@@ -106,7 +106,8 @@ def main() -> None:
             bits = list(result.precision.chosen.bits.values())
             scored(target, graph, time.perf_counter() - start, search_seconds=result.timings["bit search"],
                    met=report["met"], verdict=report["verdict"], layers_at_4=bits.count(4), layers_at_8=bits.count(8),
-                   search_drop=result.precision.chosen.drop, predicted_ratio=result.precision.chosen.ratio)
+                   search_drop=result.precision.chosen.drop, predicted_ratio=result.precision.chosen.ratio,
+                   search_uniform_drops={name: p.drop for name, p in result.precision.uniform.items()})
     print(table(rows))
 
 

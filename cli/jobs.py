@@ -386,9 +386,6 @@ def precision_report(precision, onnx_ratio: float, act_bits: int) -> dict:
         verdict = f"missed ({want}): the closest plan, {plan}, is {where}"
     return {
         **precision.to_json(), "met": met, "verdict": verdict, "onnx_ratio": onnx_ratio, "act_bits": act_bits,
-        "layers": {name: {"weight_bits": chosen.bits[name],
-                          "kl_by_bits": {str(b): kl for b, kl in precision.sensitivity[name].items()}}
-                   for name in precision.searched},
     }
 
 
@@ -466,9 +463,9 @@ def run_quantize(
         "finetune": result.finetune.to_json(),
         "layers": [
             {**entry, "sqnr_db": _finite(result.layer_sqnr.get(entry["name"])),
-             **({} if precision is None or entry["name"] not in precision["layers"] else {
+             **({} if precision is None or entry["name"] not in precision["sensitivity"] else {
                  "reason": "bit search: KL from float with this layer alone at " + ", ".join(
-                     f"{bits} bits {kl:.2g}" for bits, kl in precision["layers"][entry["name"]]["kl_by_bits"].items())})}
+                     f"{bits} bits {kl:.2g}" for bits, kl in precision["sensitivity"][entry["name"]].items())})}
             for entry in result.plan.to_json()
         ],
         "timings_s": timings,

@@ -11,7 +11,8 @@ size (`target_size`).
   views of them (each once as it is, the rest shifted and flipped), for a finer agreement.
 - **Sensitivity** (`weight_sensitivity`): for each searched layer and width, the output
   divergence from float when only that layer's weights are quantized at that width (ZeroQ's
-  measure, `fddaq.sensitivity`), on those views and synthetic images when given.
+  measure, `fddaq.sensitivity`), on the first `SENSITIVITY_VIEWS` of those views. (Synthetic
+  images are not used: the search runs before a synthesis.)
 - **Search** (`pareto_walk`): from every layer at the widest choice, lower one layer a step at
   a time, each time the one that adds the least divergence per byte saved. The walk gives
   nested plans from the largest to the smallest, the size-vs-divergence curve. Per-layer
@@ -39,10 +40,12 @@ from .config import BudgetConfig, CalibrationConfig, QuantConfig
 from .errors import ConfigError
 from .events import EventHandler, emit
 from .finetune import split_holdout, views
+from .quant.calibrate import calibrate
 from .quant.capture import Capture
 from .quant.modules import Selected
 from .quant.plan import LayerPlan, resolve_layer_plan, weight_grid
-from .sensitivity import Divergence, Measure, calibrated, only
+from .quant.prepare import prepare
+from .sensitivity import Measure, calibrated, only
 
 # What a quantized layer and a quantized tensor between operators add to the graph besides
 # their numbers (nodes, tensor names, scalars), fitted on the bundled models, EfficientNet-Lite0,
@@ -201,12 +204,12 @@ def overrides(plan: LayerPlan, bits: dict[str, int]) -> tuple[str, ...]:
 
 def weight_sensitivity(
     model: nn.Module, capture: Capture, output: str, quant: QuantConfig, choices: tuple[int, ...],
-    searched: tuple[str, ...], images: Tensor, held: Tensor, synthetic: Tensor | None = None,
+    searched: tuple[str, ...], images: Tensor, held: Tensor,
     calibration: CalibrationConfig = CalibrationConfig(), on_event: EventHandler | None = None,
 ) -> dict[str, dict[int, float]]:
-    """KL from float on `held` (and `synthetic`) of each searched layer's weights alone at each
+    """KL from float on `held` of each searched layer's weights alone at each
     width of `choices`, the quantizers calibrated on `images`."""
-    measure = Measure(Selected(model, output), held, synthetic)
+    measure = Measure(Selected(model, output), held, None)
     calibration = replace(calibration, bias_images=0)
     found: dict[str, dict[int, float]] = {name: {} for name in searched}
     total, done = len(choices) * len(searched), 0
@@ -220,14 +223,10 @@ def weight_sensitivity(
                 divergence = measure(student)
             finally:
                 student.tap = None
-            found[name][bits] = _mean_kl(divergence)
+            found[name][bits] = divergence.kl
             done += 1
             emit(on_event, "bit search", done, total)
     return found
-
-
-def _mean_kl(divergence: Divergence) -> float:
-    return divergence.kl if divergence.kl_synthetic is None else (divergence.kl + divergence.kl_synthetic) / 2
 
 
 def pareto_walk(sensitivity: dict[str, dict[int, float]], sizes: SizeModel, plan: LayerPlan, grid: str) -> list[Point]:
@@ -278,9 +277,6 @@ def measure_plan(model: nn.Module, capture: Capture, output: str, plan: LayerPla
                  calibration: CalibrationConfig = CalibrationConfig()) -> tuple[float, float]:
     """(drop, KL) of `plan` calibrated on `images`: points of top-1 agreement with float lost,
     and the KL from float, on the images of `measure`."""
-    from .quant.calibrate import calibrate
-    from .quant.prepare import prepare
-
     student = prepare(model, capture, plan, output)
     calibrate(student, images, calibration)
     divergence = measure(student.eval())
@@ -326,7 +322,7 @@ def choose(points: list[Point], measure: Callable[[Point], tuple[float, float]],
 
 def search(
     model: nn.Module, capture: Capture, output: str, quant: QuantConfig, budget: BudgetConfig, images: Tensor,
-    labels: Tensor, synthetic: Tensor | None = None, seed: int = 0,
+    labels: Tensor, seed: int = 0,
     calibration: CalibrationConfig = CalibrationConfig(), on_event: EventHandler | None = None,
 ) -> MixedPrecision:
     """Choose each searched layer's weight bits from `budget.bit_choices` for the budget (see
@@ -340,7 +336,7 @@ def search(
     calib = images[kept]
     held = views(images[held_index], HELD_VIEWS, torch.Generator().manual_seed(seed))
     sensitivity = weight_sensitivity(model, capture, output, quant, budget.bit_choices, searched, calib,
-                                     held[:SENSITIVITY_VIEWS], synthetic, calibration, on_event)
+                                     held[:SENSITIVITY_VIEWS], calibration, on_event)
     points = pareto_walk(sensitivity, sizes, plan, quant.weight_grid)
 
     on_held = Measure(Selected(model, output), held, None)  # the float model's outputs, once
