@@ -362,16 +362,19 @@ def read_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     return data["images"], data["labels"], str(path)
 
 
-def precision_report(precision, onnx_ratio: float, act_bits: int) -> dict:
+def precision_report(precision, onnx_ratio: float | None, act_bits: int) -> dict:
     """The bit search in report.json: what was searched and chosen, each searched layer's
     sensitivity, the curve, and whether the budget is met by the written file (`onnx_ratio`:
-    its size against the float file; the search chose by a size model)."""
+    its size against the float file; the search chose by a size model) or, with no file
+    written (None: `plan`), by the size model's prediction."""
     budget = precision.budget
     chosen = precision.chosen
+    predicted = onnx_ratio is None
+    onnx_ratio = chosen.ratio if predicted else onnx_ratio
     met = precision.met and (budget.target_size is None or onnx_ratio <= budget.target_size)
     counts = {bits: sum(b == bits for b in chosen.bits.values()) for bits in budget.bit_choices}
     plan = ", ".join(f"{n} layers at {bits}" for bits, n in counts.items() if n)
-    where = (f"{onnx_ratio:.3f}x float, {chosen.drop:.2f} points of agreement lost on {precision.views} views of "
+    where = (f"{onnx_ratio:.3f}x float{' (predicted)' if predicted else ''}, {chosen.drop:.2f} points of agreement lost on {precision.views} views of "
              f"{precision.held_out} held-out calibration images")
     if budget.target_size is not None:
         want = f"at most {budget.target_size:g}x float"
@@ -387,6 +390,14 @@ def precision_report(precision, onnx_ratio: float, act_bits: int) -> dict:
     return {
         **precision.to_json(), "met": met, "verdict": verdict, "onnx_ratio": onnx_ratio, "act_bits": act_bits,
     }
+
+
+def searched_reason(report: dict | None, layer: str) -> str | None:
+    """Why the bit search (`precision_report`) gave `layer` its bits; None for a layer it did not search."""
+    if report is None or layer not in report["sensitivity"]:
+        return None
+    return "bit search: KL from float with this layer alone at " + ", ".join(
+        f"{bits} bits {kl:.2g}" for bits, kl in report["sensitivity"][layer].items())
 
 
 def precision_chart(report: dict) -> np.ndarray:
@@ -463,9 +474,7 @@ def run_quantize(
         "finetune": result.finetune.to_json(),
         "layers": [
             {**entry, "sqnr_db": _finite(result.layer_sqnr.get(entry["name"])),
-             **({} if precision is None or entry["name"] not in precision["sensitivity"] else {
-                 "reason": "bit search: KL from float with this layer alone at " + ", ".join(
-                     f"{bits} bits {kl:.2g}" for bits, kl in precision["sensitivity"][entry["name"]].items())})}
+             "reason": searched_reason(precision, entry["name"]) or entry["reason"]}
             for entry in result.plan.to_json()
         ],
         "timings_s": timings,

@@ -254,6 +254,30 @@ def _bits_options():
     }
 
 
+def _budget_options():
+    """--target-size, --target-drop, --bit-choices (quantize, plan)."""
+    return {
+        "target_size": typer.Option(
+            None, "--target-size", help="Choose each layer's weight bits (--bit-choices) for the most accurate model whose "
+            "ONNX file is at most this ratio of the float ONNX (e.g. 0.2); exit 3 if the file misses it."),
+        "target_drop": typer.Option(
+            None, "--target-drop", help="Choose each layer's weight bits (--bit-choices) for the smallest model that loses "
+            "at most this many points of top-1 agreement with float on calibration images held out of calibration "
+            "(never --val); exit 3 if no plan does."),
+        "bit_choices": typer.Option("4,8", "--bit-choices", help="Weight widths the budget search chooses from. "
+                                    "Activations stay at --act-bits (default: the widest choice)."),
+    }
+
+
+def _budget(target_size: Optional[float], target_drop: Optional[float], bit_choices: str):
+    """The budget of --target-size / --target-drop, None without one."""
+    if target_size is None and target_drop is None:
+        return None
+    from fddaq.config import BudgetConfig, parse_bit_choices
+
+    return BudgetConfig(target_size, target_drop, parse_bit_choices(bit_choices))
+
+
 def _quant_config(bits: int, weight_bits: Optional[int], act_bits: Optional[int], first_last_bits: Optional[int],
                   layer_bits: Optional[list[str]], weight_grid: str, activations: str):
     from fddaq.config import QuantConfig
@@ -371,6 +395,8 @@ def _quiet_option():
 
 _BITS = _bits_options()  # Typer reads option objects per command: one set each
 _PLAN_BITS = _bits_options()
+_QUANTIZE_BUDGET = _budget_options()
+_PLAN_BUDGET = _budget_options()
 _SENSITIVITY_BITS = _bits_options()
 
 
@@ -409,15 +435,9 @@ def quantize(
     arch_arg: Optional[list[str]] = _arch_arg_option(),
     output: Optional[str] = _output_option(),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float."),
-    target_size: Optional[float] = typer.Option(
-        None, "--target-size", help="Choose each layer's weight bits (--bit-choices) for the most accurate model whose ONNX "
-        "file is at most this ratio of the float ONNX (e.g. 0.2); exit 3 if the file misses it."),
-    target_drop: Optional[float] = typer.Option(
-        None, "--target-drop", help="Choose each layer's weight bits (--bit-choices) for the smallest model that loses at "
-        "most this many points of top-1 agreement with float on calibration images held out of calibration (never "
-        "--val); exit 3 if no plan does."),
-    bit_choices: str = typer.Option("4,8", "--bit-choices", help="Weight widths the budget search chooses from. "
-                                    "Activations stay at --act-bits (default: the widest choice)."),
+    target_size: Optional[float] = _QUANTIZE_BUDGET["target_size"],
+    target_drop: Optional[float] = _QUANTIZE_BUDGET["target_drop"],
+    bit_choices: str = _QUANTIZE_BUDGET["bit_choices"],
     out: Path = typer.Option(Path("out"), "--out", help="Output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same options)."),
     device: str = _device_option(),
@@ -439,11 +459,8 @@ def quantize(
     _check_outputs(out, QUANTIZE_OUTPUTS, force)
     if max_drop is not None and val is None:
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
-    budget = None
-    if target_size is not None or target_drop is not None:
-        from fddaq.config import BudgetConfig, parse_bit_choices
-
-        budget = BudgetConfig(target_size, target_drop, parse_bit_choices(bit_choices))
+    budget = _budget(target_size, target_drop, bit_choices)
+    if budget is not None:
         act_bits = act_bits or max(budget.bit_choices)  # activation bits do not change the size
     quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid, activations)
     run_config = replace(recipe_config(recipe, quant, seed, steps, synthetic, synth_steps, synth_method), budget=budget)
@@ -626,26 +643,51 @@ def plan(
     trust_model: bool = _trust_model_option(),
     arch_arg: Optional[list[str]] = _arch_arg_option(),
     output: Optional[str] = _output_option(),
+    data: Optional[Path] = typer.Option(None, "--data", help="Calibration images (DIR/<class>/<image> or a flat folder) "
+                                        "for --target-size / --target-drop: the plan is searched on them."),
+    target_size: Optional[float] = _PLAN_BUDGET["target_size"],
+    target_drop: Optional[float] = _PLAN_BUDGET["target_drop"],
+    bit_choices: str = _PLAN_BUDGET["bit_choices"],
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON to this file."),
     force: bool = _force_option(),
+    quiet: bool = _quiet_option(),
     config: Optional[Path] = _config_option(),
 ) -> None:
     """Show which layers `quantize` would quantize, at which bits and why, without images, after
     checking that the model and its quantized form export (a dry run of the export in
-    onnxruntime): what would fail at the end of `quantize` fails here, in seconds.
+    onnxruntime): what would fail at the end of `quantize` fails here, in seconds. With a budget
+    (--target-size / --target-drop) and --data, the bit search runs as `quantize` runs it (on
+    those images, as --calib) and the plan shown is the one it chooses; exit 3 if no plan meets
+    the budget.
 
     Example: fddaq plan examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet --bits 4 --layer-bits 'fc=8'
     """
     from exporters.dry_run import dry_run
     from fddaq.io import atomic_write_json
-    from fddaq.pipeline import load_float, plan_layers
+    from fddaq.pipeline import load_float, load_inputs, plan_layers, search_plan
     from fddaq.quant.plan import tensor_sites
 
+    from .jobs import precision_report, searched_reason
+
     _check_file(json_path, force)
-    source = _source(model, arch, None, None, num_classes, None, preset, input_size, resize, mean, std, trust_model,
+    budget = _budget(target_size, target_drop, bit_choices)
+    if budget is not None:
+        act_bits = act_bits or max(budget.bit_choices)  # as quantize: activation bits do not change the size
+        if data is None:
+            raise ConfigError("--target-size and --target-drop need --data: the bit search measures plans on images")
+    elif data is not None:
+        raise ConfigError("--data is for the bit search: give --target-size or --target-drop too")
+    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid, activations)
+    source = _source(model, arch, data, None, num_classes, None, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
     loaded = load_float(source)
-    layers = plan_layers(loaded, _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid, activations))
+    searched = None
+    if budget is not None:
+        with ProgressRenderer(console, quiet) as progress:
+            precision = search_plan(load_inputs(source, loaded=loaded), quant, budget, on_event=progress)
+        searched = precision_report(precision, None, quant.act_bits)
+        quant = replace(quant, layers=quant.layers + precision.overrides)
+    layers = plan_layers(loaded, quant)
     checked = dry_run(loaded.model, loaded.capture, layers, loaded.output)
     kinds = {layer.name: layer for layer in loaded.capture.layers}
     out = Table(title=f"fddaq plan: {model.name} ({arch})", title_justify="left")
@@ -655,7 +697,7 @@ def plan(
     for entry in layers.layers:
         module = kinds[entry.name].module_type if entry.name in kinds else "-"
         out.add_row(entry.name, entry.kind, module, str(entry.weight_bits or "-"), entry.weight_grid or "-",
-                    str(entry.act_bits or "-"), entry.reason)
+                    str(entry.act_bits or "-"), searched_reason(searched, entry.name) or entry.reason)
     # piped, each row on one line and nothing cut (rich would wrap and cut the "why" column at 80 columns)
     (console if console.is_terminal else Console(file=console.file, width=10_000)).print(out)
     kept = len(layers.layers) - len(layers.quantized)
@@ -666,9 +708,15 @@ def plan(
     console.print(f"activations: every tensor between operators, {len(tensors)} tensors quantized ({len(tied)} layers read "
                   "one as it is)" if layers.tensor_bits is not None else "activations: the inputs of the layers")
     console.print(f"preprocessing: {loaded.preprocess.describe()}")
+    if searched is not None:
+        console.print(f"bit search: {searched['verdict']}", highlight=False)
     if json_path is not None:
         atomic_write_json(json_path, {"model": str(model), "arch": arch, "plan": layers.to_json(), "tensors": tensors,
-                                      "outputs": [o.name for o in loaded.capture.outputs], "scored_output": loaded.output})
+                                      "outputs": [o.name for o in loaded.capture.outputs], "scored_output": loaded.output,
+                                      "precision": searched})
+    if searched is not None and not searched["met"]:
+        err_console.print(f"Budget missed: {searched['verdict']}")
+        raise typer.Exit(EXIT_GATE)
 
 
 @app.command()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import ModelInfo
-from .config import QuantConfig, RunConfig, SynthConfig
+from .config import BudgetConfig, CalibrationConfig, QuantConfig, RunConfig, SynthConfig
 from .data import ImageSet, Preprocess, load_image_folder, preset
 from .device import pin, place, placed
 from .distributed import current
@@ -26,7 +26,7 @@ from .evaluate import class_logits, layer_sqnr, predict, top1
 from .events import EventHandler, emit
 from .finetune import FinetuneResult, finetune, split_holdout
 from .models import input_channels, load_float_model
-from .precision import MixedPrecision, search
+from .precision import MixedPrecision, check_budget, search
 from .quant.calibrate import calibrate
 from .quant.capture import Capture, capture, resolve_output
 from .quant.fold import fold_batch_norms
@@ -245,6 +245,17 @@ def load_inputs(source: Source, device: torch.device = CPU, loaded: FloatModel |
     return Inputs(float_model, info, loaded.capture, calib, val, time.perf_counter() - start, calib_top1)
 
 
+def search_plan(inputs: Inputs, quant: QuantConfig, budget: BudgetConfig,
+                calibration: CalibrationConfig = CalibrationConfig(), on_event: EventHandler | None = None,
+                device: torch.device = CPU, synthetic: Tensor | None = None) -> MixedPrecision:
+    """The weight bits for `budget` (`precision.search`), searched on the calibration images (and
+    `synthetic` ones) on `device`: a plan `QuantConfig.layers` + its `overrides` reproduce."""
+    require_calibration(inputs)
+    with placed(inputs.float_model, device):
+        return search(inputs.float_model, inputs.capture, inputs.info.output, quant, budget, inputs.calib.images,
+                      inputs.calib.labels, calibration.seed, synthetic, calibration, on_event)
+
+
 MAX_CURVE_POINTS = 500
 SQNR_IMAGES = 256  # images for the per-layer SQNR
 
@@ -451,16 +462,9 @@ def _quantize(
         # images handed in (a file, a benchmark's shared synthesis) are used whatever the choice
         config = replace(config, synth=replace(config.synth, num_images=len(synthesis.labels)))
         synthesis_why = f"{len(synthesis.labels)} synthetic images, given ({synthesis.report.get('source', 'by the caller')})"
-    precision = None
-    if config.budget is not None:  # the plan first: the rest of the run quantizes it
-        start = time.perf_counter()
-        with placed(inputs.float_model, CPU):
-            precision = search(inputs.float_model, inputs.capture, inputs.info.output, config.quant, config.budget,
-                               inputs.calib.images, inputs.calib.labels, seed=config.calibration.seed,
-                               calibration=config.calibration, on_event=on_event)
-        config = replace(config, quant=replace(config.quant, layers=config.quant.layers + precision.overrides))
-        search_seconds = time.perf_counter() - start
-    config_json = json.dumps(config.to_json(), sort_keys=True)
+    if config.budget is not None:  # an impossible budget is refused before any work
+        check_budget(inputs.float_model, inputs.capture, config.quant, config.budget)
+    config_json = json.dumps(config.to_json(), sort_keys=True)  # the budget, not the plan searched for it
     if resume is not None and resume["config"] != config_json:
         raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
     fingerprint = inputs.fingerprint() if resume is not None or on_checkpoint is not None else None
@@ -470,8 +474,6 @@ def _quantize(
         raise ConfigError("the state to resume was made from another model file or other calibration images: run again "
                           "with the same ones, or without --resume")
     timings = {"load": inputs.seconds}
-    if precision is not None:
-        timings["bit search"] = search_seconds
 
     trains = config.finetune.steps > 0 or config.reconstruct.iterations > 0
     needs_synthesis = config.synth.num_images > 0 and (trains or not config.real_images)
@@ -482,6 +484,13 @@ def _quantize(
         synthesis = synthesize(inputs, config.synth, on_event, config.real_images, device, synthesizing,
                                None if resume is None else resume.get("synthesizing"))
         timings["synthesize"] = synthesis.seconds
+    precision = None
+    if config.budget is not None:  # the plan, then the run on it (the search is deterministic: a resumed run
+        start = time.perf_counter()  # searches again and finds the same plan)
+        precision = search_plan(inputs, config.quant, config.budget, config.calibration, on_event, device,
+                                None if synthesis is None or not config.real_images else synthesis.images)
+        config = replace(config, quant=replace(config.quant, layers=config.quant.layers + precision.overrides))
+        timings["bit search"] = time.perf_counter() - start
     start = time.perf_counter()
     plan = resolve_layer_plan(inputs.capture, config.quant)
     model = place(prepare(inputs.float_model, inputs.capture, plan, inputs.info.output), device)  # new quantizer parameters start on the CPU

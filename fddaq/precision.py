@@ -10,17 +10,23 @@ size (`target_size`).
   one image per class) calibrates nothing in the search; plans are measured on `HELD_VIEWS`
   views of them (each once as it is, the rest shifted and flipped), for a finer agreement.
 - **Sensitivity** (`weight_sensitivity`): for each searched layer and width, the output
-  divergence from float when only that layer's weights are quantized at that width (ZeroQ's
-  measure, `fddaq.sensitivity`), on the first `SENSITIVITY_VIEWS` of those views. (Synthetic
-  images are not used: the search runs before a synthesis.)
+  divergence from float when only that layer's weights are quantized at that width, with the
+  bias shift that removes their rounding's mean error (ZeroQ's measure, `fddaq.sensitivity`,
+  after a first-order bias correction: what a recipe's correction leaves), on the first
+  `SENSITIVITY_VIEWS` of those views, averaged with the same on as many synthetic images when
+  the run synthesizes some (the search then runs after the synthesis).
 - **Search** (`pareto_walk`): from every layer at the widest choice, lower one layer a step at
   a time, each time the one that adds the least divergence per byte saved. The walk gives
   nested plans from the largest to the smallest, the size-vs-divergence curve. Per-layer
   divergences do not add up (errors compound, and cancel), so the summed prediction only
-  orders the plans; `choose` then measures whole plans on the held-out images, bisecting the
-  curve for the smallest plan within the accepted drop. An exact knapsack optimum of a
+  orders the plans; `choose` then measures whole plans on the held-out images (`Widths`),
+  bisecting the curve for the smallest plan within the accepted drop. An exact knapsack optimum of a
   prediction that is itself approximate would buy little, and nested plans make that
   bisection monotone in size.
+- **Cost** (`Widths`): the model is calibrated once, at the widest width; a narrower width adds
+  only its weight quantizers and their bias shifts. A layer's sensitivity (every other value
+  float, so nothing else is computed) and a whole plan are then one forward each with the right
+  weights swapped in: no plan is calibrated again.
 - Activation bits are not searched: they do not change the file's size, and the widest
   (8-bit) activations are what integer kernels run. Layers a user fixed (`--layer-bits`, first
   and last at `--first-last-bits`) keep their bits; the rest are searched.
@@ -37,15 +43,17 @@ import torch
 from torch import Tensor, nn
 
 from .config import BudgetConfig, CalibrationConfig, QuantConfig
+from .device import model_device, place
 from .errors import ConfigError
 from .events import EventHandler, emit
 from .finetune import split_holdout, views
+from .quant.bias import rounding_shifts
 from .quant.calibrate import calibrate
 from .quant.capture import Capture
-from .quant.modules import Selected
+from .quant.modules import Selected, WeightQuantizer
 from .quant.plan import LayerPlan, resolve_layer_plan, weight_grid
 from .quant.prepare import prepare
-from .sensitivity import Measure, calibrated, only
+from .sensitivity import Divergence, Measure
 
 # What a quantized layer and a quantized tensor between operators add to the graph besides
 # their numbers (nodes, tensor names, scalars), fitted on the bundled models, EfficientNet-Lite0,
@@ -168,9 +176,10 @@ def searched_layers(plan: LayerPlan) -> tuple[str, ...]:
                  if "override" not in entry.reason and "first_last_bits" not in entry.reason)
 
 
-def check_budget(sizes: SizeModel, plan: LayerPlan, grid: str, budget: BudgetConfig) -> None:
-    """Refuse, before any work, a budget no plan can meet: no layer left to search, or a size
-    below that of every searched layer at the narrowest choice."""
+def check_budget(model: nn.Module, capture: Capture, quant: QuantConfig, budget: BudgetConfig) -> None:
+    """Refuse, before any work (from parameter counts), a budget no plan can meet: no layer
+    left to search, or a size below that of every searched layer at the narrowest choice."""
+    sizes, plan, grid = SizeModel.of(model, capture), resolve_layer_plan(capture, quant), quant.weight_grid
     searched = searched_layers(plan)
     if not searched:
         raise ConfigError("no layer is left for the bit search: every quantized layer has bits fixed by an override")
@@ -202,30 +211,73 @@ def overrides(plan: LayerPlan, bits: dict[str, int]) -> tuple[str, ...]:
     return tuple(f"{name}={bits[name]}/{entries[name].act_bits}" for name in entries if name in bits)
 
 
-def weight_sensitivity(
-    model: nn.Module, capture: Capture, output: str, quant: QuantConfig, choices: tuple[int, ...],
-    searched: tuple[str, ...], images: Tensor, held: Tensor,
-    calibration: CalibrationConfig = CalibrationConfig(), on_event: EventHandler | None = None,
-) -> dict[str, dict[int, float]]:
-    """KL from float on `held` of each searched layer's weights alone at each
-    width of `choices`, the quantizers calibrated on `images`."""
-    measure = Measure(Selected(model, output), held, None)
-    calibration = replace(calibration, bias_images=0)
-    found: dict[str, dict[int, float]] = {name: {} for name in searched}
-    total, done = len(choices) * len(searched), 0
+class Widths:
+    """The model quantized at each width of the search: `base`, every searched layer at the
+    widest width, calibrated (no bias correction); and each searched layer's weight quantizer at
+    every narrower width, with the bias shift that removes the mean output error of that
+    rounding alone (`rounding_shifts`: to first order, what a recipe's bias correction does).
+    A plan is measured as `base` with those quantizers and shifts swapped in for its narrower
+    layers: one forward, no calibration per plan. The activation ranges stay those of the
+    widest plan (a plan's own calibration moves them little at 8 bits)."""
+
+    def __init__(self, model: nn.Module, capture: Capture, output: str, plan: LayerPlan, grid: str,
+                 choices: tuple[int, ...], searched: tuple[str, ...], images: Tensor,
+                 calibration: CalibrationConfig) -> None:
+        widest = max(choices)
+        device = model_device(model)  # new quantizers start on the CPU
+        self.base = place(prepare(model, capture, with_bits(plan, dict.fromkeys(searched, widest), grid), output), device)
+        calibrate(self.base, images, replace(calibration, bias_images=0))
+        weights = self.base.layer_weights()
+        narrower: dict[str, list[WeightQuantizer]] = {}
+        for layer in self.base.layers:
+            if layer.name in searched:
+                narrower[layer.name] = []
+                for bits in choices[:-1]:
+                    quantizer = WeightQuantizer(bits, layer.weight_quant.log_scale.numel(), layer.weight_quant.axis,
+                                                weight_grid(bits, grid) == "affine").to(device)
+                    quantizer.set_mse(weights[layer.name])
+                    narrower[layer.name].append(quantizer)
+        shifts = rounding_shifts(self.base, narrower, images) if len(choices) > 1 else {}
+        # layer -> bits -> (weight quantizer, bias shift); the widest: the base's own
+        self.widths: dict[str, dict[int, tuple[WeightQuantizer, Tensor]]] = {
+            layer.name: {widest: (layer.weight_quant, layer.bias_shift), **{
+                bits: (quant, shifts[layer.name][i]) for i, (bits, quant) in enumerate(zip(choices, narrower[layer.name]))}}
+            for layer in self.base.layers if layer.name in searched}
+
+    def measure(self, measure: Measure, bits: dict[str, int], alone: bool = False) -> Divergence:
+        """`measure` of `base` with each layer of `bits` at its width (its weight quantizer
+        swapped in); `alone`, with every other value float (one layer's sensitivity)."""
+        layers = {layer.name: layer for layer in self.base.layers if layer.name in bits}
+        # alone: every other layer and every activation quantizer off (not computed and then
+        # discarded: this is most of the search's forwards)
+        off = [*(layer for layer in self.base.layers if layer.name not in bits),
+               *self.base.activation_quantizers().values()] if alone else []
+        for name, layer in layers.items():
+            layer.weight_quant, layer.bias_shift = self.widths[name][bits[name]]
+        for quantizer in off:
+            quantizer.enabled = False
+        try:
+            return measure(self.base.eval())
+        finally:
+            for quantizer in off:
+                quantizer.enabled = True
+            for name, layer in layers.items():
+                layer.weight_quant, layer.bias_shift = self.widths[name][max(self.widths[name])]
+
+
+def weight_sensitivity(widths: Widths, measure: Measure, on_event: EventHandler | None = None,
+                       ) -> dict[str, dict[int, float]]:
+    """KL from float of each searched layer's weights alone at each width, on the images of
+    `measure` (the mean of the real and the synthetic images' KL when it has both)."""
+    found: dict[str, dict[int, float]] = {name: {} for name in widths.widths}
+    total = sum(map(len, widths.widths.values()))
     emit(on_event, "bit search", 0, total)  # the plans measured afterwards take a few more forwards
-    for bits in choices:
-        student = calibrated(model, capture, replace(quant, weight_bits=bits), output, images, calibration)
-        layers = {layer.name: layer for layer in student.layers}
-        for name in searched:
-            student.tap = only(layers[name], "w")
-            try:
-                divergence = measure(student)
-            finally:
-                student.tap = None
-            found[name][bits] = divergence.kl
-            done += 1
-            emit(on_event, "bit search", done, total)
+    for name, by_bits in widths.widths.items():
+        for bits in sorted(by_bits):
+            divergence = widths.measure(measure, {name: bits}, alone=True)
+            found[name][bits] = divergence.kl if divergence.kl_synthetic is None else (
+                (divergence.kl + divergence.kl_synthetic) / 2)
+            emit(on_event, "bit search", sum(map(len, found.values())), total)
     return found
 
 
@@ -273,16 +325,6 @@ def held_out(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor
     return order[count:].sort().values, order[:count].sort().values
 
 
-def measure_plan(model: nn.Module, capture: Capture, output: str, plan: LayerPlan, images: Tensor, measure: Measure,
-                 calibration: CalibrationConfig = CalibrationConfig()) -> tuple[float, float]:
-    """(drop, KL) of `plan` calibrated on `images`: points of top-1 agreement with float lost,
-    and the KL from float, on the images of `measure`."""
-    student = prepare(model, capture, plan, output)
-    calibrate(student, images, calibration)
-    divergence = measure(student.eval())
-    return 100.0 - divergence.agreement, divergence.kl
-
-
 def choose(points: list[Point], measure: Callable[[Point], tuple[float, float]], target_size: float | None,
            target_drop: float | None) -> tuple[Point, bool, list[Point]]:
     """The plan of `points` (largest first) for the budget, measured with `measure` (point ->
@@ -322,28 +364,30 @@ def choose(points: list[Point], measure: Callable[[Point], tuple[float, float]],
 
 def search(
     model: nn.Module, capture: Capture, output: str, quant: QuantConfig, budget: BudgetConfig, images: Tensor,
-    labels: Tensor, seed: int = 0,
+    labels: Tensor, seed: int = 0, synthetic: Tensor | None = None,
     calibration: CalibrationConfig = CalibrationConfig(), on_event: EventHandler | None = None,
 ) -> MixedPrecision:
     """Choose each searched layer's weight bits from `budget.bit_choices` for the budget (see
     the module doc): sensitivities and plans are measured on a `budget.holdout` share of the
-    calibration `images` (per class, by `labels`), which calibrates nothing here."""
+    calibration `images` (per class, by `labels`), which calibrates nothing here; sensitivities
+    on `SENSITIVITY_VIEWS` `synthetic` images too, when given."""
+    check_budget(model, capture, quant, budget)
     plan = resolve_layer_plan(capture, quant)
     sizes = SizeModel.of(model, capture)
-    check_budget(sizes, plan, quant.weight_grid, budget)
     searched = searched_layers(plan)
     kept, held_index = held_out(labels, budget.holdout, seed)
-    calib = images[kept]
     held = views(images[held_index], HELD_VIEWS, torch.Generator().manual_seed(seed))
-    sensitivity = weight_sensitivity(model, capture, output, quant, budget.bit_choices, searched, calib,
-                                     held[:SENSITIVITY_VIEWS], calibration, on_event)
+    widths = Widths(model, capture, output, plan, quant.weight_grid, budget.bit_choices, searched, images[kept],
+                    calibration)
+    teacher = Selected(model, output)
+    few = None if synthetic is None else synthetic[:SENSITIVITY_VIEWS]
+    sensitivity = weight_sensitivity(widths, Measure(teacher, held[:SENSITIVITY_VIEWS], few), on_event)
     points = pareto_walk(sensitivity, sizes, plan, quant.weight_grid)
-
-    on_held = Measure(Selected(model, output), held, None)  # the float model's outputs, once
+    on_held = Measure(teacher, held, None)  # the float model's outputs, once
 
     def measure(point: Point) -> tuple[float, float]:
-        return measure_plan(model, capture, output, with_bits(plan, point.bits, quant.weight_grid), calib, on_held,
-                            calibration)
+        divergence = widths.measure(on_held, point.bits)
+        return 100.0 - divergence.agreement, divergence.kl
 
     chosen, met, measured = choose(points, measure, budget.target_size, budget.target_drop)
     done = {tuple(sorted(p.bits.items())) for p in measured}
@@ -351,9 +395,9 @@ def search(
         if tuple(sorted(points[index].bits.items())) not in done:  # the curve, for the report
             measured.append(replace(points[index], **dict(zip(("drop", "kl"), measure(points[index])))))
     uniform = {}
-    for bits in budget.bit_choices:
+    for bits in budget.bit_choices:  # the widest and the narrowest are the curve's ends, measured
         setting = dict.fromkeys(searched, bits)
-        drop, kl = measure(Point(setting, 0.0, 0.0))
+        drop, kl = next(((m.drop, m.kl) for m in measured if m.bits == setting), None) or measure(Point(setting, 0, 0))
         uniform[f"W{bits}"] = Point(setting, _ratio(sizes, plan, setting, quant.weight_grid),
                                     sum(sensitivity[n][bits] for n in searched), drop, kl)
     curve = tuple(next((m for m in measured if m.bits == p.bits), p) for p in points)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import CalibrationConfig, QuantConfig
+from .device import model_device
 from .events import EventHandler, emit
 from .quant.calibrate import calibrate
 from .quant.capture import Capture
@@ -71,7 +72,10 @@ def _per_position(logits: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _outputs(model: nn.Module, images: Tensor) -> Tensor:
-    return torch.cat([_per_position(model(images[i : i + BATCH]).float()) for i in range(0, len(images), BATCH)])
+    """The model's outputs on `images` (on the model's device), on the CPU."""
+    device = model_device(model)
+    return torch.cat([_per_position(model(images[i : i + BATCH].to(device)).float().cpu())
+                      for i in range(0, len(images), BATCH)])
 
 
 def _compare(reference: Tensor, logits: Tensor) -> tuple[float, float]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..device import model_device
 from ..events import EventHandler, emit
 from .intercept import layer_arguments, output_channel_dim
-from .modules import QuantizedModel, QuantLayer, StopForward, forward_until_stopped
+from .modules import QuantizedModel, QuantLayer, StopForward, WeightQuantizer, forward_until_stopped
 
 
 def _channel_sums(out: Tensor, kind: str) -> Tensor:
@@ -76,3 +76,42 @@ def zero_shifts(model: QuantizedModel) -> None:
         layer = model.quant_layer(name)
         if layer.bias_shift is None:
             layer.bias_shift = torch.zeros_like(bias)
+
+
+@torch.no_grad()
+def rounding_shifts(model: QuantizedModel, quantizers: dict[str, list[WeightQuantizer]], images: Tensor,
+                    batch_size: int = 32) -> dict[str, list[Tensor]]:
+    """For each layer named in `quantizers` and each of its weight quantizers, the bias shift
+    that removes the mean output error of that weight rounding alone (float inputs, every other
+    value float) on `images`, at the layer's first call: DFQ's bias correction, measured. One
+    float forward for all of them; the sequential `correct_biases` needs one per layer."""
+    sums: dict[str, list[Tensor]] = {}
+    counts: dict[str, int] = {}
+    seen: set[str] = set()
+
+    def hook(layer: QuantLayer):
+        def probe(module: nn.Module, args: tuple, out: Tensor) -> None:
+            if layer.name in seen:
+                return
+            seen.add(layer.name)
+            func, call_args, call_kwargs, _ = args
+            x, weight, _, rest, options = layer_arguments(call_args, call_kwargs)
+            errors = [_channel_sums(func(x, quant(weight) - weight, None, *rest, **options), layer.kind)
+                      for quant in quantizers[layer.name]]
+            sums[layer.name] = errors if layer.name not in sums else [a + b for a, b in zip(sums[layer.name], errors)]
+            counts[layer.name] = counts.get(layer.name, 0) + out.numel() // errors[0].numel()
+
+        return probe
+
+    handles = [layer.register_forward_hook(hook(layer)) for layer in model.layers if layer.name in quantizers]
+    model.tap = lambda owner, role, raw, quantized: raw  # the float model
+    device = model_device(model)
+    try:
+        for start in range(0, len(images), batch_size):
+            seen.clear()
+            model.eval()(images[start : start + batch_size].to(device))
+    finally:
+        model.tap = None
+        for handle in handles:
+            handle.remove()
+    return {name: [-(total / counts[name]).float() for total in found] for name, found in sums.items()}

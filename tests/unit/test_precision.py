@@ -35,14 +35,11 @@ def test_budgets_parse_and_refuse_nonsense():
 def test_impossible_budgets_are_refused_before_any_work(tiny_model):
     """From parameter counts alone: no calibration, no forward (the model is never run)."""
     found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
-    sizes = SizeModel.of(tiny_model, found)
-    plan = resolve_layer_plan(found, QuantConfig(8, 8))
     with pytest.raises(ConfigError, match=r"below the smallest model .* 4,8 allow: 0\.\d+x"):
-        check_budget(sizes, plan, "auto", BudgetConfig(0.01))
-    fixed = resolve_layer_plan(found, QuantConfig(8, 8, layers=("*=8",)))
+        check_budget(tiny_model, found, QuantConfig(8, 8), BudgetConfig(0.01))
     with pytest.raises(ConfigError, match="no layer is left"):
-        check_budget(sizes, fixed, "auto", BudgetConfig(0.5))
-    check_budget(sizes, plan, "auto", BudgetConfig(0.9))  # a reachable one passes
+        check_budget(tiny_model, found, QuantConfig(8, 8, layers=("*=8",)), BudgetConfig(0.5))
+    check_budget(tiny_model, found, QuantConfig(8, 8), BudgetConfig(0.9))  # a reachable one passes
 
     def no_forward(*args):
         raise AssertionError("the model ran")
@@ -145,3 +142,87 @@ def test_search_reports_the_closest_plan_when_the_drop_budget_is_missed():
     result = search(model, found, found.outputs[0].name, QuantConfig(2, 8), BudgetConfig(None, 0.0, (2,)), images, labels)
     assert not result.met and result.chosen.drop > 0
     assert result.chosen.bits == {"1": 2} and result.points == (result.chosen,)
+
+
+def test_a_plan_is_measured_as_the_widest_model_with_narrower_weights_swapped_in(tiny_model):
+    """`Widths` calibrates once: a plan's outputs are those of the model prepared with the plan's
+    bits, its weights at their MSE grids (narrower ones with their rounding's bias shift) and
+    its activation ranges those of the widest plan."""
+    from fddaq.config import CalibrationConfig
+    from fddaq.precision import Widths, with_bits
+    from fddaq.quant.bias import zero_shifts
+    from fddaq.quant.modules import Selected
+    from fddaq.quant.prepare import prepare
+    from fddaq.sensitivity import Measure
+
+    found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
+    output = found.outputs[0].name
+    plan = resolve_layer_plan(found, QuantConfig(8, 8, activations="all"))
+    searched = searched_layers(plan)
+    images, _ = images_and_labels()
+    widths = Widths(tiny_model, found, output, plan, "auto", (2, 4, 8), searched, images, CalibrationConfig())
+    bits = {name: (2, 4, 8)[i % 3] for i, name in enumerate(searched)}
+    assert sorted(set(bits.values())) == [2, 4, 8]
+    student = prepare(tiny_model, found, with_bits(plan, bits, "auto"), output)
+    zero_shifts(student)  # calibration without bias correction
+    student.load_state_dict(widths.base.state_dict())
+    weights = student.layer_weights()
+    for layer in student.layers:
+        if layer.name in bits:
+            layer.weight_quant.set_mse(weights[layer.name])
+            if bits[layer.name] < 8:  # with its rounding's bias shift
+                layer.bias_shift = widths.widths[layer.name][bits[layer.name]][1]
+    measure = Measure(Selected(tiny_model, output), images, None)
+    assert widths.measure(measure, bits) == measure(student.eval())
+    assert widths.measure(measure, dict.fromkeys(searched, 8)) == measure(widths.base)  # swapped back
+    assert measure(widths.base) != measure(student)
+
+
+def test_a_layers_sensitivity_has_every_other_value_float(tiny_model):
+    """Measured with the other layers and every activation quantizer off, it equals the model
+    with only that layer's weights (and bias) quantized (`sensitivity.only`)."""
+    from fddaq.config import CalibrationConfig
+    from fddaq.precision import Widths
+    from fddaq.quant.modules import Selected
+    from fddaq.sensitivity import Measure, only
+
+    found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
+    output = found.outputs[0].name
+    plan = resolve_layer_plan(found, QuantConfig(8, 8, activations="all"))
+    searched = searched_layers(plan)
+    images, _ = images_and_labels()
+    widths = Widths(tiny_model, found, output, plan, "auto", (2, 8), searched, images, CalibrationConfig())
+    measure = Measure(Selected(tiny_model, output), images, None)
+    for name in searched:
+        alone = widths.measure(measure, {name: 2}, alone=True)
+        layer = widths.base.quant_layer(name)
+        layer.weight_quant, layer.bias_shift = widths.widths[name][2]
+        widths.base.tap = only(layer, "w")
+        expected = measure(widths.base)
+        widths.base.tap = None
+        layer.weight_quant, layer.bias_shift = widths.widths[name][8]
+        assert alone == expected and alone.kl > 0
+    assert all(q.enabled for q in widths.base.activation_quantizers().values())
+    assert all(layer.enabled for layer in widths.base.layers)
+
+
+def test_sensitivities_average_real_and_synthetic_images(tiny_model):
+    from fddaq.config import CalibrationConfig
+    from fddaq.precision import Widths, weight_sensitivity
+    from fddaq.quant.modules import Selected
+    from fddaq.sensitivity import Measure
+
+    found = capture(tiny_model, torch.zeros(2, 1, 16, 16))
+    output = found.outputs[0].name
+    plan = resolve_layer_plan(found, QuantConfig(8, 8))
+    searched = searched_layers(plan)
+    real, _ = images_and_labels(16)
+    synthetic, _ = images_and_labels(16, seed=1)
+    synthetic = synthetic * 3  # other images, other statistics
+    widths = Widths(tiny_model, found, output, plan, "auto", (2, 8), searched, real, CalibrationConfig())
+    teacher = Selected(tiny_model, output)
+    both = weight_sensitivity(widths, Measure(teacher, real, synthetic))
+    alone = [weight_sensitivity(widths, Measure(teacher, x, None)) for x in (real, synthetic)]
+    for name in searched:
+        assert both[name][2] == pytest.approx((alone[0][name][2] + alone[1][name][2]) / 2)
+        assert alone[0][name][2] != pytest.approx(alone[1][name][2])
