@@ -405,7 +405,7 @@ def precision_chart(report: dict) -> np.ndarray:
 
     budget = report["budget"]
     points = [(p["ratio"], 100.0 - p["drop"], "curve") for p in report["points"] if p["drop"] is not None]
-    points += [(p["ratio"], 100.0 - p["drop"], f"{name}A{report['act_bits']}") for name, p in report["uniform"].items()]
+    points += [(p["ratio"], 100.0 - p["drop"], name) for name, p in report["uniform"].items()]
     points.append((report["chosen"]["ratio"], 100.0 - report["chosen"]["drop"], "chosen"))
     target = None if budget["target_drop"] is None else 100.0 - budget["target_drop"]
     return curve_chart(f"bit search: {report['verdict'][:110]}", points, budget["target_size"], target)

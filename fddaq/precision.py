@@ -162,7 +162,8 @@ class MixedPrecision:
     overrides: tuple[str, ...]
     held_out: int  # calibration images held out
     views: int  # views of them the plans are measured on
-    uniform: dict[str, Point]  # "W4", "W8", ...: every searched layer at one width, measured
+    uniform: dict[str, Point]  # "W4A8", "W8A8", ...: every searched layer at one width, measured; "W4A4":
+    # activations at the narrowest width too (when narrower than the plan's)
 
     def to_json(self) -> dict:
         return {**asdict(self), "sensitivity": {layer: {str(b): kl for b, kl in by_bits.items()}
@@ -398,8 +399,18 @@ def search(
     for bits in budget.bit_choices:  # the widest and the narrowest are the curve's ends, measured
         setting = dict.fromkeys(searched, bits)
         drop, kl = next(((m.drop, m.kl) for m in measured if m.bits == setting), None) or measure(Point(setting, 0, 0))
-        uniform[f"W{bits}"] = Point(setting, _ratio(sizes, plan, setting, quant.weight_grid),
-                                    sum(sensitivity[n][bits] for n in searched), drop, kl)
+        uniform[f"W{bits}A{quant.act_bits}"] = Point(setting, _ratio(sizes, plan, setting, quant.weight_grid),
+                                                     sum(sensitivity[n][bits] for n in searched), drop, kl)
+    narrowest = min(budget.bit_choices)
+    if narrowest < quant.act_bits:  # every layer's weights and activations at the narrowest width, as
+        # `--bits` gives it: calibrated for itself (the curve's calibration has wider activations)
+        low = resolve_layer_plan(capture, replace(quant, weight_bits=narrowest, act_bits=narrowest))
+        student = place(prepare(model, capture, low, output), model_device(model))
+        calibrate(student, images[kept], calibration)
+        divergence = on_held(student.eval())
+        uniform[f"W{narrowest}A{narrowest}"] = Point(
+            dict.fromkeys(searched, narrowest), sizes.plan_bytes(low) / sizes.float_bytes(),
+            sum(sensitivity[n][narrowest] for n in searched), 100.0 - divergence.agreement, divergence.kl)
     curve = tuple(next((m for m in measured if m.bits == p.bits), p) for p in points)
     return MixedPrecision(budget, searched, sensitivity, curve, chosen, met, overrides(plan, chosen.bits),
                           len(held_index), len(held), uniform)

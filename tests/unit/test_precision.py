@@ -128,7 +128,9 @@ def test_search_meets_a_drop_budget_and_its_overrides_reproduce_the_plan(tiny_mo
     assert sizes.plan_bytes(planned) / sizes.float_bytes() == pytest.approx(result.chosen.ratio)
     # activation bits are kept: every branch reading one tensor still shares its quantizer
     assert tensor_sites(found, planned) == tensor_sites(found, resolve_layer_plan(found, quant))
-    assert set(result.uniform) == {"W2", "W8"} and result.uniform["W8"].drop <= result.uniform["W2"].drop
+    assert set(result.uniform) == {"W2A8", "W8A8", "W2A2"}
+    assert result.uniform["W8A8"].drop <= result.uniform["W2A8"].drop <= result.uniform["W2A2"].drop
+    assert result.uniform["W2A2"].ratio > result.uniform["W2A8"].ratio  # the clamps of inputs below 8 bits
     assert result.to_json()["sensitivity"]
 
 

@@ -210,3 +210,29 @@ def test_the_run_chooses_synthesis_from_its_images_unless_told(monkeypatch):
     assert recipe_config("fddaq", quant).auto_synthesis
     config, why = synthesis_choice(recipe_config("fddaq", quant, steps=0), 10, 10, 10)  # nothing trains
     assert config.synth.num_images == 0 and why == "no synthetic images, set by the recipe and the options"
+
+
+def test_a_budget_run_searches_after_its_synthesis_and_measures_on_its_images(monkeypatch):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from fddaq import pipeline
+    from fddaq.config import BudgetConfig
+    from fddaq.pipeline import Source, load_inputs, quantize_inputs
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
+    inputs = load_inputs(Source(example / "model.pth", "fddaq:fashion_resnet", example / "calib"))
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["synthetic"] = args[8]  # search(model, capture, output, quant, budget, images, labels, seed, synthetic, ...)
+        return search(*args, **kwargs)
+
+    search = pipeline.search
+    monkeypatch.setattr(pipeline, "search", spy)
+    config = recipe_config("fddaq", QuantConfig(8, 8), steps=2, synthetic=16, synth_steps=2)
+    config = replace(config, budget=BudgetConfig(None, 100.0), finetune=replace(config.finetune, batch_size=8))
+    result = quantize_inputs(inputs, config)
+    assert seen["synthetic"] is not None and torch.equal(seen["synthetic"], result.synthesis.images)
+    assert list(result.timings).index("synthesize") < list(result.timings).index("bit search")
+    assert result.precision.met and set(result.config.quant.layers) >= set(result.precision.overrides)
