@@ -681,14 +681,16 @@ def plan(
     source = _source(model, arch, data, None, num_classes, None, preset, input_size, resize, mean, std, trust_model,
                      arch_arg, output)
     loaded = load_float(source)
+    layers = plan_layers(loaded, quant)
+    checked = dry_run(loaded.model, loaded.capture, layers, loaded.output)  # before a search: fails in seconds
     searched = None
     if budget is not None:
         with ProgressRenderer(console, quiet) as progress:
             precision = search_plan(load_inputs(source, loaded=loaded), quant, budget, on_event=progress)
         searched = precision_report(precision, None, quant.act_bits)
         quant = replace(quant, layers=quant.layers + precision.overrides)
-    layers = plan_layers(loaded, quant)
-    checked = dry_run(loaded.model, loaded.capture, layers, loaded.output)
+        layers = plan_layers(loaded, quant)
+        checked = dry_run(loaded.model, loaded.capture, layers, loaded.output)  # the chosen widths export too
     kinds = {layer.name: layer for layer in loaded.capture.layers}
     out = Table(title=f"fddaq plan: {model.name} ({arch})", title_justify="left")
     out.add_column("layer", no_wrap=True)

@@ -403,10 +403,14 @@ def search(
                                                      sum(sensitivity[n][bits] for n in searched), drop, kl)
     narrowest = min(budget.bit_choices)
     if narrowest < quant.act_bits:  # every layer's weights and activations at the narrowest width, as
-        # `--bits` gives it: calibrated for itself (the curve's calibration has wider activations)
+        # `--bits` gives it: calibrated for itself (the curve's has wider activations), its bias
+        # shifts as the curve's plans have them
         low = resolve_layer_plan(capture, replace(quant, weight_bits=narrowest, act_bits=narrowest))
         student = place(prepare(model, capture, low, output), model_device(model))
-        calibrate(student, images[kept], calibration)
+        calibrate(student, images[kept], replace(calibration, bias_images=0))
+        shifts = rounding_shifts(student, {layer.name: [layer.weight_quant] for layer in student.layers}, images[kept])
+        for layer in student.layers:
+            layer.bias_shift = shifts[layer.name][0] if layer.name in shifts else layer.bias_shift
         divergence = on_held(student.eval())
         uniform[f"W{narrowest}A{narrowest}"] = Point(
             dict.fromkeys(searched, narrowest), sizes.plan_bytes(low) / sizes.float_bytes(),
