@@ -388,7 +388,8 @@ def precision_report(precision, onnx_ratio: float | None, act_bits: int) -> dict
     else:
         verdict = f"missed ({want}): the closest plan, {plan}, is {where}"
     return {
-        **precision.to_json(), "met": met, "verdict": verdict, "onnx_ratio": onnx_ratio, "act_bits": act_bits,
+        **precision.to_json(), "met": met, "verdict": verdict, "onnx_ratio": onnx_ratio, "predicted": predicted,
+        "act_bits": act_bits,
     }
 
 

@@ -653,12 +653,13 @@ def plan(
     quiet: bool = _quiet_option(),
     config: Optional[Path] = _config_option(),
 ) -> None:
-    """Show which layers `quantize` would quantize, at which bits and why, without images, after
-    checking that the model and its quantized form export (a dry run of the export in
-    onnxruntime): what would fail at the end of `quantize` fails here, in seconds. With a budget
-    (--target-size / --target-drop) and --data, the bit search runs as `quantize` runs it (on
-    those images, as --calib) and the plan shown is the one it chooses; exit 3 if no plan meets
-    the budget.
+    """Show which layers `quantize` would quantize, at which bits and why, after checking that the
+    model and its quantized form export (a dry run of the export in onnxruntime): what would
+    fail at the end of `quantize` fails here, in seconds. No images are needed, except with a
+    budget (--target-size / --target-drop): then the bit search of `quantize` runs on the images
+    of --data (as --calib; real images only, seed 0: the plan `quantize` chooses when it
+    synthesizes no image and keeps the default seed) and the plan shown is the one it chooses;
+    exit 3 if no plan meets the budget.
 
     Example: fddaq plan examples/fashion_mnist/model.pth --arch fddaq:fashion_resnet --bits 4 --layer-bits 'fc=8'
     """

@@ -463,7 +463,7 @@ def _quantize(
         config = replace(config, synth=replace(config.synth, num_images=len(synthesis.labels)))
         synthesis_why = f"{len(synthesis.labels)} synthetic images, given ({synthesis.report.get('source', 'by the caller')})"
     if config.budget is not None:  # an impossible budget is refused before any work
-        check_budget(inputs.float_model, inputs.capture, config.quant, config.budget)
+        check_budget(inputs.float_model, inputs.capture, config.quant, config.budget, inputs.calib.labels)
     config_json = json.dumps(config.to_json(), sort_keys=True)  # the budget, not the plan searched for it
     if resume is not None and resume["config"] != config_json:
         raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
@@ -485,10 +485,14 @@ def _quantize(
                                None if resume is None else resume.get("synthesizing"))
         timings["synthesize"] = synthesis.seconds
     precision = None
-    if config.budget is not None:  # the plan, then the run on it (the search is deterministic: a resumed run
-        start = time.perf_counter()  # searches again and finds the same plan)
+    if config.budget is not None:  # the plan, then the run on it (a resumed run searches again: the states
+        start = time.perf_counter()  # after the search record its plan, and another one is refused)
         precision = search_plan(inputs, config.quant, config.budget, config.calibration, on_event, device,
                                 None if synthesis is None or not config.real_images else synthesis.images)
+        searched = None if resume is None else resume.get("plan")
+        if searched is not None and tuple(searched) != precision.overrides:  # a state saved for another plan
+            raise ConfigError("the bit search chose another plan than the interrupted run's (on another device, or "
+                              "other synthetic images): run again without --resume")
         config = replace(config, quant=replace(config.quant, layers=config.quant.layers + precision.overrides))
         timings["bit search"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -503,7 +507,8 @@ def _quantize(
     def checkpoint(reconstruct_state: dict | None = None, finetune_state: dict | None = None) -> None:
         if on_checkpoint is not None:
             on_checkpoint({"config": config_json, "inputs": fingerprint, "synthesis": saved_synthesis, "synthesizing": None,
-                           "reconstruct": reconstruct_state, "finetune": finetune_state})
+                           "reconstruct": reconstruct_state, "finetune": finetune_state,
+                           "plan": None if precision is None else list(precision.overrides)})
 
     real = (inputs.calib.images, inputs.calib.labels)
     synthetic = None if synthesis is None else (synthesis.images, synthesis.labels)

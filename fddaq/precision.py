@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .config import BudgetConfig, CalibrationConfig, QuantConfig
 from .device import model_device, place
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .events import EventHandler, emit
 from .finetune import split_holdout, views
 from .quant.bias import rounding_shifts
@@ -177,9 +177,13 @@ def searched_layers(plan: LayerPlan) -> tuple[str, ...]:
                  if "override" not in entry.reason and "first_last_bits" not in entry.reason)
 
 
-def check_budget(model: nn.Module, capture: Capture, quant: QuantConfig, budget: BudgetConfig) -> None:
+def check_budget(model: nn.Module, capture: Capture, quant: QuantConfig, budget: BudgetConfig,
+                 labels: Tensor | None = None) -> None:
     """Refuse, before any work (from parameter counts), a budget no plan can meet: no layer
-    left to search, or a size below that of every searched layer at the narrowest choice."""
+    left to search, or a size below that of every searched layer at the narrowest choice; and,
+    given the calibration images' `labels`, too few images to hold some out."""
+    if labels is not None:
+        held_out(labels, budget.holdout, 0)
     sizes, plan, grid = SizeModel.of(model, capture), resolve_layer_plan(capture, quant), quant.weight_grid
     searched = searched_layers(plan)
     if not searched:
@@ -214,9 +218,9 @@ def overrides(plan: LayerPlan, bits: dict[str, int]) -> tuple[str, ...]:
 
 class Widths:
     """The model quantized at each width of the search: `base`, every searched layer at the
-    widest width, calibrated (no bias correction); and each searched layer's weight quantizer at
-    every narrower width, with the bias shift that removes the mean output error of that
-    rounding alone (`rounding_shifts`: to first order, what a recipe's bias correction does).
+    widest width, calibrated; and each searched layer's weight quantizer at every narrower
+    width; every width with the bias shift that removes the mean output error of its rounding
+    alone (`rounding_shifts`: to first order, what a recipe's bias correction does).
     A plan is measured as `base` with those quantizers and shifts swapped in for its narrower
     layers: one forward, no calibration per plan. The activation ranges stay those of the
     widest plan (a plan's own calibration moves them little at 8 bits)."""
@@ -229,41 +233,50 @@ class Widths:
         self.base = place(prepare(model, capture, with_bits(plan, dict.fromkeys(searched, widest), grid), output), device)
         calibrate(self.base, images, replace(calibration, bias_images=0))
         weights = self.base.layer_weights()
-        narrower: dict[str, list[WeightQuantizer]] = {}
+        quantizers: dict[str, list[WeightQuantizer]] = {}  # each searched layer's, narrowest first
         for layer in self.base.layers:
             if layer.name in searched:
-                narrower[layer.name] = []
+                quantizers[layer.name] = []
                 for bits in choices[:-1]:
                     quantizer = WeightQuantizer(bits, layer.weight_quant.log_scale.numel(), layer.weight_quant.axis,
                                                 weight_grid(bits, grid) == "affine").to(device)
                     quantizer.set_mse(weights[layer.name])
-                    narrower[layer.name].append(quantizer)
-        shifts = rounding_shifts(self.base, narrower, images) if len(choices) > 1 else {}
-        # layer -> bits -> (weight quantizer, bias shift); the widest: the base's own
+                    quantizers[layer.name].append(quantizer)
+                quantizers[layer.name].append(layer.weight_quant)
+        shifts = rounding_shifts(self.base, quantizers, images)
+        never = [name for name in quantizers if name not in shifts]
+        if never:
+            raise ModelError(f"the quantized model never called {', '.join(never[:4])}: the model's forward differs "
+                             "from the one fddaq captured")
+        # layer -> bits -> (weight quantizer, bias shift); the base starts at the widest
         self.widths: dict[str, dict[int, tuple[WeightQuantizer, Tensor]]] = {
-            layer.name: {widest: (layer.weight_quant, layer.bias_shift), **{
-                bits: (quant, shifts[layer.name][i]) for i, (bits, quant) in enumerate(zip(choices, narrower[layer.name]))}}
-            for layer in self.base.layers if layer.name in searched}
+            name: dict(zip(choices, zip(found, shifts[name]))) for name, found in quantizers.items()}
+        self._restore()
+
+    def _restore(self) -> None:
+        for layer in self.base.layers:
+            if layer.name in self.widths:
+                layer.weight_quant, layer.bias_shift = self.widths[layer.name][max(self.widths[layer.name])]
 
     def measure(self, measure: Measure, bits: dict[str, int], alone: bool = False) -> Divergence:
         """`measure` of `base` with each layer of `bits` at its width (its weight quantizer
         swapped in); `alone`, with every other value float (one layer's sensitivity)."""
-        layers = {layer.name: layer for layer in self.base.layers if layer.name in bits}
         # alone: every other layer and every activation quantizer off (not computed and then
         # discarded: this is most of the search's forwards)
         off = [*(layer for layer in self.base.layers if layer.name not in bits),
                *self.base.activation_quantizers().values()] if alone else []
-        for name, layer in layers.items():
-            layer.weight_quant, layer.bias_shift = self.widths[name][bits[name]]
-        for quantizer in off:
-            quantizer.enabled = False
+        enabled = [quantizer.enabled for quantizer in off]
         try:
+            for layer in self.base.layers:
+                if layer.name in bits:
+                    layer.weight_quant, layer.bias_shift = self.widths[layer.name][bits[layer.name]]
+            for quantizer in off:
+                quantizer.enabled = False
             return measure(self.base.eval())
         finally:
-            for quantizer in off:
-                quantizer.enabled = True
-            for name, layer in layers.items():
-                layer.weight_quant, layer.bias_shift = self.widths[name][max(self.widths[name])]
+            for quantizer, was in zip(off, enabled):
+                quantizer.enabled = was
+            self._restore()
 
 
 def weight_sensitivity(widths: Widths, measure: Measure, on_event: EventHandler | None = None,
@@ -299,8 +312,9 @@ def pareto_walk(sensitivity: dict[str, dict[int, float]], sizes: SizeModel, plan
     while True:
         best = None
         for name, bits in current.items():
-            lower = max((b for b in sensitivity[name] if b < bits), default=None)
-            if lower is None or saved(name, bits, lower) <= 0:
+            # the widest narrower width that saves bytes (5-7 bits are stored as INT8, 2-3 as INT4)
+            lower = max((b for b in sensitivity[name] if b < bits and saved(name, bits, b) > 0), default=None)
+            if lower is None:
                 continue
             cost = max(sensitivity[name][lower] - sensitivity[name][bits], 0.0)
             key = (cost / saved(name, bits, lower), -saved(name, bits, lower))
@@ -372,7 +386,7 @@ def search(
     the module doc): sensitivities and plans are measured on a `budget.holdout` share of the
     calibration `images` (per class, by `labels`), which calibrates nothing here; sensitivities
     on `SENSITIVITY_VIEWS` `synthetic` images too, when given."""
-    check_budget(model, capture, quant, budget)
+    check_budget(model, capture, quant, budget, labels)
     plan = resolve_layer_plan(capture, quant)
     sizes = SizeModel.of(model, capture)
     searched = searched_layers(plan)
@@ -403,8 +417,8 @@ def search(
                                                      sum(sensitivity[n][bits] for n in searched), drop, kl)
     narrowest = min(budget.bit_choices)
     if narrowest < quant.act_bits:  # every layer's weights and activations at the narrowest width, as
-        # `--bits` gives it: calibrated for itself (the curve's has wider activations), its bias
-        # shifts as the curve's plans have them
+        # `--bits` plans it: calibrated for itself (the curve's has wider activations), with
+        # first-order bias shifts on every layer as the curve's plans have them on theirs
         low = resolve_layer_plan(capture, replace(quant, weight_bits=narrowest, act_bits=narrowest))
         student = place(prepare(model, capture, low, output), model_device(model))
         calibrate(student, images[kept], replace(calibration, bias_images=0))

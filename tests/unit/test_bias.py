@@ -34,7 +34,7 @@ class Depthwise(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def quantized(bits: int, bias_images: int) -> tuple[QuantizedModel, nn.Module, Tensor]:
+def quantized(bits: int, bias_images: int, act_bits: int = 8) -> tuple[QuantizedModel, nn.Module, Tensor]:
     torch.manual_seed(0)
     model = Depthwise().eval()
     with torch.no_grad():
@@ -42,7 +42,7 @@ def quantized(bits: int, bias_images: int) -> tuple[QuantizedModel, nn.Module, T
         model.bn.running_var.uniform_(0.5, 1.5)
         model.depthwise.weight.add_(0.2)  # a skewed 9-weight channel rounds to a biased mean
     found = capture(model, torch.zeros(1, 3, 8, 8))
-    qmodel = prepare(model, found, resolve_layer_plan(found, QuantConfig(bits, 8, input_bits=8)), "logits")
+    qmodel = prepare(model, found, resolve_layer_plan(found, QuantConfig(bits, act_bits, input_bits=8)), "logits")
     images = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     calibrate(qmodel, images, CalibrationConfig(bias_images=bias_images))
     return qmodel, model, images
@@ -113,8 +113,9 @@ def test_rounding_shifts_remove_the_mean_error_of_one_layers_weight_rounding():
     from fddaq.quant.bias import rounding_shifts
     from fddaq.quant.modules import WeightQuantizer
 
-    qmodel, model, images = quantized(8, 0)
+    qmodel, model, images = quantized(8, 0, act_bits=2)  # coarse inputs: the shifts must see float ones
     weight = model.depthwise.weight
+    kept = {layer.name: (layer.weight_quant, layer.bias_shift.clone()) for layer in qmodel.layers}
     quantizers = []
     for bits in (2, 3):
         quant = WeightQuantizer(bits, 8, 0, affine=False)
@@ -132,3 +133,5 @@ def test_rounding_shifts_remove_the_mean_error_of_one_layers_weight_rounding():
             error = (rounded - model.depthwise(seen["x"])).mean(dim=(0, 2, 3))
             assert shift.abs().max() > 1e-3 and error.abs().max() < 1e-5
     assert qmodel.tap is None
+    for layer in qmodel.layers:  # the model is left as it was
+        assert layer.weight_quant is kept[layer.name][0] and torch.equal(layer.bias_shift, kept[layer.name][1])

@@ -40,6 +40,8 @@ def test_impossible_budgets_are_refused_before_any_work(tiny_model):
     with pytest.raises(ConfigError, match="no layer is left"):
         check_budget(tiny_model, found, QuantConfig(8, 8, layers=("*=8",)), BudgetConfig(0.5))
     check_budget(tiny_model, found, QuantConfig(8, 8), BudgetConfig(0.9))  # a reachable one passes
+    with pytest.raises(ConfigError, match="at least 2 images"):  # nothing to hold out
+        check_budget(tiny_model, found, QuantConfig(8, 8), BudgetConfig(0.9), torch.tensor([0]))
 
     def no_forward(*args):
         raise AssertionError("the model ran")
@@ -81,6 +83,9 @@ def test_the_walk_gives_nested_plans_from_widest_to_narrowest():
                                         {"a": 4, "b": 8, "c": 4}, {"a": 4, "b": 4, "c": 4}]
     ratios = [p.ratio for p in points]
     assert ratios == sorted(ratios, reverse=True) and ratios[0] < 1
+    # 6-bit weights are stored as INT8: the walk goes from 8 straight to 4, never stopping at 6
+    with_six = {name: {**by_bits, 6: by_bits[8]} for name, by_bits in sensitivity.items()}
+    assert [p.bits for p in pareto_walk(with_six, sizes, plan, "auto")] == [p.bits for p in points]
     assert [round(p.predicted_kl, 3) for p in points] == [0.001, 0.02, 0.32, 0.82]
 
 
@@ -175,14 +180,21 @@ def test_a_plan_is_measured_as_the_widest_model_with_narrower_weights_swapped_in
             if bits[layer.name] < 8:  # with its rounding's bias shift
                 layer.bias_shift = widths.widths[layer.name][bits[layer.name]][1]
     measure = Measure(Selected(tiny_model, output), images, None)
-    assert widths.measure(measure, bits) == measure(student.eval())
-    assert widths.measure(measure, dict.fromkeys(searched, 8)) == measure(widths.base)  # swapped back
-    assert measure(widths.base) != measure(student)
+    before = measure(widths.base)
+    assert widths.measure(measure, bits) == measure(student.eval()) != before
+    assert measure(widths.base) == before  # swapped back
+
+    def failing(model):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        widths.measure(failing, {searched[0]: 2}, alone=True)
+    assert measure(widths.base) == before  # swapped back and every quantizer on again, after an error too
 
 
 def test_a_layers_sensitivity_has_every_other_value_float(tiny_model):
     """Measured with the other layers and every activation quantizer off, it equals the model
-    with only that layer's weights (and bias) quantized (`sensitivity.only`)."""
+    with only that layer's weights (and its bias shift) quantized (`sensitivity.only`)."""
     from fddaq.config import CalibrationConfig
     from fddaq.precision import Widths
     from fddaq.quant.modules import Selected
@@ -199,10 +211,13 @@ def test_a_layers_sensitivity_has_every_other_value_float(tiny_model):
         alone = widths.measure(measure, {name: 2}, alone=True)
         layer = widths.base.quant_layer(name)
         layer.weight_quant, layer.bias_shift = widths.widths[name][2]
+        for other in widths.base.layers:  # float: without their own rounding's shifts either
+            if other is not layer:
+                other.bias_shift = torch.zeros_like(other.bias_shift)
         widths.base.tap = only(layer, "w")
         expected = measure(widths.base)
         widths.base.tap = None
-        layer.weight_quant, layer.bias_shift = widths.widths[name][8]
+        widths._restore()
         assert alone == expected and alone.kl > 0
     assert all(q.enabled for q in widths.base.activation_quantizers().values())
     assert all(layer.enabled for layer in widths.base.layers)

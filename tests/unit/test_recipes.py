@@ -236,3 +236,27 @@ def test_a_budget_run_searches_after_its_synthesis_and_measures_on_its_images(mo
     assert seen["synthetic"] is not None and torch.equal(seen["synthetic"], result.synthesis.images)
     assert list(result.timings).index("synthesize") < list(result.timings).index("bit search")
     assert result.precision.met and set(result.config.quant.layers) >= set(result.precision.overrides)
+
+
+def test_a_state_saved_for_another_searched_plan_is_not_resumed():
+    """A budget run's states record the plan searched; a resumed run searches again and refuses
+    a state saved for another plan (whose quantizers would load silently into this one)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from fddaq.config import BudgetConfig, ReconstructConfig
+    from fddaq.errors import ConfigError
+    from fddaq.pipeline import Source, load_inputs, quantize_inputs
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
+    inputs = load_inputs(Source(example / "mobilenet.pth", "fddaq:fashion_mobilenet", example / "calib"))
+    config = recipe_config("reconstruct", QuantConfig(8, 8), synthetic=0)
+    config = replace(config, reconstruct=ReconstructConfig(iterations=1, batch_size=4, views=8),
+                     finetune=replace(config.finetune, steps=0), budget=BudgetConfig(0.3))
+    states = []
+    result = quantize_inputs(inputs, config, on_checkpoint=states.append)
+    assert states and all(state["plan"] == list(result.precision.overrides) for state in states)
+    other = {**states[0], "plan": [entry.replace("=4/", "=8/") for entry in states[0]["plan"]]}
+    assert other["plan"] != states[0]["plan"]
+    with pytest.raises(ConfigError, match="another plan"):
+        quantize_inputs(inputs, config, resume=other)
