@@ -417,15 +417,10 @@ def search(
                                                      sum(sensitivity[n][bits] for n in searched), drop, kl)
     narrowest = min(budget.bit_choices)
     if narrowest < quant.act_bits:  # every layer's weights and activations at the narrowest width, as
-        # `--bits` plans it: calibrated for itself (the curve's has wider activations), with
-        # first-order bias shifts on every layer as the curve's plans have them on theirs
+        # `--bits` plans it: calibrated for itself (the curve's has wider activations), measured as the curve's plans
         low = resolve_layer_plan(capture, replace(quant, weight_bits=narrowest, act_bits=narrowest))
-        student = place(prepare(model, capture, low, output), model_device(model))
-        calibrate(student, images[kept], replace(calibration, bias_images=0))
-        shifts = rounding_shifts(student, {layer.name: [layer.weight_quant] for layer in student.layers}, images[kept])
-        for layer in student.layers:
-            layer.bias_shift = shifts[layer.name][0] if layer.name in shifts else layer.bias_shift
-        divergence = on_held(student.eval())
+        divergence = Widths(model, capture, output, low, quant.weight_grid, (narrowest,), searched, images[kept],
+                            calibration).measure(on_held, {})
         uniform[f"W{narrowest}A{narrowest}"] = Point(
             dict.fromkeys(searched, narrowest), sizes.plan_bytes(low) / sizes.float_bytes(),
             sum(sensitivity[n][narrowest] for n in searched), 100.0 - divergence.agreement, divergence.kl)
