@@ -73,7 +73,7 @@ def latency_ms(sessions: dict, batch: int, shape: tuple[int, ...], rounds: int, 
 
 def measure(name: str, rounds: int, steps: int, batch_size: int) -> dict:
     from exporters import export_float, export_qdq, verify
-    from exporters.deploy import onnx_metadata
+    from exporters.metadata import onnx_metadata
     from exporters.runtime import inference_session
     from fddaq.config import QuantConfig
     from fddaq.pipeline import load_inputs, quantize_inputs

@@ -27,10 +27,9 @@ ARCH_FILE = re.compile(r"^(?P<file>.+\.py):(?P<name>[^/\\:]+)$")  # an --arch sp
 
 
 def path_options(command: Any) -> set[str]:
-    """The names of `command`'s options and arguments that are paths (from the annotations of
-    its function: "Path", "Optional[Path]"; Click's parameter types say nothing before parsing)."""
-    hints = getattr(command.callback, "__annotations__", {})
-    return {param.name for param in command.params if "Path" in str(hints.get(param.name, ""))} | {"arch"}
+    """The names of `command`'s options and arguments that are paths (Typer gives a `Path`
+    annotation a path type), and --arch (a file spec may name a path)."""
+    return {param.name for param in command.params if "Path" in type(param.type).__name__} | {"arch"}
 
 
 def read_config(path: Path, command: Any) -> dict[str, Any]:

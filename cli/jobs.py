@@ -3,7 +3,6 @@ written atomically, and only once everything it depends on has succeeded."""
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import replace
@@ -21,10 +20,9 @@ from fddaq.distributed import current
 from fddaq.errors import ConfigError, DataError, first_line
 from fddaq.events import EventHandler
 from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, tensors_bytes
-from fddaq.pipeline import (FloatModel, Inputs, Source, Synthesis, check_trainable, load_float, load_inputs, plan_layers,
-                            quantize, synthesize)
+from fddaq.pipeline import (FloatModel, Inputs, ResumeState, Source, Synthesis, check_trainable, load_float, load_inputs,
+                            plan_layers, quantize, synthesize)
 from fddaq.synth.preview import preview_grid
-from fddaq.synth.quality import SetQuality
 
 if TYPE_CHECKING:
     from exporters.dry_run import DryRun
@@ -106,12 +104,12 @@ def _worst_layers(sqnr: dict[str, float], count: int = 3) -> str:
 def _synthesis_rows(synthesis: Synthesis) -> list[tuple[str, str]]:
     summary = synthesis.report
     rows = [
-        ("BN layers / deep layers from", f"{summary['num_bn_layers']} / {summary['deep_start']}"),
-        ("classes with a BNS center", str(summary["classes_with_center"])),
-        ("misclassified calibration images excluded", str(summary["misclassified_excluded"])),
+        ("BN layers / deep layers from", f"{summary.num_bn_layers} / {summary.deep_start}"),
+        ("classes with a BNS center", str(summary.classes_with_center)),
+        ("misclassified calibration images excluded", str(summary.misclassified_excluded)),
     ]
-    for name, q in summary["quality"].items():
-        rows.append((f"{name}: float top-1 / separation / diversity", SetQuality(**q).row()))
+    for name, quality in summary.quality.items():
+        rows.append((f"{name}: float top-1 / separation / diversity", quality.row()))
     return rows
 
 
@@ -179,7 +177,6 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
     optimizations), a quantized checkpoint (`source` None) or a float model (`source`); PyTorch
     models run on `device`."""
     from fddaq.device import pin, place
-    from fddaq.data import Preprocess
     from fddaq.evaluate import class_logits, predict
     from fddaq.events import emit
 
@@ -202,23 +199,14 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
         model = place(inputs.teacher, device)
         images, logits = inputs.calib, batches(lambda x: predict(model, x), inputs.calib.images)
     elif model_path.suffix == ".onnx":
-        from exporters.deploy import read_onnx_metadata
+        from exporters.metadata import read_metadata
         from exporters.runtime import inference_session, run_session
 
         kind = "onnx"
-        props = read_onnx_metadata(model_path)
-        if "preprocessing" not in props or "class_names" not in props:
-            raise ConfigError(f"{model_path} has no fddaq metadata (preprocessing, class names): "
-                              "evaluate the float model with --arch, or export the ONNX with fddaq")
-        try:
-            preprocess = Preprocess.from_json(json.loads(props["preprocessing"]))
-            class_names = tuple(str(name) for name in json.loads(props["class_names"]))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ConfigError(f"{model_path} has malformed fddaq metadata ({first_line(exc)}): re-export it") from exc
-        images = load_image_folder(data_dir, preprocess, class_names)
+        metadata = read_metadata(model_path)
+        images = load_image_folder(data_dir, metadata.preprocess, metadata.class_names)
         session = inference_session(model_path, optimize=True)
-        scored = props.get("scored_output")  # several outputs: the one fddaq scored
-        logits = batches(lambda x: run_session(session, x, output=scored), images.images)
+        logits = batches(lambda x: run_session(session, x, output=metadata.scored_output), images.images)
     else:
         kind = "checkpoint"
         checkpoint = load_checkpoint(model_path)
@@ -261,14 +249,15 @@ def run_synth(source: Source, config: SynthConfig, out: Path, on_event: EventHan
     start = time.perf_counter()
     loaded, checked = checked_float(source, QuantConfig(), on_event=on_event)
     inputs = load_inputs(source, device, loaded)
-    synthesis = synthesize(inputs, config, on_event, real_images, device)
-    if not current().is_main:  # a torchrun job: rank 0 writes
+    ranks = current()
+    synthesis = synthesize(inputs, config, on_event, real_images, device, ranks=ranks)
+    if not ranks.is_main:  # a torchrun job: rank 0 writes
         return None
     report = {
         **_header("synth", source, {**config.to_json(), "real_images": real_images}, device),
         "model": inputs.info.to_json(),
         "data": _data(inputs),
-        "synthesis": synthesis.report,
+        "synthesis": synthesis.report.to_json(),
         "timings_s": {"check": checked.seconds, "load": inputs.seconds, "synthesize": synthesis.seconds,
                       "total": time.perf_counter() - start},
     }
@@ -307,7 +296,7 @@ def run_sensitivity(source: Source, quant: QuantConfig, out: Path, synth: SynthC
     inputs = load_inputs(source, device, loaded)
     synthetic = None
     if synth.num_images:
-        synthetic = synthesize(inputs, synth, on_event, device=device).images
+        synthetic = synthesize(inputs, synth, on_event, device=device, ranks=current()).images
     found = sensitivity(inputs.float_model, inputs.capture, inputs.info.output, quant, inputs.calib.images, synthetic,
                         on_event=on_event)
     report = {
@@ -338,15 +327,19 @@ def run_sensitivity(source: Source, quant: QuantConfig, out: Path, synth: SynthC
 RESUME_FILE = "resume.pt"
 
 
-def read_resume_state(out: Path) -> dict:
+def read_resume_state(out: Path) -> ResumeState:
     """The state an interrupted `quantize --out out` left behind."""
     path = out / RESUME_FILE
     if not path.is_file():
         raise ConfigError(f"nothing to resume: {path} does not exist (it is written while synthesis, reconstruction and fine-tuning run)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
         raise ConfigError(f"{path} is not a resumable fddaq state ({first_line(exc)}): run without --resume") from exc
+    try:
+        return ResumeState.from_dict(state)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}: run without --resume") from None
 
 
 def read_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -431,7 +424,7 @@ def run_quantize(
         config = replace(config, synth=replace(config.synth, num_images=len(synthetic[1])), auto_synthesis=False)
     state = read_resume_state(out) if resume else None
     loaded, checked = checked_float(source, config.quant, config, on_event)
-    result = quantize(source, config, on_event, lambda s: atomic_write_bytes(out / RESUME_FILE, tensors_bytes(s)), state,
+    result = quantize(source, config, on_event, lambda s: atomic_write_bytes(out / RESUME_FILE, tensors_bytes(s.to_dict())), state,
                       device, loaded, synthetic)
     if not current().is_main:  # a torchrun job: rank 0 exports, verifies and writes
         return None
@@ -457,7 +450,7 @@ def run_quantize(
         "precision": precision,
         "tensors": {site.name: site.bits for site in result.model.sites},  # quantized between operators (--activations)
         "data": {**_data(inputs), "verify_set": "val" if inputs.val is not None else "calib"},
-        "synthesis": None if result.synthesis is None else result.synthesis.report,
+        "synthesis": None if result.synthesis is None else result.synthesis.report.to_json(),
         "synthesis_choice": result.synthesis_why,
         "accuracy": {
             "float_top1": result.float_top1,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import tempfile
 import time
 from dataclasses import replace
+from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional, Union
 
 import typer
 from rich.console import Console
@@ -18,7 +20,8 @@ from rich.table import Table
 
 from fddaq import __version__
 from fddaq.errors import ConfigError, FddaqError
-from fddaq.recipes import DEFAULT_RECIPE, RECONSTRUCT_ITERATIONS
+from fddaq.config import ACTIVATIONS, PRESETS, SYNTH_METHODS, WEIGHT_GRIDS
+from fddaq.recipes import DEFAULT_RECIPE, RECIPES, RECONSTRUCT_ITERATIONS, SYNTH_RECIPES
 
 from .render import ProgressRenderer, markdown, table
 
@@ -38,6 +41,22 @@ QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json", "preview.png", 
 SYNTH_OUTPUTS = ("synthetic.pt", "preview.png", "report.json", "config.toml", "summary.md")
 
 
+def flag_advice(message: str, command: Optional[str] = None) -> str:
+    """A core error's message as the CLI says it: each setting it names `like_this` becomes the
+    flag that sets it (`num_classes` -> --num-classes), the flags of `command` (a command's
+    function name) first."""
+    commands = typer.main.get_command(app).commands.values()
+    flags: dict[str, str] = {}
+    for found in sorted(commands, key=lambda c: getattr(c.callback, "__name__", None) == command):  # `command` last: it wins
+        flags.update((param.name, max(param.opts, key=len)) for param in found.params
+                     if param.name and param.opts[0].startswith("-"))
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda match: flags.get(match.group(1), match.group(0)), message)
+
+
+def _print_error(exc: FddaqError, command: Optional[str] = None) -> None:
+    err_console.print(f"Error: {flag_advice(str(exc), command)}", highlight=False, markup=False, soft_wrap=True)
+
+
 def user_errors(command):
     """Run a command; a user error becomes one line on stderr and exit code 1, no traceback."""
 
@@ -46,7 +65,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except FddaqError as exc:
-            err_console.print(f"Error: {exc}", highlight=False, markup=False, soft_wrap=True)
+            _print_error(exc, command.__name__)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             from cli.jobs import RESUME_FILE
@@ -83,12 +102,21 @@ def _root(
     """fddaq: FDDA post-training quantization to QDQ ONNX."""
 
 
-def _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
-            arch_args=None, output=None):
+SOURCE_OPTIONS = ("arch", "num_classes", "classes", "preset", "input_size", "resize", "mean", "std", "trust_model",
+                  "arch_arg", "output")  # the options that say which model a command reads, and how to feed it
+
+
+def _source(ctx: typer.Context, calib: Optional[Path], val: Optional[Path] = None):
+    """What the command reads: its MODEL argument, the model options it was given (by name from
+    `ctx.params`: `SOURCE_OPTIONS`, None where the command has none), and the image folders."""
     from fddaq.pipeline import PreprocessOptions, Source
 
-    options = PreprocessOptions(preset, input_size, resize, _floats(mean, "--mean"), _floats(std, "--std"))
-    return Source(model, arch, calib, val, num_classes, classes, options, trust_model, tuple(arch_args or ()), output)
+    given = {name: ctx.params.get(name) for name in SOURCE_OPTIONS}  # as parsed: paths are strings here
+    options = PreprocessOptions(_value(given["preset"]), given["input_size"], given["resize"],
+                                _floats(given["mean"], "--mean"), _floats(given["std"], "--std"))
+    classes = None if given["classes"] is None else Path(given["classes"])
+    return Source(Path(ctx.params["model"]), given["arch"], calib, val, given["num_classes"], classes, options,
+                  bool(given["trust_model"]), tuple(given["arch_arg"] or ()), given["output"])
 
 
 def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
@@ -99,17 +127,83 @@ def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional
         try:
             defaults = read_config(value, ctx.command)
         except FddaqError as exc:
-            err_console.print(f"Error: {exc}", highlight=False, markup=False, soft_wrap=True)
+            _print_error(exc)
             raise typer.Exit(1) from None
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
 
-def _config_option():
-    return typer.Option(
-        None, "--config", callback=_read_config, is_eager=True,
-        help="TOML file of option values (keys: option names, e.g. bits = 4); flags given win.",
-    )
+def _choices(name: str, values) -> type[Enum]:
+    """An Enum of the strings `values`: Typer lists them in --help and refuses any other."""
+    return Enum(name, [(value, value) for value in values], type=str)
+
+
+Recipe = _choices("Recipe", RECIPES)
+SynthRecipe = _choices("SynthRecipe", SYNTH_RECIPES)
+PresetName = _choices("PresetName", PRESETS)
+SynthMethod = _choices("SynthMethod", SYNTH_METHODS)
+WeightGrid = _choices("WeightGrid", WEIGHT_GRIDS)
+Activations = _choices("Activations", ACTIVATIONS)
+
+# Options several commands share (Typer copies each for every command that uses it).
+ModelFile = Annotated[Path, typer.Argument(help="Float state dict (.pth), loaded with weights_only=True.")]
+Arch = Annotated[str, typer.Option("--arch", help="Architecture: fddaq:NAME, torchvision:NAME, timm:NAME, "
+                                   "package.module:callable or path/to/file.py:callable (nothing is downloaded).")]
+ArchArg = Annotated[Optional[list[str]], typer.Option(
+    "--arch-arg", help="Argument of the architecture factory, repeatable: VALUE (positional) or KEY=VALUE; Python "
+    "literals are parsed, e.g. --arch-arg efficientnet-b0.")]
+ScoredOutput = Annotated[Optional[str], typer.Option(
+    "--output", help="For models returning several tensors: the output scored and distilled, by name (out, aux, 0.1) "
+    "or index (default: the only one, else out, else the first).")]
+Calib = Annotated[Path, typer.Option("--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder).")]
+NumClasses = Annotated[Optional[int], typer.Option("--num-classes", help="Passed to the architecture factory.")]
+Classes = Annotated[Optional[Path], typer.Option(
+    "--classes", help="File of class folder names, one per line (line i = class i).")]
+Preset = Annotated[Optional[PresetName], typer.Option("--preset", help="Preprocessing preset.")]
+InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Centre-crop size in pixels.")]
+Resize = Annotated[Optional[int], typer.Option("--resize", help="Resize the shorter side to this before cropping.")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406.")]
+Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")]
+TrustModel = Annotated[bool, typer.Option(
+    "--trust-model", help="Accept a pickled whole model (torch.save(model)): unpickling runs code from the file, so "
+    "only for files you trust.")]
+Device = Annotated[str, typer.Option(
+    "--device", help="Where PyTorch runs: auto (a CUDA GPU when there is one), cpu, cuda or cuda:INDEX.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; the table is still printed.")]
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", callback=_read_config, is_eager=True,
+    help="TOML file of option values (keys: option names, e.g. bits = 4); flags given win.")]
+# the bits of the layers (quantize, plan, sensitivity: `_quant_config`)
+Bits = Annotated[int, typer.Option("--bits", help="Weight and activation bits of every layer, first and last included.")]
+WeightBits = Annotated[Optional[int], typer.Option("--weight-bits", help="Weight bits (default: --bits).")]
+ActBits = Annotated[Optional[int], typer.Option("--act-bits", help="Activation bits (default: --bits).")]
+FirstLastBits = Annotated[Optional[int], typer.Option(
+    "--first-last-bits", help="Bits of the first and last layer (default: as the others).")]
+LayerBits = Annotated[Optional[list[str]], typer.Option(
+    "--layer-bits", help="Per-layer override PATTERN=BITS, PATTERN=W/A or PATTERN=float (repeatable; shell patterns, "
+    "e.g. --layer-bits 'fc=8' --layer-bits 'stages.*.shortcut.*=float'). A pattern matching no layer is an error.")]
+WeightGridOption = Annotated[WeightGrid, typer.Option(
+    "--weight-grid", help="auto: weights of 4 bits and fewer on an affine grid (16 levels, a zero point per channel), "
+    "wider ones symmetric; symmetric: zero point 0 at every width (for hardware whose low-bit kernels take none).")]
+ActivationsOption = Annotated[Activations, typer.Option(
+    "--activations", help="all: every tensor between operators is quantized (conv outputs, adds, concats, pooling: the "
+    "graph integer runtimes and accelerators chain integer kernels on); inputs: only the inputs of conv and linear "
+    "layers; auto: all at 8-bit activations, inputs below.")]
+# a budget for the bit search (quantize, plan: `_budget`)
+TargetSize = Annotated[Optional[float], typer.Option(
+    "--target-size", help="Choose each layer's weight bits (--bit-choices) for the most accurate model whose ONNX file "
+    "is at most this ratio of the float ONNX (e.g. 0.2); exit 3 if the file misses it.")]
+TargetDrop = Annotated[Optional[float], typer.Option(
+    "--target-drop", help="Choose each layer's weight bits (--bit-choices) for the smallest model that loses at most "
+    "this many points of top-1 agreement with float on calibration images held out of calibration (never --val); "
+    "exit 3 if no plan does.")]
+BitChoices = Annotated[str, typer.Option(
+    "--bit-choices", help="Weight widths the budget search chooses from. Activations stay at --act-bits (default: the "
+    "widest choice).")]
+SYNTH_METHOD_HELP = ("How FDDA's losses make synthetic images: pool (optimise a pool of images started from augmented "
+                     "calibration images) or generator (train the paper's conditional generator). Default: the recipe's.")
 
 
 def _save_config(ctx: typer.Context, out: Path, **chosen) -> None:
@@ -175,126 +269,30 @@ def _check_outputs(out: Path, names: tuple[str, ...], force: bool) -> None:
         raise ConfigError(f"{out} already holds {', '.join(existing)}: pass --force to overwrite or choose another --out")
 
 
-# Options shared by the commands that read a float model and images (a fresh object per use).
-def _model_option():
-    return typer.Argument(..., help="Float state dict (.pth), loaded with weights_only=True.")
+def _value(choice: Union[Enum, str, None]) -> Optional[str]:
+    """A choice's string: Typer hands the command an Enum member, and keeps the string in `ctx.params`."""
+    return None if choice is None else getattr(choice, "value", choice)
 
 
-def _arch_option():
-    return typer.Option(..., "--arch", help="Architecture: fddaq:NAME, torchvision:NAME, timm:NAME, package.module:callable "
-                                            "or path/to/file.py:callable (nothing is downloaded).")
-
-
-def _arch_arg_option():
-    return typer.Option(None, "--arch-arg", help="Argument of the architecture factory, repeatable: VALUE (positional) or "
-                                                 "KEY=VALUE; Python literals are parsed, e.g. --arch-arg efficientnet-b0.")
-
-
-def _output_option():
-    return typer.Option(None, "--output", help="For models returning several tensors: the output scored and distilled, "
-                                               "by name (out, aux, 0.1) or index (default: the only one, else out, else the first).")
-
-
-def _calib_option():
-    return typer.Option(..., "--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder).")
-
-
-def _num_classes_option():
-    return typer.Option(None, "--num-classes", help="Passed to the architecture factory.")
-
-
-def _classes_option():
-    return typer.Option(None, "--classes", help="File of class folder names, one per line (line i = class i).")
-
-
-def _preset_option():
-    return typer.Option(None, "--preset", help="Preprocessing preset: fashion-mnist, imagenet, efficientnet-lite.")
-
-
-def _input_size_option():
-    return typer.Option(None, "--input-size", help="Centre-crop size in pixels.")
-
-
-def _resize_option():
-    return typer.Option(None, "--resize", help="Resize the shorter side to this before cropping.")
-
-
-def _mean_option():
-    return typer.Option(None, "--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406.")
-
-
-def _std_option():
-    return typer.Option(None, "--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")
-
-
-def _bits_options():
-    """--bits, --weight-bits, --act-bits, --first-last-bits, --layer-bits, --weight-grid, --activations
-    (quantize, plan, sensitivity)."""
-    return {
-        "bits": typer.Option(4, "--bits", help="Weight and activation bits of every layer, first and last included."),
-        "weight_bits": typer.Option(None, "--weight-bits", help="Weight bits (default: --bits)."),
-        "act_bits": typer.Option(None, "--act-bits", help="Activation bits (default: --bits)."),
-        "first_last_bits": typer.Option(None, "--first-last-bits", help="Bits of the first and last layer (default: as the others)."),
-        "layer_bits": typer.Option(
-            None, "--layer-bits",
-            help="Per-layer override PATTERN=BITS, PATTERN=W/A or PATTERN=float (repeatable; shell patterns, "
-                 "e.g. --layer-bits 'fc=8' --layer-bits 'stages.*.shortcut.*=float'). A pattern matching no layer is an error.",
-        ),
-        "weight_grid": typer.Option(
-            "auto", "--weight-grid",
-            help="auto: weights of 4 bits and fewer on an affine grid (16 levels, a zero point per channel), wider ones "
-                 "symmetric; symmetric: zero point 0 at every width (for hardware whose low-bit kernels take none).",
-        ),
-        "activations": typer.Option(
-            "auto", "--activations",
-            help="all: every tensor between operators is quantized (conv outputs, adds, concats, pooling: the graph "
-                 "integer runtimes and accelerators chain integer kernels on); inputs: only the inputs of conv and linear "
-                 "layers; auto: all at 8-bit activations, inputs below.",
-        ),
-    }
-
-
-def _budget_options():
-    """--target-size, --target-drop, --bit-choices (quantize, plan)."""
-    return {
-        "target_size": typer.Option(
-            None, "--target-size", help="Choose each layer's weight bits (--bit-choices) for the most accurate model whose "
-            "ONNX file is at most this ratio of the float ONNX (e.g. 0.2); exit 3 if the file misses it."),
-        "target_drop": typer.Option(
-            None, "--target-drop", help="Choose each layer's weight bits (--bit-choices) for the smallest model that loses "
-            "at most this many points of top-1 agreement with float on calibration images held out of calibration "
-            "(never --val); exit 3 if no plan does."),
-        "bit_choices": typer.Option("4,8", "--bit-choices", help="Weight widths the budget search chooses from. "
-                                    "Activations stay at --act-bits (default: the widest choice)."),
-    }
-
-
-def _budget(target_size: Optional[float], target_drop: Optional[float], bit_choices: str):
-    """The budget of --target-size / --target-drop, None without one."""
-    if target_size is None and target_drop is None:
+def _budget(params: dict):
+    """The budget of --target-size / --target-drop (from a command's `params`), None without one."""
+    if params["target_size"] is None and params["target_drop"] is None:
         return None
     from fddaq.config import BudgetConfig, parse_bit_choices
 
-    return BudgetConfig(target_size, target_drop, parse_bit_choices(bit_choices))
+    return BudgetConfig(params["target_size"], params["target_drop"], parse_bit_choices(params["bit_choices"]))
 
 
-def _quant_config(bits: int, weight_bits: Optional[int], act_bits: Optional[int], first_last_bits: Optional[int],
-                  layer_bits: Optional[list[str]], weight_grid: str, activations: str):
+def _quant_config(params: dict, budget=None):
+    """The bits options of a command's `params` as a QuantConfig; with a `budget`, activations
+    default to its widest choice (their bits do not change the size)."""
     from fddaq.config import QuantConfig
 
-    return QuantConfig(weight_bits or bits, act_bits or bits, first_last_bits, layers=tuple(layer_bits or ()),
-                       weight_grid=weight_grid, activations=activations)
-
-
-def _trust_model_option():
-    return typer.Option(
-        False, "--trust-model",
-        help="Accept a pickled whole model (torch.save(model)): unpickling runs code from the file, so only for files you trust.",
-    )
-
-
-def _device_option():
-    return typer.Option("auto", "--device", help="Where PyTorch runs: auto (a CUDA GPU when there is one), cpu, cuda or cuda:INDEX.")
+    bits = params["bits"]
+    act_bits = params["act_bits"] or (max(budget.bit_choices) if budget is not None else bits)
+    return QuantConfig(params["weight_bits"] or bits, act_bits, params["first_last_bits"],
+                       layers=tuple(params["layer_bits"] or ()), weight_grid=_value(params["weight_grid"]),
+                       activations=_value(params["activations"]))
 
 
 def _resolve_device(spec: str):
@@ -376,74 +374,50 @@ def _processes(device):
         leave()
 
 
-def _seed_option():
-    return typer.Option(0, "--seed", help="Random seed.")
-
-
-def _synth_method_option(flag: str):
-    return typer.Option(None, flag, help="How FDDA's losses make synthetic images: pool (optimise a pool of images started from "
-                        "augmented calibration images) or generator (train the paper's conditional generator). Default: the recipe's.")
-
-
-def _force_option():
-    return typer.Option(False, "--force", help="Overwrite existing outputs.")
-
-
-def _quiet_option():
-    return typer.Option(False, "--quiet", "-q", help="No progress output; the table is still printed.")
-
-
-_BITS = _bits_options()  # Typer reads option objects per command: one set each
-_PLAN_BITS = _bits_options()
-_QUANTIZE_BUDGET = _budget_options()
-_PLAN_BUDGET = _budget_options()
-_SENSITIVITY_BITS = _bits_options()
-
-
 @app.command()
 @user_errors
 def quantize(
     ctx: typer.Context,
-    model: Path = _model_option(),
-    arch: str = _arch_option(),
-    calib: Path = _calib_option(),
-    val: Optional[Path] = typer.Option(None, "--val", help="Labelled validation images, same layout; used only to report."),
-    bits: int = _BITS["bits"],
-    weight_bits: Optional[int] = _BITS["weight_bits"],
-    act_bits: Optional[int] = _BITS["act_bits"],
-    first_last_bits: Optional[int] = _BITS["first_last_bits"],
-    layer_bits: Optional[list[str]] = _BITS["layer_bits"],
-    weight_grid: str = _BITS["weight_grid"],
-    activations: str = _BITS["activations"],
-    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", help="reconstruct (default: block-wise reconstruction, AdaRound + LSQ + QDrop, unit by unit), fddaq (end-to-end fine-tuning on real and FDDA images), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help=f"Training steps: reconstruction iterations per unit (reconstruct: {RECONSTRUCT_ITERATIONS}) or fine-tuning steps (the others: 400); 0: calibration only."),
-    synthetic: Optional[int] = typer.Option(None, "--synthetic", help="FDDA synthetic images added to the training images (fddaq, fdda-paper: 1024, mixed 1:1 into fine-tuning; reconstruct: 0, up to 512 join its pool); 0: real images only."),
-    synth_steps: Optional[int] = typer.Option(None, "--synth-steps", help="FDDA synthesis steps (default 500)."),
-    synth_method: Optional[str] = _synth_method_option("--synth-method"),
-    synthetic_from: Optional[Path] = typer.Option(
-        None, "--synthetic-from", help="Use the images of a synthetic.pt written by `fddaq synth` instead of synthesizing "
-        "(all of them; any recipe that trains)."),
-    seed: int = _seed_option(),
-    num_classes: Optional[int] = _num_classes_option(),
-    classes: Optional[Path] = _classes_option(),
-    preset: Optional[str] = _preset_option(),
-    input_size: Optional[int] = _input_size_option(),
-    resize: Optional[int] = _resize_option(),
-    mean: Optional[str] = _mean_option(),
-    std: Optional[str] = _std_option(),
-    trust_model: bool = _trust_model_option(),
-    arch_arg: Optional[list[str]] = _arch_arg_option(),
-    output: Optional[str] = _output_option(),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float."),
-    target_size: Optional[float] = _QUANTIZE_BUDGET["target_size"],
-    target_drop: Optional[float] = _QUANTIZE_BUDGET["target_drop"],
-    bit_choices: str = _QUANTIZE_BUDGET["bit_choices"],
-    out: Path = typer.Option(Path("out"), "--out", help="Output folder."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same options)."),
-    device: str = _device_option(),
-    force: bool = _force_option(),
-    quiet: bool = _quiet_option(),
-    config: Optional[Path] = _config_option(),
+    model: ModelFile,
+    arch: Arch,
+    calib: Calib,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Labelled validation images, same layout; used only to report.")] = None,
+    bits: Bits = 4,
+    weight_bits: WeightBits = None,
+    act_bits: ActBits = None,
+    first_last_bits: FirstLastBits = None,
+    layer_bits: LayerBits = None,
+    weight_grid: WeightGridOption = WeightGrid("auto"),
+    activations: ActivationsOption = Activations("auto"),
+    recipe: Annotated[Recipe, typer.Option("--recipe", help="reconstruct (default: block-wise reconstruction, AdaRound + LSQ + QDrop, unit by unit), fddaq (end-to-end fine-tuning on real and FDDA images), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result).")] = Recipe(DEFAULT_RECIPE),
+    steps: Annotated[Optional[int], typer.Option("--steps", help=f"Training steps: reconstruction iterations per unit (reconstruct: {RECONSTRUCT_ITERATIONS}) or fine-tuning steps (the others: 400); 0: calibration only.")] = None,
+    synthetic: Annotated[Optional[int], typer.Option("--synthetic", help="FDDA synthetic images added to the training images (fddaq, fdda-paper: 1024, mixed 1:1 into fine-tuning; reconstruct: 0, up to 512 join its pool); 0: real images only.")] = None,
+    synth_steps: Annotated[Optional[int], typer.Option("--synth-steps", help="FDDA synthesis steps (default 500).")] = None,
+    synth_method: Annotated[Optional[SynthMethod], typer.Option("--synth-method", help=SYNTH_METHOD_HELP)] = None,
+    synthetic_from: Annotated[Optional[Path], typer.Option(
+        "--synthetic-from", help="Use the images of a synthetic.pt written by `fddaq synth` instead of synthesizing "
+        "(all of them; any recipe that trains).")] = None,
+    seed: Seed = 0,
+    num_classes: NumClasses = None,
+    classes: Classes = None,
+    preset: Preset = None,
+    input_size: InputSize = None,
+    resize: Resize = None,
+    mean: Mean = None,
+    std: Std = None,
+    trust_model: TrustModel = False,
+    arch_arg: ArchArg = None,
+    output: ScoredOutput = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float.")] = None,
+    target_size: TargetSize = None,
+    target_drop: TargetDrop = None,
+    bit_choices: BitChoices = "4,8",
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (same options).")] = False,
+    device: Device = "auto",
+    force: Force = False,
+    quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Quantize a float model: calibrate on real images, reconstruct it block by block against
     the float model (the default recipe; others fine-tune it by distillation on real and FDDA
@@ -459,16 +433,15 @@ def quantize(
     _check_outputs(out, QUANTIZE_OUTPUTS, force)
     if max_drop is not None and val is None:
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
-    budget = _budget(target_size, target_drop, bit_choices)
-    if budget is not None:
-        act_bits = act_bits or max(budget.bit_choices)  # activation bits do not change the size
-    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid, activations)
-    run_config = replace(recipe_config(recipe, quant, seed, steps, synthetic, synth_steps, synth_method), budget=budget)
+    budget = _budget(ctx.params)
+    quant = _quant_config(ctx.params, budget)
+    run_config = replace(recipe_config(recipe.value, quant, seed, steps, synthetic, synth_steps, _value(synth_method)),
+                         budget=budget)
     if synthetic_from is not None and run_config.finetune.steps == 0 and run_config.reconstruct.iterations == 0 \
             and run_config.real_images:
-        raise ConfigError(f"--recipe {recipe} with --steps 0 does not train: the images of --synthetic-from would go unused")
-    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
-                     arch_arg, output)
+        raise ConfigError(f"--recipe {recipe.value} with --steps 0 does not train: the images of --synthetic-from would "
+                          "go unused")
+    source = _source(ctx, calib, val)
     where = _resolve_device(device)
     with _processes(where) as ranks, _locked(out, ranks.is_main):
         with ProgressRenderer(console, quiet or not ranks.is_main) as progress:
@@ -483,7 +456,7 @@ def quantize(
             _save_config(ctx, out, layer_bits=[*(layer_bits or ()), *searched["overrides"]], target_size=None,
                          target_drop=None, act_bits=quant.act_bits)
             setting = f"weights {'/'.join(map(str, searched['budget']['bit_choices']))}, A{quant.act_bits}"
-        _show(f"fddaq quantize: {model.name} at {setting}, recipe {recipe}", report, out)
+        _show(f"fddaq quantize: {model.name} at {setting}, recipe {recipe.value}", report, out)
     written = [name for name in QUANTIZE_OUTPUTS if (name != "preview.png" or report["synthesis"] is not None)
                and (name != "precision.png" or report["precision"] is not None)]
     console.print(f"wrote {', '.join(str(out / name) for name in written)}")
@@ -500,33 +473,35 @@ def quantize(
 @user_errors
 def synth(
     ctx: typer.Context,
-    model: Path = _model_option(),
-    arch: str = _arch_option(),
-    calib: Optional[Path] = typer.Option(
-        None, "--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder); not needed with --recipe data-free."),
-    recipe: str = typer.Option("fddaq", "--recipe", help="Whose synthesis settings: fddaq (a pool of images started from the "
-                               "calibration images), fdda-paper (the paper's generator) or data-free (the generator on "
-                               "the BN running statistics alone, without --calib; given --calib only measures the images)."),
-    num: int = typer.Option(1024, "--num", help="Synthetic images to write."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Synthesis steps (default 500)."),
-    method: Optional[str] = _synth_method_option("--method"),
-    val: Optional[Path] = typer.Option(None, "--val", help="Held-out labelled real images: the reference for the quality figures."),
-    seed: int = _seed_option(),
-    num_classes: Optional[int] = _num_classes_option(),
-    classes: Optional[Path] = _classes_option(),
-    preset: Optional[str] = _preset_option(),
-    input_size: Optional[int] = _input_size_option(),
-    resize: Optional[int] = _resize_option(),
-    mean: Optional[str] = _mean_option(),
-    std: Optional[str] = _std_option(),
-    trust_model: bool = _trust_model_option(),
-    arch_arg: Optional[list[str]] = _arch_arg_option(),
-    output: Optional[str] = _output_option(),
-    out: Path = typer.Option(Path("synth"), "--out", help="Output folder."),
-    device: str = _device_option(),
-    force: bool = _force_option(),
-    quiet: bool = _quiet_option(),
-    config: Optional[Path] = _config_option(),
+    model: ModelFile,
+    arch: Arch,
+    calib: Annotated[Optional[Path], typer.Option(
+        "--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder); not needed with --recipe data-free.")] = None,
+    recipe: Annotated[SynthRecipe, typer.Option(
+        "--recipe", help="Whose synthesis settings: fddaq (a pool of images started from the calibration images), "
+        "fdda-paper (the paper's generator) or data-free (the generator on the BN running statistics alone, without "
+        "--calib; given --calib only measures the images).")] = SynthRecipe("fddaq"),
+    num: Annotated[int, typer.Option("--num", help="Synthetic images to write.")] = 1024,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Synthesis steps (default 500).")] = None,
+    method: Annotated[Optional[SynthMethod], typer.Option("--method", help=SYNTH_METHOD_HELP)] = None,
+    val: Annotated[Optional[Path], typer.Option(
+        "--val", help="Held-out labelled real images: the reference for the quality figures.")] = None,
+    seed: Seed = 0,
+    num_classes: NumClasses = None,
+    classes: Classes = None,
+    preset: Preset = None,
+    input_size: InputSize = None,
+    resize: Resize = None,
+    mean: Mean = None,
+    std: Std = None,
+    trust_model: TrustModel = False,
+    arch_arg: ArchArg = None,
+    output: ScoredOutput = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("synth"),
+    device: Device = "auto",
+    force: Force = False,
+    quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Make labelled synthetic images with FDDA's losses on the calibration images' BatchNorm
     statistics (a pool of images optimised from augmented calibration images, or the paper's
@@ -536,19 +511,17 @@ def synth(
     """
     from cli.jobs import run_synth
     from fddaq.config import QuantConfig
-    from fddaq.recipes import SYNTH_RECIPES, recipe_config
+    from fddaq.recipes import recipe_config
 
     _check_outputs(out, SYNTH_OUTPUTS, force)
-    if recipe not in SYNTH_RECIPES:
-        raise ConfigError(f"--recipe {recipe!r}: synthesis follows one of {', '.join(SYNTH_RECIPES)}")
     if num < 1:
         raise ConfigError(f"--num={num} must be at least 1")
-    run_config = recipe_config(recipe, QuantConfig(), seed, synthetic=num, synth_steps=steps, synth_method=method)
+    run_config = recipe_config(recipe.value, QuantConfig(), seed, synthetic=num, synth_steps=steps,
+                               synth_method=_value(method))
     if calib is None and run_config.real_images:
-        raise ConfigError(f"--recipe {recipe} synthesizes from calibration images: give --calib DIR (only --recipe "
+        raise ConfigError(f"--recipe {recipe.value} synthesizes from calibration images: give --calib DIR (only --recipe "
                           "data-free runs without)")
-    source = _source(model, arch, calib, val, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
-                     arch_arg, output)
+    source = _source(ctx, calib, val)
     where = _resolve_device(device)
     with _processes(where) as ranks, _locked(out, ranks.is_main):
         with ProgressRenderer(console, quiet or not ranks.is_main) as progress:
@@ -564,15 +537,15 @@ def synth(
 @app.command()
 @user_errors
 def export(
-    checkpoint: Path = typer.Argument(..., help="quantized.pt written by `fddaq quantize`."),
-    output: Path = typer.Option(Path("model.onnx"), "-o", "--output", help="ONNX file to write."),
-    opset: int = typer.Option(21, "--opset", help="ONNX opset (21 or newer: INT4 types)."),
-    int8_weights: bool = typer.Option(
-        False, "--int8-weights",
+    checkpoint: Annotated[Path, typer.Argument(help="quantized.pt written by `fddaq quantize`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="ONNX file to write.")] = Path("model.onnx"),
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (21 or newer: INT4 types).")] = 21,
+    int8_weights: Annotated[bool, typer.Option(
+        "--int8-weights",
         help="Store weights of 4 bits and fewer as INT8 (the same values; about twice the weight bytes): onnxruntime "
-             "then runs symmetric-grid (--weight-grid symmetric) W4A8 convolutions on its 8-bit integer kernels."),
-    force: bool = _force_option(),
-    config: Optional[Path] = _config_option(),
+             "then runs symmetric-grid (--weight-grid symmetric) W4A8 convolutions on its 8-bit integer kernels.")] = False,
+    force: Force = False,
+    config: ConfigFile = None,
 ) -> None:
     """Re-export the QDQ ONNX graph from a checkpoint alone.
 
@@ -592,14 +565,15 @@ def export(
 @app.command()
 @user_errors
 def verify(
-    onnx_file: Path = typer.Argument(..., help="QDQ ONNX file written by `fddaq quantize` or `fddaq export`."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="quantized.pt the file was exported from."),
-    data: Path = typer.Option(..., "--data", help="Images: DIR/<class>/<image> (accuracies too) or a flat folder."),
-    min_agreement: float = typer.Option(99.0, "--min-agreement", help="Exit 3 when a top-1 agreement (optimizations off or on) is below this percentage."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
-    force: bool = _force_option(),
-    quiet: bool = _quiet_option(),
-    config: Optional[Path] = _config_option(),
+    onnx_file: Annotated[Path, typer.Argument(help="QDQ ONNX file written by `fddaq quantize` or `fddaq export`.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="quantized.pt the file was exported from.")],
+    data: Annotated[Path, typer.Option("--data", help="Images: DIR/<class>/<image> (accuracies too) or a flat folder.")],
+    min_agreement: Annotated[float, typer.Option(
+        "--min-agreement", help="Exit 3 when a top-1 agreement (optimizations off or on) is below this percentage.")] = 99.0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Check that onnxruntime (CPU, graph optimizations off and on) reproduces the checkpoint's
     fake-quant model: top-1 agreement, logit and activation differences in quantization steps,
@@ -625,33 +599,35 @@ def verify(
 @app.command()
 @user_errors
 def plan(
-    model: Path = _model_option(),
-    arch: str = _arch_option(),
-    bits: int = _PLAN_BITS["bits"],
-    weight_bits: Optional[int] = _PLAN_BITS["weight_bits"],
-    act_bits: Optional[int] = _PLAN_BITS["act_bits"],
-    first_last_bits: Optional[int] = _PLAN_BITS["first_last_bits"],
-    layer_bits: Optional[list[str]] = _PLAN_BITS["layer_bits"],
-    weight_grid: str = _PLAN_BITS["weight_grid"],
-    activations: str = _PLAN_BITS["activations"],
-    num_classes: Optional[int] = _num_classes_option(),
-    preset: Optional[str] = _preset_option(),
-    input_size: Optional[int] = _input_size_option(),
-    resize: Optional[int] = _resize_option(),
-    mean: Optional[str] = _mean_option(),
-    std: Optional[str] = _std_option(),
-    trust_model: bool = _trust_model_option(),
-    arch_arg: Optional[list[str]] = _arch_arg_option(),
-    output: Optional[str] = _output_option(),
-    data: Optional[Path] = typer.Option(None, "--data", help="Calibration images (DIR/<class>/<image> or a flat folder) "
-                                        "for --target-size / --target-drop: the plan is searched on them."),
-    target_size: Optional[float] = _PLAN_BUDGET["target_size"],
-    target_drop: Optional[float] = _PLAN_BUDGET["target_drop"],
-    bit_choices: str = _PLAN_BUDGET["bit_choices"],
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON to this file."),
-    force: bool = _force_option(),
-    quiet: bool = _quiet_option(),
-    config: Optional[Path] = _config_option(),
+    ctx: typer.Context,
+    model: ModelFile,
+    arch: Arch,
+    bits: Bits = 4,
+    weight_bits: WeightBits = None,
+    act_bits: ActBits = None,
+    first_last_bits: FirstLastBits = None,
+    layer_bits: LayerBits = None,
+    weight_grid: WeightGridOption = WeightGrid("auto"),
+    activations: ActivationsOption = Activations("auto"),
+    num_classes: NumClasses = None,
+    preset: Preset = None,
+    input_size: InputSize = None,
+    resize: Resize = None,
+    mean: Mean = None,
+    std: Std = None,
+    trust_model: TrustModel = False,
+    arch_arg: ArchArg = None,
+    output: ScoredOutput = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Calibration images (DIR/<class>/<image> or a flat folder) for --target-size / --target-drop: "
+        "the plan is searched on them.")] = None,
+    target_size: TargetSize = None,
+    target_drop: TargetDrop = None,
+    bit_choices: BitChoices = "4,8",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Show which layers `quantize` would quantize, at which bits and why, after checking that the
     model and its quantized form export (a dry run of the export in onnxruntime): what would
@@ -671,16 +647,13 @@ def plan(
     from .jobs import precision_report, searched_reason
 
     _check_file(json_path, force)
-    budget = _budget(target_size, target_drop, bit_choices)
-    if budget is not None:
-        act_bits = act_bits or max(budget.bit_choices)  # as quantize: activation bits do not change the size
-        if data is None:
-            raise ConfigError("--target-size and --target-drop need --data: the bit search measures plans on images")
-    elif data is not None:
+    budget = _budget(ctx.params)
+    if budget is not None and data is None:
+        raise ConfigError("--target-size and --target-drop need --data: the bit search measures plans on images")
+    if budget is None and data is not None:
         raise ConfigError("--data is for the bit search: give --target-size or --target-drop too")
-    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid, activations)
-    source = _source(model, arch, data, None, num_classes, None, preset, input_size, resize, mean, std, trust_model,
-                     arch_arg, output)
+    quant = _quant_config(ctx.params, budget)
+    source = _source(ctx, data)
     loaded = load_float(source)
     layers = plan_layers(loaded, quant)
     checked = dry_run(loaded.model, loaded.capture, layers, loaded.output)  # before a search: fails in seconds
@@ -726,34 +699,35 @@ def plan(
 @user_errors
 def sensitivity(
     ctx: typer.Context,
-    model: Path = _model_option(),
-    arch: str = _arch_option(),
-    calib: Path = _calib_option(),
-    bits: int = _SENSITIVITY_BITS["bits"],
-    weight_bits: Optional[int] = _SENSITIVITY_BITS["weight_bits"],
-    act_bits: Optional[int] = _SENSITIVITY_BITS["act_bits"],
-    first_last_bits: Optional[int] = _SENSITIVITY_BITS["first_last_bits"],
-    layer_bits: Optional[list[str]] = _SENSITIVITY_BITS["layer_bits"],
-    weight_grid: str = _SENSITIVITY_BITS["weight_grid"],
-    activations: str = _SENSITIVITY_BITS["activations"],
-    synthetic: int = typer.Option(0, "--synthetic", help="Also measure on this many FDDA synthetic images (trains the generator first)."),
-    synth_steps: int = typer.Option(500, "--synth-steps", help="Generator training steps, with --synthetic."),
-    seed: int = _seed_option(),
-    num_classes: Optional[int] = _num_classes_option(),
-    classes: Optional[Path] = _classes_option(),
-    preset: Optional[str] = _preset_option(),
-    input_size: Optional[int] = _input_size_option(),
-    resize: Optional[int] = _resize_option(),
-    mean: Optional[str] = _mean_option(),
-    std: Optional[str] = _std_option(),
-    trust_model: bool = _trust_model_option(),
-    arch_arg: Optional[list[str]] = _arch_arg_option(),
-    output: Optional[str] = _output_option(),
-    out: Path = typer.Option(Path("sensitivity"), "--out", help="Output folder."),
-    device: str = _device_option(),
-    force: bool = _force_option(),
-    quiet: bool = _quiet_option(),
-    config: Optional[Path] = _config_option(),
+    model: ModelFile,
+    arch: Arch,
+    calib: Calib,
+    bits: Bits = 4,
+    weight_bits: WeightBits = None,
+    act_bits: ActBits = None,
+    first_last_bits: FirstLastBits = None,
+    layer_bits: LayerBits = None,
+    weight_grid: WeightGridOption = WeightGrid("auto"),
+    activations: ActivationsOption = Activations("auto"),
+    synthetic: Annotated[int, typer.Option(
+        "--synthetic", help="Also measure on this many FDDA synthetic images (trains the generator first).")] = 0,
+    synth_steps: Annotated[int, typer.Option("--synth-steps", help="Generator training steps, with --synthetic.")] = 500,
+    seed: Seed = 0,
+    num_classes: NumClasses = None,
+    classes: Classes = None,
+    preset: Preset = None,
+    input_size: InputSize = None,
+    resize: Resize = None,
+    mean: Mean = None,
+    std: Std = None,
+    trust_model: TrustModel = False,
+    arch_arg: ArchArg = None,
+    output: ScoredOutput = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("sensitivity"),
+    device: Device = "auto",
+    force: Force = False,
+    quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Show where the model breaks at low bits: each quantizer (each layer's weights, each
     quantized input) ranked by the KL divergence of the output from float when it alone is at
@@ -766,10 +740,9 @@ def sensitivity(
     from fddaq.config import SynthConfig
 
     _check_outputs(out, SENSITIVITY_OUTPUTS, force)
-    quant = _quant_config(bits, weight_bits, act_bits, first_last_bits, layer_bits, weight_grid, activations)
+    quant = _quant_config(ctx.params)
     synth_config = SynthConfig(steps=synth_steps, num_images=synthetic, seed=seed)
-    source = _source(model, arch, calib, None, num_classes, classes, preset, input_size, resize, mean, std, trust_model,
-                     arch_arg, output)
+    source = _source(ctx, calib)
     with _locked(out):
         with ProgressRenderer(console, quiet) as progress:
             report = run_sensitivity(source, quant, out, synth_config, progress, _resolve_device(device))
@@ -781,24 +754,27 @@ def sensitivity(
 @app.command(name="eval")
 @user_errors
 def evaluate(
-    model: Path = typer.Argument(..., help="A float state dict (with --arch), a quantized.pt checkpoint or an ONNX file."),
-    data: Path = typer.Option(..., "--data", help="Labelled images: DIR/<class>/<image>."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a float state dict (not needed for a checkpoint or ONNX file)."),
-    num_classes: Optional[int] = _num_classes_option(),
-    classes: Optional[Path] = _classes_option(),
-    preset: Optional[str] = _preset_option(),
-    input_size: Optional[int] = _input_size_option(),
-    resize: Optional[int] = _resize_option(),
-    mean: Optional[str] = _mean_option(),
-    std: Optional[str] = _std_option(),
-    trust_model: bool = _trust_model_option(),
-    arch_arg: Optional[list[str]] = _arch_arg_option(),
-    output: Optional[str] = _output_option(),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
-    device: str = _device_option(),
-    force: bool = _force_option(),
-    quiet: bool = _quiet_option(),
-    config: Optional[Path] = _config_option(),
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(
+        help="A float state dict (with --arch), a quantized.pt checkpoint or an ONNX file.")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled images: DIR/<class>/<image>.")],
+    arch: Annotated[Optional[str], typer.Option(
+        "--arch", help="Architecture of a float state dict (not needed for a checkpoint or ONNX file).")] = None,
+    num_classes: NumClasses = None,
+    classes: Classes = None,
+    preset: Preset = None,
+    input_size: InputSize = None,
+    resize: Resize = None,
+    mean: Mean = None,
+    std: Std = None,
+    trust_model: TrustModel = False,
+    arch_arg: ArchArg = None,
+    output: ScoredOutput = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this file.")] = None,
+    device: Device = "auto",
+    force: Force = False,
+    quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Top-1 and top-5 accuracy of a float model, a quantized checkpoint (PyTorch fake-quant) or
     an ONNX file (onnxruntime, preprocessing and classes from its metadata) on labelled images.
@@ -811,12 +787,11 @@ def evaluate(
 
     if arch is not None and model.suffix == ".onnx":
         raise ConfigError("--arch is for a float state dict: an ONNX file carries its own graph")
-    options = (preset, input_size, resize, mean, std)
-    if arch is None and any(v is not None for v in (*options, num_classes, classes, arch_arg, output)):
+    if arch is None and any(ctx.params[name] not in (None, ()) for name in SOURCE_OPTIONS
+                            if name not in ("arch", "trust_model")):
         raise ConfigError("preprocessing and class options are for a float state dict (with --arch): "
                           "a checkpoint or ONNX file carries its own")
-    source = _source(model, arch, data, None, num_classes, classes, *options, trust_model, arch_arg,
-                     output) if arch is not None else None
+    source = _source(ctx, data) if arch is not None else None
     _check_file(json_path, force)
     where = _resolve_device(device)
     with ProgressRenderer(console, quiet) as progress:

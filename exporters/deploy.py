@@ -3,22 +3,20 @@ metadata, measure it against the float graph's size and verify it in onnxruntime
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import onnx
 import torch
 
-from fddaq import __version__
 from fddaq.checkpoint import Checkpoint, ModelInfo
 from fddaq.events import EventHandler, emit
 from fddaq.quant.modules import QuantizedModel
 from fddaq.quant.plan import LayerPlan
 
+from .metadata import onnx_metadata
 from .onnx_export import export_qdq
-from .runtime import VerifyReport, check_runnable_opset, load_onnx, onnxruntime_module, verify
+from .runtime import VerifyReport, check_runnable_opset, onnxruntime_module, verify
 
 
 @dataclass(frozen=True)
@@ -28,24 +26,6 @@ class Deployment:
     verify: VerifyReport
     timings: dict[str, float]
     versions: dict[str, str]
-
-
-def onnx_metadata(info: ModelInfo, plan: LayerPlan) -> dict[str, str]:
-    """`metadata_props` of the exported graph: what a deployment needs to feed and read it."""
-    compact = lambda value: json.dumps(value, separators=(",", ":"))  # noqa: E731
-    return {
-        "fddaq_version": __version__,
-        "layer_plan": compact(plan.to_json()),
-        "preprocessing": compact(info.preprocess.to_json()),
-        "class_names": compact(list(info.class_names)),
-        "arch": info.arch,
-        "scored_output": info.output,
-    }
-
-
-def read_onnx_metadata(path: Path) -> dict[str, str]:
-    """The `metadata_props` of an ONNX file (an ExportError when it is not one)."""
-    return {prop.key: prop.value for prop in load_onnx(path, external_data=False).metadata_props}
 
 
 def export_checkpoint(checkpoint: Checkpoint, opset: int = 21, int8_weights: bool = False) -> bytes:

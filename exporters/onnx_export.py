@@ -55,7 +55,7 @@ from fddaq.errors import ExportError, first_line
 from fddaq.quant.capture import output_leaves, short_location
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.quant.modules import ActivationQuantizer, QuantizedModel, QuantLayer
-from fddaq.quant.primitives import BIAS_SPAN, activation_range
+from fddaq.quant.primitives import activation_range
 
 INPUT_NAME = "input"
 BATCH_DIM = "N"
@@ -408,11 +408,9 @@ class _Rewrite:
             name = f"{layer.name}.b" + ("" if f"{layer.name}.b" not in self.emitted.values()
                                         else str(sum(v.startswith(f"{layer.name}.b") for v in self.emitted.values())))
             self.emitted[key] = name
-            bias = numpy_helper.to_array(self.values[raw]).astype(np.float32).reshape(-1)
-            scale = np.float32(layer.input_quant.scale().item()) * layer.weight_quant.scale().detach().cpu().numpy().astype(np.float32)
-            scale = np.tile(scale, bias.size // scale.size)
-            integers = np.clip(np.round(bias / scale), -BIAS_SPAN, BIAS_SPAN).astype(np.int32)
-            self._dequantized(name, integers, scale, 0)
+            bias = torch.from_numpy(numpy_helper.to_array(self.values[raw]).astype(np.float32).reshape(-1))
+            integers, scale = layer.bias_integers(bias.to(layer.weight_quant.log_scale.device))
+            self._dequantized(name, integers.cpu().numpy(), scale.cpu().numpy(), 0)
         return self.emitted[key]
 
     def _dequantized(self, name: str, integers: np.ndarray, scale: np.ndarray, axis: int,

@@ -153,16 +153,13 @@ def load_onnx(path: str | Path, external_data: bool = True) -> onnx.ModelProto:
         raise ExportError(f"{path} is not a readable ONNX file: {first_line(exc)}") from exc
 
 
-def _op_counts(path: Path) -> dict[str, int]:
-    return dict(sorted(Counter(node.op_type for node in onnx.load(str(path)).graph.node).items()))
-
-
-def optimized_ops(model: onnx.ModelProto | bytes | str | Path) -> dict[str, int]:
-    """Operator counts of the graph onnxruntime runs with every CPU optimization on."""
+def optimized_session(model: onnx.ModelProto | bytes | str | Path):
+    """An onnxruntime session with every CPU optimization on, and the operator counts of the
+    graph it runs (its fused kernels)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimized.onnx"
-        inference_session(model, optimize=True, optimized_path=path)
-        return _op_counts(path)
+        session = inference_session(model, optimize=True, optimized_path=path)
+        return session, dict(sorted(Counter(node.op_type for node in onnx.load(str(path)).graph.node).items()))
 
 
 @dataclass(frozen=True)
@@ -383,16 +380,13 @@ def verify(
     reference = {name: np.concatenate(parts) for name, parts in reference.items()}
     fed = {name: np.concatenate(parts) for name, parts in fed.items()}
     plain = {name: np.concatenate(parts) for name, parts in plain.items()}
-    with tempfile.TemporaryDirectory() as tmp:  # one optimized session: run it, count its kernels
-        path = Path(tmp) / "optimized.onnx"
-        session = inference_session(onnx_model, optimize=True, optimized_path=path)
-        optimized: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-        for index, values in enumerate(_batches(session, images, batch_size, output_names)):
-            for name, value in zip(output_names, values):
-                optimized[name].append(value)
-            emit(on_event, "verify", batches + index + 1, 2 * batches)
-        optimized = {name: np.concatenate(parts) for name, parts in optimized.items()}
-        ops = _op_counts(path)
+    session, ops = optimized_session(onnx_model)  # one optimized session: run it, count its kernels
+    optimized: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+    for index, values in enumerate(_batches(session, images, batch_size, output_names)):
+        for name, value in zip(output_names, values):
+            optimized[name].append(value)
+        emit(on_event, "verify", batches + index + 1, 2 * batches)
+    optimized = {name: np.concatenate(parts) for name, parts in optimized.items()}
     off, on = _compare(reference, plain), _compare(reference, optimized)
     step = _output_step(model, images)
     diff = np.abs(plain[scored] - reference[scored])

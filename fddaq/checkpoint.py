@@ -22,7 +22,8 @@ from .quant.plan import LayerPlan
 from .quant.prepare import prepare
 
 FORMAT = "fddaq-checkpoint"
-FORMAT_VERSION = 4  # 3: the float model's state plus each layer's quantizers and integer weights; 4: and every layer's bias
+FORMAT_VERSION = 5  # 3: the float model's state plus each layer's quantizers and integer weights; 4: and every layer's
+# bias; 5: and each activation quantizer's observed range
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,15 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 WEIGHT_GRIDS = ("auto", "symmetric")
 ACTIVATIONS = ("auto", "all", "inputs")
 
+# Preprocessing of well-known weights; `channels` is filled in from the model.
+PRESETS: dict[str, dict] = {
+    "fashion-mnist": dict(input_size=28, mean=(0.2860,), std=(0.3530,)),
+    "imagenet": dict(input_size=224, resize=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "efficientnet-lite": dict(
+        input_size=224, resize=256, mean=(127 / 255,), std=(128 / 255,), interpolation="bicubic"
+    ),
+}
+
 
 @dataclass(frozen=True)
 class QuantConfig:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import PRESETS
 from .errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -74,16 +75,6 @@ class Preprocess:
     @classmethod
     def from_json(cls, data: dict) -> "Preprocess":
         return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
-
-
-# Preprocessing of well-known weights; `channels` is filled in from the model.
-PRESETS: dict[str, dict] = {
-    "fashion-mnist": dict(input_size=28, mean=(0.2860,), std=(0.3530,)),
-    "imagenet": dict(input_size=224, resize=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    "efficientnet-lite": dict(
-        input_size=224, resize=256, mean=(127 / 255,), std=(128 / 255,), interpolation="bicubic"
-    ),
-}
 
 
 def preset(name: str, channels: int) -> Preprocess:
@@ -151,7 +142,7 @@ def _decode(path: Path, preprocess: Preprocess) -> np.ndarray | None:
             w, h = img.size
             if w < size or h < size:
                 raise DataError(
-                    f"{path} is {w}x{h}, smaller than the {size}x{size} crop: use larger images or set --resize"
+                    f"{path} is {w}x{h}, smaller than the {size}x{size} crop: use larger images or set `resize`"
                 )
             left, top = (w - size) // 2, (h - size) // 2
             array = np.array(img.crop((left, top, left + size, top + size)), dtype=np.float32)

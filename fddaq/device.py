@@ -28,15 +28,15 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise ConfigError(f"--device {spec!r} is not one of {CHOICES}") from None
+        raise ConfigError(f"`device` {spec!r} is not one of {CHOICES}") from None
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type != "cuda":
-        raise ConfigError(f"--device {spec!r} is not one of {CHOICES}")
+        raise ConfigError(f"`device` {spec!r} is not one of {CHOICES}")
     if not torch.cuda.is_available():
         raise ConfigError(
-            f"--device {spec} was requested but torch sees no CUDA GPU here (torch {torch.__version__}): "
-            "use --device cpu, or auto to take a GPU only when there is one"
+            f"`device` {spec} was requested but torch sees no CUDA GPU here (torch {torch.__version__}): "
+            "use `device` cpu, or auto to take a GPU only when there is one"
         )
     return _gpu(spec, device.index)
 
@@ -46,12 +46,12 @@ def _gpu(spec: str, index: int | None) -> torch.device:
     ranks = launched()
     if ranks.world > 1:
         if index is not None:
-            raise ConfigError(f"--device {spec}: under torchrun each process takes the GPU of its LOCAL_RANK; "
-                              "give --device cuda or auto")
+            raise ConfigError(f"`device` {spec}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                              "give `device` cuda or auto")
         index = ranks.local_rank
     count, index = torch.cuda.device_count(), index or 0
     if index >= count:
-        raise ConfigError(f"--device {spec}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+        raise ConfigError(f"`device` {spec}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return torch.device("cuda", index)
 
 

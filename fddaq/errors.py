@@ -22,10 +22,6 @@ class ExportError(FddaqError):
     """A model cannot be exported, or the export runtime is missing."""
 
 
-class VerificationError(FddaqError):
-    """The exported graph does not reproduce the PyTorch model."""
-
-
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type when it has none): library errors
     wrapped into a user error must stay one line."""

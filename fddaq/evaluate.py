@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -10,7 +9,7 @@ from torch import Tensor, nn
 
 from .device import batches, model_device
 from .distributed import Ranks, gather, total
-from .quant.modules import QuantizedModel, activation_quantizers, quant_layers
+from .quant.modules import QuantizedModel, activation_quantizers, quant_layers, switched_off
 
 
 @torch.no_grad()
@@ -40,26 +39,24 @@ def top1(logits: Tensor, labels: Tensor) -> float:
 def layer_sqnr(model: QuantizedModel, images: Tensor, batch_size: int = 64, ranks: Ranks = Ranks()) -> dict[str, float]:
     """Signal-to-quantization-noise ratio in dB of each quantized layer's output: the
     fake-quant model's (errors of the layers before it included) against the float model's
-    (the same model with every layer's quantization off), over `images`:
+    (the same model with every layer and quantizer switched off), over `images`:
     10 log10(sum f^2 / sum (f - q)^2); infinity where the outputs are equal. With several
     `ranks` (which must all call it), each measures its part of the images."""
-    reference = copy.deepcopy(model)
-    for layer in quant_layers(reference):
-        layer.enabled = False
-    for quant in activation_quantizers(reference):  # the tensors between operators too
-        quant.enabled = False
     layers = [layer.name for layer in quant_layers(model)]
+    everything = [*quant_layers(model), *activation_quantizers(model)]  # the tensors between operators too
     device = model_device(model)
     sums = torch.zeros(2, len(layers), dtype=torch.float64, device=device)  # signal and noise per layer
+    model.eval()
     for batch in batches(images[ranks.part(len(images))], batch_size, device):
         outputs = []
-        for side in (reference, model):
-            side.outputs = {}
+        for off in (everything, []):  # float, then quantized
+            model.outputs = {}
             try:
-                side.eval()(batch)
-                outputs.append(side.outputs)
+                with switched_off(off):
+                    model(batch)
+                outputs.append(model.outputs)
             finally:
-                side.outputs = None
+                model.outputs = None
         for index, name in enumerate(layers):
             f, q = outputs[0][name].double(), outputs[1][name].double()
             sums[0, index] += f.square().sum()

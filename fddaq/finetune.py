@@ -20,13 +20,12 @@ from torch import Tensor, nn
 
 from .config import FinetuneConfig
 from .device import fast_float, model_device
-from .distributed import Ranks, average, current, data_parallel
+from .distributed import Ranks, average, data_parallel
 from .errors import ConfigError
 from .evaluate import predict, top1
-from .events import EventHandler, emit
-from .quant.modules import QuantizedModel, activation_quantizers, quant_layers
+from .events import EventHandler, curve_end, emit
+from .quant.modules import QuantizedModel, activation_quantizers, observing, quant_layers
 
-RESUME_FORMAT = 1
 Checkpointer = Callable[[dict], None]
 
 
@@ -148,17 +147,12 @@ def _set_weight_ranges(student: QuantizedModel) -> None:
         layer.weight_quant.set_min_max(weights[layer.name])
 
 
-def _set_observers(student: nn.Module, momentum: float | None) -> None:
-    for quant in activation_quantizers(student):
-        quant.ema_momentum = momentum
-
-
 def _sync_observers(student: nn.Module, ranks: Ranks) -> None:
     """Every rank's observed activation ranges replaced by their mean over the ranks."""
-    quantizers = [quant for quant in activation_quantizers(student) if quant.observed]
+    quantizers = [quant for quant in activation_quantizers(student) if quant.observed_range() is not None]
     if ranks.world == 1 or not quantizers:
         return
-    observed = torch.tensor([q.observed for q in quantizers], dtype=torch.float64, device=model_device(student))
+    observed = torch.stack([q.observed for q in quantizers])
     for q, (lo, hi) in zip(quantizers, average(observed, ranks).tolist()):
         q.set_observed(lo, hi)
 
@@ -172,18 +166,18 @@ def finetune(
     on_event: EventHandler | None = None,
     on_checkpoint: Checkpointer | None = None,
     resume: dict | None = None,
+    ranks: Ranks = Ranks(),
 ) -> FinetuneResult:
     """Train `student` in place to match `teacher` on batches of real (images, labels) mixed
     with synthetic ones (`config.synthetic_fraction` of each batch when given).
 
     `on_checkpoint(state)` receives a resumable state before the first step and every
     `checkpoint_every` steps (an interrupted run loses at most those steps); `resume`
-    continues from such a state to the same result as an uninterrupted run. Under torchrun
-    each rank trains on its own share of every batch (see `distributed`); rank 0 alone hands
-    out states."""
+    continues from such a state to the same result as an uninterrupted run. With several
+    `ranks` (a torchrun job, which must all call it) each trains on its own share of every
+    batch (see `distributed`); rank 0 alone hands out states."""
     start = time.perf_counter()
     device = model_device(student)
-    ranks = current()
     if resume is not None and ranks.world > 1:
         raise ConfigError("resuming is for one process: a state holds one rank's random draws")
     if not ranks.is_main:
@@ -221,17 +215,13 @@ def finetune(
         schedule.load_state_dict(resume["schedule"])
         batches.generator.set_state(resume["rng"])
         losses = resume["losses"].tolist()
-        for quant, observed in zip(activation_quantizers(student), resume["observed"].tolist()):
-            quant.observed = None if math.isnan(observed[0]) else tuple(observed)
 
     def state(step: int) -> dict:
         """A snapshot (copies, not live tensors) of everything the next steps depend on."""
-        observed = [quant.observed or (math.nan, math.nan) for quant in activation_quantizers(student)]
         return copy.deepcopy({
-            "format": RESUME_FORMAT, "step": step, "student": student.state_dict(),
+            "step": step, "student": student.state_dict(),
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
             "rng": batches.generator.get_state(), "losses": torch.tensor(losses, dtype=torch.float64),
-            "observed": torch.tensor(observed, dtype=torch.float64).reshape(-1, 2),
         })
 
     def holdout_top1() -> float | None:
@@ -242,13 +232,13 @@ def finetune(
         on_checkpoint(state(0))
     try:
         for step in range(first, config.steps + 1):
-            _set_observers(student, config.act_ema if step <= observe_steps else None)
             if not config.learn_scales:
                 _set_weight_ranges(student)
             images, labels = batches.next()
             with torch.no_grad(), fast_float(device):
                 target = teacher(images).float()
-            loss = student_loss(trainer(images), target, labels, config)
+            with observing(activation_quantizers(student), config.act_ema if step <= observe_steps else None):
+                loss = student_loss(trainer(images), target, labels, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -265,15 +255,11 @@ def finetune(
                     on_checkpoint(state(step))
             emit(on_event, "finetune", step, config.steps, **metrics)
     finally:
-        _set_observers(student, None)
         for scale in scales:
             scale.requires_grad_(True)
     if not config.learn_scales:
         _set_weight_ranges(student)  # freeze the exported scales at the final weights
-    window = max(1, min(20, len(losses) // 5))
-    first_loss = sum(losses[:window]) / window if losses else float("nan")
-    last_loss = sum(losses[-window:]) / window if losses else float("nan")
     return FinetuneResult(
-        config.steps, first_loss, last_loss, time.perf_counter() - start, len(holdout[1]),
+        config.steps, curve_end(losses, first=True), curve_end(losses), time.perf_counter() - start, len(holdout[1]),
         holdout_top1(), None if resume is None else resume["step"],
     )

@@ -34,7 +34,7 @@ def build_model(spec: str, num_classes: int | None = None, args: tuple[str, ...]
             "'package.module:callable' or 'path/to/file.py:callable'"
         )
     if num_classes is not None and num_classes < 1:
-        raise ModelError(f"--num-classes={num_classes} must be at least 1")
+        raise ModelError(f"`num_classes` {num_classes} must be at least 1")
     positional, keywords = parse_arch_args(args)
     if num_classes is not None:
         keywords["num_classes"] = num_classes
@@ -70,7 +70,7 @@ def parse_arch_args(args: tuple[str, ...]) -> tuple[list, dict]:
         if sep and key.isidentifier():
             keywords[key] = _literal(value)
         elif keywords:
-            raise ModelError(f"--arch-arg {text!r}: positional arguments come before KEY=VALUE ones")
+            raise ModelError(f"`arch_arg` {text!r}: positional arguments come before KEY=VALUE ones")
         else:
             positional.append(_literal(text))
     return positional, keywords
@@ -179,7 +179,7 @@ def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
         raise ModelError(
             f"{path} is not a plain state dict: it pickles Python objects (e.g. a whole model saved with "
             "torch.save(model)), and unpickling them can run code from the file. Save model.state_dict() "
-            "instead, or pass --trust-model if you trust the file"
+            "instead, or pass `trust_model` if you trust the file"
         ) from exc
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
         raise ModelError(f"{path} is not a readable PyTorch file: {first_line(exc)}") from exc
@@ -223,7 +223,7 @@ def load_weights(model: nn.Module, state: dict, problem: str) -> None:
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
             if keys:
                 parts.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})")
-        hint = " (pass --num-classes?)" if wrong and not missing and not unexpected else ""
+        hint = " (pass `num_classes`?)" if wrong and not missing and not unexpected else ""
         raise ModelError(f"{problem}: {'; '.join(parts)}{hint}")
     model.load_state_dict(state)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +20,7 @@ from .checkpoint import ModelInfo
 from .config import BudgetConfig, CalibrationConfig, QuantConfig, RunConfig, SynthConfig
 from .data import ImageSet, Preprocess, load_image_folder, preset
 from .device import pin, place, placed
-from .distributed import current
+from .distributed import Ranks, current
 from .errors import ConfigError, DataError
 from .evaluate import class_logits, layer_sqnr, predict, top1
 from .events import EventHandler, emit
@@ -37,7 +37,7 @@ from .reconstruct import ReconstructResult, reconstruct, view_pool
 from .recipes import synthesis_choice
 from .stats import ClassStatistics, batchnorm_layers, class_statistics, deep_layer_start
 from .synth.pool import optimize_pool
-from .synth.quality import QualityProbe
+from .synth.quality import QualityProbe, SetQuality
 from .synth.train import generate, train_generator
 from .zoo import ZOO
 
@@ -135,9 +135,9 @@ def resolve_preprocess(arch: str, channels: int, options: PreprocessOptions) -> 
         if "input_size" in overrides and "resize" not in overrides and base.resize is not None:
             overrides["resize"] = max(overrides["input_size"], round(overrides["input_size"] * base.resize / base.input_size))
         return replace(base, **overrides)
-    missing = [f"--{k.replace('_', '-')}" for k in ("input_size", "mean", "std") if k not in overrides]
+    missing = [f"`{k}`" for k in ("input_size", "mean", "std") if k not in overrides]
     if missing:
-        raise ConfigError(f"preprocessing of {arch} is unknown: give --preset or {', '.join(missing)}")
+        raise ConfigError(f"preprocessing of {arch} is unknown: give `preset` or {', '.join(missing)}")
     return Preprocess(channels=channels, **overrides)
 
 
@@ -165,7 +165,7 @@ def _class_names(source: Source, calib_dir_names: tuple[str, ...], outputs: int)
         raise DataError(f"{source.calib_dir} has {len(calib_dir_names)} class folders but the model has {outputs} outputs")
     raise DataError(
         f"{source.calib_dir} has {len(calib_dir_names)} class folders for a model with {outputs} outputs: "
-        "give --classes FILE (one folder name per line, line i = class i) to say which classes they are"
+        "give `classes` FILE (one folder name per line, line i = class i) to say which classes they are"
     )
 
 
@@ -264,28 +264,62 @@ SQNR_IMAGES = 256  # images for the per-layer SQNR
 class Synthesis:
     images: Tensor  # (N, C, H, W) in model-input space
     labels: Tensor  # (N,) int64
-    report: dict  # generator summary, quality figures, per-loss curves
+    report: SynthesisReport
     seconds: float
+
+
+@dataclass(frozen=True)
+class SynthesisReport:
+    """What a synthesis made, and how good its images are: its `method` ("pool", "generator",
+    or "file": images made before, from `source`), the BatchNorm layers it aligns
+    (`num_bn_layers`, the deep ones from `deep_start`), the classes with a BNS center and the
+    misclassified calibration images left out of the centers, the number of `images`, their
+    `quality` and that of held-out real images (by set: "synthetic", "real_val"); for a
+    synthesis that ran, its seconds, each loss term's final value and its `curves` (one value
+    every `curves["every_n_steps"]` steps)."""
+
+    method: str
+    deep_start: int
+    num_bn_layers: int
+    classes_with_center: int
+    misclassified_excluded: int
+    images: int
+    quality: dict[str, SetQuality]
+    source: str | None = None
+    seconds: float | None = None
+    seconds_per_step: float | None = None
+    final_losses: dict[str, float] | None = None
+    curves: dict | None = None
+
+    def to_json(self) -> dict:
+        found = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**found, "quality": {name: quality.to_json() for name, quality in self.quality.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SynthesisReport":
+        return cls(**{**data, "quality": {name: SetQuality(**q) for name, q in data["quality"].items()}})
 
 
 def synthesize(
     inputs: Inputs, config: SynthConfig, on_event: EventHandler | None = None, real_images: bool = True,
     device: torch.device = CPU, on_checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
+    ranks: Ranks = Ranks(),
 ) -> Synthesis:
     """Train FDDA's generator on the calibration images' BNS centers and draw
     `config.num_images` labelled images; measure them against the calibration images' centers
     (and held-out real images). Without `real_images` (data-free) the generator learns from
     the BN running statistics alone; the real images then only serve the measurement. Runs on
     `device`; the images come back on the CPU. `on_checkpoint` receives resumable states of
-    the synthesis loop; `resume` continues from one."""
+    the synthesis loop; `resume` continues from one. `ranks`: the processes of a torchrun job,
+    which must all call it."""
     with placed(inputs.float_model, device):
-        return _synthesize(inputs, config, on_event, real_images, on_checkpoint, resume)
+        return _synthesize(inputs, config, on_event, real_images, on_checkpoint, resume, ranks)
 
 
 def require_calibration(inputs: Inputs, real_images: bool = True) -> None:
     """Only data-free synthesis (`real_images` False) runs without calibration images."""
     if real_images and not len(inputs.calib):
-        raise ConfigError("calibration images are needed (--calib DIR); only data-free synthesis runs without them")
+        raise ConfigError("calibration images are needed (`calib` DIR); only data-free synthesis runs without them")
 
 
 def check_trainable(model: FloatModel, config: RunConfig | None = None) -> None:
@@ -298,13 +332,13 @@ def check_trainable(model: FloatModel, config: RunConfig | None = None) -> None:
     if model.dense and needs_logits:
         raise ConfigError(
             f"the scored output {model.output!r} has shape {model.output_shape} (classes and positions): fine-tuning and FDDA "
-            "synthesis distil class logits [N, classes]; give --output for a logits output"
-            + ("" if config is None else ", or use --recipe reconstruct (without --synthetic) or ptq")
+            "synthesis distil class logits [N, classes]; give `output` for a logits output"
+            + ("" if config is None else ", or use `recipe` reconstruct (without `synthetic`) or ptq")
         )
 
 
 def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | None, real_images: bool,
-                on_checkpoint: Callable[[dict], None] | None, resume: dict | None) -> Synthesis:
+                on_checkpoint: Callable[[dict], None] | None, resume: dict | None, ranks: Ranks) -> Synthesis:
     start = time.perf_counter()
     require_calibration(inputs, real_images)
     model, layers, statistics = _teacher_statistics(inputs)
@@ -313,19 +347,17 @@ def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | No
         used = len(inputs.calib) if real_images else 0  # data-free: the pool starts from noise
         images, labels, result = optimize_pool(model, layers, teacher, inputs.calib.images[:used],
                                                inputs.calib.labels[:used], config, on_event, on_checkpoint, resume,
-                                               inputs.info.preprocess.input_range())
+                                               inputs.info.preprocess.input_range(), ranks)
     else:
         result = train_generator(model, layers, teacher, inputs.input_shape, config, on_event, on_checkpoint, resume,
-                                 inputs.info.preprocess.input_range())
+                                 inputs.info.preprocess.input_range(), ranks)
         images, labels = generate(result.generator, config.num_images, config.seed, on_event=on_event, latents=result.latents)
     stride = max(1, len(result.curves["total"]) // MAX_CURVE_POINTS)
-    report = {
-        "method": config.method,
-        **result.summary(),
-        "images": len(labels),
-        "quality": _quality(inputs, model, layers, statistics, result.deep_start, images, labels),
-        "curves": {"every_n_steps": stride, **{k: v[::stride] for k, v in result.curves.items()}},
-    }
+    report = SynthesisReport(
+        config.method, **result.summary(), images=len(labels),
+        quality=_quality(inputs, model, layers, statistics, result.deep_start, images, labels),
+        curves={"every_n_steps": stride, **{k: v[::stride] for k, v in result.curves.items()}},
+    )
     return Synthesis(images, labels, report, time.perf_counter() - start)
 
 
@@ -347,12 +379,11 @@ def synthesis_from(inputs: Inputs, images: Tensor, labels: Tensor, origin: str, 
     with placed(inputs.float_model, device):
         model, layers, statistics = _teacher_statistics(inputs)
         deep = deep_layer_start(len(layers))
-        report = {
-            "method": "file", "source": origin, "deep_start": deep, "num_bn_layers": len(layers),
-            "classes_with_center": int(statistics.centers(exclude_misclassified=True)[2].sum()),
-            "misclassified_excluded": statistics.misclassified, "images": len(labels),
-            "quality": _quality(inputs, model, layers, statistics, deep, images, labels) if layers else {},
-        }
+        report = SynthesisReport(
+            "file", deep, len(layers), int(statistics.centers(exclude_misclassified=True)[2].sum()),
+            statistics.misclassified, len(labels),
+            _quality(inputs, model, layers, statistics, deep, images, labels) if layers else {}, origin,
+        )
     return Synthesis(images, labels, report, time.perf_counter() - start)
 
 
@@ -366,12 +397,12 @@ def _teacher_statistics(inputs: Inputs) -> tuple[nn.Module, list[tuple[str, nn.B
 
 
 def _quality(inputs: Inputs, model: nn.Module, layers: list[tuple[str, nn.BatchNorm2d]], statistics: ClassStatistics,
-             deep_start: int, images: Tensor, labels: Tensor) -> dict:
+             deep_start: int, images: Tensor, labels: Tensor) -> dict[str, SetQuality]:
     """Quality figures (`synth.quality`) of synthetic images, and of held-out real ones."""
     probe = QualityProbe(model, layers, statistics, deep_start)
-    quality = {"synthetic": probe.measure(images, labels).to_json()}
+    quality = {"synthetic": probe.measure(images, labels)}
     if inputs.val is not None:
-        quality["real_val"] = probe.measure(inputs.val.images, inputs.val.labels).to_json()
+        quality["real_val"] = probe.measure(inputs.val.images, inputs.val.labels)
     return quality
 
 
@@ -392,12 +423,43 @@ class QuantizeResult:
     precision: MixedPrecision | None = None  # the bit search, when the run had a budget
 
 
-# A resumable state: {"config": RunConfig as a JSON string, "inputs": `Inputs.fingerprint`, "synthesis": {images, labels, report} or None,
-# "synthesizing": the synthesis loop's state while it runs, or None,
-# "reconstruct": the reconstruction's state after its last finished unit, or None,
-# "finetune": the fine-tuning loop's state, or None while reconstructing}. `on_checkpoint`
-# receives the latest one.
-ResumeState = dict
+RESUME_FORMAT = 1  # of `ResumeState.to_dict`: a state of another format is refused
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What an interrupted run leaves to continue from (`on_checkpoint` receives the latest):
+    `config`, the run's `RunConfig` as JSON (its budget, not the plan searched for it);
+    `inputs`, `Inputs.fingerprint`; `synthesis`, {images, labels, report} once synthesized;
+    `synthesizing`, the synthesis loop's state while it runs; `reconstruct`, the
+    reconstruction's state after its last finished unit; `finetune`, the fine-tuning loop's
+    state; `plan`, the layer overrides the bit search chose (a resumed run searches again and
+    must find the same)."""
+
+    config: str
+    inputs: str | None
+    synthesis: dict | None = None
+    synthesizing: dict | None = None
+    reconstruct: dict | None = None
+    finetune: dict | None = None
+    plan: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict:
+        """Plain values and tensors (what `torch.load(weights_only=True)` reads back), with the format."""
+        found = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"format": RESUME_FORMAT, **found, "plan": None if self.plan is None else list(self.plan)}
+
+    @classmethod
+    def from_dict(cls, state: object) -> "ResumeState":
+        """The state `to_dict` wrote; one of another format (another fddaq version) is refused."""
+        written = state.get("format") if isinstance(state, dict) else None
+        if written != RESUME_FORMAT:
+            raise ConfigError(f"the state to resume was written by another version of fddaq (format {written}; this one "
+                              f"reads {RESUME_FORMAT})")
+        found = {f.name: state.get(f.name) for f in fields(cls)}
+        return cls(**{**found, "plan": None if found["plan"] is None else tuple(found["plan"])})
+
+
 ResumeHandler = Callable[[ResumeState], None]
 
 
@@ -418,9 +480,9 @@ def quantize(
     `resume` continues from one, which must come from the same configuration. `synthetic`:
     (images, labels, where from) made before, used instead of a synthesis."""
     synthesis = None
-    if resume is not None and resume["synthesis"] is not None:
-        saved = resume["synthesis"]
-        synthesis = Synthesis(saved["images"], saved["labels"], json.loads(saved["report"]), 0.0)
+    if resume is not None and resume.synthesis is not None:
+        saved = resume.synthesis
+        synthesis = Synthesis(saved["images"], saved["labels"], SynthesisReport.from_json(json.loads(saved["report"])), 0.0)
     loaded = loaded or load_float(source)
     check_trainable(loaded, config)
     inputs = load_inputs(source, device, loaded)
@@ -456,43 +518,42 @@ def _quantize(
     device: torch.device,
 ) -> QuantizeResult:
     require_calibration(inputs)  # activation ranges and every measurement need real images
+    ranks = current()  # the processes of a torchrun job (one without): they share synthesis, training and evaluation
     covered = len(inputs.calib.labels.unique())
     config, synthesis_why = synthesis_choice(config, len(inputs.calib) / covered, covered, inputs.num_classes)
-    if synthesis is not None and (synthesis.report.get("method") == "file" or not config.synth.num_images):
+    if synthesis is not None and (synthesis.report.method == "file" or not config.synth.num_images):
         # images handed in (a file, a benchmark's shared synthesis) are used whatever the choice
         config = replace(config, synth=replace(config.synth, num_images=len(synthesis.labels)))
-        synthesis_why = f"{len(synthesis.labels)} synthetic images, given ({synthesis.report.get('source', 'by the caller')})"
+        synthesis_why = f"{len(synthesis.labels)} synthetic images, given ({synthesis.report.source or 'by the caller'})"
     if config.budget is not None:  # an impossible budget is refused before any work
         check_budget(inputs.float_model, inputs.capture, config.quant, config.budget, inputs.calib.labels)
     config_json = json.dumps(config.to_json(), sort_keys=True)  # the budget, not the plan searched for it
-    if resume is not None and resume["config"] != config_json:
-        raise ConfigError("the state to resume was made with other options: run again with the same options, or without --resume")
+    if resume is not None and resume.config != config_json:
+        raise ConfigError("the state to resume was made with other options: resume with the same options, or start "
+                          "the run again")
     fingerprint = inputs.fingerprint() if resume is not None or on_checkpoint is not None else None
-    if resume is not None and "inputs" not in resume:
-        raise ConfigError("the state to resume was written by an older fddaq, which did not record its inputs: run without --resume")
-    if resume is not None and resume["inputs"] != fingerprint:
-        raise ConfigError("the state to resume was made from another model file or other calibration images: run again "
-                          "with the same ones, or without --resume")
+    if resume is not None and resume.inputs != fingerprint:
+        raise ConfigError("the state to resume was made from another model file or other calibration images: resume "
+                          "with the same ones, or start the run again")
     timings = {"load": inputs.seconds}
 
     trains = config.finetune.steps > 0 or config.reconstruct.iterations > 0
     needs_synthesis = config.synth.num_images > 0 and (trains or not config.real_images)
     if synthesis is None and needs_synthesis:
         synthesizing = None if on_checkpoint is None else lambda state: on_checkpoint(
-            {"config": config_json, "inputs": fingerprint, "synthesis": None, "synthesizing": state, "reconstruct": None,
-             "finetune": None})
+            ResumeState(config_json, fingerprint, synthesizing=state))
         synthesis = synthesize(inputs, config.synth, on_event, config.real_images, device, synthesizing,
-                               None if resume is None else resume.get("synthesizing"))
+                               None if resume is None else resume.synthesizing, ranks)
         timings["synthesize"] = synthesis.seconds
     precision = None
     if config.budget is not None:  # the plan, then the run on it (a resumed run searches again: the states
         start = time.perf_counter()  # after the search record its plan, and another one is refused)
         precision = search_plan(inputs, config.quant, config.budget, config.calibration, on_event, device,
                                 None if synthesis is None or not config.real_images else synthesis.images)
-        searched = None if resume is None else resume.get("plan")
-        if searched is not None and tuple(searched) != precision.overrides:  # a state saved for another plan
+        searched = None if resume is None else resume.plan
+        if searched is not None and searched != precision.overrides:  # a state saved for another plan
             raise ConfigError("the bit search chose another plan than the interrupted run's (on another device, or "
-                              "other synthetic images): run again without --resume")
+                              "other synthetic images): start the run again")
         config = replace(config, quant=replace(config.quant, layers=config.quant.layers + precision.overrides))
         timings["bit search"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -501,40 +562,38 @@ def _quantize(
     calibrate(model, (inputs.calib if config.real_images else synthesis).images, config.calibration, on_event=on_event)
     timings["calibrate"] = time.perf_counter() - start
     saved_synthesis = None if synthesis is None else {
-        "images": synthesis.images, "labels": synthesis.labels, "report": json.dumps(synthesis.report),
+        "images": synthesis.images, "labels": synthesis.labels, "report": json.dumps(synthesis.report.to_json()),
     }
 
     def checkpoint(reconstruct_state: dict | None = None, finetune_state: dict | None = None) -> None:
         if on_checkpoint is not None:
-            on_checkpoint({"config": config_json, "inputs": fingerprint, "synthesis": saved_synthesis, "synthesizing": None,
-                           "reconstruct": reconstruct_state, "finetune": finetune_state,
-                           "plan": None if precision is None else list(precision.overrides)})
+            on_checkpoint(ResumeState(config_json, fingerprint, saved_synthesis, None, reconstruct_state, finetune_state,
+                                      None if precision is None else precision.overrides))
 
     real = (inputs.calib.images, inputs.calib.labels)
     synthetic = None if synthesis is None else (synthesis.images, synthesis.labels)
     if not config.real_images:  # data-free: the synthetic images take the real ones' place
         real, synthetic = synthetic, None
     reconstructed = None
-    finetune_resume = None if resume is None else resume.get("finetune")
+    finetune_resume = None if resume is None else resume.finetune
     if config.reconstruct.iterations > 0 and finetune_resume is None:
         start = time.perf_counter()
         train_idx, _ = split_holdout(real[1], config.finetune.holdout, config.finetune.seed)  # the held-out images stay unseen
         pool = view_pool(real[0][train_idx], None if synthetic is None else synthetic[0], config.reconstruct)
         reconstructed = reconstruct(
             model, inputs.float_model, pool, config.reconstruct, on_event,
-            lambda state: checkpoint(reconstruct_state=state), None if resume is None else resume.get("reconstruct"),
+            lambda state: checkpoint(reconstruct_state=state), None if resume is None else resume.reconstruct,
         )
         timings["reconstruct"] = time.perf_counter() - start
     start = time.perf_counter()
     tuned = finetune(
         model, inputs.teacher, real, config.finetune, synthetic, on_event,
-        lambda state: checkpoint(finetune_state=state), finetune_resume,
+        lambda state: checkpoint(finetune_state=state), finetune_resume, ranks,
     )
     timings["finetune"] = time.perf_counter() - start
     float_top1 = quant_top1 = None
     start = time.perf_counter()
     emit(on_event, "evaluate", 0, 3)
-    ranks = current()  # under torchrun, each rank evaluates its part of the images
     images = (inputs.val or inputs.calib).images[:SQNR_IMAGES]
     sqnr = layer_sqnr(model, images, ranks=ranks)  # before folding: every layer's own output
     model = fold_batch_norms(model)  # the deployed form: what is exported and evaluated

@@ -50,7 +50,7 @@ from .finetune import split_holdout, views
 from .quant.bias import rounding_shifts
 from .quant.calibrate import calibrate
 from .quant.capture import Capture
-from .quant.modules import Selected, WeightQuantizer
+from .quant.modules import Selected, WeightQuantizer, switched_off
 from .quant.plan import LayerPlan, resolve_layer_plan, weight_grid
 from .quant.prepare import prepare
 from .sensitivity import Divergence, Measure
@@ -265,17 +265,13 @@ class Widths:
         # discarded: this is most of the search's forwards)
         off = [*(layer for layer in self.base.layers if layer.name not in bits),
                *self.base.activation_quantizers().values()] if alone else []
-        enabled = [quantizer.enabled for quantizer in off]
         try:
             for layer in self.base.layers:
                 if layer.name in bits:
                     layer.weight_quant, layer.bias_shift = self.widths[layer.name][bits[layer.name]]
-            for quantizer in off:
-                quantizer.enabled = False
-            return measure(self.base.eval())
+            with switched_off(off):
+                return measure(self.base.eval())
         finally:
-            for quantizer, was in zip(off, enabled):
-                quantizer.enabled = was
             self._restore()
 
 

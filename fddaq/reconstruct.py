@@ -45,7 +45,6 @@ from .finetune import views
 from .quant.modules import ActivationQuantizer, QuantizedModel, QuantLayer, StopForward, forward_until_stopped
 from .quant.units import Unit, find_units
 
-RESUME_FORMAT = 1
 CACHE_BATCH = 64
 BETA_START, BETA_END = 20.0, 2.0
 
@@ -272,7 +271,7 @@ def reconstruct(
         unit_losses[unit.module] = (before, after)
         unit_batches[unit.module] = batch
         if on_checkpoint is not None and index + 1 < len(units):
-            on_checkpoint(copy.deepcopy({"format": RESUME_FORMAT, "units": index + 1, "student": student.state_dict(),
+            on_checkpoint(copy.deepcopy({"units": index + 1, "student": student.state_dict(),
                                          "unit_losses": unit_losses, "unit_batches": unit_batches}))
     emit(on_event, "reconstruct", total, total)
     befores = [before for before, _ in unit_losses.values()]

@@ -33,7 +33,7 @@ def batchnorm_layers(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Ba
             handle.remove()
     if not order:
         raise ModelError("the model has no BatchNorm2d layer: FDDA synthesis aligns BatchNorm statistics and needs some; "
-                         "quantize it on real images alone (--synthetic 0, or --recipe reconstruct or ptq)")
+                         "quantize it on real images alone (`synthetic` 0, or `recipe` reconstruct or ptq)")
     return [(name, modules[name]) for name in order]
 
 
@@ -111,24 +111,6 @@ class ClassStatistics:
         mean_centers = [weights.T @ m for m in self.means]
         var_centers = [weights.T @ v for v in self.variances]
         return mean_centers, var_centers, counts > 0
-
-    def spread(self, layer_indices: list[int]) -> Tensor:
-        """Per class, the root-mean-square distance of its images' statistics (over the given
-        layers, means and variances) from their class center: the class's real incohesion.
-        NaN for classes with fewer than two images."""
-        mean_c, var_c, _ = self.centers(False)
-        sq = torch.zeros(len(self.labels))
-        size = 0
-        for i in layer_indices:
-            sq += (self.means[i] - mean_c[i][self.labels]).pow(2).sum(1)
-            sq += (self.variances[i] - var_c[i][self.labels]).pow(2).sum(1)
-            size += 2 * self.means[i].shape[1]
-        out = torch.full((self.num_classes,), float("nan"))
-        for k in range(self.num_classes):
-            members = self.labels == k
-            if members.sum() > 1:
-                out[k] = (sq[members].mean() / size).sqrt()
-        return out
 
     @classmethod
     def without_images(cls, layers: list[tuple[str, nn.BatchNorm2d]], num_classes: int) -> "ClassStatistics":

@@ -11,7 +11,7 @@ from ..device import model_device
 from ..errors import ModelError
 from ..events import EventHandler, emit
 from .bias import correct_biases, zero_shifts
-from .modules import QuantizedModel, quant_layers
+from .modules import QuantizedModel, quant_layers, switched_off
 from .primitives import activation_params, mse_activation_params
 
 
@@ -38,17 +38,14 @@ def _sample_activations(
         return record
 
     handles = [quant.register_forward_pre_hook(hook(name)) for name, quant in quantizers.items()]
-    for quant in quantizers.values():
-        quant.enabled = False
     try:
         device = model_device(model)
-        for start in batches:
-            model(images[start : start + batch_size].to(device))
+        with switched_off(quantizers.values()):
+            for start in batches:
+                model(images[start : start + batch_size].to(device))
     finally:
         for handle in handles:
             handle.remove()
-        for quant in quantizers.values():
-            quant.enabled = True
     missing = [name for name, parts in samples.items() if not parts]
     if missing:  # the forward took another path than the one captured
         raise ModelError(f"the quantized model never computed {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: "

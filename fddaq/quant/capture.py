@@ -179,7 +179,7 @@ def resolve_output(outputs: tuple[Output, ...], choice: str | None = None) -> st
         return choice
     if choice.lstrip("-").isdigit() and -len(names) <= int(choice) < len(names):
         return names[int(choice)]
-    raise ConfigError(f"--output {choice!r} is not an output of the model; its outputs: {', '.join(names)} "
+    raise ConfigError(f"`output` {choice!r} is not an output of the model; its outputs: {', '.join(names)} "
                      f"(or an index 0..{len(names) - 1})")
 
 

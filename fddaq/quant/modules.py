@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -139,25 +139,28 @@ class WeightQuantizer(nn.Module):
 class ActivationQuantizer(nn.Module):
     """Asymmetric per-tensor quantizer: learnable log step size, integer zero point.
 
-    `enabled = False` makes it the identity (used while observing float inputs).
-    `ema_momentum` set (e.g. 0.9) makes it an observer: each forward first moves a running
-    min/max towards the batch's (EMA) and sets the grid from it (the official FDDA recipe).
-    `bounds` (low, high): the input is clipped to that range (ReLU6, Hardtanh; set by
-    `prepare`): the step size is capped so that no grid point lies outside it. Such points
-    could never be used, and onnxruntime removes the Clip, and so runs 8-bit integer kernels,
-    only when the grid lies within it. `name`: the site (`sites.Site`) of a tensor quantizer
-    (None for a layer's input quantizer)."""
+    Its state is its parameters and buffers: the step size, the zero point and `observed`, the
+    observer's running (min, max) (the empty range (inf, -inf) before any). Two modes, set for a block by context
+    managers, as `training` is by `train()`/`eval()`:
+    - `enabled` (`switched_off`): when off, the identity (calibration observes float inputs);
+    - `ema_momentum` (`observing`, e.g. 0.9): an observer, whose forward first moves the running
+      min/max towards the batch's (EMA) and sets the grid from it (the official FDDA recipe).
+    `bounds` (low, high): the input is clipped to that range (ReLU6, Hardtanh: `prepare` gives
+    the model's clip): the step size is capped so that no grid point lies outside it. Such
+    points could never be used, and onnxruntime removes the Clip, and so runs 8-bit integer
+    kernels, only when the grid lies within it. `name`: the site (`sites.Site`) of a tensor
+    quantizer (None for a layer's input quantizer)."""
 
-    def __init__(self, bits: int, name: str | None = None) -> None:
+    def __init__(self, bits: int, name: str | None = None, bounds: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.bits = bits
         self.name = name
+        self.bounds = bounds
         self.enabled = True
         self.ema_momentum: float | None = None
-        self.observed: tuple[float, float] | None = None
-        self.bounds: tuple[float, float] | None = None
         self.log_scale = nn.Parameter(torch.zeros(()))
         self.register_buffer("zero_point", torch.zeros(()))
+        self.register_buffer("observed", torch.tensor([math.inf, -math.inf], dtype=torch.float64))
 
     def scale(self) -> Tensor:
         scale = self.log_scale.exp()
@@ -176,16 +179,22 @@ class ActivationQuantizer(nn.Module):
             self.log_scale.fill_(math.log(max(scale, MIN_SCALE)))
             self.zero_point.fill_(zero_point)
 
+    def observed_range(self) -> tuple[float, float] | None:
+        """The observer's running (min, max); None before any observation."""
+        lo, hi = self.observed.tolist()
+        return None if lo > hi else (lo, hi)
+
     def observe(self, x: Tensor) -> None:
         lo, hi = x.detach().min().item(), x.detach().max().item()
-        if self.observed is not None:
+        before = self.observed_range()
+        if before is not None:
             m = self.ema_momentum
-            lo, hi = m * self.observed[0] + (1 - m) * lo, m * self.observed[1] + (1 - m) * hi
+            lo, hi = m * before[0] + (1 - m) * lo, m * before[1] + (1 - m) * hi
         self.set_observed(lo, hi)
 
     def set_observed(self, lo: float, hi: float) -> None:
         """The observed range (lo, hi), and the grid that covers it."""
-        self.observed = (lo, hi)
+        self.observed.copy_(torch.tensor([lo, hi], dtype=torch.float64))
         self.set_params(*activation_params(lo, hi, self.bits))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -205,18 +214,19 @@ class QuantLayer(nn.Module):
     `bias_shift` that bias correction adds to the bias each call passes (per output channel;
     None before `bias.correct_biases`) and, once deployed, its integer weights, and either its
     bias with a BatchNorm folded in (the shift too) or its shift (zeros if none: other layers
-    keep the bias each call passes). `enabled = False` makes a layer that is not deployed a
-    float layer (the reference of the per-layer SQNR). A `tied` layer reads a quantized tensor
+    keep the bias each call passes). Switched off (`switched_off`: `enabled` False), a layer
+    that is not deployed is a float layer (the reference of the per-layer SQNR). A `tied` layer reads a quantized tensor
     as it is: its `input_quant` is that tensor's quantizer (`QuantizedModel.sites`), applied
     where the tensor is computed, not again here."""
 
-    def __init__(self, name: str, kind: str, channels: int, weight_bits: int, act_bits: int, affine: bool) -> None:
+    def __init__(self, name: str, kind: str, channels: int, weight_bits: int, act_bits: int, affine: bool,
+                 input_bounds: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.name = name
         self.kind = kind
         self.enabled = True
         self.weight_quant = WeightQuantizer(weight_bits, channels, channel_axis(kind), affine)
-        self.input_quant = ActivationQuantizer(act_bits)
+        self.input_quant = ActivationQuantizer(act_bits, bounds=input_bounds)
         self.tied = False
         self.register_buffer("integers", None)  # deployed: int8 weights (within the weight grid)
         self.register_buffer("deployed_bias", None)  # deployed with a BatchNorm folded in: float32 bias
@@ -239,6 +249,13 @@ class QuantLayer(nn.Module):
         if bias is None or not self.input_quant.enabled:
             return bias
         return fake_quant(bias, self.bias_scale(bias).detach(), 0.0, -BIAS_SPAN, BIAS_SPAN)
+
+    @torch.no_grad()
+    def bias_integers(self, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """The int32 values of `bias` that `quantized_bias` computes with, and their steps (what
+        the exported graph stores)."""
+        scale = self.bias_scale(bias)
+        return torch.clamp(torch.round(bias / scale), -BIAS_SPAN, BIAS_SPAN).to(torch.int32), scale
 
     def shifted_bias(self, bias: Tensor | None) -> Tensor | None:
         """The call's bias plus the bias correction (the correction alone without a bias)."""
@@ -500,3 +517,33 @@ def activation_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
     `QuantizedModel.activation_quantizers`."""
     qmodel = next(m for m in model.modules() if isinstance(m, QuantizedModel))
     return list(qmodel.activation_quantizers().values())
+
+
+@contextlib.contextmanager
+def switched_off(modules: Iterable[QuantLayer | ActivationQuantizer]) -> Iterator[None]:
+    """Inside the block, each of `modules` off: a layer computes in float, a quantizer is the
+    identity; afterwards each is as it was (after an error too)."""
+    modules = list(modules)
+    before = [module.enabled for module in modules]
+    try:
+        for module in modules:
+            module.enabled = False
+        yield
+    finally:
+        for module, enabled in zip(modules, before):
+            module.enabled = enabled
+
+
+@contextlib.contextmanager
+def observing(quantizers: Iterable[ActivationQuantizer], momentum: float | None) -> Iterator[None]:
+    """Inside the block, each of `quantizers` an observer with EMA `momentum` (None: not one);
+    afterwards each is as it was."""
+    quantizers = list(quantizers)
+    before = [quant.ema_momentum for quant in quantizers]
+    try:
+        for quant in quantizers:
+            quant.ema_momentum = momentum
+        yield
+    finally:
+        for quant, momentum_before in zip(quantizers, before):
+            quant.ema_momentum = momentum_before

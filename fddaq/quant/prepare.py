@@ -26,14 +26,12 @@ def prepare(model: nn.Module, capture: Capture, plan: LayerPlan, output: str) ->
     sites = {}
     for site in capture.sites:
         if site.name in bits:
-            sites[site.name] = ActivationQuantizer(bits[site.name], site.name)
-            sites[site.name].bounds = site.bounds
+            sites[site.name] = ActivationQuantizer(bits[site.name], site.name, site.bounds)
     quant = []
     for entry in plan.quantized:
         layer = layers[entry.name]
         q = QuantLayer(layer.name, layer.kind, layer.channels, entry.weight_bits, entry.act_bits,
-                       entry.weight_grid == "affine")
-        q.input_quant.bounds = capture.clips.get(layer.name)
+                       entry.weight_grid == "affine", capture.clips.get(layer.name))
         if layer.name in tied:
             q.input_quant, q.tied = sites[tied[layer.name]], True
         quant.append(q)

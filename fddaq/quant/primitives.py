@@ -56,16 +56,6 @@ def activation_range(bits: int) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def round_ste(x: Tensor) -> Tensor:
-    """Round half to even in the forward pass, identity gradient in the backward pass."""
-    return x + (torch.round(x) - x).detach()
-
-
-def quantize(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
-    """Integer grid values (as floats) exactly as QuantizeLinear computes them."""
-    return torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
-
-
 def _plain_zero_point(zero_point: Tensor | float) -> float | None:
     """`zero_point` as a Python number when that is free (a number, or a one-element CPU tensor
     without gradient), else None. `.item()` on a CPU tensor costs no device synchronisation."""
@@ -121,8 +111,9 @@ _gate = torch.ops.aten.hardtanh_backward.default
 
 
 class _FakeQuant(torch.autograd.Function):
-    """`fake_quant` with the straight-through / LSQ gradients of the autograd composition
-    ``(clamp(round_ste(x / s) + zp, qmin, qmax) - zp) * s``, computed by hand.
+    """`fake_quant` with the LSQ gradients of the autograd composition
+    ``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` (`round` straight-through), computed by
+    hand.
 
     With ``v = x / s``, ``t = clamp(round(v) + zp, qmin, qmax)``, ``q = t - zp`` and ``inside``
     = 1 where ``qmin < t < qmax`` else 0 (bounds excluded, like the gradient of `torch.clamp`

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..config import SynthConfig
 from ..device import model_device
 from ..errors import ConfigError
-from ..events import EventHandler, emit
+from ..events import EventHandler, curve_end, emit
 from ..stats import ClassStatistics, deep_layer_start
 from .losses import centralized_bns_loss, class_loss, distorted_bns_loss, global_bns_loss
 
@@ -46,7 +46,6 @@ class SynthResult:
     latents: tuple[Tensor, Tensor] | None = None  # the learned latents and their labels (`SynthConfig.latents`)
 
     def summary(self) -> dict:
-        window = max(1, min(50, len(self.curves["total"]) // 10)) if self.curves.get("total") else 1
         return {
             "deep_start": self.deep_start,
             "num_bn_layers": self.num_bn_layers,
@@ -54,7 +53,7 @@ class SynthResult:
             "misclassified_excluded": self.misclassified_excluded,
             "seconds": self.seconds,
             "seconds_per_step": self.seconds / max(1, len(self.curves.get("total", []))),
-            "final_losses": {k: sum(v[-window:]) / window for k, v in self.curves.items() if v},
+            "final_losses": {k: curve_end(v) for k, v in self.curves.items() if v},
         }
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..config import SynthConfig
 from ..device import model_device
-from ..distributed import current
+from ..distributed import Ranks
 from ..events import EventHandler, emit
 from ..finetune import augment
 from ..stats import ClassStatistics, record_bn_inputs
@@ -99,6 +99,7 @@ def optimize_pool(
     on_checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
     bounds: tuple[Tensor, Tensor] | None = None,
+    ranks: Ranks = Ranks(),
 ) -> tuple[Tensor, Tensor, SynthResult]:
     """Optimise `config.num_images` pool images for `config.steps` steps with FDDA's losses
     (`objective.Objective`); (images, labels, result) on the CPU. The pool covers the classes
@@ -106,9 +107,10 @@ def optimize_pool(
     value per channel, (C, 1, 1) each (`Preprocess.input_range`): pixels stay where a camera's
     can be (unbounded, a third of them left that range). `on_checkpoint` receives a resumable
     state every `config.checkpoint_every` steps; `resume` continues from one to the same
-    images as an uninterrupted run."""
+    images as an uninterrupted run. With several `ranks` (a torchrun job) every rank optimises
+    the same pool, and rank 0 alone hands out states."""
     objective = Objective(teacher, layers, statistics, config)
-    if not current().is_main:  # under torchrun every rank optimises the same pool: rank 0 hands out states
+    if not ranks.is_main:  # under torchrun every rank optimises the same pool: rank 0 hands out states
         on_checkpoint = None
     rng = torch.Generator().manual_seed(config.seed)
     covered = labels.unique() if len(labels) else torch.arange(statistics.num_classes)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..config import SynthConfig
 from ..device import fast_float, model_device, place
-from ..distributed import current, data_parallel
+from ..distributed import Ranks, data_parallel
 from ..errors import ConfigError
 from ..events import EventHandler, emit
 from ..stats import ClassStatistics, record_bn_inputs
@@ -45,18 +45,18 @@ def train_generator(
     on_checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
     bounds: tuple[Tensor, Tensor] | None = None,
+    ranks: Ranks = Ranks(),
 ) -> SynthResult:
     """Train a conditional generator whose images match the teacher's BN running statistics
     (all layers) and, batch by batch for one class at a time, that class's real BNS center in
-    the deep layers (C-BNS) and the center plus noise (D-BNS): `objective.Objective`. Under
-    torchrun each rank draws its own share of every batch (see `distributed`); rank 0 alone
+    the deep layers (C-BNS) and the center plus noise (D-BNS): `objective.Objective`. With
+    several `ranks` (a torchrun job) each draws its own share of every batch (see `distributed`); rank 0 alone
     hands `on_checkpoint` a resumable state every `config.checkpoint_every` steps, and `resume`
     (one process) continues from one to the same generator as an uninterrupted run. `bounds`:
     the model's input range (`Preprocess.input_range`), which `config.generator_output`
     "range" maps the generator's output into. With `config.latents` "learned" the result
     holds the `num_images` latents and labels that `generate` draws from."""
     objective = Objective(teacher, layers, statistics, config)
-    ranks = current()
     if resume is not None and ranks.world > 1:
         raise ConfigError("resuming is for one process: a state holds one rank's random draws")
     learned = config.latents == "learned"
@@ -67,14 +67,15 @@ def train_generator(
     if not ranks.is_main:
         on_checkpoint = None
     batch_size = ranks.share(config.batch_size, "synthesis batch_size")
-    torch.manual_seed(config.seed)
     rng = torch.Generator().manual_seed(config.seed + ranks.rank)
     channels, size, _ = image_shape
     num_classes = statistics.num_classes
     device = model_device(teacher)
-    generator = place(Generator(num_classes, channels, size, config.latent_dim, config.width,
-                                bounds if config.generator_output == "range" else None, config.label_embedding),
-                      device).train()
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation; the caller's random state is left as it was
+        torch.manual_seed(config.seed)
+        generator = Generator(num_classes, channels, size, config.latent_dim, config.width,
+                              bounds if config.generator_output == "range" else None, config.label_embedding)
+    generator = place(generator, device).train()
     optimizer = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(0.5, 0.999))
     milestones = [int(config.steps * f) for f in config.lr_milestones]
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)

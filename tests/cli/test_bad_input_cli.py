@@ -236,3 +236,10 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path):
     deep = tmp_path / "a" / "b" / "out"
     assert quantize(tmp_path, "--out", str(deep), model=tmp_path / "missing.pth").exit_code == 1  # fails inside the lock
     assert not (tmp_path / "a").exists()
+
+
+def test_core_errors_name_settings_the_cli_gives_as_its_flags():
+    from cli.main import flag_advice
+
+    message = "give `num_classes`, `arch_arg` or `preset`; `not_an_option` stays as it is"
+    assert flag_advice(message) == "give --num-classes, --arch-arg or --preset; `not_an_option` stays as it is"

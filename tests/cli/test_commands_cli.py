@@ -40,12 +40,22 @@ def test_plan_lists_every_layer_with_overrides(tmp_path):
         (("--layer-bits", "fc=9"), "layer override 'fc=9': 9 bits is outside the supported 2..8"),
         (("--layer-bits", "fc"), "layer override 'fc' must be PATTERN=BITS"),
         (("--bits", "1"), "weight_bits=1 is outside the supported 2..8 bits"),
-        (("--weight-grid", "asymmetric"), "weight_grid='asymmetric' is not one of auto, symmetric"),
     ],
 )
 def test_plan_errors(args, message):
     result = invoke("plan", *MODEL_ARGS, *args)
     assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output
+
+
+@pytest.mark.parametrize("flag, value, choices", [
+    ("--weight-grid", "asymmetric", "'auto', 'symmetric'"),
+    ("--activations", "outputs", "'auto', 'all', 'inputs'"),
+    ("--preset", "cifar", "'fashion-mnist', 'imagenet', 'efficientnet-lite'"),
+])
+def test_a_choice_outside_its_list_is_a_usage_error_naming_the_choices(flag, value, choices):
+    result = invoke("plan", *MODEL_ARGS, flag, value)
+    said = " ".join(result.output.replace("│", " ").split())  # Typer's error box wraps lines
+    assert result.exit_code == 2 and f"'{value}' is not one of {choices}" in said, result.output
 
 
 def test_quantize_honours_layer_overrides(tmp_path):

@@ -36,7 +36,9 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     one, two = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two"))
     assert (one["processes"], two["processes"]) == (1, 2)
-    assert one["config"] == two["config"]  # the same global batches and steps
+    # the same steps over the same held-out split (the processes share each global batch)
+    assert one["finetune"]["steps"] == two["finetune"]["steps"] == 60
+    assert one["finetune"]["holdout_images"] == two["finetune"]["holdout_images"] > 0
     # different random batches, the same recipe: the accuracy holds (2,000 val images)
     assert abs(one["accuracy"]["onnx_top1"] - two["accuracy"]["onnx_top1"]) < 1.0
     assert two["accuracy"]["onnx_vs_fake_quant_agreement"] > 99.0

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from export_helpers import TinyResNet, quantize_model, randomize_batch_norms
+from export_helpers import TinyResNet, quantize_model
+from tests.models import randomize_bn
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def tiny_resnet() -> Callable[..., nn.Module]:
 
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return randomize_batch_norms(TinyResNet())
+        return randomize_bn(TinyResNet())
 
     return build
 

@@ -40,20 +40,6 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.head_pool(self.pool(y)), 1))
 
 
-def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics and affine parameters, so folding is really tested; eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            with torch.no_grad():
-                module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-                module.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                module.bias.copy_(0.2 * torch.randn(n, generator=generator))
-    return model.eval()
-
-
 @torch.no_grad()
 def quantize_model(model: nn.Module, images: Tensor, weight_bits: int, act_bits: int, clip: float = 0.8,
                    weight_grid: str = "auto", activations: str = "auto") -> QuantizedModel:

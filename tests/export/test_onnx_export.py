@@ -18,7 +18,8 @@ from fddaq.quant.capture import capture
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.zoo.resnet import fashion_resnet
 
-from export_helpers import quantize_model, randomize_batch_norms
+from export_helpers import quantize_model
+from tests.models import randomize_bn
 
 
 @torch.no_grad()
@@ -84,7 +85,7 @@ class LayerZoo(nn.Module):
 @pytest.mark.parametrize("quantize", [False, True])
 def test_layer_forms_export(images, quantize):
     torch.manual_seed(0)
-    model = randomize_batch_norms(LayerZoo())
+    model = randomize_bn(LayerZoo())
     if quantize:
         model = fold_batch_norms(quantize_model(model, images, 4, 4))
     onnx_model = export_qdq(model) if quantize else export_float(model, (3, 16, 16))
@@ -144,7 +145,7 @@ def unpack_int4(raw: bytes, count: int) -> np.ndarray:
 
 def test_4bit_weights_are_int4_initializers_only():
     torch.manual_seed(0)
-    model = randomize_batch_norms(fashion_resnet())
+    model = randomize_bn(fashion_resnet())
     pairs = conv_batch_norm_pairs(model)
     assert len(pairs) == 9
     for bn in pairs.values():
@@ -198,7 +199,7 @@ def test_symmetric_4bit_weights_export_without_zero_points():
     """`weight_grid="symmetric"`: 15 levels around 0, no zero point in the graph, negative
     gammas fold by negating the integers; the graph still computes the fake-quant model."""
     torch.manual_seed(0)
-    model = randomize_batch_norms(fashion_resnet())
+    model = randomize_bn(fashion_resnet())
     pairs = conv_batch_norm_pairs(model)
     for bn in pairs.values():
         with torch.no_grad():
@@ -240,7 +241,7 @@ def test_batch_norm_folding_corner_cases(images):
     """Channel 0: negative gamma; 1: running_var 0 (the module's eps counts); 2: all-zero
     weights; 3: gamma 0 (the output is beta alone)."""
     torch.manual_seed(0)
-    model = randomize_batch_norms(ConvBatchNorm())
+    model = randomize_bn(ConvBatchNorm())
     with torch.no_grad():
         model.bn.weight[0] = -0.7
         model.bn.running_var[1] = 0.0
@@ -381,7 +382,7 @@ def test_the_size_model_of_the_bit_search_matches_the_exported_file(bits, activa
     from fddaq.zoo.mobilenet import fashion_mobilenet
 
     torch.manual_seed(0)
-    model = randomize_batch_norms(fashion_mobilenet()).eval()
+    model = randomize_bn(fashion_mobilenet()).eval()
     x = torch.randn(8, 1, 28, 28)
     found = capture(model, x[:2])
     sizes = SizeModel.of(model, found)

@@ -8,16 +8,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 from torch import Tensor, nn
 
 from exporters import export_qdq, verify
-from exporters.runtime import optimized_ops
+from exporters.runtime import optimized_session
 from fddaq.zoo.resnet import SmallResNet
 
-from export_helpers import quantize_model, randomize_batch_norms
+from export_helpers import quantize_model
+from tests.models import randomize_bn
+
+
+def optimized_ops(model) -> dict[str, int]:
+    """Operator counts of the graph onnxruntime runs, every optimization on."""
+    return optimized_session(model)[1]
+
 
 INPUT = (3, 16, 16)
 
@@ -114,7 +121,7 @@ KINDS = {"plain": Plain, "grouped": Grouped, "depthwise": Depthwise, "tf_same_pa
 
 def build(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    return randomize_batch_norms(KINDS[kind]())
+    return randomize_bn(KINDS[kind]())
 
 
 def check(report) -> None:
@@ -155,7 +162,7 @@ def test_every_weight_and_input_bit_pair_runs_with_graph_optimizations(weight_bi
     load ("Type 'tensor(uint4)' ... of operator (QLinearConv) is invalid") for 5-8-bit weights
     with 4-bit inputs. verify runs the graph with optimizations off and on."""
     torch.manual_seed(0)
-    model = randomize_batch_norms(SmallResNet(widths=(8, 8, 8)))
+    model = randomize_bn(SmallResNet(widths=(8, 8, 8)))
     x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     qmodel = quantize_model(model, x, weight_bits, act_bits)
     check(verify(export_qdq(qmodel), qmodel, x))
@@ -236,7 +243,7 @@ def test_8bit_relu6_graphs_run_on_integer_kernels_after_the_step_grew():
     """Conv -> ReLU6 -> QuantizeLinear fuses only when the grid lies inside [0, 6] (onnxruntime
     removes the Clip first); a step size that grew past 6/255 in fine-tuning is capped."""
     torch.manual_seed(0)
-    model = randomize_batch_norms(nn.Sequential(
+    model = randomize_bn(nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
         nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5),
@@ -265,11 +272,10 @@ def test_random_layer_shapes(channels, width, kernel, stride, padding, dilation,
     if batch_norm:
         layers.append(nn.BatchNorm2d(out_channels))
     layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_channels, 5)]
+    assume(size + 2 * padding - dilation * (kernel - 1) - 1 >= 0)  # else the kernel does not fit: not a model
     torch.manual_seed(0)
-    model = randomize_batch_norms(nn.Sequential(*layers))
+    model = randomize_bn(nn.Sequential(*layers))
     x = torch.randn(16, channels, size, size, generator=torch.Generator().manual_seed(0))
-    if (size + 2 * padding - dilation * (kernel - 1) - 1) < 0:
-        return  # the kernel does not fit: not a model
     qmodel = quantize_model(model, x, weight_bits, act_bits)
     report = verify(export_qdq(qmodel), qmodel, x)
     check(report)
@@ -321,7 +327,7 @@ def test_every_tensor_quantized_8bit_graph_chains_integer_kernels():
 
     x = images(16)
     torch.manual_seed(0)
-    model = randomize_batch_norms(TinyResNet())
+    model = randomize_bn(TinyResNet())
     full = optimized_ops(export_qdq(quantize_model(model, x, 8, 8, activations="all")))
     assert full.get("QLinearConv") == 4 and full.get("QLinearAdd") == 1, full
     assert full.get("QLinearAveragePool") == 1 and full.get("QLinearGlobalAveragePool") == 1, full

@@ -15,6 +15,7 @@ from fddaq.errors import ModelError
 from fddaq.quant.calibrate import calibrate_min_max
 from fddaq.quant.capture import capture
 from fddaq.quant.fold import fold_batch_norms
+from fddaq.quant.modules import observing, switched_off
 from fddaq.quant.plan import LayerPlan, LayerPlanEntry, resolve_layer_plan
 from fddaq.quant.prepare import prepare
 
@@ -136,10 +137,32 @@ def test_reading_the_weights_runs_no_quantizer_and_keeps_modes():
     torch.nn.utils.parametrizations.weight_norm(model[1])  # a computed weight: read by a forward
     _, qmodel = quantized(model)
     quantizer = qmodel.quant_layer("1").input_quant
-    quantizer.ema_momentum, quantizer.observed = 0.9, (-1.0, 3.0)
+    quantizer.set_observed(-1.0, 3.0)
     qmodel.train()
-    qmodel.layer_weights()
-    assert quantizer.observed == (-1.0, 3.0) and qmodel.training and qmodel.model[0].training
+    with observing([quantizer], 0.9):
+        qmodel.layer_weights()
+    assert quantizer.observed_range() == (-1.0, 3.0) and qmodel.training and qmodel.model[0].training
+
+
+def test_modes_hold_for_a_block_and_the_observed_range_is_state():
+    _, qmodel = quantized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
+    layer, quantizer = qmodel.layers[1], qmodel.layers[1].input_quant
+    layer.enabled = False  # a layer already off stays off
+    with pytest.raises(RuntimeError, match="inside"):
+        with switched_off([qmodel.layers[0], layer]), observing([quantizer], 0.5):
+            assert not qmodel.layers[0].enabled and quantizer.ema_momentum == 0.5
+            raise RuntimeError("inside")
+    assert qmodel.layers[0].enabled and not layer.enabled and quantizer.ema_momentum is None
+    layer.enabled = True
+    assert quantizer.observed_range() is None
+    with observing([quantizer], 0.5):
+        qmodel(X[:2])
+    seen = quantizer.observed_range()
+    assert seen is not None and seen[1] > 0 >= seen[0]
+    state = qmodel.state_dict()  # a resumed run reads the observer back from the state dict
+    _, other = quantized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
+    other.load_state_dict(state)
+    assert other.layers[1].input_quant.observed_range() == seen
 
 
 class Flipped(nn.Module):

@@ -32,7 +32,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     from fddaq.quant.modules import quant_layers
     from fddaq.stats import batchnorm_layers, class_statistics
     from fddaq.synth.train import train_generator
-    from tests.conftest import TinyResNet, fake_quant_model, randomize_bn
+    from tests.conftest import fake_quant_model
+    from tests.models import TinyResNet, randomize_bn
 
     assert join(torch.device("cpu")) == Ranks(rank, world, rank)
     try:
@@ -42,7 +43,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
         labels = torch.arange(40) % 5
         layers = batchnorm_layers(teacher, images[:1])
         statistics = class_statistics(teacher, layers, images, labels, 5)
-        synth = train_generator(teacher, layers, statistics, (1, 16, 16), SynthConfig(steps=3, batch_size=8, width=8))
+        synth = train_generator(teacher, layers, statistics, (1, 16, 16), SynthConfig(steps=3, batch_size=8, width=8),
+                                ranks=current())
         # the generator's BatchNorm running statistics follow each rank's batches and are never used
         results = {"generator": flat(synth.generator, buffers=False), "synth_losses": torch.tensor(synth.curves["total"])}
         for recipe in ("fddaq", "fdda-paper"):
@@ -51,9 +53,9 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
             student = fake_quant_model(teacher, weight_bits=4, act_bits=4)
             calibrate(student, images)
             checkpoints = []
-            finetune(student, teacher, (images, labels), config, on_checkpoint=checkpoints.append)
+            finetune(student, teacher, (images, labels), config, on_checkpoint=checkpoints.append, ranks=current())
             results[recipe] = flat(student)
-            results[recipe + "_ranges"] = torch.tensor([layer.input_quant.observed or (0.0, 0.0)
+            results[recipe + "_ranges"] = torch.tensor([layer.input_quant.observed_range() or (0.0, 0.0)
                                                         for layer in quant_layers(student)])
             results[recipe + "_checkpoints"] = torch.tensor(len(checkpoints))
         # evaluation: each rank takes its part of an odd number of images, all get the whole answer

@@ -13,15 +13,7 @@ from fddaq.quant.modules import QuantizedModel
 from fddaq.quant.plan import resolve_layer_plan
 from fddaq.quant.prepare import prepare
 from fddaq.quant.primitives import activation_params, weight_range
-
-
-def random_batch_norm(bn: nn.BatchNorm2d, generator: torch.Generator) -> None:
-    n = bn.num_features
-    with torch.no_grad():
-        bn.running_mean.copy_(0.3 * torch.randn(n, generator=generator))
-        bn.running_var.copy_(0.2 + torch.rand(n, generator=generator))
-        bn.weight.copy_(torch.randn(n, generator=generator))  # negative gammas too
-        bn.bias.copy_(0.3 * torch.randn(n, generator=generator))
+from tests.models import randomize_bn
 
 
 class Net(nn.Module):
@@ -48,12 +40,7 @@ class Net(nn.Module):
 
 def net() -> nn.Module:
     torch.manual_seed(0)
-    model = Net()
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            random_batch_norm(module, generator)
-    return model.eval()
+    return randomize_bn(Net(), seed=1, negative_gammas=True)
 
 
 def quantized(model: nn.Module, shape: tuple[int, ...], bits: int = 4) -> QuantizedModel:

@@ -47,7 +47,7 @@ def test_mismatch_names_the_keys(tmp_path):
 
 def test_num_classes_shape_mismatch_hints(tmp_path):
     torch.save(fashion_resnet(num_classes=7).state_dict(), tmp_path / "m.pth")
-    with pytest.raises(ModelError, match="shape mismatch: fc.weight.*--num-classes"):
+    with pytest.raises(ModelError, match="shape mismatch: fc.weight.*`num_classes`"):
         load_float_model(tmp_path / "m.pth", "fddaq:fashion_resnet")
     assert load_float_model(tmp_path / "m.pth", "fddaq:fashion_resnet", num_classes=7).fc.out_features == 7
 

@@ -1,8 +1,10 @@
+import doctest
 import math
 
 import pytest
 import torch
 
+from fddaq.quant import primitives
 from fddaq.quant.primitives import (
     MIN_SCALE,
     activation_params,
@@ -11,10 +13,14 @@ from fddaq.quant.primitives import (
     mse_activation_params,
     mse_affine_weight_grid,
     mse_weight_scales,
-    quantize,
     weight_grid,
     weight_range,
 )
+
+
+def test_the_module_examples_hold():
+    result = doctest.testmod(primitives)
+    assert result.attempted >= 3 and result.failed == 0
 
 
 def test_ranges():
@@ -27,7 +33,7 @@ def test_ranges():
 
 def test_rounds_half_to_even_like_quantize_linear():
     x = torch.tensor([0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5])
-    q = quantize(x, torch.tensor(1.0), 0.0, -8, 7)
+    q = fake_quant(x, torch.tensor(1.0), 0.0, -8, 7)
     assert q.tolist() == [0.0, 2.0, 2.0, 4.0, -0.0, -2.0, -2.0]
 
 
@@ -36,7 +42,7 @@ def test_divides_by_scale_not_multiplies_by_reciprocal():
     x = torch.tensor([-15.250000953674316])
     scale = torch.tensor(0.1)
     assert torch.round(x * (1 / scale)).item() == -153.0
-    assert quantize(x, scale, 0.0, -255, 255).item() == -152.0
+    assert fake_quant(x, scale, 0.0, -255, 255).item() == (torch.tensor(-152.0) * scale).item()
 
 
 def test_saturates_to_range_with_zero_point():
@@ -262,57 +268,46 @@ def test_fake_quant_does_not_modify_its_inputs():
     assert torch.equal(x, x_before) and s.item() == pytest.approx(0.3)
 
 
-# --- the range searches are unchanged: the loops they replaced, with the reference ----------
+# --- the range searches find the grid that minimises the error --------------------------------
 
 
-def reference_mse_weight_scales(weight, bits, grid=100):
-    _, qmax = weight_range(bits)
-    w = weight.detach().reshape(weight.shape[0], -1)
-    w_max = w.abs().amax(dim=1)
-    best_scale = torch.ones_like(w_max)
-    best_err = torch.full_like(w_max, float("inf"))
-    for ratio in torch.linspace(1.0, 1.0 / grid, grid):
-        scale = torch.clamp(w_max * ratio / qmax, min=MIN_SCALE)[:, None]
-        err = (reference_fake_quant(w, scale, 0.0, -qmax, qmax) - w).pow(2).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale[:, 0], best_scale)
-    return torch.where(w_max > 0, best_scale, torch.ones_like(best_scale))
-
-
-def reference_mse_activation_params(samples, bits, grid=24):
-    x = samples.detach().flatten().float()
-    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
-    if hi - lo <= 0:
-        return activation_params(0.0, 0.0, bits)
-    qmin, qmax = activation_range(bits)
-    ratios = torch.linspace(1.0, 1.0 / grid, grid).tolist()
-    best, best_err = activation_params(lo, hi, bits), float("inf")
-    for a in ratios if lo < 0 else [1.0]:
-        for b in ratios if hi > 0 else [1.0]:
-            scale, zero_point = activation_params(lo * a, hi * b, bits)
-            err = (reference_fake_quant(x, torch.tensor(scale), zero_point, qmin, qmax) - x).pow(2).mean().item()
-            if err < best_err:
-                best, best_err = (scale, zero_point), err
-    return best
+def weight_error(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    return (reference_fake_quant(w, scale[:, None], 0.0, -qmax, qmax) - w).pow(2).sum(dim=1)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_mse_weight_scales_unchanged(bits):
+def test_mse_weight_scales_recover_an_exact_grid_and_beat_other_clips(bits):
     torch.manual_seed(bits)
-    w = torch.randn(12, 5, 3, 3) * torch.rand(12, 1, 1, 1)
+    _, qmax = weight_range(bits, affine=False)
+    steps = torch.rand(12) + 0.1
+    w = torch.randint(-qmax, qmax + 1, (12, 45)).float() * steps[:, None]  # every channel on a grid
+    w[:, 0] = qmax * steps  # that its max |w| spans
     w[3] = 0.0
-    w[4, 0, 0, 0] = 9.0
-    assert torch.equal(mse_weight_scales(w, bits), reference_mse_weight_scales(w, bits))
+    found = mse_weight_scales(w, bits)
+    assert found[3] == 1.0  # an all-zero channel: any step is exact
+    assert torch.allclose(found, torch.where(w.abs().amax(1) > 0, steps, torch.ones(12)), rtol=1e-6)
+    noisy = torch.randn(12, 45) * torch.rand(12, 1)
+    noisy[4, 0] = 9.0  # an outlier: clipping it pays
+    found = weight_error(noisy, mse_weight_scales(noisy, bits), qmax)
+    for ratio in torch.rand(50).tolist():  # clips between the search's grid points do a little better at most
+        assert (found <= weight_error(noisy, noisy.abs().amax(1) * max(ratio, 0.01) / qmax, qmax) * 1.15).all()
 
 
 @pytest.mark.parametrize("kind", ["relu", "signed", "negative"])
-def test_mse_activation_params_unchanged(kind):
+def test_mse_activation_params_beat_the_full_range_and_other_clips(kind):
     torch.manual_seed(11)
     x = torch.randn(4000)
     x = {"relu": x.relu() ** 2, "signed": x, "negative": -x.abs() - 0.1}[kind]
-    grid = 8  # keeps the signed search (grid x grid) quick
-    assert mse_activation_params(x, 4, grid) == reference_mse_activation_params(x, 4, grid)
+    qmin, qmax = activation_range(4)
+
+    def error(params: tuple[float, float]) -> float:
+        return (reference_fake_quant(x, torch.tensor(params[0]), params[1], qmin, qmax) - x).pow(2).mean().item()
+
+    found = error(mse_activation_params(x, 4, 8))
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    assert found < error(activation_params(lo, hi, 4))
+    for a, b in torch.rand(30, 2).tolist():  # clips between the search's grid points do a little better at most
+        assert found <= error(activation_params(lo * max(a, 0.05), hi * max(b, 0.05), 4)) * 1.15
 
 
 def test_affine_weight_grid_fits_a_skewed_channel_better_than_a_symmetric_one():

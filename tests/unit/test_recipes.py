@@ -109,7 +109,7 @@ def test_paper_mode_uses_min_max_weights_and_frozen_ema_ranges(tiny_model):
         scale, zero_point = layer.weight_quant.scale().clone(), layer.weight_quant.zero_point.clone()
         layer.weight_quant.set_min_max(weights[layer.name])
         assert torch.allclose(layer.weight_quant.scale(), scale) and torch.equal(layer.weight_quant.zero_point, zero_point)
-        assert layer.input_quant.ema_momentum is None and layer.input_quant.observed is not None
+        assert layer.input_quant.ema_momentum is None and layer.input_quant.observed_range() is not None
 
 
 def test_a_state_from_other_options_is_not_resumed():
@@ -117,12 +117,25 @@ def test_a_state_from_other_options_is_not_resumed():
 
     from fddaq.config import RunConfig
     from fddaq.errors import ConfigError
-    from fddaq.pipeline import Source, load_inputs, quantize_inputs
+    from fddaq.pipeline import ResumeState, Source, load_inputs, quantize_inputs
 
     example = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
     inputs = load_inputs(Source(example / "model.pth", "fddaq:fashion_resnet", example / "calib"))
     with pytest.raises(ConfigError, match="made with other options"):
-        quantize_inputs(inputs, RunConfig(), resume={"config": "{}", "synthesis": None, "finetune": {}})
+        quantize_inputs(inputs, RunConfig(), resume=ResumeState("{}", None, finetune={}))
+
+
+def test_a_resume_state_reads_back_and_one_of_another_format_is_refused():
+    from fddaq.pipeline import RESUME_FORMAT, ResumeState
+
+    state = ResumeState("{}", "fingerprint", finetune={"step": 3, "losses": torch.arange(3.0)}, plan=("conv=4/8",))
+    written = state.to_dict()
+    assert written["format"] == RESUME_FORMAT and written["plan"] == ["conv=4/8"]  # what weights_only loads
+    read = ResumeState.from_dict(written)
+    assert read.plan == state.plan and read.finetune["step"] == 3 and read.config == "{}"
+    for other in ({**written, "format": RESUME_FORMAT + 1}, {k: v for k, v in written.items() if k != "format"}, [1]):
+        with pytest.raises(ConfigError, match="written by another version of fddaq"):
+            ResumeState.from_dict(other)
 
 
 def test_data_free_recipe_trains_on_synthetic_images_only():
@@ -144,7 +157,7 @@ def test_data_free_recipe_trains_on_synthetic_images_only():
 
     free, free_weights = weights("data-free", inputs)
     assert not free.inputs.calib.images.equal(noise.calib.images)
-    assert free.synthesis.report["classes_with_center"] == 0 and free.finetune.holdout_images == 0
+    assert free.synthesis.report.classes_with_center == 0 and free.finetune.holdout_images == 0
     _, free_noise_weights = weights("data-free", noise)
     for key, value in free_weights.items():
         assert torch.equal(free_noise_weights[key], value), key
@@ -175,8 +188,8 @@ def test_reconstruction_runs_before_fine_tuning_and_resumes_from_a_unit():
     assert reference.reconstruct.units == 11
     assert reference.reconstruct.pool == 90  # every training image once (views < images); the 10 held out stay out
     assert "reconstruct" in reference.timings and reference.finetune.steps == 2
-    unit_states = [s for s in states if s["finetune"] is None]
-    assert [s["reconstruct"]["units"] for s in unit_states] == list(range(1, 11))
+    unit_states = [s for s in states if s.finetune is None]
+    assert [s.reconstruct["units"] for s in unit_states] == list(range(1, 11))
     resumed = quantize_inputs(inputs, config, resume=unit_states[4])
     assert set(resumed.reconstruct.unit_losses) == set(reference.reconstruct.unit_losses)
     for key, value in reference.model.state_dict().items():
@@ -255,8 +268,8 @@ def test_a_state_saved_for_another_searched_plan_is_not_resumed():
                      finetune=replace(config.finetune, steps=0), budget=BudgetConfig(0.3))
     states = []
     result = quantize_inputs(inputs, config, on_checkpoint=states.append)
-    assert states and all(state["plan"] == list(result.precision.overrides) for state in states)
-    other = {**states[0], "plan": [entry.replace("=4/", "=8/") for entry in states[0]["plan"]]}
-    assert other["plan"] != states[0]["plan"]
+    assert states and all(state.plan == result.precision.overrides for state in states)
+    other = replace(states[0], plan=tuple(entry.replace("=4/", "=8/") for entry in states[0].plan))
+    assert other.plan != states[0].plan
     with pytest.raises(ConfigError, match="another plan"):
         quantize_inputs(inputs, config, resume=other)

@@ -9,7 +9,8 @@ from fddaq.quant.units import Unit, find_units
 from fddaq import reconstruct as reconstruct_module
 from fddaq.reconstruct import _chained, _MaskBank, _Rounding, _beta, reconstruct, view_pool
 from fddaq.zoo.mobilenet import fashion_mobilenet
-from tests.conftest import fake_quant_model, randomize_bn
+from tests.conftest import fake_quant_model
+from tests.models import randomize_bn
 
 
 class Block(nn.Module):

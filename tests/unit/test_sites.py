@@ -10,7 +10,7 @@ from fddaq.quant.calibrate import calibrate_min_max
 from fddaq.quant.capture import capture
 from fddaq.quant.plan import resolve_layer_plan, tensor_sites
 from fddaq.quant.prepare import prepare
-from tests.conftest import TinyResNet, randomize_bn
+from tests.models import TinyResNet, randomize_bn
 
 X = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 

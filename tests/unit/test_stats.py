@@ -1,4 +1,3 @@
-import pytest
 import torch
 from torch import nn
 
@@ -85,13 +84,6 @@ def test_misclassified_images_leave_the_centers_and_can_empty_a_class():
     assert mean_c[0][0, 0].item() == 3.0  # (1 + 5) / 2
     assert has.tolist() == [True, False, False]
     assert stats.centers(exclude_misclassified=False)[2].tolist() == [True, True, False]
-
-
-def test_spread_is_rms_distance_to_center_and_nan_for_single_images():
-    spread = make_stats([True] * 4).spread([0])
-    # class 0: mean deviations (-2, 0, 2) and variance deviations (-2, 0, 2) -> rms over 2 dims
-    assert spread[0].item() == pytest.approx(((4 + 0 + 4) * 2 / 3 / 2) ** 0.5)
-    assert torch.isnan(spread[1]) and torch.isnan(spread[2])
 
 
 def test_class_statistics_marks_the_float_models_mistakes():

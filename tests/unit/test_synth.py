@@ -11,7 +11,7 @@ from fddaq.synth.losses import bns_loss, centralized_bns_loss, class_loss, disto
 from fddaq.synth.pool import RowAdam, initial_pool, optimize_pool
 from fddaq.synth.quality import QualityProbe, feature_scale
 from fddaq.synth.train import generate, train_generator
-from tests.conftest import TinyResNet, randomize_bn
+from tests.models import TinyResNet, randomize_bn
 
 M = [torch.tensor([1.0, 2.0])]
 V = [torch.tensor([3.0, 5.0])]
@@ -98,7 +98,10 @@ SMALL = dict(batch_size=8, width=16, latent_dim=8)
 def test_training_is_seeded_and_covers_partial_classes(channels):
     model, layers, stats = setup(channels)
     config = SynthConfig(steps=3, **SMALL)
+    before = torch.get_rng_state()
     a = train_generator(model, layers, stats, (channels, 16, 16), config)
+    assert torch.equal(torch.get_rng_state(), before)  # seeded by its own generators: the caller's state is untouched
+    torch.manual_seed(123)  # and a global state set elsewhere changes nothing
     b = train_generator(model, layers, stats, (channels, 16, 16), config)
     assert a.curves == b.curves and len(a.curves["total"]) == 3
     assert all(len(a.curves[k]) == 3 for k in ("ce", "bns", "cbns", "dbns", "ce_single"))
@@ -111,8 +114,11 @@ def test_training_is_seeded_and_covers_partial_classes(channels):
 
 def test_only_classes_with_a_center_get_center_losses():
     model, layers, stats = setup()
+    # labels 0 0 1 1 2 2 0 1: every image of class 1 misclassified, class 3 without any image
+    stats = type(stats)(stats.means, stats.variances, stats.labels,
+                        torch.tensor([True, False, False, False, True, True, False, False]), 4)
     result = train_generator(model, layers, stats, (1, 16, 16), SynthConfig(steps=1, **SMALL))
-    assert result.classes_with_center <= 3
+    assert result.classes_with_center == 2  # classes 0 and 2
     empty = class_statistics(model, layers, torch.randn(2, 1, 16, 16), torch.tensor([0, 1]), 4)
     empty = type(empty)(empty.means, empty.variances, empty.labels, torch.tensor([False, False]), 4)
     result = train_generator(model, layers, empty, (1, 16, 16), SynthConfig(steps=2, center_warmup=0, **SMALL))
@@ -277,3 +283,12 @@ def test_an_interrupted_synthesis_resumes_to_the_same_result(method, latents):
     assert straight[2].curves == resumed[2].curves
     if method == "pool":  # a state is a copy: the run that handed it out went on without changing it
         assert not torch.equal(states[0]["images"], straight[0])
+
+
+def test_the_generator_learning_rate_drops_tenfold_at_each_milestone():
+    model, layers, stats = setup()
+    config = SynthConfig(steps=8, checkpoint_every=1, lr=1e-3, lr_milestones=(0.25, 0.75), **SMALL)
+    states = []
+    train_generator(model, layers, stats, (1, 16, 16), config, on_checkpoint=states.append)
+    rates = [state["optimizer"]["param_groups"][0]["lr"] for state in states]  # after steps 1..7
+    assert rates == pytest.approx([1e-3, 1e-4, 1e-4, 1e-4, 1e-4, 1e-5, 1e-5])  # milestones at steps 2 and 6
