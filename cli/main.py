@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import re
 import signal
@@ -12,7 +13,7 @@ import time
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional, Union
+from typing import Annotated, Callable, Optional, Union
 
 import typer
 from rich.console import Console
@@ -202,6 +203,40 @@ TargetDrop = Annotated[Optional[float], typer.Option(
 BitChoices = Annotated[str, typer.Option(
     "--bit-choices", help="Weight widths the budget search chooses from. Activations stay at --act-bits (default: the "
     "widest choice).")]
+# Groups of options a command takes with `with_options`: name -> (its annotated type, its default).
+MODEL_OPTIONS = {
+    "num_classes": (NumClasses, None), "classes": (Classes, None), "preset": (Preset, None),
+    "input_size": (InputSize, None), "resize": (Resize, None), "mean": (Mean, None), "std": (Std, None),
+    "trust_model": (TrustModel, False), "arch_arg": (ArchArg, None), "output": (ScoredOutput, None),
+}
+BITS_OPTIONS = {
+    "bits": (Bits, 4), "weight_bits": (WeightBits, None), "act_bits": (ActBits, None),
+    "first_last_bits": (FirstLastBits, None), "layer_bits": (LayerBits, None),
+    "weight_grid": (WeightGridOption, "auto"), "activations": (ActivationsOption, "auto"),
+}
+BUDGET_OPTIONS = {"target_size": (TargetSize, None), "target_drop": (TargetDrop, None), "bit_choices": (BitChoices, "4,8")}
+
+
+def with_options(*groups: dict) -> Callable:
+    """A command that also takes the options of `groups` (after its own), and reads them from
+    `ctx.params` (`_source`, `_quant_config`, `_budget`): they are declared once, here, for
+    every command that takes them."""
+    def decorate(command: Callable) -> Callable:
+        added = {name: option for group in groups for name, option in group.items()}
+
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            return command(*args, **{name: value for name, value in kwargs.items() if name not in added})
+
+        signature = inspect.signature(command, eval_str=True)  # annotations as objects: Annotated kept
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+                 for name, (annotation, default) in added.items()]
+        run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+        return run
+
+    return decorate
+
+
 SYNTH_METHOD_HELP = ("How FDDA's losses make synthetic images: pool (optimise a pool of images started from augmented "
                      "calibration images) or generator (train the paper's conditional generator). Default: the recipe's.")
 
@@ -376,19 +411,13 @@ def _processes(device):
 
 @app.command()
 @user_errors
+@with_options(MODEL_OPTIONS, BITS_OPTIONS, BUDGET_OPTIONS)
 def quantize(
     ctx: typer.Context,
     model: ModelFile,
     arch: Arch,
     calib: Calib,
     val: Annotated[Optional[Path], typer.Option("--val", help="Labelled validation images, same layout; used only to report.")] = None,
-    bits: Bits = 4,
-    weight_bits: WeightBits = None,
-    act_bits: ActBits = None,
-    first_last_bits: FirstLastBits = None,
-    layer_bits: LayerBits = None,
-    weight_grid: WeightGridOption = WeightGrid("auto"),
-    activations: ActivationsOption = Activations("auto"),
     recipe: Annotated[Recipe, typer.Option("--recipe", help="reconstruct (default: block-wise reconstruction, AdaRound + LSQ + QDrop, unit by unit), fddaq (end-to-end fine-tuning on real and FDDA images), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result).")] = Recipe(DEFAULT_RECIPE),
     steps: Annotated[Optional[int], typer.Option("--steps", help=f"Training steps: reconstruction iterations per unit (reconstruct: {RECONSTRUCT_ITERATIONS}) or fine-tuning steps (the others: 400); 0: calibration only.")] = None,
     synthetic: Annotated[Optional[int], typer.Option("--synthetic", help="FDDA synthetic images added to the training images (fddaq, fdda-paper: 1024, mixed 1:1 into fine-tuning; reconstruct: 0, up to 512 join its pool); 0: real images only.")] = None,
@@ -398,20 +427,7 @@ def quantize(
         "--synthetic-from", help="Use the images of a synthetic.pt written by `fddaq synth` instead of synthesizing "
         "(all of them; any recipe that trains).")] = None,
     seed: Seed = 0,
-    num_classes: NumClasses = None,
-    classes: Classes = None,
-    preset: Preset = None,
-    input_size: InputSize = None,
-    resize: Resize = None,
-    mean: Mean = None,
-    std: Std = None,
-    trust_model: TrustModel = False,
-    arch_arg: ArchArg = None,
-    output: ScoredOutput = None,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float.")] = None,
-    target_size: TargetSize = None,
-    target_drop: TargetDrop = None,
-    bit_choices: BitChoices = "4,8",
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (same options).")] = False,
     device: Device = "auto",
@@ -453,7 +469,7 @@ def quantize(
             _save_config(ctx, out)
             setting = f"W{quant.weight_bits}A{quant.act_bits}"
         else:  # the plan chosen, so that --config repeats it without searching
-            _save_config(ctx, out, layer_bits=[*(layer_bits or ()), *searched["overrides"]], target_size=None,
+            _save_config(ctx, out, layer_bits=[*(ctx.params["layer_bits"] or ()), *searched["overrides"]], target_size=None,
                          target_drop=None, act_bits=quant.act_bits)
             setting = f"weights {'/'.join(map(str, searched['budget']['bit_choices']))}, A{quant.act_bits}"
         _show(f"fddaq quantize: {model.name} at {setting}, recipe {recipe.value}", report, out)
@@ -471,6 +487,7 @@ def quantize(
 
 @app.command()
 @user_errors
+@with_options(MODEL_OPTIONS)
 def synth(
     ctx: typer.Context,
     model: ModelFile,
@@ -487,16 +504,6 @@ def synth(
     val: Annotated[Optional[Path], typer.Option(
         "--val", help="Held-out labelled real images: the reference for the quality figures.")] = None,
     seed: Seed = 0,
-    num_classes: NumClasses = None,
-    classes: Classes = None,
-    preset: Preset = None,
-    input_size: InputSize = None,
-    resize: Resize = None,
-    mean: Mean = None,
-    std: Std = None,
-    trust_model: TrustModel = False,
-    arch_arg: ArchArg = None,
-    output: ScoredOutput = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("synth"),
     device: Device = "auto",
     force: Force = False,
@@ -598,32 +605,14 @@ def verify(
 
 @app.command()
 @user_errors
+@with_options(MODEL_OPTIONS, BITS_OPTIONS, BUDGET_OPTIONS)
 def plan(
     ctx: typer.Context,
     model: ModelFile,
     arch: Arch,
-    bits: Bits = 4,
-    weight_bits: WeightBits = None,
-    act_bits: ActBits = None,
-    first_last_bits: FirstLastBits = None,
-    layer_bits: LayerBits = None,
-    weight_grid: WeightGridOption = WeightGrid("auto"),
-    activations: ActivationsOption = Activations("auto"),
-    num_classes: NumClasses = None,
-    preset: Preset = None,
-    input_size: InputSize = None,
-    resize: Resize = None,
-    mean: Mean = None,
-    std: Std = None,
-    trust_model: TrustModel = False,
-    arch_arg: ArchArg = None,
-    output: ScoredOutput = None,
     data: Annotated[Optional[Path], typer.Option(
         "--data", help="Calibration images (DIR/<class>/<image> or a flat folder) for --target-size / --target-drop: "
         "the plan is searched on them.")] = None,
-    target_size: TargetSize = None,
-    target_drop: TargetDrop = None,
-    bit_choices: BitChoices = "4,8",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
     force: Force = False,
     quiet: Quiet = False,
@@ -697,32 +686,16 @@ def plan(
 
 @app.command()
 @user_errors
+@with_options(MODEL_OPTIONS, BITS_OPTIONS)
 def sensitivity(
     ctx: typer.Context,
     model: ModelFile,
     arch: Arch,
     calib: Calib,
-    bits: Bits = 4,
-    weight_bits: WeightBits = None,
-    act_bits: ActBits = None,
-    first_last_bits: FirstLastBits = None,
-    layer_bits: LayerBits = None,
-    weight_grid: WeightGridOption = WeightGrid("auto"),
-    activations: ActivationsOption = Activations("auto"),
     synthetic: Annotated[int, typer.Option(
         "--synthetic", help="Also measure on this many FDDA synthetic images (trains the generator first).")] = 0,
     synth_steps: Annotated[int, typer.Option("--synth-steps", help="Generator training steps, with --synthetic.")] = 500,
     seed: Seed = 0,
-    num_classes: NumClasses = None,
-    classes: Classes = None,
-    preset: Preset = None,
-    input_size: InputSize = None,
-    resize: Resize = None,
-    mean: Mean = None,
-    std: Std = None,
-    trust_model: TrustModel = False,
-    arch_arg: ArchArg = None,
-    output: ScoredOutput = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("sensitivity"),
     device: Device = "auto",
     force: Force = False,
@@ -753,6 +726,7 @@ def sensitivity(
 
 @app.command(name="eval")
 @user_errors
+@with_options(MODEL_OPTIONS)
 def evaluate(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(
@@ -760,16 +734,6 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", help="Labelled images: DIR/<class>/<image>.")],
     arch: Annotated[Optional[str], typer.Option(
         "--arch", help="Architecture of a float state dict (not needed for a checkpoint or ONNX file).")] = None,
-    num_classes: NumClasses = None,
-    classes: Classes = None,
-    preset: Preset = None,
-    input_size: InputSize = None,
-    resize: Resize = None,
-    mean: Mean = None,
-    std: Std = None,
-    trust_model: TrustModel = False,
-    arch_arg: ArchArg = None,
-    output: ScoredOutput = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this file.")] = None,
     device: Device = "auto",
     force: Force = False,
