@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fddaq-installed
 DEMO_OUT ?= out
 
-.PHONY: demo test test-quick install clean
+.PHONY: demo test test-quick lint install clean
 
 install: $(STAMP)
 
@@ -23,8 +23,12 @@ demo: $(STAMP)
 		--bits 4 --out $(DEMO_OUT) --force
 	$(BIN)/fddaq export $(DEMO_OUT)/quantized.pt -o $(DEMO_OUT)/reexported.onnx --force
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check fddaq exporters cli tests benchmarks
+	$(BIN)/mypy
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow'

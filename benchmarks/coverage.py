@@ -41,14 +41,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporters.onnx_export import export_float, export_qdq  # noqa: E402
-from exporters.runtime import verify  # noqa: E402
-from fddaq.config import QuantConfig  # noqa: E402
-from fddaq.models import build_model  # noqa: E402
-from fddaq.quant.calibrate import calibrate_min_max  # noqa: E402
-from fddaq.quant.capture import capture, resolve_output  # noqa: E402
-from fddaq.quant.plan import resolve_layer_plan  # noqa: E402
-from fddaq.quant.prepare import prepare  # noqa: E402
+from exporters.onnx_export import export_float, export_qdq
+from exporters.runtime import verify
+from fddaq.config import QuantConfig
+from fddaq.models import build_model
+from fddaq.quant.calibrate import calibrate_min_max
+from fddaq.quant.capture import capture, resolve_output
+from fddaq.quant.plan import resolve_layer_plan
+from fddaq.quant.prepare import prepare
 
 IMAGES = 8
 

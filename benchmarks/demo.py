@@ -22,8 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 sys.path.insert(0, str(EXAMPLE))
-import fmnist  # noqa: E402
-
+import fmnist
 
 STAGES = ("load", "calibrate", "synthesize", "reconstruct", "finetune", "evaluate", "export", "verify")
 

@@ -156,6 +156,7 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
     import resource
 
     import peers
+
     from exporters import export_float, export_qdq, run_onnx, verify
     from fddaq.config import QuantConfig
     from fddaq.pipeline import quantize_inputs, synthesize

@@ -127,7 +127,7 @@ def table(results: list[dict]) -> str:
                 cells += ["-"] * 6
             else:
                 v = r[graph]["verify"]
-                kernels = lambda ops: ", ".join(f"{n} {op}" for op, n in ops.items()) or "none"  # noqa: E731
+                kernels = lambda ops: ", ".join(f"{n} {op}" for op, n in ops.items()) or "none"
                 cells += [
                     f"{r[graph]['export_s']:.2f}", f"{r[graph]['verify_s']:.2f}",
                     f"{v['agreement']:.2f} / {v['optimized_agreement']:.2f}",

@@ -28,11 +28,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import efficientnet  # noqa: E402
-import peers  # noqa: E402
-import recipes  # noqa: E402
+import efficientnet
+import peers
+import recipes
 
-from fddaq.recipes import DEFAULT_RECIPE  # noqa: E402
+from fddaq.recipes import DEFAULT_RECIPE
 
 FASHION = tuple(recipes.fmnist.MODELS)  # the bundled models
 
@@ -50,7 +50,7 @@ def fddaq_rows(model: str, per_class: int, seed: int, settings: list[str]) -> li
          "--bits", *(SETTINGS[s] for s in settings), "--ablate"],
         check=True, stdout=subprocess.PIPE, text=True,
     )
-    label = lambda method: f"fddaq {method}" + (" (default)" if method == DEFAULT_RECIPE else "")  # noqa: E731
+    label = lambda method: f"fddaq {method}" + (" (default)" if method == DEFAULT_RECIPE else "")
     return [{**row, "method": label(row["method"]), "peak_rss_mib": row["group_peak_rss_mib"]}
             for row in json.loads(out.stdout.strip().splitlines()[-1])]
 

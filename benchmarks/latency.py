@@ -45,14 +45,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporters.onnx_export import export_float, export_qdq  # noqa: E402
-from exporters.runtime import FLOAT_OPS, INTEGER_OPS  # noqa: E402
-from fddaq.config import QuantConfig  # noqa: E402
-from fddaq.models import build_model  # noqa: E402
-from fddaq.quant.calibrate import calibrate_min_max  # noqa: E402
-from fddaq.quant.capture import capture  # noqa: E402
-from fddaq.quant.plan import resolve_layer_plan  # noqa: E402
-from fddaq.quant.prepare import prepare  # noqa: E402
+from exporters.onnx_export import export_float, export_qdq
+from exporters.runtime import FLOAT_OPS, INTEGER_OPS
+from fddaq.config import QuantConfig
+from fddaq.models import build_model
+from fddaq.quant.calibrate import calibrate_min_max
+from fddaq.quant.capture import capture
+from fddaq.quant.plan import resolve_layer_plan
+from fddaq.quant.prepare import prepare
 
 MODELS = {  # name -> (architecture spec, its arguments, input size)
     "lite0": ("fddaq:efficientnet_lite0", (), 224),
@@ -81,7 +81,13 @@ def cpu() -> str:
 
 def graphs(name: str, folder: Path) -> dict[str, Path]:
     """Every graph of model `name`, written to `folder`."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     spec, args, size = MODELS[name]

@@ -38,7 +38,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def efficientnet_setup(model: str, root: Path):
     """(inputs, score: ONNX path -> scores) for EfficientNet-Lite `model`."""
     from efficientnet import prepared, scores
+
     from exporters import run_onnx
 
     inputs, natural, float_held, float_natural = prepared(model, root)
@@ -63,10 +63,10 @@ def efficientnet_setup(model: str, root: Path):
 
 def fashion_setup(model: str, root: Path):
     """(inputs, score) for the bundled Fashion-MNIST `model`, scored on the full test set."""
-    from recipes import EXAMPLE, test_set  # first: it puts the example's folder on the path
-
     import fmnist
     from efficientnet import scores
+    from recipes import EXAMPLE, test_set  # first: it puts the example's folder on the path
+
     from exporters import run_onnx
     from fddaq.evaluate import predict
     from fddaq.pipeline import Source, load_inputs
@@ -98,9 +98,9 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, help="folder for each search's chart")
     args = parser.parse_args()
 
+    import peers
     import torch
 
-    import peers
     from cli.jobs import precision_chart, precision_report
     from exporters import export_float, export_qdq
     from fddaq.config import BudgetConfig, QuantConfig, parse_bit_choices

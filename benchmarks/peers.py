@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(EXAMPLE))
-import fmnist  # noqa: E402
+import fmnist
 
 SETTINGS = ("W8A8", "W4A4", "W4A4-fl8", "W8A8-inputs", "W4A4-inputs", "W4A4-all")
 METHODS = ("MinMax", "Entropy", "Percentile")
@@ -69,7 +69,13 @@ def float_onnx(path: Path, model: str) -> None:
 def quantize(float_path: Path, out: Path, images: np.ndarray, setting: str, method: str) -> None:
     """onnxruntime's quantize_static at `setting` with calibrator `method`."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:  # one image per batch: the histogram calibrators need equal batches
@@ -103,8 +109,9 @@ def quantize(float_path: Path, out: Path, images: np.ndarray, setting: str, meth
 
 def run(float_path: str, model: str, per_class: int, setting: str, method: str) -> dict:
     """One peer row (in a fresh process)."""
-    from exporters import run_onnx
     from recipes import test_set
+
+    from exporters import run_onnx
 
     images = calibration_images(per_class)
     start = time.perf_counter()
@@ -130,8 +137,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    from exporters import run_onnx
     from recipes import test_set
+
+    from exporters import run_onnx
 
     rows = []
     x, y = test_set()

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 sys.path.insert(0, str(EXAMPLE))
-import fmnist  # noqa: E402
+import fmnist
 
 METHODS = ("ptq", "real-only", "fdda-paper", "fddaq", "reconstruct")
 # One fddaq ingredient switched off (or CE added) at a time; run where --ablate asks.
@@ -57,9 +57,9 @@ def test_set() -> tuple[torch.Tensor, torch.Tensor]:
 
 def group(model: str, per_class: int, seed: int, bits: list[str], methods: list[str], ablate: list[str]) -> list[dict]:
     """Every method and bit width for one model, calibration set and seed (run in a child process)."""
-    from exporters import export_qdq, run_onnx
     from dataclasses import replace
 
+    from exporters import export_qdq, run_onnx
     from fddaq.config import QuantConfig
     from fddaq.pipeline import Source, load_inputs, quantize_inputs, synthesize
     from fddaq.recipes import recipe_config

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 sys.path.insert(0, str(EXAMPLE))
-import fmnist  # noqa: E402
+import fmnist
 
 
 def value(text: str) -> int | float | str:

@@ -30,7 +30,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficientnet import model_source, split_labelled  # noqa: E402
+from efficientnet import model_source, split_labelled
 
 VARIANTS = ("default", "prefix", "fresh-masks", "no-cap")
 

@@ -54,15 +54,15 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fddaq.config import CalibrationConfig, FinetuneConfig, QuantConfig  # noqa: E402
-from fddaq.finetune import _optimizer, student_loss  # noqa: E402
-from fddaq.quant import modules as fq_modules  # noqa: E402
-from fddaq.quant.calibrate import calibrate  # noqa: E402
-from fddaq.quant.capture import capture  # noqa: E402
-from fddaq.quant.plan import resolve_layer_plan  # noqa: E402
-from fddaq.quant.prepare import prepare  # noqa: E402
-from fddaq.zoo.mobilenet import fashion_mobilenet  # noqa: E402
-from fddaq.zoo.resnet import fashion_resnet  # noqa: E402
+from fddaq.config import CalibrationConfig, FinetuneConfig, QuantConfig
+from fddaq.finetune import _optimizer, student_loss
+from fddaq.quant import modules as fq_modules
+from fddaq.quant.calibrate import calibrate
+from fddaq.quant.capture import capture
+from fddaq.quant.plan import resolve_layer_plan
+from fddaq.quant.prepare import prepare
+from fddaq.zoo.mobilenet import fashion_mobilenet
+from fddaq.zoo.resnet import fashion_resnet
 
 VARIANTS = ("float", "fq (autograd)", "fq")
 ALLOCATORS = {

@@ -157,7 +157,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
     ]
     for name, r in rows:
         s, q = r["synthetic"], r["real"]
-        number = lambda value, form: "-" if value is None else format(value, form)  # noqa: E731
+        number = lambda value, form: "-" if value is None else format(value, form)
         lines.append(
             f"| {name} | {s['float_top1']:.1f} | {number(s['separation'], '.1f')} / {number(q['separation'], '.1f')} | "
             f"{number(s['diversity'], '.3f')} / {number(q['diversity'], '.3f')} | "

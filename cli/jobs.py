@@ -17,11 +17,22 @@ from fddaq.checkpoint import checkpoint_bytes, load_checkpoint
 from fddaq.config import QuantConfig, RunConfig, SynthConfig
 from fddaq.data import class_folders, load_image_folder
 from fddaq.distributed import current
-from fddaq.errors import ConfigError, DataError, first_line
+from fddaq.errors import ConfigError, DataError
 from fddaq.events import EventHandler
-from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, tensors_bytes
-from fddaq.pipeline import (FloatModel, Inputs, ResumeState, Source, Synthesis, check_trainable, load_float, load_inputs,
-                            plan_layers, quantize, synthesize)
+from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, read_tensors, tensors_bytes
+from fddaq.pipeline import (
+    FloatModel,
+    Inputs,
+    ResumeState,
+    Source,
+    Synthesis,
+    check_trainable,
+    load_float,
+    load_inputs,
+    plan_layers,
+    quantize,
+    synthesize,
+)
 from fddaq.synth.preview import preview_grid
 
 if TYPE_CHECKING:
@@ -119,7 +130,7 @@ def _steps(value: float | None) -> str:
 
 def verify_rows(verify) -> list[tuple[str, str]]:
     """Table rows of a `VerifyReport` (first row: the plain agreement)."""
-    ops = lambda counts: ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"  # noqa: E731
+    ops = lambda counts: ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"
     return [
         (f"ONNX vs fake-quant top-1 agreement ({verify.samples} images)", _pct(verify.agreement)),
         ("max / mean |logit diff|", f"{verify.max_abs_diff:.2e} / {verify.mean_abs_diff:.2e} "
@@ -333,23 +344,14 @@ def read_resume_state(out: Path) -> ResumeState:
     if not path.is_file():
         raise ConfigError(f"nothing to resume: {path} does not exist (it is written while synthesis, reconstruction and fine-tuning run)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise ConfigError(f"{path} is not a resumable fddaq state ({first_line(exc)}): run without --resume") from exc
-    try:
-        return ResumeState.from_dict(state)
+        return ResumeState.from_dict(read_tensors(path, "a resumable fddaq state", ConfigError))
     except ConfigError as exc:
         raise ConfigError(f"{exc}: run without --resume") from None
 
 
 def read_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(images, labels, path) of a synthetic.pt written by `fddaq synth`."""
-    if not path.is_file():
-        raise DataError(f"{path} does not exist (give the synthetic.pt that `fddaq synth` wrote)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise DataError(f"{path} is not a synthetic.pt of `fddaq synth` ({first_line(exc)})") from exc
+    data = read_tensors(path, "a synthetic.pt of `fddaq synth`", DataError)
     if not isinstance(data, dict) or not all(isinstance(data.get(k), torch.Tensor) for k in ("images", "labels")):
         raise DataError(f"{path} is not a synthetic.pt of `fddaq synth`: it needs tensors 'images' and 'labels'")
     return data["images"], data["labels"], str(path)

@@ -10,18 +10,19 @@ import re
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional, Union
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fddaq import __version__
-from fddaq.errors import ConfigError, FddaqError
 from fddaq.config import ACTIVATIONS, PRESETS, SYNTH_METHODS, WEIGHT_GRIDS
+from fddaq.errors import ConfigError, FddaqError
 from fddaq.recipes import DEFAULT_RECIPE, RECIPES, RECONSTRUCT_ITERATIONS, SYNTH_RECIPES
 
 from .render import ProgressRenderer, markdown, table
@@ -42,7 +43,7 @@ QUANTIZE_OUTPUTS = ("quantized.pt", "model.onnx", "report.json", "preview.png", 
 SYNTH_OUTPUTS = ("synthetic.pt", "preview.png", "report.json", "config.toml", "summary.md")
 
 
-def flag_advice(message: str, command: Optional[str] = None) -> str:
+def flag_advice(message: str, command: str | None = None) -> str:
     """A core error's message as the CLI says it: each setting it names `like_this` becomes the
     flag that sets it (`num_classes` -> --num-classes), the flags of `command` (a command's
     function name) first."""
@@ -54,7 +55,7 @@ def flag_advice(message: str, command: Optional[str] = None) -> str:
     return re.sub(r"`([a-z][a-z0-9_]*)`", lambda match: flags.get(match.group(1), match.group(0)), message)
 
 
-def _print_error(exc: FddaqError, command: Optional[str] = None) -> None:
+def _print_error(exc: FddaqError, command: str | None = None) -> None:
     err_console.print(f"Error: {flag_advice(str(exc), command)}", highlight=False, markup=False, soft_wrap=True)
 
 
@@ -81,7 +82,7 @@ def user_errors(command):
     return wrapper
 
 
-def _floats(text: Optional[str], name: str) -> Optional[tuple[float, ...]]:
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
@@ -107,7 +108,7 @@ SOURCE_OPTIONS = ("arch", "num_classes", "classes", "preset", "input_size", "res
                   "arch_arg", "output")  # the options that say which model a command reads, and how to feed it
 
 
-def _source(ctx: typer.Context, calib: Optional[Path], val: Optional[Path] = None):
+def _source(ctx: typer.Context, calib: Path | None, val: Path | None = None):
     """What the command reads: its MODEL argument, the model options it was given (by name from
     `ctx.params`: `SOURCE_OPTIONS`, None where the command has none), and the image folders."""
     from fddaq.pipeline import PreprocessOptions, Source
@@ -120,7 +121,7 @@ def _source(ctx: typer.Context, calib: Optional[Path], val: Optional[Path] = Non
                   bool(given["trust_model"]), tuple(given["arch_arg"] or ()), given["output"])
 
 
-def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+def _read_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """Eager: the file's values become the command's defaults, so flags given still win."""
     if value is not None:
         from .config_file import read_config
@@ -150,21 +151,21 @@ Activations = _choices("Activations", ACTIVATIONS)
 ModelFile = Annotated[Path, typer.Argument(help="Float state dict (.pth), loaded with weights_only=True.")]
 Arch = Annotated[str, typer.Option("--arch", help="Architecture: fddaq:NAME, torchvision:NAME, timm:NAME, "
                                    "package.module:callable or path/to/file.py:callable (nothing is downloaded).")]
-ArchArg = Annotated[Optional[list[str]], typer.Option(
+ArchArg = Annotated[list[str] | None, typer.Option(
     "--arch-arg", help="Argument of the architecture factory, repeatable: VALUE (positional) or KEY=VALUE; Python "
     "literals are parsed, e.g. --arch-arg efficientnet-b0.")]
-ScoredOutput = Annotated[Optional[str], typer.Option(
+ScoredOutput = Annotated[str | None, typer.Option(
     "--output", help="For models returning several tensors: the output scored and distilled, by name (out, aux, 0.1) "
     "or index (default: the only one, else out, else the first).")]
 Calib = Annotated[Path, typer.Option("--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder).")]
-NumClasses = Annotated[Optional[int], typer.Option("--num-classes", help="Passed to the architecture factory.")]
-Classes = Annotated[Optional[Path], typer.Option(
+NumClasses = Annotated[int | None, typer.Option("--num-classes", help="Passed to the architecture factory.")]
+Classes = Annotated[Path | None, typer.Option(
     "--classes", help="File of class folder names, one per line (line i = class i).")]
-Preset = Annotated[Optional[PresetName], typer.Option("--preset", help="Preprocessing preset.")]
-InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Centre-crop size in pixels.")]
-Resize = Annotated[Optional[int], typer.Option("--resize", help="Resize the shorter side to this before cropping.")]
-Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406.")]
-Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")]
+Preset = Annotated[PresetName | None, typer.Option("--preset", help="Preprocessing preset.")]
+InputSize = Annotated[int | None, typer.Option("--input-size", help="Centre-crop size in pixels.")]
+Resize = Annotated[int | None, typer.Option("--resize", help="Resize the shorter side to this before cropping.")]
+Mean = Annotated[str | None, typer.Option("--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406.")]
+Std = Annotated[str | None, typer.Option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")]
 TrustModel = Annotated[bool, typer.Option(
     "--trust-model", help="Accept a pickled whole model (torch.save(model)): unpickling runs code from the file, so "
     "only for files you trust.")]
@@ -173,16 +174,16 @@ Device = Annotated[str, typer.Option(
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; the table is still printed.")]
-ConfigFile = Annotated[Optional[Path], typer.Option(
+ConfigFile = Annotated[Path | None, typer.Option(
     "--config", callback=_read_config, is_eager=True,
     help="TOML file of option values (keys: option names, e.g. bits = 4); flags given win.")]
 # the bits of the layers (quantize, plan, sensitivity: `_quant_config`)
 Bits = Annotated[int, typer.Option("--bits", help="Weight and activation bits of every layer, first and last included.")]
-WeightBits = Annotated[Optional[int], typer.Option("--weight-bits", help="Weight bits (default: --bits).")]
-ActBits = Annotated[Optional[int], typer.Option("--act-bits", help="Activation bits (default: --bits).")]
-FirstLastBits = Annotated[Optional[int], typer.Option(
+WeightBits = Annotated[int | None, typer.Option("--weight-bits", help="Weight bits (default: --bits).")]
+ActBits = Annotated[int | None, typer.Option("--act-bits", help="Activation bits (default: --bits).")]
+FirstLastBits = Annotated[int | None, typer.Option(
     "--first-last-bits", help="Bits of the first and last layer (default: as the others).")]
-LayerBits = Annotated[Optional[list[str]], typer.Option(
+LayerBits = Annotated[list[str] | None, typer.Option(
     "--layer-bits", help="Per-layer override PATTERN=BITS, PATTERN=W/A or PATTERN=float (repeatable; shell patterns, "
     "e.g. --layer-bits 'fc=8' --layer-bits 'stages.*.shortcut.*=float'). A pattern matching no layer is an error.")]
 WeightGridOption = Annotated[WeightGrid, typer.Option(
@@ -193,10 +194,10 @@ ActivationsOption = Annotated[Activations, typer.Option(
     "graph integer runtimes and accelerators chain integer kernels on); inputs: only the inputs of conv and linear "
     "layers; auto: all at 8-bit activations, inputs below.")]
 # a budget for the bit search (quantize, plan: `_budget`)
-TargetSize = Annotated[Optional[float], typer.Option(
+TargetSize = Annotated[float | None, typer.Option(
     "--target-size", help="Choose each layer's weight bits (--bit-choices) for the most accurate model whose ONNX file "
     "is at most this ratio of the float ONNX (e.g. 0.2); exit 3 if the file misses it.")]
-TargetDrop = Annotated[Optional[float], typer.Option(
+TargetDrop = Annotated[float | None, typer.Option(
     "--target-drop", help="Choose each layer's weight bits (--bit-choices) for the smallest model that loses at most "
     "this many points of top-1 agreement with float on calibration images held out of calibration (never --val); "
     "exit 3 if no plan does.")]
@@ -252,7 +253,7 @@ def _save_config(ctx: typer.Context, out: Path, **chosen) -> None:
     atomic_write_bytes(out / "config.toml", config_toml(ctx.command.name, params, path_options(ctx.command)).encode())
 
 
-def _show(title: str, report: dict, out: Optional[Path] = None) -> None:
+def _show(title: str, report: dict, out: Path | None = None) -> None:
     """Print the command's table; write its Markdown summary to out/summary.md (when `out`)
     and append it to the GitHub Actions job summary (when GITHUB_STEP_SUMMARY is set)."""
     console.print(table(title, report["table"]))
@@ -284,7 +285,7 @@ def _check_writable(folder: Path, what: str) -> None:
         raise ConfigError(f"{what} {folder}: cannot write in {existing} ({exc.strerror or exc})") from None
 
 
-def _check_file(path: Optional[Path], force: bool) -> None:
+def _check_file(path: Path | None, force: bool) -> None:
     if path is None:
         return
     if path.is_dir():
@@ -304,7 +305,7 @@ def _check_outputs(out: Path, names: tuple[str, ...], force: bool) -> None:
         raise ConfigError(f"{out} already holds {', '.join(existing)}: pass --force to overwrite or choose another --out")
 
 
-def _value(choice: Union[Enum, str, None]) -> Optional[str]:
+def _value(choice: Enum | str | None) -> str | None:
     """A choice's string: Typer hands the command an Enum member, and keeps the string in `ctx.params`."""
     return None if choice is None else getattr(choice, "value", choice)
 
@@ -417,17 +418,17 @@ def quantize(
     model: ModelFile,
     arch: Arch,
     calib: Calib,
-    val: Annotated[Optional[Path], typer.Option("--val", help="Labelled validation images, same layout; used only to report.")] = None,
-    recipe: Annotated[Recipe, typer.Option("--recipe", help="reconstruct (default: block-wise reconstruction, AdaRound + LSQ + QDrop, unit by unit), fddaq (end-to-end fine-tuning on real and FDDA images), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result).")] = Recipe(DEFAULT_RECIPE),
-    steps: Annotated[Optional[int], typer.Option("--steps", help=f"Training steps: reconstruction iterations per unit (reconstruct: {RECONSTRUCT_ITERATIONS}) or fine-tuning steps (the others: 400); 0: calibration only.")] = None,
-    synthetic: Annotated[Optional[int], typer.Option("--synthetic", help="FDDA synthetic images added to the training images (fddaq, fdda-paper: 1024, mixed 1:1 into fine-tuning; reconstruct: 0, up to 512 join its pool); 0: real images only.")] = None,
-    synth_steps: Annotated[Optional[int], typer.Option("--synth-steps", help="FDDA synthesis steps (default 500).")] = None,
-    synth_method: Annotated[Optional[SynthMethod], typer.Option("--synth-method", help=SYNTH_METHOD_HELP)] = None,
-    synthetic_from: Annotated[Optional[Path], typer.Option(
+    val: Annotated[Path | None, typer.Option("--val", help="Labelled validation images, same layout; used only to report.")] = None,
+    recipe: Annotated[Recipe, typer.Option("--recipe", help="reconstruct (default: block-wise reconstruction, AdaRound + LSQ + QDrop, unit by unit), fddaq (end-to-end fine-tuning on real and FDDA images), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result).")] = DEFAULT_RECIPE,
+    steps: Annotated[int | None, typer.Option("--steps", help=f"Training steps: reconstruction iterations per unit (reconstruct: {RECONSTRUCT_ITERATIONS}) or fine-tuning steps (the others: 400); 0: calibration only.")] = None,
+    synthetic: Annotated[int | None, typer.Option("--synthetic", help="FDDA synthetic images added to the training images (fddaq, fdda-paper: 1024, mixed 1:1 into fine-tuning; reconstruct: 0, up to 512 join its pool); 0: real images only.")] = None,
+    synth_steps: Annotated[int | None, typer.Option("--synth-steps", help="FDDA synthesis steps (default 500).")] = None,
+    synth_method: Annotated[SynthMethod | None, typer.Option("--synth-method", help=SYNTH_METHOD_HELP)] = None,
+    synthetic_from: Annotated[Path | None, typer.Option(
         "--synthetic-from", help="Use the images of a synthetic.pt written by `fddaq synth` instead of synthesizing "
         "(all of them; any recipe that trains).")] = None,
     seed: Seed = 0,
-    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float.")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Fail with exit 3 if ONNX top-1 on --val is more than this many points below float.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (same options).")] = False,
     device: Device = "auto",
@@ -451,11 +452,11 @@ def quantize(
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
     budget = _budget(ctx.params)
     quant = _quant_config(ctx.params, budget)
-    run_config = replace(recipe_config(recipe.value, quant, seed, steps, synthetic, synth_steps, _value(synth_method)),
+    run_config = replace(recipe_config(_value(recipe), quant, seed, steps, synthetic, synth_steps, _value(synth_method)),
                          budget=budget)
     if synthetic_from is not None and run_config.finetune.steps == 0 and run_config.reconstruct.iterations == 0 \
             and run_config.real_images:
-        raise ConfigError(f"--recipe {recipe.value} with --steps 0 does not train: the images of --synthetic-from would "
+        raise ConfigError(f"--recipe {_value(recipe)} with --steps 0 does not train: the images of --synthetic-from would "
                           "go unused")
     source = _source(ctx, calib, val)
     where = _resolve_device(device)
@@ -472,7 +473,7 @@ def quantize(
             _save_config(ctx, out, layer_bits=[*(ctx.params["layer_bits"] or ()), *searched["overrides"]], target_size=None,
                          target_drop=None, act_bits=quant.act_bits)
             setting = f"weights {'/'.join(map(str, searched['budget']['bit_choices']))}, A{quant.act_bits}"
-        _show(f"fddaq quantize: {model.name} at {setting}, recipe {recipe.value}", report, out)
+        _show(f"fddaq quantize: {model.name} at {setting}, recipe {_value(recipe)}", report, out)
     written = [name for name in QUANTIZE_OUTPUTS if (name != "preview.png" or report["synthesis"] is not None)
                and (name != "precision.png" or report["precision"] is not None)]
     console.print(f"wrote {', '.join(str(out / name) for name in written)}")
@@ -492,16 +493,16 @@ def synth(
     ctx: typer.Context,
     model: ModelFile,
     arch: Arch,
-    calib: Annotated[Optional[Path], typer.Option(
+    calib: Annotated[Path | None, typer.Option(
         "--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder); not needed with --recipe data-free.")] = None,
     recipe: Annotated[SynthRecipe, typer.Option(
         "--recipe", help="Whose synthesis settings: fddaq (a pool of images started from the calibration images), "
         "fdda-paper (the paper's generator) or data-free (the generator on the BN running statistics alone, without "
-        "--calib; given --calib only measures the images).")] = SynthRecipe("fddaq"),
+        "--calib; given --calib only measures the images).")] = "fddaq",
     num: Annotated[int, typer.Option("--num", help="Synthetic images to write.")] = 1024,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Synthesis steps (default 500).")] = None,
-    method: Annotated[Optional[SynthMethod], typer.Option("--method", help=SYNTH_METHOD_HELP)] = None,
-    val: Annotated[Optional[Path], typer.Option(
+    steps: Annotated[int | None, typer.Option("--steps", help="Synthesis steps (default 500).")] = None,
+    method: Annotated[SynthMethod | None, typer.Option("--method", help=SYNTH_METHOD_HELP)] = None,
+    val: Annotated[Path | None, typer.Option(
         "--val", help="Held-out labelled real images: the reference for the quality figures.")] = None,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("synth"),
@@ -523,10 +524,10 @@ def synth(
     _check_outputs(out, SYNTH_OUTPUTS, force)
     if num < 1:
         raise ConfigError(f"--num={num} must be at least 1")
-    run_config = recipe_config(recipe.value, QuantConfig(), seed, synthetic=num, synth_steps=steps,
+    run_config = recipe_config(_value(recipe), QuantConfig(), seed, synthetic=num, synth_steps=steps,
                                synth_method=_value(method))
     if calib is None and run_config.real_images:
-        raise ConfigError(f"--recipe {recipe.value} synthesizes from calibration images: give --calib DIR (only --recipe "
+        raise ConfigError(f"--recipe {_value(recipe)} synthesizes from calibration images: give --calib DIR (only --recipe "
                           "data-free runs without)")
     source = _source(ctx, calib, val)
     where = _resolve_device(device)
@@ -577,7 +578,7 @@ def verify(
     data: Annotated[Path, typer.Option("--data", help="Images: DIR/<class>/<image> (accuracies too) or a flat folder.")],
     min_agreement: Annotated[float, typer.Option(
         "--min-agreement", help="Exit 3 when a top-1 agreement (optimizations off or on) is below this percentage.")] = 99.0,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
     force: Force = False,
     quiet: Quiet = False,
     config: ConfigFile = None,
@@ -610,10 +611,10 @@ def plan(
     ctx: typer.Context,
     model: ModelFile,
     arch: Arch,
-    data: Annotated[Optional[Path], typer.Option(
+    data: Annotated[Path | None, typer.Option(
         "--data", help="Calibration images (DIR/<class>/<image> or a flat folder) for --target-size / --target-drop: "
         "the plan is searched on them.")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
     force: Force = False,
     quiet: Quiet = False,
     config: ConfigFile = None,
@@ -732,9 +733,9 @@ def evaluate(
     model: Annotated[Path, typer.Argument(
         help="A float state dict (with --arch), a quantized.pt checkpoint or an ONNX file.")],
     data: Annotated[Path, typer.Option("--data", help="Labelled images: DIR/<class>/<image>.")],
-    arch: Annotated[Optional[str], typer.Option(
+    arch: Annotated[str | None, typer.Option(
         "--arch", help="Architecture of a float state dict (not needed for a checkpoint or ONNX file).")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this file.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON to this file.")] = None,
     device: Device = "auto",
     force: Force = False,
     quiet: Quiet = False,

@@ -42,7 +42,7 @@ class ProgressRenderer:
         self.printed: dict[str, float] = {}  # when each stage last printed a line
         self.interval = float(os.environ.get("FDDAQ_PROGRESS_SECONDS", 5))
 
-    def __enter__(self) -> "ProgressRenderer":
+    def __enter__(self) -> ProgressRenderer:
         if self.live:
             self.progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -89,7 +89,7 @@ def table(title: str, rows: list[tuple[str, str]]) -> Table:
 def markdown(title: str, rows: list[tuple[str, str]], layers: list[dict] | None = None) -> str:
     """The Markdown summary of a command: its table, then the layer plan with each layer's
     SQNR when given (a CI job summary, `summary.md`)."""
-    cell = lambda value: str(value).replace("|", "\\|")  # noqa: E731
+    cell = lambda value: str(value).replace("|", "\\|")
     lines = [f"### {cell(title)}", "", "| | |", "|---|---|", *(f"| {cell(k)} | {cell(v)} |" for k, v in rows)]
     if layers:
         lines += ["", "| layer | kind | weight bits | input bits | SQNR vs float (dB) | why |", "|---|---|---|---|---|---|"]

@@ -33,7 +33,7 @@ def export_checkpoint(checkpoint: Checkpoint, opset: int = 21, int8_weights: boo
     (when there is one) can run; `int8_weights`: see `export_qdq`."""
     check_runnable_opset(opset)
     proto = export_qdq(checkpoint.model, onnx_metadata(checkpoint.info, checkpoint.plan), opset, int8_weights)
-    return proto.SerializeToString()
+    return bytes(proto.SerializeToString())
 
 
 def deploy(

@@ -19,7 +19,9 @@ from .runtime import load_onnx
 
 def onnx_metadata(info: ModelInfo, plan: LayerPlan) -> dict[str, str]:
     """`metadata_props` of the exported graph: what a deployment needs to feed and read it."""
-    compact = lambda value: json.dumps(value, separators=(",", ":"))  # noqa: E731
+    def compact(value: object) -> str:
+        return json.dumps(value, separators=(",", ":"))
+
     return {
         "fddaq_version": __version__,
         "layer_plan": compact(plan.to_json()),

@@ -41,7 +41,8 @@ import sys
 import tempfile
 import warnings
 from collections import defaultdict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ml_dtypes
 import numpy as np

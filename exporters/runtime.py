@@ -8,6 +8,7 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnx
@@ -25,7 +26,7 @@ from fddaq.quant.modules import QuantizedModel
 from .onnx_export import MIN_OPSET, layer_input
 
 
-def onnxruntime_module():
+def onnxruntime_module() -> ModuleType:
     """The onnxruntime module, or an ExportError naming the extra to install."""
     try:
         import onnxruntime
@@ -36,7 +37,7 @@ def onnxruntime_module():
     return onnxruntime
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def newest_runnable_opset() -> int | None:
     """The newest opset in which the installed onnxruntime runs QuantizeLinear and
     DequantizeLinear (a new onnx knows opsets that onnxruntime does not run yet); None without

@@ -3,11 +3,13 @@ no pickled classes, and rebuilds the fake-quant model from the architecture spec
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,7 +56,7 @@ class ModelInfo:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "ModelInfo":
+    def from_json(cls, data: dict) -> ModelInfo:
         return cls(data["arch"], data["num_classes"], Preprocess.from_json(data["preprocess"]), tuple(data["class_names"]),
                    tuple(data["arch_args"]), data["output"])
 
@@ -129,3 +131,18 @@ def rebuild(info: ModelInfo, plan: LayerPlan) -> QuantizedModel:
                          f"the checkpoint's preprocessing {info.preprocess.channels}")
     found = capture(model, torch.zeros(1, *info.input_shape))
     return fold_batch_norms(prepare(model, found, plan, info.output))
+
+
+def loop_state(step: int, rng: torch.Generator, **parts: Any) -> dict:
+    """A resumable snapshot (copies, not live tensors) of a training loop after `step`: the state
+    dict of each of `parts` (its model, optimizer, schedule...) by name, and the state of its
+    random generator `rng`."""
+    return copy.deepcopy({"step": step, "rng": rng.get_state(), **{name: part.state_dict() for name, part in parts.items()}})
+
+
+def resume_loop(state: dict, rng: torch.Generator, **parts: Any) -> int:
+    """`state` (a `loop_state`) loaded back into `parts` and `rng`; the step to run next."""
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    rng.set_state(state["rng"])
+    return int(state["step"]) + 1

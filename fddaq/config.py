@@ -20,6 +20,19 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _check_fields(config: object, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                  fractions: tuple[str, ...] = ()) -> None:
+    """The fields of `config` named in `positive` are > 0, in `non_negative` >= 0, and in
+    `fractions` within [0, 1)."""
+    for name in positive:
+        _check_positive(name, getattr(config, name))
+    for name in non_negative:
+        _check_positive(name, getattr(config, name), allow_zero=True)
+    for name in fractions:
+        if not 0 <= getattr(config, name) < 1:
+            raise ConfigError(f"{name}={getattr(config, name)} must be within [0, 1)")
+
+
 WEIGHT_GRIDS = ("auto", "symmetric")
 ACTIVATIONS = ("auto", "all", "inputs")
 
@@ -106,8 +119,7 @@ class CalibrationConfig:
     bias_images: int = 128
 
     def __post_init__(self) -> None:
-        _check_positive("max_samples", self.max_samples)
-        _check_positive("bias_images", self.bias_images, allow_zero=True)
+        _check_fields(self, positive=("max_samples",), non_negative=("bias_images",))
 
 
 OPTIMIZERS = ("adam", "sgd")
@@ -146,16 +158,11 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive("steps", self.steps, allow_zero=True)
-        for name in ("batch_size", "weight_lr", "scale_lr", "temperature", "checkpoint_every"):
-            _check_positive(name, getattr(self, name))
-        for name in ("momentum", "weight_decay", "kd_weight", "ce_weight"):
-            _check_positive(name, getattr(self, name), allow_zero=True)
+        _check_fields(self, positive=("batch_size", "weight_lr", "scale_lr", "temperature", "checkpoint_every"),
+                      non_negative=("steps", "momentum", "weight_decay", "kd_weight", "ce_weight"),
+                      fractions=("synthetic_fraction", "holdout", "act_ema"))
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        for name in ("synthetic_fraction", "holdout", "act_ema"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be within [0, 1)")
         if not 0 <= self.observe_fraction <= 1:
             raise ConfigError(f"observe_fraction={self.observe_fraction} must be within [0, 1]")
         if self.kd_weight == 0 and self.ce_weight == 0:
@@ -191,14 +198,8 @@ class ReconstructConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive("iterations", self.iterations, allow_zero=True)
-        for name in ("batch_size", "batch_elements", "views", "rounding_lr", "scale_lr"):
-            _check_positive(name, getattr(self, name))
-        for name in ("round_weight", "bias_lr"):
-            _check_positive(name, getattr(self, name), allow_zero=True)
-        for name in ("warmup", "drop"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be within [0, 1)")
+        _check_fields(self, positive=("batch_size", "batch_elements", "views", "rounding_lr", "scale_lr"),
+                      non_negative=("iterations", "round_weight", "bias_lr"), fractions=("warmup", "drop"))
 
 
 SYNTH_METHODS = ("pool", "generator")
@@ -270,14 +271,9 @@ class SynthConfig:
                               ("bns_scale", BNS_SCALES), ("latents", LATENTS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"unknown synthesis {name} {getattr(self, name)!r}; choices: {', '.join(choices)}")
-        _check_positive("steps", self.steps, allow_zero=True)
-        _check_positive("num_images", self.num_images, allow_zero=True)
-        _check_positive("pool_noise", self.pool_noise, allow_zero=True)
-        for name in ("batch_size", "lr", "pool_lr", "latent_dim", "width", "checkpoint_every"):
-            _check_positive(name, getattr(self, name))
-        for name in ("ce_weight", "bns_weight", "cbns_weight", "dbns_weight", "ce_single_weight",
-                     "noise_mean_std", "noise_var_std"):
-            _check_positive(name, getattr(self, name), allow_zero=True)
+        _check_fields(self, positive=("batch_size", "lr", "pool_lr", "latent_dim", "width", "checkpoint_every"),
+                      non_negative=("steps", "num_images", "pool_noise", "ce_weight", "bns_weight", "cbns_weight",
+                                    "dbns_weight", "ce_single_weight", "noise_mean_std", "noise_var_std"))
         if self.deep_start is not None and self.deep_start < 0:
             raise ConfigError(f"deep_start={self.deep_start} must be >= 0")
         if any(not 0 < f <= 1 for f in self.lr_milestones):

@@ -64,7 +64,7 @@ class Preprocess:
 
     def describe(self) -> str:
         """One line: what happens to an image before the model sees it."""
-        numbers = lambda values: ", ".join(f"{v:.4g}" for v in values)  # noqa: E731
+        numbers = lambda values: ", ".join(f"{v:.4g}" for v in values)
         scale = f"shorter side to {self.resize} ({self.interpolation}), " if self.resize is not None else ""
         return (f"{scale}centre crop {self.input_size}x{self.input_size}, {'grey' if self.channels == 1 else 'RGB'}, "
                 f"mean {numbers(self.mean)}, std {numbers(self.std)}")
@@ -73,7 +73,7 @@ class Preprocess:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Preprocess":
+    def from_json(cls, data: dict) -> Preprocess:
         return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
 
 

@@ -7,8 +7,8 @@ CPU's seeded generators, so a seed gives the same batches on any device."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn

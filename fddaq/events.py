@@ -3,8 +3,8 @@ And the loss a report gives for either end of a training curve (`curve_end`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass(frozen=True)

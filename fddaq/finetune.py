@@ -8,16 +8,16 @@ the same result as an uninterrupted run."""
 
 from __future__ import annotations
 
-import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import loop_state, resume_loop
 from .config import FinetuneConfig
 from .device import fast_float, model_device
 from .distributed import Ranks, average, data_parallel
@@ -209,20 +209,13 @@ def finetune(
     losses: list[float] = []
     first = 1
     if resume is not None:
-        first = resume["step"] + 1
-        student.load_state_dict(resume["student"])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        batches.generator.set_state(resume["rng"])
+        first = resume_loop(resume, batches.generator, student=student, optimizer=optimizer, schedule=schedule)
         losses = resume["losses"].tolist()
 
     def state(step: int) -> dict:
-        """A snapshot (copies, not live tensors) of everything the next steps depend on."""
-        return copy.deepcopy({
-            "step": step, "student": student.state_dict(),
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "rng": batches.generator.get_state(), "losses": torch.tensor(losses, dtype=torch.float64),
-        })
+        """A snapshot of everything the next steps depend on."""
+        return {**loop_state(step, batches.generator, student=student, optimizer=optimizer, schedule=schedule),
+                "losses": torch.tensor(losses, dtype=torch.float64)}
 
     def holdout_top1() -> float | None:
         return top1(predict(student, holdout[0], ranks=ranks), holdout[1]) if len(holdout[1]) else None

@@ -81,3 +81,18 @@ def tensors_bytes(tensors: dict) -> bytes:
     buffer = io.BytesIO()
     torch.save(tensors, buffer)
     return buffer.getvalue()
+
+
+def read_tensors(path: Path, what: str, error: type[Exception]) -> object:
+    """What `tensors_bytes` (or `torch.save`) wrote to `path`, read without running code from it
+    (`weights_only`); an `error` saying that `path` is not `what` when it is missing or unreadable."""
+    import torch
+
+    if not path.is_file():
+        raise error(f"{path} does not exist ({what} is needed there)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: torch raises many types
+        from .errors import first_line
+
+        raise error(f"{path} is not {what} ({first_line(exc)})") from exc

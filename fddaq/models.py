@@ -19,6 +19,7 @@ from torch import nn
 from .errors import ModelError, first_line
 from .zoo import ZOO
 
+
 def build_model(spec: str, num_classes: int | None = None, args: tuple[str, ...] = ()) -> nn.Module:
     """Instantiate the architecture named by `spec` with random weights (nothing downloads).
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +33,8 @@ from .quant.fold import fold_batch_norms
 from .quant.modules import Selected
 from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
-from .reconstruct import ReconstructResult, reconstruct, view_pool
 from .recipes import synthesis_choice
+from .reconstruct import ReconstructResult, reconstruct, view_pool
 from .stats import ClassStatistics, batchnorm_layers, class_statistics, deep_layer_start
 from .synth.pool import optimize_pool
 from .synth.quality import QualityProbe, SetQuality
@@ -296,7 +296,7 @@ class SynthesisReport:
         return {**found, "quality": {name: quality.to_json() for name, quality in self.quality.items()}}
 
     @classmethod
-    def from_json(cls, data: dict) -> "SynthesisReport":
+    def from_json(cls, data: dict) -> SynthesisReport:
         return cls(**{**data, "quality": {name: SetQuality(**q) for name, q in data["quality"].items()}})
 
 
@@ -450,7 +450,7 @@ class ResumeState:
         return {"format": RESUME_FORMAT, **found, "plan": None if self.plan is None else list(self.plan)}
 
     @classmethod
-    def from_dict(cls, state: object) -> "ResumeState":
+    def from_dict(cls, state: object) -> ResumeState:
         """The state `to_dict` wrote; one of another format (another fddaq version) is refused."""
         written = state.get("format") if isinstance(state, dict) else None
         if written != RESUME_FORMAT:

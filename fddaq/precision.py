@@ -36,8 +36,8 @@ when given back as `QuantConfig.layers`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +104,7 @@ class SizeModel:
     sites: int = 0
 
     @classmethod
-    def of(cls, model: nn.Module, capture: Capture) -> "SizeModel":
+    def of(cls, model: nn.Module, capture: Capture) -> SizeModel:
         parameters = dict(model.named_parameters())
         folded = {fold.layer: fold for fold in capture.folds}
         used: set[str] = set()

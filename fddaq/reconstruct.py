@@ -32,8 +32,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -249,7 +249,9 @@ def reconstruct(
                         else _cache(float_model, float_model, float_unit, pool, "input"))
         targets = _apply(float_unit, float_inputs, device)
         del float_inputs
-        deployed = lambda: _apply(lambda x: student.run_module(module, x), inputs, device)  # noqa: E731
+        def deployed(module: nn.Module = module, inputs: Tensor = inputs) -> Tensor:  # this unit's, as it is now
+            return _apply(lambda x: student.run_module(module, x), inputs, device)
+
         before = _error(deployed(), targets)
         layers = [quant[name] for name in unit.layers]
         saved = _unit_state(layers, _unit_quantizers(student, unit, layers), roundable)
@@ -258,8 +260,8 @@ def reconstruct(
             student, module, layers, _unit_quantizers(student, unit, layers), roundable, inputs, targets,
             replace(config, batch_size=batch),
             torch.Generator().manual_seed(config.seed * 100_003 + index),
-            lambda step, loss: emit(on_event, "reconstruct", index * config.iterations + step, total,
-                                    loss=loss, unit=index + 1),
+            lambda step, loss, index=index: emit(on_event, "reconstruct", index * config.iterations + step, total,
+                                                 loss=loss, unit=index + 1),
         )
         outputs = deployed()
         after = _error(outputs, targets)

@@ -6,9 +6,9 @@ statistics on real calibration images are what FDDA's synthetic data is aligned 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +113,7 @@ class ClassStatistics:
         return mean_centers, var_centers, counts > 0
 
     @classmethod
-    def without_images(cls, layers: list[tuple[str, nn.BatchNorm2d]], num_classes: int) -> "ClassStatistics":
+    def without_images(cls, layers: list[tuple[str, nn.BatchNorm2d]], num_classes: int) -> ClassStatistics:
         """Statistics of no image: no class has a center (data-free synthesis)."""
         empty = [torch.zeros(0, bn.num_features) for _, bn in layers]
         nothing = torch.zeros(0, dtype=torch.long)

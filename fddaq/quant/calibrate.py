@@ -3,6 +3,8 @@ correction."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -29,8 +31,8 @@ def _sample_activations(
     per_batch = max(1, config.max_samples // len(batches))
     samples: dict[str, list[Tensor]] = {name: [] for name in quantizers}
 
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
+    def hook(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
             x = args[0].detach().flatten()
             keep = torch.randint(len(x), (min(per_batch, len(x)),), generator=generator).to(x.device)
             samples[name].append(torch.cat([x[keep], x.min()[None], x.max()[None]]).float().cpu())

@@ -24,8 +24,9 @@ import os
 import sys
 import traceback
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,15 @@ from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten_with_path
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ConfigError, ModelError, first_line
-from .intercept import LAYER_FUNCTIONS, Dataflow, Interceptor, batch_norm_arguments, channel_axis, layer_arguments, tensors
+from .intercept import (
+    LAYER_FUNCTIONS,
+    Dataflow,
+    Interceptor,
+    batch_norm_arguments,
+    channel_axis,
+    layer_arguments,
+    tensors,
+)
 from .sites import CallPositions, Site, SiteCall, Value, find_sites, inside_custom_function, keyed_op, layer_output
 
 SINGLE_OUTPUT = "logits"  # the name of a model's output when it returns one tensor
@@ -354,7 +363,7 @@ class _Recorder(Interceptor):
             self._norm(batch_norm_arguments(args, kwargs), index)
         elif func in _PRODUCTS and from_input:
             self._hidden(func, inputs)
-        plain = lambda value: None if isinstance(value, Tensor) else value  # noqa: E731
+        plain = lambda value: None if isinstance(value, Tensor) else value
         metadata = getattr(func, "__name__", None) in _METADATA
         read = tuple(self._value(t) for t in inputs if not metadata and self.flow.is_activation(t))
         serials = {self.serial(t) for t in inputs}

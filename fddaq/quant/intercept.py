@@ -22,7 +22,8 @@ still that parameter's layer)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,7 @@ def layer_arguments(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor |
     kwargs = dict(kwargs)
     args = list(args)
     values = []
-    for index, name in enumerate(("input", "weight", "bias")):
+    for name in ("input", "weight", "bias"):
         if args:
             values.append(args.pop(0))
         else:

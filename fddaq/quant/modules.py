@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,6 @@ from .intercept import (
     layer_arguments,
     output_channel_dim,
 )
-from .sites import CallPositions, keyed_op, layer_output
 from .primitives import (
     BIAS_SPAN,
     MIN_SCALE,
@@ -40,6 +40,7 @@ from .primitives import (
     weight_grid,
     weight_range,
 )
+from .sites import CallPositions, keyed_op, layer_output
 
 
 class WeightQuantizer(nn.Module):
@@ -266,7 +267,7 @@ class QuantLayer(nn.Module):
     def deployed_weight(self) -> Tensor:
         return self.weight_quant.dequantize(self.integers.float())
 
-    def forward(self, func: Callable, args: tuple, kwargs: dict, model: "QuantizedModel") -> Any:
+    def forward(self, func: Callable, args: tuple, kwargs: dict, model: QuantizedModel) -> Any:
         x, weight, bias, rest, options = layer_arguments(args, kwargs)
         if model.recording is not None:  # what the model passes: no quantizer runs (nor observes)
             out = func(*args, **kwargs)
@@ -520,30 +521,27 @@ def activation_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
 
 
 @contextlib.contextmanager
-def switched_off(modules: Iterable[QuantLayer | ActivationQuantizer]) -> Iterator[None]:
-    """Inside the block, each of `modules` off: a layer computes in float, a quantizer is the
-    identity; afterwards each is as it was (after an error too)."""
+def _set_in_block(modules: Iterable[nn.Module], attribute: str, value: Any) -> Iterator[None]:
+    """`attribute` of each of `modules` set to `value` inside the block; afterwards each is as
+    it was (after an error too)."""
     modules = list(modules)
-    before = [module.enabled for module in modules]
+    before = [getattr(module, attribute) for module in modules]
     try:
         for module in modules:
-            module.enabled = False
+            setattr(module, attribute, value)
         yield
     finally:
-        for module, enabled in zip(modules, before):
-            module.enabled = enabled
+        for module, was in zip(modules, before):
+            setattr(module, attribute, was)
 
 
-@contextlib.contextmanager
-def observing(quantizers: Iterable[ActivationQuantizer], momentum: float | None) -> Iterator[None]:
+def switched_off(modules: Iterable[QuantLayer | ActivationQuantizer]) -> contextlib.AbstractContextManager:
+    """Inside the block, each of `modules` off: a layer computes in float, a quantizer is the
+    identity; afterwards each is as it was."""
+    return _set_in_block(modules, "enabled", False)
+
+
+def observing(quantizers: Iterable[ActivationQuantizer], momentum: float | None) -> contextlib.AbstractContextManager:
     """Inside the block, each of `quantizers` an observer with EMA `momentum` (None: not one);
     afterwards each is as it was."""
-    quantizers = list(quantizers)
-    before = [quant.ema_momentum for quant in quantizers]
-    try:
-        for quant in quantizers:
-            quant.ema_momentum = momentum
-        yield
-    finally:
-        for quant, momentum_before in zip(quantizers, before):
-            quant.ema_momentum = momentum_before
+    return _set_in_block(quantizers, "ema_momentum", momentum)

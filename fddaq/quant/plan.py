@@ -48,7 +48,7 @@ class LayerPlan:
         return [asdict(entry) for entry in self.layers]
 
     @classmethod
-    def from_json(cls, data: list[dict], tensor_bits: int | None = None) -> "LayerPlan":
+    def from_json(cls, data: list[dict], tensor_bits: int | None = None) -> LayerPlan:
         return cls(tuple(LayerPlanEntry(**entry) for entry in data), tensor_bits)
 
 

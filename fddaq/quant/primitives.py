@@ -20,6 +20,7 @@ tensor([ 3.5000, -3.5000])
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -144,12 +145,12 @@ class _FakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax):
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
         zp = _plain_zero_point(zero_point)
         t, lo, hi = _clamped_grid(x, scale, zero_point, zp, qmin, qmax)
         needs_zp = ctx.needs_input_grad[2]
         ctx.x_shape = x.shape
-        ctx.zp_shape = zero_point.shape if needs_zp else None
+        ctx.zp_shape = zero_point.shape if needs_zp and isinstance(zero_point, Tensor) else None
         if not isinstance(scale, Tensor):  # a number
             ctx.scale_shape, ctx.scale_number = None, scale
             scale_saved = None
@@ -169,7 +170,7 @@ class _FakeQuant(torch.autograd.Function):
         return q * scale
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, t, scale, *q = ctx.saved_tensors  # t: the output y, or t then q
         if scale is None:
             scale = ctx.scale_number
@@ -196,7 +197,8 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, 
     (round half to even); the gradients are those of that expression with a straight-through
     `round` (see `_FakeQuant`)."""
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in (x, scale, zero_point)):
-        return _FakeQuant.apply(x, scale, zero_point, qmin, qmax)
+        y: Tensor = _FakeQuant.apply(x, scale, zero_point, qmin, qmax)
+        return y
     zp = _plain_zero_point(zero_point)
     t, _, _ = _clamped_grid(x, scale, zero_point, zp, qmin, qmax)
     return (t if zp is not None else t.sub_(zero_point)).mul_(scale)

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +178,7 @@ class CallPositions:
         return f"{where}:{op}{index or ''}", frame.path
 
     @contextlib.contextmanager
-    def tracked(self) -> Iterator["CallPositions"]:
+    def tracked(self) -> Iterator[CallPositions]:
         """Follow the running modules while active (a fresh count for each forward)."""
         self.frames = []
         handles = [register_module_forward_pre_hook(lambda module, args: self.enter(module)),

@@ -8,9 +8,10 @@ class (its cross-entropy, C-BNS and D-BNS in the deep layers), weighted by the c
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn

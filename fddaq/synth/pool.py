@@ -12,11 +12,12 @@ dominated at 224 px)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import loop_state, resume_loop
 from ..config import SynthConfig
 from ..device import model_device
 from ..distributed import Ranks
@@ -127,14 +128,12 @@ def optimize_pool(
     optimizer = RowAdam(pool, config.pool_lr, bounds)
     first = 1
     if resume is not None:
-        first = resume["step"] + 1
-        optimizer.load_state_dict(resume["optimizer"])
-        rng.set_state(resume["rng"])
+        first = resume_loop(resume, rng, optimizer=optimizer)
         objective.restore(resume)
 
     def state(step: int) -> dict:
-        return {"step": step, "images": _copy(pool), "labels": _copy(pool_labels), "optimizer": optimizer.state_dict(),
-                "rng": rng.get_state(), **objective.snapshot()}
+        return {**loop_state(step, rng, optimizer=optimizer), "images": _copy(pool), "labels": _copy(pool_labels),
+                **objective.snapshot()}
 
     batch = min(config.batch_size, config.num_images)
     emit(on_event, "synthesize", first - 1, config.steps)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import loop_state, resume_loop
 from ..config import SynthConfig
 from ..device import fast_float, model_device, place
 from ..distributed import Ranks, data_parallel
@@ -87,11 +88,7 @@ def train_generator(
         latent_labels = latent_labels.to(device)
     first = 1
     if resume is not None:
-        first = resume["step"] + 1
-        generator.load_state_dict(resume["generator"])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        rng.set_state(resume["rng"])
+        first = resume_loop(resume, rng, generator=generator, optimizer=optimizer, schedule=schedule)
         objective.restore(resume)
         if learned:
             latents.pool.copy_(resume["latents"])
@@ -100,9 +97,8 @@ def train_generator(
 
     def state(step: int) -> dict:
         extra = {"latents": latents.pool, "latent_optimizer": latents.state_dict()} if learned else {}
-        return copy.deepcopy({"step": step, "generator": generator.state_dict(), "optimizer": optimizer.state_dict(),
-                              "schedule": schedule.state_dict(), "rng": rng.get_state(), **objective.snapshot(),
-                              **extra})
+        return {**loop_state(step, rng, generator=generator, optimizer=optimizer, schedule=schedule),
+                **copy.deepcopy({**objective.snapshot(), **extra})}
 
     def batch(label: int | None) -> tuple[Tensor, Tensor]:
         """A batch's labels and rows of the learned latents (None: fresh latents)."""

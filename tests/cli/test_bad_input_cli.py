@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import EXAMPLE, invoke
 
 CLASSES = sorted(p.name for p in (EXAMPLE / "calib").iterdir())

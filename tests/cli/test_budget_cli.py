@@ -3,8 +3,8 @@ bits chosen for a budget."""
 
 import json
 import time
-import tomllib
 
+import tomllib
 from cli_helpers import BASE, EXAMPLE, MODEL_ARGS, invoke
 
 

@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-
 from cli_helpers import BASE, EXAMPLE, MODEL_ARGS, invoke
 
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import EXAMPLE, MODEL_ARGS
 
 OPTIONS = [*MODEL_ARGS, "--calib", str(EXAMPLE / "calib"), "--val", str(EXAMPLE / "val"), "--bits", "4",

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from cli_helpers import EXAMPLE, invoke
 
 MODELS = '''

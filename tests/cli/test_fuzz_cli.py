@@ -7,10 +7,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from cli_helpers import EXAMPLE, invoke
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from cli_helpers import EXAMPLE, invoke
 
 VALUES = {
     "--arch": ["fddaq:fashion_resnet", "fddaq:nope", "torchvision:resnet18", "torchvision:nope", "os:getcwd",

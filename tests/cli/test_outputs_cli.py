@@ -10,7 +10,6 @@ import shutil
 import onnx
 import pytest
 import torch
-
 from cli_helpers import EXAMPLE, invoke
 
 MODEL = '''

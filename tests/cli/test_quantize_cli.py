@@ -3,8 +3,8 @@ import json
 import numpy as np
 import onnx
 import pytest
-
 from cli_helpers import BASE, EXAMPLE, invoke
+
 from exporters import run_onnx
 from exporters.runtime import newest_runnable_opset
 from fddaq import __version__

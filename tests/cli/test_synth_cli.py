@@ -75,7 +75,7 @@ def test_data_free_synth_runs_without_calibration_images_and_other_recipes_ask_f
     base = ["synth", str(EXAMPLE / "model.pth"), "--arch", "fddaq:fashion_resnet", "--num", "20", "--steps", "2", "--quiet"]
     result = runner.invoke(app, [*base, "--recipe", "data-free", "--out", str(tmp_path / "free")])
     assert result.exit_code == 0, result.output
-    strict = lambda constant: pytest.fail(f"report.json holds {constant}")  # noqa: E731 (JSON has no NaN)
+    strict = lambda constant: pytest.fail(f"report.json holds {constant}")
     report = json.loads((tmp_path / "free" / "report.json").read_text(), parse_constant=strict)
     assert report["config"]["method"] == "generator" and report["config"]["real_images"] is False
     assert report["data"]["calib_images"] == 0 and report["synthesis"]["classes_with_center"] == 0

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
+from export_helpers import TinyResNet, quantize_model
 from torch import Tensor, nn
 
-from export_helpers import TinyResNet, quantize_model
 from tests.models import randomize_bn
 
 

@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from export_helpers import quantize_model
 from onnx import TensorProto, numpy_helper
 from torch import Tensor, nn
 
@@ -17,8 +18,6 @@ from fddaq.errors import ExportError
 from fddaq.quant.capture import capture
 from fddaq.quant.fold import fold_batch_norms
 from fddaq.zoo.resnet import fashion_resnet
-
-from export_helpers import quantize_model
 from tests.models import randomize_bn
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from exporters import VerifyReport, export_qdq, run_onnx, verify
-from fddaq.errors import ExportError
 from exporters.onnx_export import layer_input
+from fddaq.errors import ExportError
 
 
 @pytest.fixture

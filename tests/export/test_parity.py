@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from export_helpers import quantize_model
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
@@ -16,8 +17,6 @@ from torch import Tensor, nn
 from exporters import export_qdq, verify
 from exporters.runtime import optimized_session
 from fddaq.zoo.resnet import SmallResNet
-
-from export_helpers import quantize_model
 from tests.models import randomize_bn
 
 
@@ -400,7 +399,7 @@ def test_4bit_weights_stored_as_int8_keep_their_values_and_run_on_integer_kernel
     int4, int8 = export_qdq(qmodel), export_qdq(qmodel, int8_weights=True)
     weights = {t.name: t for t in int8.graph.initializer if t.name.endswith(".w_q")}
     assert weights and all(t.data_type == TensorProto.INT8 for t in weights.values())
-    for name, tensor in weights.items():
+    for tensor in weights.values():
         assert np.abs(numpy_helper.to_array(tensor)).max() <= 7
     assert "QLinearConv" not in optimized_ops(int4) and optimized_ops(int8).get("QLinearConv", 0) >= 2
     check(verify(int8, qmodel, x))

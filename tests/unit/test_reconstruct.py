@@ -3,11 +3,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fddaq import reconstruct as reconstruct_module
 from fddaq.config import CalibrationConfig, ReconstructConfig
 from fddaq.quant.calibrate import calibrate
 from fddaq.quant.units import Unit, find_units
-from fddaq import reconstruct as reconstruct_module
-from fddaq.reconstruct import _chained, _MaskBank, _Rounding, _beta, reconstruct, view_pool
+from fddaq.reconstruct import _beta, _chained, _MaskBank, _Rounding, reconstruct, view_pool
 from fddaq.zoo.mobilenet import fashion_mobilenet
 from tests.conftest import fake_quant_model
 from tests.models import randomize_bn

@@ -35,7 +35,7 @@ def test_centralized_loss_is_zero_at_the_center():
 
 def test_distorted_loss_draws_fresh_seeded_noise_of_the_given_std():
     stats, centers = [(M[0], V[0])], [(M[0], V[0])]
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(0)
     a = distorted_bns_loss(stats, centers, 0.5, 1.0, g())
     assert a.item() == distorted_bns_loss(stats, centers, 0.5, 1.0, g()).item()
     assert distorted_bns_loss(stats, centers, 0.0, 0.0, g()).item() == 0.0
