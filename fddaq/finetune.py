@@ -8,9 +8,10 @@ the same result as an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -157,6 +158,47 @@ def _sync_observers(student: nn.Module, ranks: Ranks) -> None:
         q.set_observed(lo, hi)
 
 
+@contextlib.contextmanager
+def _trainable(student: QuantizedModel, learn_scales: bool) -> Iterator[None]:
+    """`student` as fine-tuning trains it: eval mode (frozen BatchNorm statistics; fake
+    quantization is mode-independent), BatchNorm parameters fixed, and step sizes learnable
+    only when `learn_scales` (fixed ones need no gradient: about 10% of a step); afterwards
+    every step size takes a gradient again."""
+    student.eval()
+    for module in student.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.requires_grad_(False)
+    scales = _step_sizes(student)
+    for scale in scales:
+        scale.requires_grad_(learn_scales)
+    try:
+        yield
+    finally:
+        for scale in scales:
+            scale.requires_grad_(True)
+
+
+def _step(student: QuantizedModel, trainer: nn.Module, teacher: nn.Module, batch: tuple[Tensor, Tensor],
+          optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler, config: FinetuneConfig,
+          observe: bool, ranks: Ranks) -> float:
+    """One step on `batch` (images, labels) through `trainer` (the student, or its DDP wrapper);
+    `observe`: the activation observers move their ranges in it (`config.act_ema`). Its loss."""
+    images, labels = batch
+    if not config.learn_scales:
+        _set_weight_ranges(student)
+    with torch.no_grad(), fast_float(images.device):
+        target = teacher(images).float()
+    with observing(activation_quantizers(student), config.act_ema if observe else None):
+        loss = student_loss(trainer(images), target, labels, config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    if observe:
+        _sync_observers(student, ranks)  # after backward: its graph holds the zero points
+    return loss.item()
+
+
 def finetune(
     student: QuantizedModel,
     teacher: nn.Module,
@@ -192,53 +234,35 @@ def finetune(
         config, on_device(real[0][train_idx], real[1][train_idx]), None if synthetic is None else on_device(*synthetic),
         ranks,
     )
-    teacher.eval()
-    student.eval()  # frozen BatchNorm statistics; fake quantization is mode-independent
-    for module in student.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.requires_grad_(False)
-    scales = _step_sizes(student)
-    for scale in scales:  # fixed step sizes need no gradient (about 10% of a step)
-        scale.requires_grad_(config.learn_scales)
-    optimizer = _optimizer(student, config)
-    trainer = data_parallel(student, ranks)  # after requires_grad is settled: DDP syncs what trains
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps)))
-    )
-    observe_steps = 0 if config.learn_scales else math.ceil(config.observe_fraction * config.steps)
-    losses: list[float] = []
-    first = 1
-    if resume is not None:
-        first = resume_loop(resume, batches.generator, student=student, optimizer=optimizer, schedule=schedule)
-        losses = resume["losses"].tolist()
-
-    def state(step: int) -> dict:
-        """A snapshot of everything the next steps depend on."""
-        return {**loop_state(step, batches.generator, student=student, optimizer=optimizer, schedule=schedule),
-                "losses": torch.tensor(losses, dtype=torch.float64)}
 
     def holdout_top1() -> float | None:
         return top1(predict(student, holdout[0], ranks=ranks), holdout[1]) if len(holdout[1]) else None
 
-    emit(on_event, "finetune", first - 1, config.steps)
-    if on_checkpoint is not None and resume is None:
-        on_checkpoint(state(0))
-    try:
+    teacher.eval()
+    observe_steps = 0 if config.learn_scales else math.ceil(config.observe_fraction * config.steps)
+    losses: list[float] = []
+    with _trainable(student, config.learn_scales):
+        optimizer = _optimizer(student, config)
+        trainer = data_parallel(student, ranks)  # after requires_grad is settled: DDP syncs what trains
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps)))
+        )
+        first = 1
+        if resume is not None:
+            first = resume_loop(resume, batches.generator, student=student, optimizer=optimizer, schedule=schedule)
+            losses = resume["losses"].tolist()
+
+        def state(step: int) -> dict:
+            """A snapshot of everything the next steps depend on."""
+            return {**loop_state(step, batches.generator, student=student, optimizer=optimizer, schedule=schedule),
+                    "losses": torch.tensor(losses, dtype=torch.float64)}
+
+        emit(on_event, "finetune", first - 1, config.steps)
+        if on_checkpoint is not None and resume is None:
+            on_checkpoint(state(0))
         for step in range(first, config.steps + 1):
-            if not config.learn_scales:
-                _set_weight_ranges(student)
-            images, labels = batches.next()
-            with torch.no_grad(), fast_float(device):
-                target = teacher(images).float()
-            with observing(activation_quantizers(student), config.act_ema if step <= observe_steps else None):
-                loss = student_loss(trainer(images), target, labels, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if step <= observe_steps:
-                _sync_observers(student, ranks)  # after backward: its graph holds the zero points
-            losses.append(loss.item())
+            losses.append(_step(student, trainer, teacher, batches.next(), optimizer, schedule, config,
+                                step <= observe_steps, ranks))
             metrics = {"loss": losses[-1]}
             if step == config.steps or step % config.checkpoint_every == 0:
                 accuracy = holdout_top1()
@@ -247,9 +271,6 @@ def finetune(
                 if on_checkpoint is not None and step < config.steps:
                     on_checkpoint(state(step))
             emit(on_event, "finetune", step, config.steps, **metrics)
-    finally:
-        for scale in scales:
-            scale.requires_grad_(True)
     if not config.learn_scales:
         _set_weight_ranges(student)  # freeze the exported scales at the final weights
     return FinetuneResult(
