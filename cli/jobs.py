@@ -15,7 +15,7 @@ import torch
 from fddaq import __version__
 from fddaq.checkpoint import checkpoint_bytes, load_checkpoint
 from fddaq.config import QuantConfig, RunConfig, SynthConfig
-from fddaq.data import class_folders, load_image_folder
+from fddaq.data import ImageSet, class_folders, load_image_folder
 from fddaq.distributed import current
 from fddaq.errors import ConfigError, DataError
 from fddaq.events import EventHandler
@@ -23,6 +23,7 @@ from fddaq.io import atomic_write_bytes, atomic_write_json, png_bytes, read_tens
 from fddaq.pipeline import (
     FloatModel,
     Inputs,
+    QuantizeResult,
     ResumeState,
     Source,
     Synthesis,
@@ -34,6 +35,9 @@ from fddaq.pipeline import (
     synthesize,
 )
 from fddaq.synth.preview import preview_grid
+
+if TYPE_CHECKING:
+    from exporters.deploy import Deployment
 
 if TYPE_CHECKING:
     from exporters.dry_run import DryRun
@@ -182,11 +186,9 @@ def run_verify(onnx_path: Path, checkpoint_path: Path, data_dir: Path, min_agree
     return report
 
 
-def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: EventHandler | None = None,
-             device: torch.device = torch.device("cpu")) -> dict:
-    """Accuracy on the labelled images of `data_dir` of an ONNX file (onnxruntime, all graph
-    optimizations), a quantized checkpoint (`source` None) or a float model (`source`); PyTorch
-    models run on `device`."""
+def _eval_logits(model_path: Path, data_dir: Path, source: Source | None, on_event: EventHandler | None,
+                 device: torch.device) -> tuple[str, ImageSet, np.ndarray]:
+    """(kind, the labelled images, the class logits) of `run_eval`'s model on them."""
     from fddaq.device import pin, place
     from fddaq.evaluate import class_logits, predict
     from fddaq.events import emit
@@ -198,37 +200,39 @@ def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: 
         for index in range(total):
             out.append(np.asarray(run(x[index * size : (index + 1) * size])))
             emit(on_event, "evaluate", index + 1, total)
-        return np.concatenate(out)
+        return class_logits(torch.from_numpy(np.concatenate(out))).numpy()
 
-    start = time.perf_counter()
     if source is not None:
-        kind = "float"
         # a flat folder would be labelled by the float model's own predictions: refuse it first
         if data_dir.is_dir() and not class_folders(data_dir):
             raise DataError(f"{data_dir} must hold one folder per class to measure accuracy")
         inputs = load_inputs(source, device)
         model = place(inputs.teacher, device)
-        images, logits = inputs.calib, batches(lambda x: predict(model, x), inputs.calib.images)
-    elif model_path.suffix == ".onnx":
+        return "float", inputs.calib, batches(lambda x: predict(model, x), inputs.calib.images)
+    if model_path.suffix == ".onnx":
         from exporters.metadata import read_metadata
         from exporters.runtime import inference_session, run_session
 
-        kind = "onnx"
         metadata = read_metadata(model_path)
         images = load_image_folder(data_dir, metadata.preprocess, metadata.class_names)
         session = inference_session(model_path, optimize=True)
-        logits = batches(lambda x: run_session(session, x, output=metadata.scored_output), images.images)
-    else:
-        kind = "checkpoint"
-        checkpoint = load_checkpoint(model_path)
-        images = load_image_folder(data_dir, checkpoint.info.preprocess, checkpoint.info.class_names,
-                                   pin_memory=pin(device))
-        model = place(checkpoint.model, device)
-        logits = batches(lambda x: predict(model, x), images.images)
+        return "onnx", images, batches(lambda x: run_session(session, x, output=metadata.scored_output), images.images)
+    checkpoint = load_checkpoint(model_path)
+    images = load_image_folder(data_dir, checkpoint.info.preprocess, checkpoint.info.class_names, pin_memory=pin(device))
+    model = place(checkpoint.model, device)
+    return "checkpoint", images, batches(lambda x: predict(model, x), images.images)
+
+
+def run_eval(model_path: Path, data_dir: Path, source: Source | None, on_event: EventHandler | None = None,
+             device: torch.device = torch.device("cpu")) -> dict:
+    """Accuracy on the labelled images of `data_dir` of an ONNX file (onnxruntime, all graph
+    optimizations), a quantized checkpoint (`source` None) or a float model (`source`); PyTorch
+    models run on `device`."""
+    start = time.perf_counter()
+    kind, images, logits = _eval_logits(model_path, data_dir, source, on_event, device)
     if not images.labelled:
         raise DataError(f"{data_dir} must hold one folder per class to measure accuracy")
     labels = images.labels.numpy()
-    logits = class_logits(torch.from_numpy(logits)).numpy()
     top5 = np.argsort(-logits, axis=1)[:, :5]
     result = {
         "top1": 100.0 * float((logits.argmax(1) == labels).mean()),
@@ -436,7 +440,23 @@ def run_quantize(
     deployment = deploy(result.model, checked.float_bytes, inputs.info, result.plan, check.images,
                         check.labels if inputs.val is not None else None, on_event=on_event)
     timings = {"check": checked.seconds, **result.timings, **deployment.timings, "total": time.perf_counter() - start}
-    verify = deployment.verify
+    report = _quantize_report(result, deployment, source, device, max_drop, timings)
+    atomic_write_bytes(out / "quantized.pt", checkpoint)
+    atomic_write_bytes(out / "model.onnx", deployment.onnx)
+    if result.synthesis is not None:
+        s = result.synthesis
+        atomic_write_bytes(out / "preview.png", png_bytes(preview_grid(s.images, s.labels, inputs.info.preprocess, inputs.info.class_names)))
+    if report["precision"] is not None:
+        atomic_write_bytes(out / "precision.png", png_bytes(precision_chart(report["precision"])))
+    atomic_write_json(out / "report.json", report)
+    (out / RESUME_FILE).unlink(missing_ok=True)
+    return report
+
+
+def _quantize_report(result: QuantizeResult, deployment: Deployment, source: Source, device: torch.device,
+                     max_drop: float | None, timings: dict[str, float]) -> dict:
+    """report.json of a quantize run, with its table (`_quantize_table`)."""
+    inputs, verify = result.inputs, deployment.verify
     drop = None
     if result.float_top1 is not None and verify.onnx_top1 is not None:
         drop = result.float_top1 - verify.onnx_top1
@@ -477,13 +497,21 @@ def run_quantize(
         "gate": {"drop": drop, "max_drop": max_drop,
                  "passed": None if max_drop is None or drop is None else bool(drop <= max_drop)},
     }
-    report["table"] = [
+    report["table"] = _quantize_table(result, deployment, report, timings)
+    return report
+
+
+def _quantize_table(result: QuantizeResult, deployment: Deployment, report: dict, timings: dict[str, float],
+                    ) -> list[tuple[str, str]]:
+    """The rows `quantize` prints and writes to summary.md."""
+    inputs, verify, precision, gate = result.inputs, deployment.verify, report["precision"], report["gate"]
+    return [
         *_data_rows(inputs),
         ("float top-1 (val)", _pct(result.float_top1)),
         ("fake-quant top-1 (val)", _pct(result.quant_top1)),
         ("ONNX top-1 (val)", _pct(verify.onnx_top1)),
-        *([] if max_drop is None else [("quality gate (--max-drop)", f"{'passed' if report['gate']['passed'] else 'FAILED'}: "
-                                        f"{drop:.2f} points below float, at most {max_drop:g} allowed")]),
+        *([] if gate["max_drop"] is None else [("quality gate (--max-drop)", f"{'passed' if gate['passed'] else 'FAILED'}: "
+                                                f"{gate['drop']:.2f} points below float, at most {gate['max_drop']:g} allowed")]),
         (f"ONNX vs fake-quant top-1 agreement ({report['data']['verify_set']}, {verify.samples} images)", _pct(verify.agreement)),
         *verify_rows(verify)[1:],
         ("activations quantized", f"every tensor between operators ({len(report['tensors'])} tensors)"
@@ -497,13 +525,3 @@ def run_quantize(
         *([] if result.synthesis is None else _synthesis_rows(result.synthesis)),
         *((f"time: {stage}", f"{seconds:.2f}s") for stage, seconds in timings.items()),
     ]
-    atomic_write_bytes(out / "quantized.pt", checkpoint)
-    atomic_write_bytes(out / "model.onnx", deployment.onnx)
-    if result.synthesis is not None:
-        s = result.synthesis
-        atomic_write_bytes(out / "preview.png", png_bytes(preview_grid(s.images, s.labels, inputs.info.preprocess, inputs.info.class_names)))
-    if precision is not None:
-        atomic_write_bytes(out / "precision.png", png_bytes(precision_chart(precision)))
-    atomic_write_json(out / "report.json", report)
-    (out / RESUME_FILE).unlink(missing_ok=True)
-    return report

@@ -6,6 +6,7 @@ import copy
 import functools
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -297,12 +298,16 @@ def _compare(reference: dict[str, np.ndarray], onnx_outputs: dict[str, np.ndarra
     return found
 
 
-def _batch_size(model: QuantizedModel, probe: _Probe, example: np.ndarray) -> int:
-    """Images per batch such that the compared activations of a batch, held once by onnxruntime
-    and twice by PyTorch, stay within `ACTIVATION_BUDGET` bytes (1 to 256)."""
-    with torch.no_grad():
-        probe.outputs, probe.forced = {}, {}
-        model.forward_all(torch.from_numpy(example))
+def _batch_size(model: QuantizedModel, compared: list[str], example: np.ndarray) -> int:
+    """Images per batch such that the `compared` activations of a batch, held once by
+    onnxruntime and twice by PyTorch, stay within `ACTIVATION_BUDGET` bytes (1 to 256)."""
+    probe = _Probe(compared)
+    model.tap = probe
+    try:
+        with torch.no_grad():
+            model.forward_all(torch.from_numpy(example))
+    finally:
+        model.tap = None
     per_image = 3 * sum(value.numel() * 4 for value in probe.outputs.values())
     return max(1, min(256, ACTIVATION_BUDGET // max(1, per_image)))
 
@@ -333,54 +338,11 @@ def verify(
     model = fold_batch_norms(torch_model).cpu().float()  # a copy
     output_names = [output.name for output in onnx_model.graph.output]
     scored = model.output
-
-    # ONNX with every quantized activation as an extra output, PyTorch with a tap on the same
-    quantizers = {name: quant for name, quant in model.activation_quantizers().items() if quant.enabled}
-    tensor = {name: name if quant.name is not None else layer_input(name) for name, quant in quantizers.items()}
-    produced = {output for node in onnx_model.graph.node for output in node.output}
-    compared = [name for name in quantizers if tensor[name] in produced]
-    probed = copy.deepcopy(onnx_model)
-    probed.graph.output.extend(
-        onnx.helper.make_tensor_value_info(tensor[name], onnx.TensorProto.FLOAT, None) for name in compared
-    )
-    session = inference_session(probed, optimize=False)
-    probe = _Probe(compared)
-    model.tap = probe
-    batch_size = batch_size or _batch_size(model, probe, images[:1])
-    reference: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-    fed: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-    plain: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-    free, local = _Tally(), _Tally()
+    batch_size = batch_size or _batch_size(model, _compared(onnx_model, model)[0], images[:1])
     batches = -(-len(images) // batch_size)
     emit(on_event, "verify", 0, 2 * batches)
-    requested = output_names + [tensor[name] for name in compared]
-    for start, values in zip(range(0, len(images), batch_size), _batches(session, images, batch_size, requested)):
-        emit(on_event, "verify", start // batch_size + 1, 2 * batches)
-        x = torch.from_numpy(images[start : start + batch_size])
-        for name, value in zip(output_names, values):
-            plain[name].append(value)
-        graph = dict(zip(compared, values[len(output_names):]))
-        with torch.no_grad():
-            probe.outputs, probe.forced = {}, {}
-            outputs = dict(output_leaves(model.forward_all(x)))
-            missing = [name for name in output_names if name not in outputs]
-            if missing:
-                raise ExportError(f"the ONNX model has outputs {missing} that the PyTorch model does not return: "
-                                  "they are not the same model")
-            for name in output_names:
-                reference[name].append(outputs[name].numpy())
-            for name, value in graph.items():
-                free.add(value, probe.outputs[name].numpy(), quantizers[name])
-            probe.outputs, probe.forced = {}, {name: torch.from_numpy(value) for name, value in graph.items()}
-            outputs = dict(output_leaves(model.forward_all(x)))
-            for name in output_names:
-                fed[name].append(outputs[name].numpy())
-            for name, value in graph.items():
-                local.add(value, probe.outputs[name].numpy(), quantizers[name])
-    model.tap = None
-    reference = {name: np.concatenate(parts) for name, parts in reference.items()}
-    fed = {name: np.concatenate(parts) for name, parts in fed.items()}
-    plain = {name: np.concatenate(parts) for name, parts in plain.items()}
+    side = _side_by_side(onnx_model, model, images, batch_size, lambda done: emit(on_event, "verify", done, 2 * batches))
+    reference, fed, plain = side.reference, side.fed, side.plain
     session, ops = optimized_session(onnx_model)  # one optimized session: run it, count its kernels
     optimized: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     for index, values in enumerate(_batches(session, images, batch_size, output_names)):
@@ -405,11 +367,11 @@ def verify(
         mean_abs_diff=float(diff.mean()),
         max_step_diff=None if step is None else float((diff / step).max()),
         mean_step_diff=None if step is None else float((diff / step).mean()),
-        activation_values=free.values,
-        activation_mismatches=free.mismatches,
-        activation_max_step_diff=free.worst,
-        local_mismatches=local.mismatches,
-        local_max_step_diff=local.worst,
+        activation_values=side.free.values,
+        activation_mismatches=side.free.mismatches,
+        activation_max_step_diff=side.free.worst,
+        local_mismatches=side.local.mismatches,
+        local_max_step_diff=side.local.worst,
         local_agreement=min(agreement for agreement, _ in _compare(fed, plain).values()),
         onnx_top1=top1(plain[scored]),
         torch_top1=top1(reference[scored]),
@@ -423,3 +385,68 @@ def verify(
                         "optimized_agreement": on[name][0], "optimized_max_abs_diff": on[name][1]}
                  for name in output_names},
     )
+
+
+def _compared(onnx_model: onnx.ModelProto, model: QuantizedModel) -> tuple[list[str], dict[str, str]]:
+    """The enabled activation quantizers whose quantized tensor the graph computes (by name),
+    and the graph's name of each quantizer's tensor."""
+    quantizers = {name: quant for name, quant in model.activation_quantizers().items() if quant.enabled}
+    tensor = {name: name if quant.name is not None else layer_input(name) for name, quant in quantizers.items()}
+    produced = {output for node in onnx_model.graph.node for output in node.output}
+    return [name for name in quantizers if tensor[name] in produced], tensor
+
+
+@dataclass
+class _SideBySide:
+    """Both models' outputs on the images, by output name (`reference`: PyTorch's; `fed`:
+    PyTorch's with every quantizer fed the graph's values; `plain`: the graph's, optimizations
+    off), and the quantized activations compared running freely (`free`) and fed (`local`)."""
+
+    reference: dict[str, np.ndarray]
+    fed: dict[str, np.ndarray]
+    plain: dict[str, np.ndarray]
+    free: _Tally
+    local: _Tally
+
+
+@torch.no_grad()
+def _side_by_side(onnx_model: onnx.ModelProto, model: QuantizedModel, images: np.ndarray, batch_size: int,
+                  on_batch: Callable[[int], None]) -> _SideBySide:
+    """The graph (optimizations off, every compared activation an extra output) and `model`
+    (a tap on the same activations) batch by batch; `on_batch` gets the batches done."""
+    output_names = [output.name for output in onnx_model.graph.output]
+    compared, tensor = _compared(onnx_model, model)
+    quantizers = model.activation_quantizers()
+    probed = copy.deepcopy(onnx_model)
+    probed.graph.output.extend(
+        onnx.helper.make_tensor_value_info(tensor[name], onnx.TensorProto.FLOAT, None) for name in compared
+    )
+    session = inference_session(probed, optimize=False)
+    probe = _Probe(compared)
+    parts: dict[str, dict[str, list[np.ndarray]]] = {side: {name: [] for name in output_names}
+                                                     for side in ("reference", "fed", "plain")}
+    free, local = _Tally(), _Tally()
+    requested = output_names + [tensor[name] for name in compared]
+    model.tap = probe
+    try:
+        for start, values in zip(range(0, len(images), batch_size), _batches(session, images, batch_size, requested)):
+            on_batch(start // batch_size + 1)
+            x = torch.from_numpy(images[start : start + batch_size])
+            for name, value in zip(output_names, values):
+                parts["plain"][name].append(value)
+            graph = dict(zip(compared, values[len(output_names):]))
+            for side, forced, tally in (("reference", {}, free), ("fed", graph, local)):
+                probe.outputs, probe.forced = {}, {name: torch.from_numpy(value) for name, value in forced.items()}
+                outputs = dict(output_leaves(model.forward_all(x)))
+                missing = [name for name in output_names if name not in outputs]
+                if missing:
+                    raise ExportError(f"the ONNX model has outputs {missing} that the PyTorch model does not return: "
+                                      "they are not the same model")
+                for name in output_names:
+                    parts[side][name].append(outputs[name].numpy())
+                for name, value in graph.items():
+                    tally.add(value, probe.outputs[name].numpy(), quantizers[name])
+    finally:
+        model.tap = None
+    joined = {side: {name: np.concatenate(found) for name, found in by_name.items()} for side, by_name in parts.items()}
+    return _SideBySide(joined["reference"], joined["fed"], joined["plain"], free, local)

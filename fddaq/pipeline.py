@@ -30,7 +30,7 @@ from .precision import MixedPrecision, check_budget, search
 from .quant.calibrate import calibrate
 from .quant.capture import Capture, capture, resolve_output
 from .quant.fold import fold_batch_norms
-from .quant.modules import Selected
+from .quant.modules import QuantizedModel, Selected
 from .quant.plan import LayerPlan, resolve_layer_plan
 from .quant.prepare import prepare
 from .recipes import synthesis_choice
@@ -519,22 +519,11 @@ def _quantize(
 ) -> QuantizeResult:
     require_calibration(inputs)  # activation ranges and every measurement need real images
     ranks = current()  # the processes of a torchrun job (one without): they share synthesis, training and evaluation
-    covered = len(inputs.calib.labels.unique())
-    config, synthesis_why = synthesis_choice(config, len(inputs.calib) / covered, covered, inputs.num_classes)
-    if synthesis is not None and (synthesis.report.method == "file" or not config.synth.num_images):
-        # images handed in (a file, a benchmark's shared synthesis) are used whatever the choice
-        config = replace(config, synth=replace(config.synth, num_images=len(synthesis.labels)))
-        synthesis_why = f"{len(synthesis.labels)} synthetic images, given ({synthesis.report.source or 'by the caller'})"
-    if config.budget is not None:  # an impossible budget is refused before any work
-        check_budget(inputs.float_model, inputs.capture, config.quant, config.budget, inputs.calib.labels)
+    config, synthesis_why = _run_config(inputs, config, synthesis)
     config_json = json.dumps(config.to_json(), sort_keys=True)  # the budget, not the plan searched for it
-    if resume is not None and resume.config != config_json:
-        raise ConfigError("the state to resume was made with other options: resume with the same options, or start "
-                          "the run again")
     fingerprint = inputs.fingerprint() if resume is not None or on_checkpoint is not None else None
-    if resume is not None and resume.inputs != fingerprint:
-        raise ConfigError("the state to resume was made from another model file or other calibration images: resume "
-                          "with the same ones, or start the run again")
+    if resume is not None:
+        _check_resume(resume, config_json, fingerprint)
     timings = {"load": inputs.seconds}
 
     trains = config.finetune.steps > 0 or config.reconstruct.iterations > 0
@@ -570,11 +559,27 @@ def _quantize(
             on_checkpoint(ResumeState(config_json, fingerprint, saved_synthesis, None, reconstruct_state, finetune_state,
                                       None if precision is None else precision.overrides))
 
+    reconstructed, tuned, trained = _train(model, inputs, config, synthesis, resume, checkpoint, on_event, ranks)
+    timings.update(trained)
+    start = time.perf_counter()
+    deployed, sqnr, float_top1, quant_top1 = _evaluate(model, inputs, ranks, on_event)
+    timings["evaluate"] = time.perf_counter() - start
+    return QuantizeResult(deployed, inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr, reconstructed,
+                          synthesis_why, config, precision)
+
+
+def _train(model: QuantizedModel, inputs: Inputs, config: RunConfig, synthesis: Synthesis | None,
+           resume: ResumeState | None, checkpoint: Callable[..., None], on_event: EventHandler | None, ranks: Ranks,
+           ) -> tuple[ReconstructResult | None, FinetuneResult, dict[str, float]]:
+    """The recipe's training of the calibrated `model`: block reconstruction (unless the state
+    resumed from is already fine-tuning), then fine-tuning, on the real images (data-free: the
+    synthetic ones take their place) and the synthetic ones; each hands its resumable states to
+    `checkpoint`. Their results and timings."""
     real = (inputs.calib.images, inputs.calib.labels)
     synthetic = None if synthesis is None else (synthesis.images, synthesis.labels)
-    if not config.real_images:  # data-free: the synthetic images take the real ones' place
+    if not config.real_images:
         real, synthetic = synthetic, None
-    reconstructed = None
+    reconstructed, timings = None, {}
     finetune_resume = None if resume is None else resume.finetune
     if config.reconstruct.iterations > 0 and finetune_resume is None:
         start = time.perf_counter()
@@ -591,19 +596,49 @@ def _quantize(
         lambda state: checkpoint(finetune_state=state), finetune_resume, ranks,
     )
     timings["finetune"] = time.perf_counter() - start
+    return reconstructed, tuned, timings
+
+
+def _run_config(inputs: Inputs, config: RunConfig, synthesis: Synthesis | None) -> tuple[RunConfig, str]:
+    """The run's configuration once it has seen its images, and why it synthesizes or not
+    (`recipes.synthesis_choice`; images handed in are used whatever the choice). An impossible
+    budget is refused here, before any work."""
+    covered = len(inputs.calib.labels.unique())
+    config, synthesis_why = synthesis_choice(config, len(inputs.calib) / covered, covered, inputs.num_classes)
+    if synthesis is not None and (synthesis.report.method == "file" or not config.synth.num_images):
+        # images handed in (a file, a benchmark's shared synthesis)
+        config = replace(config, synth=replace(config.synth, num_images=len(synthesis.labels)))
+        synthesis_why = f"{len(synthesis.labels)} synthetic images, given ({synthesis.report.source or 'by the caller'})"
+    if config.budget is not None:
+        check_budget(inputs.float_model, inputs.capture, config.quant, config.budget, inputs.calib.labels)
+    return config, synthesis_why
+
+
+def _check_resume(resume: ResumeState, config_json: str, fingerprint: str | None) -> None:
+    """Refuse a state made with other options or from other inputs than this run's."""
+    if resume.config != config_json:
+        raise ConfigError("the state to resume was made with other options: resume with the same options, or start "
+                          "the run again")
+    if resume.inputs != fingerprint:
+        raise ConfigError("the state to resume was made from another model file or other calibration images: resume "
+                          "with the same ones, or start the run again")
+
+
+def _evaluate(model: QuantizedModel, inputs: Inputs, ranks: Ranks, on_event: EventHandler | None,
+              ) -> tuple[QuantizedModel, dict[str, float], float | None, float | None]:
+    """The deployed form of the trained `model` (BatchNorms folded: what is exported and
+    evaluated, in eval mode), each layer's SQNR (before folding, every layer's own output, on
+    up to SQNR_IMAGES of val, else calib), and the float and fake-quant top-1 on val (None
+    without val)."""
     float_top1 = quant_top1 = None
-    start = time.perf_counter()
     emit(on_event, "evaluate", 0, 3)
-    images = (inputs.val or inputs.calib).images[:SQNR_IMAGES]
-    sqnr = layer_sqnr(model, images, ranks=ranks)  # before folding: every layer's own output
-    model = fold_batch_norms(model)  # the deployed form: what is exported and evaluated
+    sqnr = layer_sqnr(model, (inputs.val or inputs.calib).images[:SQNR_IMAGES], ranks=ranks)
+    deployed = fold_batch_norms(model)
     if inputs.val is not None:
         float_top1 = top1(predict(inputs.teacher, inputs.val.images, ranks=ranks), inputs.val.labels)
         emit(on_event, "evaluate", 1, 3)
-        quant_top1 = top1(predict(model, inputs.val.images, ranks=ranks), inputs.val.labels)
+        quant_top1 = top1(predict(deployed, inputs.val.images, ranks=ranks), inputs.val.labels)
         emit(on_event, "evaluate", 2, 3)
     emit(on_event, "evaluate", 3, 3)
-    timings["evaluate"] = time.perf_counter() - start
-    return QuantizeResult(model.eval(), inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr, reconstructed,
-                          synthesis_why, config, precision)
+    return deployed.eval(), sqnr, float_top1, quant_top1
 

@@ -249,26 +249,12 @@ def reconstruct(
                         else _cache(float_model, float_model, float_unit, pool, "input"))
         targets = _apply(float_unit, float_inputs, device)
         del float_inputs
-        def deployed(module: nn.Module = module, inputs: Tensor = inputs) -> Tensor:  # this unit's, as it is now
-            return _apply(lambda x: student.run_module(module, x), inputs, device)
-
-        before = _error(deployed(), targets)
-        layers = [quant[name] for name in unit.layers]
-        saved = _unit_state(layers, _unit_quantizers(student, unit, layers), roundable)
-        batch = max(1, min(config.batch_size, config.batch_elements // max(1, _unit_elements(student, module, inputs))))
-        _train_unit(
-            student, module, layers, _unit_quantizers(student, unit, layers), roundable, inputs, targets,
-            replace(config, batch_size=batch),
-            torch.Generator().manual_seed(config.seed * 100_003 + index),
+        before, after, outputs, batch = _reconstruct_unit(
+            student, module, [quant[name] for name in unit.layers], unit, roundable, inputs, targets, config,
+            config.seed * 100_003 + index,
             lambda step, loss, index=index: emit(on_event, "reconstruct", index * config.iterations + step, total,
                                                  loss=loss, unit=index + 1),
         )
-        outputs = deployed()
-        after = _error(outputs, targets)
-        if after >= before:
-            _restore(saved)
-            after = before
-            outputs = deployed()
         float_outputs = targets
         unit_losses[unit.module] = (before, after)
         unit_batches[unit.module] = batch
@@ -283,6 +269,32 @@ def reconstruct(
         sum(befores) / len(befores) if befores else math.nan, sum(afters) / len(afters) if afters else math.nan,
         time.perf_counter() - start, unit_losses, unit_batches,
     )
+
+
+def _reconstruct_unit(student: QuantizedModel, module: nn.Module, layers: list[QuantLayer], unit: Unit,
+                      roundable: dict[str, nn.Parameter], inputs: Tensor, targets: Tensor, config: ReconstructConfig,
+                      seed: int, on_step: Callable[[int, float], None]) -> tuple[float, float, Tensor, int]:
+    """Train one unit (`module`, its quantized `layers`) on its cached `inputs` towards the float
+    `targets`, and keep what it learned only when its error as deployed drops: (error before,
+    error after, its outputs as kept, the batch size it trained with)."""
+    device = model_device(student)
+
+    def deployed() -> Tensor:  # the unit's outputs as it is now
+        return _apply(lambda x: student.run_module(module, x), inputs, device)
+
+    before = _error(deployed(), targets)
+    quantizers = _unit_quantizers(student, unit, layers)
+    saved = _unit_state(layers, quantizers, roundable)
+    batch = max(1, min(config.batch_size, config.batch_elements // max(1, _unit_elements(student, module, inputs))))
+    _train_unit(student, module, layers, quantizers, roundable, inputs, targets, replace(config, batch_size=batch),
+                torch.Generator().manual_seed(seed), on_step)
+    outputs = deployed()
+    after = _error(outputs, targets)
+    if after >= before:
+        _restore(saved)
+        after = before
+        outputs = deployed()
+    return before, after, outputs, batch
 
 
 def _unit_quantizers(student: QuantizedModel, unit: Unit, layers: list[QuantLayer]) -> list[ActivationQuantizer]:
