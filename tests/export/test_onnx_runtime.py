@@ -141,3 +141,21 @@ def test_verify_leaves_the_torch_model_alone(exported, images):
     verify(onnx_model, qmodel, images[:4])
     assert qmodel.training
 
+
+
+def test_verify_compares_outputs_alone_in_a_graph_without_the_layers_tensors(exported, images):
+    """A graph whose tensors between operators carry other names (another exporter, an
+    optimizer that renamed them) has none of the per-layer tensors verify compares: the
+    activation comparison is then empty, and the outputs are still compared in full."""
+    onnx_model, qmodel = exported
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(onnx_model)
+    outputs = {output.name for output in renamed.graph.output}
+    names = {value for node in renamed.graph.node for value in node.output if value not in outputs}
+    for node in renamed.graph.node:
+        node.input[:] = [f"other/{value}" if value in names else value for value in node.input]
+        node.output[:] = [f"other/{value}" if value in names else value for value in node.output]
+    full, bare = verify(onnx_model, qmodel, images[:16]), verify(renamed, qmodel, images[:16])
+    assert full.activation_values > 0 and bare.activation_values == 0 and bare.activation_mismatches == 0
+    assert bare.agreement == full.agreement == 100.0 and bare.max_abs_diff == full.max_abs_diff
+    assert bare.local_agreement == 100.0  # fed nothing: the free-running model, which agrees
