@@ -48,6 +48,8 @@ class WeightQuantizer(nn.Module):
     point per channel: 0 on a symmetric grid, set by calibration on an affine one (`affine`:
     the layer plan's `weight_grid`)."""
 
+    zero_point: Tensor
+
     def __init__(self, bits: int, channels: int, axis: int, affine: bool) -> None:
         super().__init__()
         self.bits = bits
@@ -152,6 +154,9 @@ class ActivationQuantizer(nn.Module):
     kernels, only when the grid lies within it. `name`: the site (`sites.Site`) of a tensor
     quantizer (None for a layer's input quantizer)."""
 
+    zero_point: Tensor
+    observed: Tensor
+
     def __init__(self, bits: int, name: str | None = None, bounds: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.bits = bits
@@ -219,6 +224,10 @@ class QuantLayer(nn.Module):
     that is not deployed is a float layer (the reference of the per-layer SQNR). A `tied` layer reads a quantized tensor
     as it is: its `input_quant` is that tensor's quantizer (`QuantizedModel.sites`), applied
     where the tensor is computed, not again here."""
+
+    integers: Tensor | None
+    deployed_bias: Tensor | None
+    bias_shift: Tensor | None
 
     def __init__(self, name: str, kind: str, channels: int, weight_bits: int, act_bits: int, affine: bool,
                  input_bounds: tuple[float, float] | None = None) -> None:
