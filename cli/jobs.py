@@ -476,7 +476,7 @@ def _quantize_report(result: QuantizeResult, deployment: Deployment, source: Sou
         "synthesis_choice": result.synthesis_why,
         "accuracy": {
             "float_top1": result.float_top1,
-            "fake_quant_top1": result.quant_top1,
+            "fake_quant_top1": verify.torch_top1,
             "onnx_top1": verify.onnx_top1,
             "onnx_vs_fake_quant_agreement": verify.agreement,
         },
@@ -508,7 +508,7 @@ def _quantize_table(result: QuantizeResult, deployment: Deployment, report: dict
     return [
         *_data_rows(inputs),
         ("float top-1 (val)", _pct(result.float_top1)),
-        ("fake-quant top-1 (val)", _pct(result.quant_top1)),
+        ("fake-quant top-1 (val)", _pct(verify.torch_top1)),
         ("ONNX top-1 (val)", _pct(verify.onnx_top1)),
         *([] if gate["max_drop"] is None else [("quality gate (--max-drop)", f"{'passed' if gate['passed'] else 'FAILED'}: "
                                                 f"{gate['drop']:.2f} points below float, at most {gate['max_drop']:g} allowed")]),

@@ -414,7 +414,6 @@ class QuantizeResult:
     synthesis: Synthesis | None
     finetune: FinetuneResult
     float_top1: float | None  # on val, percent
-    quant_top1: float | None
     timings: dict[str, float]
     layer_sqnr: dict[str, float]  # dB per quantized layer's output vs float (val, else calib)
     reconstruct: ReconstructResult | None = None
@@ -562,9 +561,9 @@ def _quantize(
     reconstructed, tuned, trained = _train(model, inputs, config, synthesis, resume, checkpoint, on_event, ranks)
     timings.update(trained)
     start = time.perf_counter()
-    deployed, sqnr, float_top1, quant_top1 = _evaluate(model, inputs, ranks, on_event)
+    deployed, sqnr, float_top1 = _evaluate(model, inputs, ranks, on_event)
     timings["evaluate"] = time.perf_counter() - start
-    return QuantizeResult(deployed, inputs, plan, synthesis, tuned, float_top1, quant_top1, timings, sqnr, reconstructed,
+    return QuantizeResult(deployed, inputs, plan, synthesis, tuned, float_top1, timings, sqnr, reconstructed,
                           synthesis_why, config, precision)
 
 
@@ -625,20 +624,18 @@ def _check_resume(resume: ResumeState, config_json: str, fingerprint: str | None
 
 
 def _evaluate(model: QuantizedModel, inputs: Inputs, ranks: Ranks, on_event: EventHandler | None,
-              ) -> tuple[QuantizedModel, dict[str, float], float | None, float | None]:
+              ) -> tuple[QuantizedModel, dict[str, float], float | None]:
     """The deployed form of the trained `model` (BatchNorms folded: what is exported and
     evaluated, in eval mode), each layer's SQNR (before folding, every layer's own output, on
-    up to SQNR_IMAGES of val, else calib), and the float and fake-quant top-1 on val (None
-    without val)."""
-    float_top1 = quant_top1 = None
-    emit(on_event, "evaluate", 0, 3)
+    up to SQNR_IMAGES of val, else calib), and the float model's top-1 on val (None without
+    val). The deployed model's own top-1 comes with its verification against the exported
+    graph (`exporters.verify`: `torch_top1`), which runs it on the same images."""
+    float_top1 = None
+    emit(on_event, "evaluate", 0, 2)
     sqnr = layer_sqnr(model, (inputs.val or inputs.calib).images[:SQNR_IMAGES], ranks=ranks)
     deployed = fold_batch_norms(model)
     if inputs.val is not None:
         float_top1 = top1(predict(inputs.teacher, inputs.val.images, ranks=ranks), inputs.val.labels)
-        emit(on_event, "evaluate", 1, 3)
-        quant_top1 = top1(predict(deployed, inputs.val.images, ranks=ranks), inputs.val.labels)
-        emit(on_event, "evaluate", 2, 3)
-    emit(on_event, "evaluate", 3, 3)
-    return deployed.eval(), sqnr, float_top1, quant_top1
+    emit(on_event, "evaluate", 2, 2)
+    return deployed.eval(), sqnr, float_top1
 
