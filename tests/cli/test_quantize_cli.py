@@ -14,6 +14,7 @@ def test_quantize_writes_checkpoint_onnx_and_report(quick_run):
     out, result = quick_run
     report = json.loads((out / "report.json").read_text())
     assert report["fddaq_version"] == __version__
+    # regression guards, bounds below what was measured (2026-11-30: calibration 97.0, val 92.85, size 0.171x)
     assert report["data"].pop("calib_float_top1") > 90
     assert report["data"] == {
         "calib_images": 100, "calib_skipped": 0, "calib_layout": "10 class folders", "calib_labelled": True,
