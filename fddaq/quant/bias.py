@@ -11,6 +11,9 @@ computes it at no cost."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -34,7 +37,7 @@ def _mean_error(model: QuantizedModel, layer: QuantLayer, images: Tensor, batch_
     total: list[Tensor] = []
     count = [0]
 
-    def probe(module: nn.Module, args: tuple, out: Tensor) -> None:
+    def probe(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
         func, call_args, call_kwargs, _ = args
         x, weight, bias, rest, options = layer_arguments(call_args, call_kwargs)
         error = out - func(x, weight, bias, *rest, **options)
@@ -89,8 +92,8 @@ def rounding_shifts(model: QuantizedModel, quantizers: dict[str, list[WeightQuan
     counts: dict[str, int] = {}
     seen: set[str] = set()
 
-    def hook(layer: QuantLayer):
-        def probe(module: nn.Module, args: tuple, out: Tensor) -> None:
+    def hook(layer: QuantLayer) -> Callable[[nn.Module, tuple[Any, ...], Tensor], None]:
+        def probe(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
             if layer.name in seen:
                 return
             seen.add(layer.name)

@@ -12,6 +12,7 @@ see `QuantLayer`). Which BatchNorms fold comes from `capture.Capture.folds`."""
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -24,7 +25,8 @@ from .primitives import MIN_SCALE
 def _named(model: torch.nn.Module, name: str) -> Tensor:
     """A parameter or buffer of `model` by name (frozen BatchNorms keep their affine in buffers)."""
     owner, _, leaf = name.rpartition(".")
-    return getattr(model.get_submodule(owner), leaf).detach().double()
+    value: Tensor = getattr(model.get_submodule(owner), leaf)
+    return value.detach().double()
 
 
 def batch_norm_affine(model: torch.nn.Module, fold: BatchNormFold) -> tuple[Tensor, Tensor]:
@@ -51,7 +53,7 @@ def fold_batch_norms(qmodel: QuantizedModel) -> QuantizedModel:
         quant = layer.weight_quant
         integers = quant.quantize(weight).double()
         scale = quant.scale().double()
-        bias = layer.shifted_bias(bias).double()
+        bias = cast(Tensor, layer.shifted_bias(bias)).double()  # the recorded bias is never None
         fold = folds.get(layer.name)
         if fold is not None:
             a, shift = batch_norm_affine(qmodel.model, fold)

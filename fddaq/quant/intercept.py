@@ -22,7 +22,7 @@ still that parameter's layer)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Calls that make a layer when their weight comes from a parameter; the value is the layer's kind.
-LAYER_FUNCTIONS: dict[Callable, str] = {
+LAYER_FUNCTIONS: dict[Callable[..., Tensor], str] = {
     F.conv1d: "conv1d",
     F.conv2d: "conv2d",
     F.conv3d: "conv3d",
@@ -61,21 +61,22 @@ def tensors(value: Any) -> list[Tensor]:
     return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, Tensor)]
 
 
-def layer_arguments(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None, tuple, dict]:
+def layer_arguments(args: tuple[Any, ...], kwargs: dict[str, Any],
+                    ) -> tuple[Tensor, Tensor, Tensor | None, tuple[Any, ...], dict[str, Any]]:
     """(input, weight, bias, other positional arguments, other keyword arguments) of a layer
     call: every function of LAYER_FUNCTIONS takes (input, weight, bias, ...)."""
-    kwargs = dict(kwargs)
-    args = list(args)
+    options = dict(kwargs)
+    rest = list(args)
     values = []
     for name in ("input", "weight", "bias"):
-        if args:
-            values.append(args.pop(0))
+        if rest:
+            values.append(rest.pop(0))
         else:
-            values.append(kwargs.pop(name, None))
-    return values[0], values[1], values[2], tuple(args), kwargs
+            values.append(options.pop(name, None))
+    return values[0], values[1], values[2], tuple(rest), options
 
 
-def batch_norm_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+def batch_norm_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The arguments of an `F.batch_norm` call by name, defaults filled in."""
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
     defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
@@ -90,8 +91,8 @@ class Dataflow:
         self.named: dict[int, str] = {}
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
             self.named.setdefault(id(tensor), name)
-        self.activations = WeakIdKeyDictionary()
-        self.derived = WeakIdKeyDictionary()
+        self.activations: MutableMapping[Tensor, bool] = WeakIdKeyDictionary()
+        self.derived: MutableMapping[Tensor, frozenset[str]] = WeakIdKeyDictionary()
 
     def mark_input(self, value: Any) -> None:
         for tensor in tensors(value):
@@ -129,7 +130,8 @@ class Interceptor(TorchFunctionMode):
         super().__init__()
         self.flow = flow
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.multi_head_attention_forward and decomposable_attention(*args, **kwargs):
             with self:  # the projections inside are layer calls of this mode
@@ -147,22 +149,22 @@ class Interceptor(TorchFunctionMode):
         self.after(func, args, kwargs, out)
         return out
 
-    def layer(self, kind: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    def layer(self, kind: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return func(*args, **kwargs)
 
-    def batch_norm(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+    def batch_norm(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return func(*args, **kwargs)
 
-    def after(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+    def after(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         if self.flow is not None:
             self.flow.update(tensors((args, kwargs)), tensors(out))
 
 
 # Gated activations: the function -> its gate (the activation is x * gate(x)).
-GATED: dict[Callable, Callable] = {F.hardswish: F.hardsigmoid, F.silu: torch.sigmoid}
+GATED: dict[Callable[..., Any], Callable[..., Tensor]] = {F.hardswish: F.hardsigmoid, F.silu: torch.sigmoid}
 
 
-def gated(func: Callable, x: Tensor, inplace: bool = False) -> Tensor:
+def gated(func: Callable[..., Any], x: Tensor, inplace: bool = False) -> Tensor:
     """`func(x)` (a `GATED` activation) as x * gate(x). An in-place call returns the result as
     a new tensor and leaves `x` as it was (the modules that call them in place all use the
     result; writing it into `x` would break the gradient of the gate, which reads `x`)."""
@@ -171,7 +173,7 @@ def gated(func: Callable, x: Tensor, inplace: bool = False) -> Tensor:
 
 # ---------------------------------------------------------------- multi-head attention
 
-def decomposable_attention(*args, **kwargs) -> bool:
+def decomposable_attention(*args: Any, **kwargs: Any) -> bool:
     """Whether `multi_head_attention` computes this `F.multi_head_attention_forward` call:
     packed projections, no extra key/value biases, no zero attention, no static keys."""
     names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
@@ -230,7 +232,8 @@ def multi_head_attention(
     return (out if batched else out.squeeze(1)), averaged
 
 
-def _attention_mask(attn_mask, key_padding_mask, is_causal, batch, heads, length, source, dtype, device):
+def _attention_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool, batch: int, heads: int,
+                    length: int, source: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """The additive float mask [N * heads, L, S] of the given masks (None when there is none)."""
 
     def additive(mask: Tensor) -> Tensor:

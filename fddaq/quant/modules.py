@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,15 @@ from .primitives import (
     weight_range,
 )
 from .sites import CallPositions, keyed_op, layer_output
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class Modules(nn.ModuleList, Generic[M]):
+    """A ModuleList whose modules are all `M`: the same list at run time, typed for the checker."""
+
+    def __iter__(self) -> Iterator[M]:
+        return cast(Iterator[M], super().__iter__())
 
 
 class WeightQuantizer(nn.Module):
@@ -194,7 +203,7 @@ class ActivationQuantizer(nn.Module):
         lo, hi = x.detach().min().item(), x.detach().max().item()
         before = self.observed_range()
         if before is not None:
-            m = self.ema_momentum
+            m = self.ema_momentum if self.ema_momentum is not None else 0.0
             lo, hi = m * before[0] + (1 - m) * lo, m * before[1] + (1 - m) * hi
         self.set_observed(lo, hi)
 
@@ -274,9 +283,11 @@ class QuantLayer(nn.Module):
         return self.bias_shift if bias is None else bias + self.bias_shift
 
     def deployed_weight(self) -> Tensor:
+        assert self.integers is not None, "only a deployed layer has integer weights"
         return self.weight_quant.dequantize(self.integers.float())
 
-    def forward(self, func: Callable, args: tuple, kwargs: dict, model: QuantizedModel) -> Any:
+    def forward(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                model: QuantizedModel) -> Any:
         x, weight, bias, rest, options = layer_arguments(args, kwargs)
         if model.recording is not None:  # what the model passes: no quantizer runs (nor observes)
             out = func(*args, **kwargs)
@@ -286,15 +297,16 @@ class QuantLayer(nn.Module):
             return out
         if self.enabled:
             quantized_x = x if self.tied else self.input_quant(x)
+            quantized: tuple[Any, ...]
             if self.deployed:
-                weight = self.integers
+                weight = cast(Tensor, self.integers)
                 bias = self.shifted_bias(bias) if self.deployed_bias is None else self.deployed_bias
                 quantized = (quantized_x, self.deployed_weight(), self.quantized_bias(bias))
             else:
                 bias = self.shifted_bias(bias)
                 quantized = (quantized_x, self.weight_quant(weight), self.quantized_bias(bias))
             if model.tap is not None:
-                quantized = tuple(value if value is None else model.tap(self, role, raw, value)
+                quantized = tuple(value if value is None else model.tap(self, role, cast(Tensor, raw), value)
                                   for role, raw, value in zip("xwb", (x, weight, bias), quantized))
             x, weight, bias = quantized
         out = func(x, weight, bias, *rest, **options)
@@ -326,12 +338,12 @@ class QuantizedModel(nn.Module):
     arguments and its first output."""
 
     def __init__(self, model: nn.Module, capture: Capture, layers: list[QuantLayer], output: str,
-                 sites: list[ActivationQuantizer] = ()) -> None:
+                 sites: Iterable[ActivationQuantizer] = ()) -> None:
         super().__init__()
         self.model = model
         self.capture = capture
-        self.layers = nn.ModuleList(layers)
-        self.sites = nn.ModuleList(sites)
+        self.layers: Modules[QuantLayer] = Modules(layers)
+        self.sites: Modules[ActivationQuantizer] = Modules(sites)
         self.output = output
         self.tap: Tap | None = None
         self.recording: dict[str, tuple[Tensor, Tensor]] | None = None
@@ -348,7 +360,7 @@ class QuantizedModel(nn.Module):
         """Every activation quantizer once, by name: the input quantizer of each layer that is
         not tied (by the layer's name), then each site's (by the site's name)."""
         found = {layer.name: layer.input_quant for layer in self.layers if not layer.tied}
-        found.update((site.name, site) for site in self.sites)
+        found.update((site.name, site) for site in self.sites if site.name is not None)
         return found
 
     def quantize_site(self, quant: ActivationQuantizer, value: Tensor) -> Tensor:
@@ -365,7 +377,7 @@ class QuantizedModel(nn.Module):
         return [fold.running_mean for fold in self.capture.folds if fold.layer in quantized]
 
     def forward(self, x: Tensor) -> Tensor:
-        return select_output(self.forward_all(x), self.output)
+        return cast(Tensor, select_output(self.forward_all(x), self.output))
 
     def forward_all(self, x: Tensor) -> Any:
         with _Quantizing(self, x):
@@ -397,7 +409,7 @@ class QuantizedModel(nn.Module):
         layers = {layer.name: layer for layer in self.capture.layers}
         direct = {name: layers[name].weight for name in (q.name for q in self.layers)}
         if all(direct.values()):
-            return {name: self.model.get_parameter(weight) for name, weight in direct.items()}
+            return {name: self.model.get_parameter(weight) for name, weight in direct.items() if weight is not None}
         return {name: weight for name, (weight, _) in self.layer_tensors().items()}
 
     def trainable_weights(self) -> list[nn.Parameter]:
@@ -421,7 +433,7 @@ class Selected(nn.Module):
         self.output = output
 
     def forward(self, x: Tensor) -> Tensor:
-        return select_output(self.model(x), self.output)
+        return cast(Tensor, select_output(self.model(x), self.output))
 
 
 class _Quantizing(Interceptor):
@@ -455,24 +467,25 @@ class _Quantizing(Interceptor):
         self.tracking = contextlib.ExitStack()
         self.depth = 0  # the mode is entered again inside (multi-head attention): one tracking, outermost
 
-    def __enter__(self):
+    def __enter__(self) -> _Quantizing:
         if self.positions is not None and self.depth == 0:
             self.tracking.enter_context(self.positions.tracked())
         self.depth += 1
-        return super().__enter__()
+        return cast(_Quantizing, super().__enter__())  # type: ignore[no-untyped-call]  # torch's mode is untyped
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: Any) -> None:
         try:
-            return super().__exit__(*exc_info)
+            super().__exit__(*exc_info)  # type: ignore[no-untyped-call]
         finally:
             self.depth -= 1
             if self.depth == 0:
                 self.tracking.close()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         out = super().__torch_function__(func, types, args, kwargs)
         op = keyed_op(func) if self.positions is not None else None
-        if op is not None:
+        if op is not None and self.positions is not None:
             quant = self.sites.get(self.positions.name(op)[0])
             if quant is not None and isinstance(out, Tensor) and self.qmodel.recording is None:
                 out = self.qmodel.quantize_site(quant, out)
@@ -480,11 +493,12 @@ class _Quantizing(Interceptor):
                     self.flow.mark_input(out)
         return out
 
-    def layer(self, kind: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    def layer(self, kind: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         quant = self.direct.get(id(weight))
-        if quant is None and self.flow is not None:
-            quant = self.computed.get(self.flow.sources(weight))
+        if quant is None and self.flow is not None and isinstance(weight, Tensor):
+            sources = self.flow.sources(weight)
+            quant = None if sources is None else self.computed.get(sources)
         if quant is None:
             return func(*args, **kwargs)
         out = quant(func, args, kwargs, self.qmodel)
@@ -496,7 +510,7 @@ class _Quantizing(Interceptor):
                 out = self.qmodel.quantize_site(site, out)
         return out
 
-    def batch_norm(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+    def batch_norm(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         arguments = batch_norm_arguments(args, kwargs)
         if id(arguments["running_mean"]) in self.folded:
             return arguments["input"]
@@ -544,13 +558,13 @@ def _set_in_block(modules: Iterable[nn.Module], attribute: str, value: Any) -> I
             setattr(module, attribute, was)
 
 
-def switched_off(modules: Iterable[QuantLayer | ActivationQuantizer]) -> contextlib.AbstractContextManager:
+def switched_off(modules: Iterable[QuantLayer | ActivationQuantizer]) -> contextlib.AbstractContextManager[None]:
     """Inside the block, each of `modules` off: a layer computes in float, a quantizer is the
     identity; afterwards each is as it was."""
     return _set_in_block(modules, "enabled", False)
 
 
-def observing(quantizers: Iterable[ActivationQuantizer], momentum: float | None) -> contextlib.AbstractContextManager:
+def observing(quantizers: Iterable[ActivationQuantizer], momentum: float | None) -> contextlib.AbstractContextManager[None]:
     """Inside the block, each of `quantizers` an observer with EMA `momentum` (None: not one);
     afterwards each is as it was."""
     return _set_in_block(quantizers, "ema_momentum", momentum)

@@ -30,6 +30,7 @@ def prepare(model: nn.Module, capture: Capture, plan: LayerPlan, output: str) ->
     quant = []
     for entry in plan.quantized:
         layer = layers[entry.name]
+        assert entry.weight_bits is not None and entry.act_bits is not None  # a quantized layer has both
         q = QuantLayer(layer.name, layer.kind, layer.channels, entry.weight_bits, entry.act_bits,
                        entry.weight_grid == "affine", capture.clips.get(layer.name))
         if layer.name in tied:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,24 +50,24 @@ def find_units(qmodel: QuantizedModel) -> list[Unit]:
     first: dict[str, int] = {}
     stack: list[str] = []
 
-    def enter(module: nn.Module, args: tuple) -> None:
+    def enter(module: nn.Module, args: tuple[Any, ...]) -> None:
         if isinstance(module, QuantLayer) and module.name:
             layer_calls[module.name] += 1
             first.setdefault(module.name, len(first))
             for name in stack:
                 calls[name].layers[module.name] = calls[name].layers.get(module.name, 0) + 1
             return
-        name = names.get(id(module))
-        if name is None:
+        found = names.get(id(module))
+        if found is None:
             return
         if stack:
-            calls[stack[-1]].children[name] = None
-        record = calls[name]
+            calls[stack[-1]].children[found] = None
+        record = calls[found]
         record.count += 1
         record.replayable &= len(args) == 1 and isinstance(args[0], Tensor)
-        stack.append(name)
+        stack.append(found)
 
-    def leave(module: nn.Module, args: tuple, out: object) -> None:
+    def leave(module: nn.Module, args: tuple[Any, ...], out: object) -> None:
         name = names.get(id(module))
         if name is None or isinstance(module, QuantLayer) or not stack or stack[-1] != name:
             return
