@@ -104,16 +104,13 @@ def _root(
     """fddaq: FDDA post-training quantization to QDQ ONNX."""
 
 
-SOURCE_OPTIONS = ("arch", "num_classes", "classes", "preset", "input_size", "resize", "mean", "std", "trust_model",
-                  "arch_arg", "output")  # the options that say which model a command reads, and how to feed it
-
-
 def _source(ctx: typer.Context, calib: Path | None, val: Path | None = None):
     """What the command reads: its MODEL argument, the model options it was given (by name from
-    `ctx.params`: `SOURCE_OPTIONS`, None where the command has none), and the image folders."""
+    `ctx.params`: --arch and `MODEL_OPTIONS`, None where the command has none), and the image
+    folders."""
     from fddaq.pipeline import PreprocessOptions, Source
 
-    given = {name: ctx.params.get(name) for name in SOURCE_OPTIONS}  # as parsed: paths are strings here
+    given = {name: ctx.params.get(name) for name in ("arch", *MODEL_OPTIONS)}  # as parsed: paths are strings here
     options = PreprocessOptions(_value(given["preset"]), given["input_size"], given["resize"],
                                 _floats(given["mean"], "--mean"), _floats(given["std"], "--std"))
     classes = None if given["classes"] is None else Path(given["classes"])
@@ -752,8 +749,8 @@ def evaluate(
 
     if arch is not None and model.suffix == ".onnx":
         raise ConfigError("--arch is for a float state dict: an ONNX file carries its own graph")
-    if arch is None and any(ctx.params[name] not in (None, ()) for name in SOURCE_OPTIONS
-                            if name not in ("arch", "trust_model")):
+    if arch is None and any(ctx.params[name] not in (None, ()) for name in MODEL_OPTIONS
+                            if name != "trust_model"):
         raise ConfigError("preprocessing and class options are for a float state dict (with --arch): "
                           "a checkpoint or ONNX file carries its own")
     source = _source(ctx, data) if arch is not None else None

@@ -338,10 +338,12 @@ def verify(
     model = fold_batch_norms(torch_model).cpu().float()  # a copy
     output_names = [output.name for output in onnx_model.graph.output]
     scored = model.output
-    batch_size = batch_size or _batch_size(model, _compared(onnx_model, model)[0], images[:1])
+    compared, tensor = _compared(onnx_model, model)
+    batch_size = batch_size or _batch_size(model, compared, images[:1])
     batches = -(-len(images) // batch_size)
     emit(on_event, "verify", 0, 2 * batches)
-    side = _side_by_side(onnx_model, model, images, batch_size, lambda done: emit(on_event, "verify", done, 2 * batches))
+    side = _side_by_side(onnx_model, model, compared, tensor, images, batch_size,
+                         lambda done: emit(on_event, "verify", done, 2 * batches))
     reference, fed, plain = side.reference, side.fed, side.plain
     session, ops = optimized_session(onnx_model)  # one optimized session: run it, count its kernels
     optimized: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
@@ -410,12 +412,12 @@ class _SideBySide:
 
 
 @torch.no_grad()
-def _side_by_side(onnx_model: onnx.ModelProto, model: QuantizedModel, images: np.ndarray, batch_size: int,
-                  on_batch: Callable[[int], None]) -> _SideBySide:
-    """The graph (optimizations off, every compared activation an extra output) and `model`
-    (a tap on the same activations) batch by batch; `on_batch` gets the batches done."""
+def _side_by_side(onnx_model: onnx.ModelProto, model: QuantizedModel, compared: list[str], tensor: dict[str, str],
+                  images: np.ndarray, batch_size: int, on_batch: Callable[[int], None]) -> _SideBySide:
+    """The graph (optimizations off, every `compared` activation an extra output: `tensor` names
+    each in the graph, see `_compared`) and `model` (a tap on the same activations) batch by
+    batch; `on_batch` gets the batches done."""
     output_names = [output.name for output in onnx_model.graph.output]
-    compared, tensor = _compared(onnx_model, model)
     quantizers = model.activation_quantizers()
     probed = copy.deepcopy(onnx_model)
     probed.graph.output.extend(

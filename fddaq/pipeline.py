@@ -631,11 +631,11 @@ def _evaluate(model: QuantizedModel, inputs: Inputs, ranks: Ranks, on_event: Eve
     val). The deployed model's own top-1 comes with its verification against the exported
     graph (`exporters.verify`: `torch_top1`), which runs it on the same images."""
     float_top1 = None
-    emit(on_event, "evaluate", 0, 2)
+    emit(on_event, "evaluate", 0, 1)
     sqnr = layer_sqnr(model, (inputs.val or inputs.calib).images[:SQNR_IMAGES], ranks=ranks)
     deployed = fold_batch_norms(model)
     if inputs.val is not None:
         float_top1 = top1(predict(inputs.teacher, inputs.val.images, ranks=ranks), inputs.val.labels)
-    emit(on_event, "evaluate", 2, 2)
+    emit(on_event, "evaluate", 1, 1)
     return deployed.eval(), sqnr, float_top1
 

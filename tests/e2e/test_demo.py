@@ -21,7 +21,7 @@ def test_demo_w4a4_all_layers_keeps_accuracy(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     acc = report["accuracy"]
-    assert acc["float_top1"] - acc["onnx_top1"] <= 2.0  # regression guard: the README's demo measured 0.5 point
+    assert acc["float_top1"] - acc["onnx_top1"] <= 2.0  # regression guard: measured 0.55 (92.85 -> 92.30, 2026-11-30)
     assert acc["onnx_vs_fake_quant_agreement"] >= 99.5
     # the default: block reconstruction on the real images alone, every unit of the ResNet
     assert report["config"]["recipe"] == "reconstruct" and report["synthesis"] is None
