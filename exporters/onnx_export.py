@@ -41,7 +41,7 @@ import sys
 import tempfile
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from typing import Any
 
 import ml_dtypes
@@ -88,7 +88,8 @@ def export_qdq(model: QuantizedModel, metadata: dict[str, str] | None = None, op
     model.tap = lambda owner, role, raw, quantized: _Marker.apply(raw, quantized, f"{owner.name}|{role}")
     proto = _torch_export(model, model.capture.input_shape, prefix="model.")
     layers = {layer.name: layer for layer in model.layers}
-    _Rewrite(proto.graph, layers, {site.name: site for site in model.sites}, int8_weights).run()
+    sites = {site.name: site for site in model.sites if site.name is not None}
+    _Rewrite(proto.graph, layers, sites, int8_weights).run()
     return _finish(proto, metadata, opset, set(layers))
 
 
@@ -116,11 +117,11 @@ class _Marker(torch.autograd.Function):
     `raw` keyed "layer|role" (how torch computed `quantized` is left dead in the graph)."""
 
     @staticmethod
-    def forward(ctx, raw: Tensor, quantized: Tensor, key: str) -> Tensor:
+    def forward(ctx: Any, raw: Tensor, quantized: Tensor, key: str) -> Tensor:
         return quantized.clone()
 
     @staticmethod
-    def symbolic(g, raw, quantized, key: str):
+    def symbolic(g: Any, raw: Any, quantized: Any, key: str) -> Any:
         out = g.op(f"{MARKER_DOMAIN}::Quant", raw, key_s=key)
         out.setType(quantized.type())
         return out
@@ -146,7 +147,8 @@ def _torch_export(model: nn.Module, input_shape: tuple[int, ...], prefix: str = 
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notes, tracer hints
         try:
             torch.onnx.export(
-                model, (example,), buffer, dynamo=False, opset_version=TORCH_OPSET, input_names=[INPUT_NAME],
+                model, (example,), buffer,  # type: ignore[arg-type]  # typed as a path; it writes to files too
+                dynamo=False, opset_version=TORCH_OPSET, input_names=[INPUT_NAME],
                 output_names=names, dynamic_axes=axes, do_constant_folding=True,
                 custom_opsets={MARKER_DOMAIN: 1},
             )
@@ -287,7 +289,8 @@ class _Rewrite:
         and gives runtimes the DQ -> op -> Q they run on integers: a classifier after a Flatten
         becomes a QGemm, a residual add reading a MaxPool a QLinearAdd. (Zero Pads are left to
         the Conv they feed, which takes them in.)"""
-        nodes, renames = [], {}
+        nodes: list[onnx.NodeProto] = []
+        renames: dict[str, str] = {}
         outputs = {output.name for output in self.graph.output}
         for node in self.graph.node:
             node.input[:] = [renames.get(name, name) for name in node.input]
@@ -392,6 +395,7 @@ class _Rewrite:
             zero_point = quant.zero_point.cpu().numpy().astype(storage) if quant.affine else None
             if zero_point is None and layer.kind == "linear" and storage is np.int8:  # QGemm needs B's zero point
                 zero_point = np.zeros(scale.shape, storage)
+            assert layer.integers is not None  # the exported model is deployed
             self._dequantized(name, layer.integers.cpu().numpy().astype(storage), scale, quant.axis, zero_point)
         return name
 
@@ -445,7 +449,7 @@ def _rename(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
 # ---------------------------------------------------------------- tidying and stamping
 
 def _finish(proto: onnx.ModelProto, metadata: dict[str, str] | None, opset: int,
-            layers: set[str] = frozenset()) -> onnx.ModelProto:
+            layers: Set[str] = frozenset()) -> onnx.ModelProto:
     """Tidy the graph (`layers`: the quantized layers' names), stamp the opset (torch writes 20;
     opset 21 adds the 4-bit types), fddaq's producer and metadata, and check it."""
     graph = proto.graph
@@ -527,7 +531,8 @@ def _drop_identities(graph: onnx.GraphProto) -> None:
     """Remove Identity nodes (torch writes one per duplicate initializer) except those that give
     a graph output its name."""
     outputs = {output.name for output in graph.output}
-    renames, kept = {}, []
+    renames: dict[str, str] = {}
+    kept: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.op_type == "Identity" and node.output[0] not in outputs:
             renames[node.output[0]] = renames.get(node.input[0], node.input[0])
@@ -565,7 +570,7 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _short_names(graph: onnx.GraphProto, layers: set[str]) -> None:
+def _short_names(graph: onnx.GraphProto, layers: Set[str]) -> None:
     """Torch's generated tensor names (`/blocks/blocks.0/conv/Conv_output_0`, `onnx::Conv_12`)
     become `t0`, `t1`, ...; parameter names lose the wrapper prefix `model.`; a layer's compute
     node and its output are named after the layer; other nodes lose their names. (Only

@@ -6,25 +6,27 @@ import copy
 import functools
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
-from torch import nn
 
 from fddaq.errors import ExportError, first_line
 from fddaq.evaluate import class_logits
 from fddaq.events import EventHandler, emit
-from fddaq.quant.capture import output_leaves
+from fddaq.quant.capture import output_leaves, resolve_output
 from fddaq.quant.fold import fold_batch_norms
-from fddaq.quant.modules import QuantizedModel
+from fddaq.quant.modules import ActivationQuantizer, QuantizedModel, QuantLayer
 
 from .onnx_export import MIN_OPSET, layer_input
+
+Session = Any  # an onnxruntime.InferenceSession (onnxruntime ships no type stubs)
 
 
 def onnxruntime_module() -> ModuleType:
@@ -35,7 +37,8 @@ def onnxruntime_module() -> ModuleType:
         raise ExportError(
             "onnxruntime is not installed: pip install 'fddaq[cpu]' (or 'fddaq[gpu]' on a CUDA host)"
         ) from error
-    return onnxruntime
+    module: ModuleType = onnxruntime
+    return module
 
 
 @functools.cache
@@ -82,7 +85,8 @@ def _as_numpy(images: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
-def inference_session(model: onnx.ModelProto | bytes | str | Path, optimize: bool, optimized_path: Path | None = None):
+def inference_session(model: onnx.ModelProto | bytes | str | Path, optimize: bool,
+                      optimized_path: Path | None = None) -> Session:
     """A CPU inference session; `optimize` turns on every graph optimization (onnxruntime's
     fused integer kernels); `optimized_path` receives the optimized graph."""
     ort = onnxruntime_module()
@@ -102,7 +106,8 @@ def inference_session(model: onnx.ModelProto | bytes | str | Path, optimize: boo
         raise ExportError(f"onnxruntime cannot load the model: {first_line(error)}") from error
 
 
-def _batches(session, images: np.ndarray, batch_size: int, outputs: list[str] | None = None):
+def _batches(session: Session, images: np.ndarray, batch_size: int,
+             outputs: list[str] | None = None) -> Iterator[list[np.ndarray]]:
     """Each batch's requested outputs (default: the first), as lists of arrays."""
     input_name = session.get_inputs()[0].name
     outputs = outputs or [session.get_outputs()[0].name]
@@ -127,7 +132,7 @@ def run_onnx(
     return run_session(inference_session(model, optimize), images, batch_size, output)
 
 
-def run_session(session, images: torch.Tensor | np.ndarray, batch_size: int = 256, output: str | None = None) -> np.ndarray:
+def run_session(session: Session, images: torch.Tensor | np.ndarray, batch_size: int = 256, output: str | None = None) -> np.ndarray:
     """The output `output` (default: the first) of an `inference_session` for `images`, in
     batches."""
     names = None if output is None else [output]
@@ -155,7 +160,7 @@ def load_onnx(path: str | Path, external_data: bool = True) -> onnx.ModelProto:
         raise ExportError(f"{path} is not a readable ONNX file: {first_line(exc)}") from exc
 
 
-def optimized_session(model: onnx.ModelProto | bytes | str | Path):
+def optimized_session(model: onnx.ModelProto | bytes | str | Path) -> tuple[Session, dict[str, int]]:
     """An onnxruntime session with every CPU optimization on, and the operator counts of the
     graph it runs (its fused kernels)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,7 +216,7 @@ class VerifyReport:
     float_ops: dict[str, int]
     outputs: dict[str, dict[str, float]]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -226,10 +231,11 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     return _percent(a.argmax(axis=1) == b.argmax(axis=1))
 
 
-def _quantizer_codes(values: np.ndarray, quantizer: nn.Module) -> np.ndarray:
+def _quantizer_codes(values: np.ndarray, quantizer: ActivationQuantizer) -> np.ndarray:
     """Integer codes of dequantized values of `quantizer`'s grid."""
     scale = np.float32(quantizer.scale().item())
-    return np.round(values / scale).astype(np.int64) + int(quantizer.zero_point.item())
+    codes: np.ndarray = np.round(values / scale).astype(np.int64) + int(quantizer.zero_point.item())
+    return codes
 
 
 @dataclass
@@ -240,7 +246,7 @@ class _Tally:
     mismatches: int = 0
     worst: int = 0
 
-    def add(self, onnx_values: np.ndarray, torch_values: np.ndarray, quantizer: nn.Module) -> None:
+    def add(self, onnx_values: np.ndarray, torch_values: np.ndarray, quantizer: ActivationQuantizer) -> None:
         if onnx_values.shape != torch_values.shape:
             raise ExportError(f"a quantized layer input has shape {onnx_values.shape} in the ONNX graph and "
                               f"{torch_values.shape} in the PyTorch model: they are not the same model")
@@ -260,7 +266,7 @@ class _Probe:
         self.outputs: dict[str, torch.Tensor] = {}
         self.forced: dict[str, torch.Tensor] = {}
 
-    def __call__(self, owner, role: str, raw: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def __call__(self, owner: QuantLayer | ActivationQuantizer, role: str, raw: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         if role not in ("x", "y") or owner.name not in self.names or owner.name in self.outputs:
             return value
         self.outputs[owner.name] = value.clone()  # the model may go on in place (`out += identity`)
@@ -337,7 +343,7 @@ def verify(
         onnx_model = onnx.load_from_string(onnx_model)
     model = fold_batch_norms(torch_model).cpu().float()  # a copy
     output_names = [output.name for output in onnx_model.graph.output]
-    scored = model.output
+    scored = model.output = resolve_output(model.capture.outputs, model.output)  # None (every output): the default
     compared, tensor = _compared(onnx_model, model)
     batch_size = batch_size or _batch_size(model, compared, images[:1])
     batches = -(-len(images) // batch_size)
@@ -346,12 +352,12 @@ def verify(
                          lambda done: emit(on_event, "verify", done, 2 * batches))
     reference, fed, plain = side.reference, side.fed, side.plain
     session, ops = optimized_session(onnx_model)  # one optimized session: run it, count its kernels
-    optimized: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+    batched: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     for index, values in enumerate(_batches(session, images, batch_size, output_names)):
         for name, value in zip(output_names, values):
-            optimized[name].append(value)
+            batched[name].append(value)
         emit(on_event, "verify", batches + index + 1, 2 * batches)
-    optimized = {name: np.concatenate(parts) for name, parts in optimized.items()}
+    optimized = {name: np.concatenate(parts) for name, parts in batched.items()}
     off, on = _compare(reference, plain), _compare(reference, optimized)
     step = _output_step(model, images)
     diff = np.abs(plain[scored] - reference[scored])

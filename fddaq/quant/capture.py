@@ -23,9 +23,10 @@ import itertools
 import os
 import sys
 import traceback
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -233,7 +234,7 @@ def short_location(filename: str, line: int) -> str:
 
 def caller() -> str:
     """The innermost frame of the running code outside torch and fddaq's interception."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if _outside(frame.f_code.co_filename):
             return short_location(frame.f_code.co_filename, frame.f_lineno)
@@ -241,7 +242,7 @@ def caller() -> str:
     return "unknown location"
 
 
-def function_name(func: Callable) -> str:
+def function_name(func: Callable[..., Any]) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     module = getattr(func, "__module__", None)
     if name.startswith("TensorBase.") or name.startswith("_TensorBase."):
@@ -280,13 +281,15 @@ class _Norm:
 
 
 class _Recorder(Interceptor):
+    flow: Dataflow  # always given
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(Dataflow(model))
         self.parameters = {name for name, _ in model.named_parameters()}
         self.module_names = {id(module): name for name, module in model.named_modules()}
         self.modules = dict(model.named_modules())
         self.stack: list[str] = []
-        self.serials = WeakIdKeyDictionary()  # tensor -> serial number (ids of dead tensors get reused)
+        self.serials: MutableMapping[Tensor, int] = WeakIdKeyDictionary()  # tensor -> serial number (ids of dead tensors get reused)
         self.versions: dict[int, int] = defaultdict(int)  # serial -> in-place writes so far
         self.positions = CallPositions(model)
         self.counter = itertools.count()
@@ -294,8 +297,8 @@ class _Recorder(Interceptor):
         self.producers: dict[int, list[int]] = defaultdict(list)  # serial -> calls that wrote it
         self.readers: dict[int, list[int]] = defaultdict(list)  # serial -> calls that read its values
         self.norms: list[_Norm] = []
-        self.layers: dict[str, dict] = {}
-        self.identities: dict[tuple, str] = {}  # how a layer's weight is found -> its name
+        self.layers: dict[str, dict[str, Any]] = {}  # layer -> the fields of its `Layer`
+        self.identities: dict[tuple[str, object], str] = {}  # how a layer's weight is found -> its name
         self.layer_outputs: dict[str, int] = {}  # layer -> serial of its first call's output
         self.layer_inputs: dict[str, list[tuple[int, int]]] = defaultdict(list)  # layer -> (input serial, call) per call
         self.hidden: dict[str, FloatLayer] = {}
@@ -313,11 +316,11 @@ class _Recorder(Interceptor):
         """While active, `stack` holds the modules being run, innermost last (left as it is
         when a forward fails: the error then says where)."""
 
-        def enter(module: nn.Module, args: tuple) -> None:
+        def enter(module: nn.Module, args: tuple[Any, ...]) -> None:
             self.stack.append(self._module_name(module))
             self.positions.enter(module)
 
-        def leave(module: nn.Module, args: tuple, out: Any) -> None:
+        def leave(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             if self.stack:
                 self.stack.pop()
             self.positions.leave(module)
@@ -340,12 +343,12 @@ class _Recorder(Interceptor):
 
     def location(self, exc: BaseException) -> str:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if _outside(f.filename)]
-        where = short_location(frames[-1].filename, frames[-1].lineno) if frames else "unknown location"
+        where = short_location(frames[-1].filename, frames[-1].lineno or 0) if frames else "unknown location"
         return f"{self.stack[-1] if self.stack else 'the model'} at {where}"
 
     # -- every call
 
-    def after(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+    def after(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         inputs, outputs = tensors((args, kwargs)), tensors(out)
         from_input = any(self.flow.is_activation(t) for t in inputs)
         if func in _CONVERSIONS and from_input:
@@ -363,7 +366,6 @@ class _Recorder(Interceptor):
             self._norm(batch_norm_arguments(args, kwargs), index)
         elif func in _PRODUCTS and from_input:
             self._hidden(func, inputs)
-        plain = lambda value: None if isinstance(value, Tensor) else value
         metadata = getattr(func, "__name__", None) in _METADATA
         read = tuple(self._value(t) for t in inputs if not metadata and self.flow.is_activation(t))
         serials = {self.serial(t) for t in inputs}
@@ -376,7 +378,7 @@ class _Recorder(Interceptor):
         elif op is not None:
             name, module = self.positions.name(op)  # counted in any case: the fake-quant model counts it too
             name = None if inside_custom_function() else name
-        self.calls.append(_Call(func, tuple(map(plain, args[1:])), {k: plain(v) for k, v in kwargs.items()}, read,
+        self.calls.append(_Call(func, tuple(map(_plain, args[1:])), {k: _plain(v) for k, v in kwargs.items()}, read,
                                 tuple(map(self._value, outputs)), name, module, layer, tuple(map(self.serial, inputs))))
         if not metadata:
             for tensor in inputs:
@@ -388,7 +390,7 @@ class _Recorder(Interceptor):
     def _value(self, tensor: Tensor) -> Value:
         return self.serial(tensor), self.versions[self.serial(tensor)]
 
-    def _layer(self, kind: str, args: tuple, kwargs: dict, out: Any, index: int) -> str | None:
+    def _layer(self, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, index: int) -> str | None:
         """The layer this call is a call of (recorded), None when it is not a layer."""
         x, weight, bias, _, _ = layer_arguments(args, kwargs)
         sources = self.flow.sources(weight) if isinstance(weight, Tensor) else None
@@ -416,7 +418,7 @@ class _Recorder(Interceptor):
         self.layer_inputs[name].append((self.serial(x), index))
         return name
 
-    def _norm(self, arguments: dict, index: int) -> None:
+    def _norm(self, arguments: dict[str, Any], index: int) -> None:
         keys = ("running_mean", "running_var", "weight", "bias")
         names = {k: self.flow.named.get(id(arguments[k])) if isinstance(arguments[k], Tensor) else None for k in keys}
         mean, x = arguments["running_mean"], arguments["input"]
@@ -425,7 +427,7 @@ class _Recorder(Interceptor):
             mean.numel() if isinstance(mean, Tensor) else -1, bool(arguments["training"]), float(arguments["eps"]), index,
         ))
 
-    def _hidden(self, func: Callable, inputs: list[Tensor]) -> None:
+    def _hidden(self, func: Callable[..., Any], inputs: list[Tensor]) -> None:
         for tensor in inputs:
             sources = self.flow.sources(tensor)
             if sources is None or tensor.dim() < 2 or not sources & self.parameters:
@@ -445,10 +447,11 @@ class _Recorder(Interceptor):
         leaves = output_leaves(out)
         outputs = tuple(Output(name, tuple(t.shape[1:])) for name, t in leaves)
         returned = {self.serial(t) for _, t in leaves}
-        clips = {}
+        clips: dict[str, tuple[float, float]] = {}
         for layer in layers:  # the clip of every call (they share one input quantizer), their union
-            bounds = [self._bounds(*call) for call in self.layer_inputs[layer.name]]
-            if bounds and all(b is not None for b in bounds):
+            calls = self.layer_inputs[layer.name]
+            bounds = [b for b in (self._bounds(*call) for call in calls) if b is not None]
+            if bounds and len(bounds) == len(calls):
                 clips[layer.name] = (min(b[0] for b in bounds), max(b[1] for b in bounds))
         folds, folded = self._folds(layers, returned)
         sites, tied = find_sites(self.calls, {self._value(t) for _, t in leaves}, folded,
@@ -460,25 +463,25 @@ class _Recorder(Interceptor):
         layer called once when it is the only use of the layer's output (not returned by the
         model either) and it is called once, in eval mode, with named running statistics of
         the layer's channels."""
-        uses = defaultdict(int)
-        for norm in self.norms:
-            uses[norm.names["running_mean"]] += 1
+        uses = Counter(norm.names["running_mean"] for norm in self.norms)
         by_call = {norm.index: norm for norm in self.norms}
-        folds, calls = [], set()
+        folds: list[BatchNormFold] = []
+        calls: set[int] = set()
         for layer in layers:
             output = self.layer_outputs.get(layer.name)
             readers = self.readers.get(output, []) if output is not None else []
             norm = by_call.get(readers[0]) if len(readers) == 1 else None
+            if norm is None:
+                continue
+            mean, var = norm.names["running_mean"], norm.names["running_var"]
             if (
-                norm is None or layer.calls != 1 or output in returned or norm.input != output or norm.training
-                or norm.names["running_mean"] is None or norm.names["running_var"] is None
-                or uses[norm.names["running_mean"]] != 1
+                mean is None or var is None or uses[mean] != 1 or layer.calls != 1 or output in returned
+                or norm.input != output or norm.training
                 or any(norm.given[key] and norm.names[key] is None for key in ("weight", "bias"))
                 or norm.channels != layer.channels or (layer.kind == "linear" and norm.input_dim != 2)
             ):
                 continue
-            folds.append(BatchNormFold(layer.name, norm.names["running_mean"], norm.names["running_var"],
-                                       norm.names["weight"], norm.names["bias"], norm.eps))
+            folds.append(BatchNormFold(layer.name, mean, var, norm.names["weight"], norm.names["bias"], norm.eps))
             calls.add(norm.index)
         return tuple(folds), calls
 
@@ -514,6 +517,11 @@ class _Recorder(Interceptor):
         return None
 
 
+def _plain(value: Any) -> Any:
+    """A call argument as recorded: None for a tensor."""
+    return None if isinstance(value, Tensor) else value
+
+
 def _primary(parameters: frozenset[str], weight: Tensor, recorder: _Recorder) -> str:
     """The parameter a computed weight is named after: the first (by name) whose name says it is
     a weight (`weight`, `*_weight`, `weight_orig`, `parametrizations.weight.*`), else the first
@@ -529,4 +537,5 @@ def _primary(parameters: frozenset[str], weight: Tensor, recorder: _Recorder) ->
 
 def _tensor(recorder: _Recorder, name: str) -> Tensor:
     owner, _, leaf = name.rpartition(".")
-    return getattr(recorder.modules[owner], leaf)
+    tensor: Tensor = getattr(recorder.modules[owner], leaf)
+    return tensor

@@ -325,7 +325,8 @@ Tap = Callable[[QuantLayer | ActivationQuantizer, str, Tensor, Tensor], Tensor]
 class QuantizedModel(nn.Module):
     """`model` (the float module tree, as it is) with the `QuantLayer`s of `layers` applied
     where those layers are called. `forward` returns the scored output (`output`, a name of
-    `capture.outputs`); `forward_all` returns what the model returns.
+    `capture.outputs`; None: every output, as the exporter sets it); `forward_all` returns
+    what the model returns.
 
     `sites`: the quantizers of the tensors between operators (`sites.Site`, by name), applied
     where each is computed.
@@ -344,7 +345,7 @@ class QuantizedModel(nn.Module):
         self.capture = capture
         self.layers: Modules[QuantLayer] = Modules(layers)
         self.sites: Modules[ActivationQuantizer] = Modules(sites)
-        self.output = output
+        self.output: str | None = output
         self.tap: Tap | None = None
         self.recording: dict[str, tuple[Tensor, Tensor]] | None = None
         self.outputs: dict[str, Tensor] | None = None
@@ -376,8 +377,8 @@ class QuantizedModel(nn.Module):
         quantized = {layer.name for layer in self.layers if layer.deployed}
         return [fold.running_mean for fold in self.capture.folds if fold.layer in quantized]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return cast(Tensor, select_output(self.forward_all(x), self.output))
+    def forward(self, x: Tensor) -> Any:
+        return select_output(self.forward_all(x), self.output)
 
     def forward_all(self, x: Tensor) -> Any:
         with _Quantizing(self, x):

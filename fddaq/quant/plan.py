@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from ..config import QuantConfig, parse_layer_override
 from ..errors import ConfigError, ModelError
-from .capture import Capture, FloatLayer
+from .capture import Capture, FloatLayer, Layer
 from .primitives import affine_weights
 
 
@@ -44,11 +45,11 @@ class LayerPlan:
     def quantized(self) -> tuple[LayerPlanEntry, ...]:
         return tuple(entry for entry in self.layers if entry.kind != "float")
 
-    def to_json(self) -> list[dict]:
+    def to_json(self) -> list[dict[str, Any]]:
         return [asdict(entry) for entry in self.layers]
 
     @classmethod
-    def from_json(cls, data: list[dict], tensor_bits: int | None = None) -> LayerPlan:
+    def from_json(cls, data: list[dict[str, Any]], tensor_bits: int | None = None) -> LayerPlan:
         return cls(tuple(LayerPlanEntry(**entry) for entry in data), tensor_bits)
 
 
@@ -68,8 +69,8 @@ def tensor_sites(capture: Capture, plan: LayerPlan) -> tuple[dict[str, int], dic
             continue
         if any(name == site.name and layer not in entries for layer, name in capture.tied.items()):
             continue  # a layer kept float reads it: its input stays float
-        readers = [entries[layer].act_bits for layer, name in capture.tied.items() if name == site.name and layer in entries]
-        bits[site.name] = max(readers, default=plan.tensor_bits)
+        readers = [entries[layer] for layer, name in capture.tied.items() if name == site.name and layer in entries]
+        bits[site.name] = max((e.act_bits for e in readers if e.act_bits is not None), default=plan.tensor_bits)
     tied = {layer: site for layer, site in capture.tied.items()
             if layer in entries and site in bits and entries[layer].act_bits == bits[site]}
     return bits, tied
@@ -88,7 +89,7 @@ def resolve_layer_plan(capture: Capture, config: QuantConfig) -> LayerPlan:
     overrides = [(text, *parse_layer_override(text)) for text in config.layers]
     unmatched = set(config.layers)
     entries = []
-    found = sorted([*capture.layers, *capture.float_layers], key=lambda layer: layer.order)
+    found: list[Layer | FloatLayer] = sorted([*capture.layers, *capture.float_layers], key=lambda layer: layer.order)
     for layer in found:
         name = layer.name
         matching = [o for o in overrides if fnmatch.fnmatchcase(name, o[1])]
@@ -99,7 +100,9 @@ def resolve_layer_plan(capture: Capture, config: QuantConfig) -> LayerPlan:
                 raise ConfigError(f"layer override {wanted[-1]!r}: {name} cannot be quantized ({layer.reason})")
             entries.append(LayerPlanEntry(name, "float", None, None, layer.reason))
             continue
-        weight_bits, act_bits, reasons = config.weight_bits, config.act_bits, []
+        weight_bits = config.weight_bits
+        act_bits: int | None = config.act_bits
+        reasons: list[str] = []
         if name in (first, last) and fl_bits is not None:
             weight_bits = act_bits = fl_bits
             reasons.append(f"{'first' if name == first else 'last'} layer at first_last_bits")
@@ -107,10 +110,11 @@ def resolve_layer_plan(capture: Capture, config: QuantConfig) -> LayerPlan:
             act_bits = config.input_bits
             reasons.append(f"input image at input_bits={config.input_bits}")
         if matching:
-            text, _, weight_bits, act_bits = matching[-1]
-            if weight_bits is None:
+            text, _, override_weights, override_acts = matching[-1]
+            if override_weights is None:
                 entries.append(LayerPlanEntry(name, "float", None, None, f"kept float: override {text}"))
                 continue
+            weight_bits, act_bits = override_weights, override_acts
             reasons = [f"override {text}"]
         entries.append(LayerPlanEntry(name, layer.kind, weight_bits, act_bits, "; ".join(reasons) or "default bits",
                                       weight_grid(weight_bits, config.weight_grid)))
@@ -120,6 +124,6 @@ def resolve_layer_plan(capture: Capture, config: QuantConfig) -> LayerPlan:
         listed = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         raise ConfigError(f"layer override {text!r} matches no layer; layers: {listed}")
     if all(entry.kind == "float" for entry in entries):
-        overrides = ", ".join(repr(t) for t in config.layers) or "none"
-        raise ConfigError(f"no layer is left to quantize: every layer is kept float (layer overrides: {overrides})")
+        given = ", ".join(repr(t) for t in config.layers) or "none"
+        raise ConfigError(f"no layer is left to quantize: every layer is kept float (layer overrides: {given})")
     return LayerPlan(tuple(entries), config.act_bits if config.all_tensors else None)

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +44,10 @@ from torch import nn
 from torch.autograd.function import FunctionCtx
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
+Func = Callable[..., Any]
 
-def _table(groups: dict[str, tuple]) -> dict[Callable, str]:
+
+def _table(groups: dict[str, tuple[Func, ...]]) -> dict[Func, str]:
     return {func: op for op, funcs in groups.items() for func in funcs}
 
 
@@ -51,7 +55,7 @@ _T = torch.Tensor
 # Calls whose output is a site (for add and mul: when two of their operands are activations). Not
 # `mean` or `softmax`: inside a normalization or an attention their outputs feed no layer, and
 # a global pooling written as `mean` feeds a layer that quantizes its input anyway.
-SITE_OPS: dict[Callable, str] = _table({
+SITE_OPS: dict[Func, str] = _table({
     "add": (torch.add, _T.add, _T.add_, _T.__add__, _T.__iadd__, _T.__radd__),
     "mul": (torch.mul, _T.mul, _T.mul_, _T.__mul__, _T.__imul__, _T.__rmul__),
     "cat": (torch.cat, torch.concat, torch.concatenate),
@@ -64,14 +68,14 @@ SITE_OPS: dict[Callable, str] = _table({
     "leaky_relu": (F.leaky_relu,),
 })
 # Calls a quantizer moves past when they are the only reader of a site's tensor.
-FUSED_OPS: dict[Callable, str] = _table({
+FUSED_OPS: dict[Func, str] = _table({
     "relu": (F.relu, torch.relu, torch.relu_, _T.relu, _T.relu_),
     "relu6": (F.relu6,),
     "hardtanh": (F.hardtanh, F.hardtanh_),
     "clamp": (torch.clamp, _T.clamp, _T.clamp_, torch.clip, _T.clip, _T.clip_),
 })
 # Calls whose output holds values of their first input only: a quantized tensor stays on its grid.
-MOVING_OPS = {
+MOVING_OPS: set[Func] = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.flatten, _T.flatten, _T.view, _T.reshape, torch.reshape,
     _T.contiguous, torch.squeeze, _T.squeeze, torch.unsqueeze, _T.unsqueeze, _T.permute, torch.permute, _T.transpose,
@@ -80,7 +84,7 @@ MOVING_OPS = {
 }
 
 
-def keyed_op(func: Callable) -> str | None:
+def keyed_op(func: Func) -> str | None:
     """The operation name of a call whose position `CallPositions` counts: a site op, a fused op
     or a batch norm (a site after a folded BatchNorm is named after it: before folding the
     fake-quant model computes the BatchNorm, after folding its call is the identity)."""
@@ -91,7 +95,7 @@ def inside_custom_function() -> bool:
     """Whether the running code is inside the forward of a custom `torch.autograd.Function`
     (EfficientNet-PyTorch's memory-efficient swish): an opaque operation to autograd and to
     torch's ONNX exporter, so nothing inside it can be quantized on its own."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "forward" and isinstance(frame.f_locals.get("ctx"), FunctionCtx):
             return True  # forward(ctx, ...), called by the C++ of Function.apply
@@ -102,7 +106,7 @@ def inside_custom_function() -> bool:
     return False
 
 
-def moves_data(func: Callable, numbers: tuple, options: dict) -> bool:
+def moves_data(func: Func, numbers: tuple[Any, ...], options: dict[str, Any]) -> bool:
     """Whether a call only moves the values of its first input (`numbers`: its positional
     arguments after the first; `options`: its keyword arguments): zero padding, nearest
     interpolation and the calls of `MOVING_OPS`."""
@@ -198,9 +202,9 @@ Value = tuple[int, int]  # (tensor serial, version): an in-place call makes a ne
 class SiteCall:
     """What `find_sites` needs of one recorded call."""
 
-    func: Callable
-    numbers: tuple  # positional arguments after the first, tensors left out
-    options: dict  # keyword arguments, tensors left out
+    func: Func
+    numbers: tuple[Any, ...]  # positional arguments after the first, tensors left out
+    options: dict[str, Any]  # keyword arguments, tensors left out
     ins: tuple[Value, ...]  # the activation values it reads (metadata reads excluded)
     outs: tuple[Value, ...]  # the values it writes
     name: str | None = None  # its site name, for a layer call or a keyed call
@@ -209,7 +213,7 @@ class SiteCall:
 
 
 def find_sites(
-    calls: list[SiteCall],
+    calls: Sequence[SiteCall],
     returned: set[Value],
     folded: set[int],
     bounds: Callable[[int], tuple[float, float] | None],
@@ -245,23 +249,25 @@ def find_sites(
             after = calls[reader]
             fused = reader in folded or (after.func in FUSED_OPS and after.ins[:1] == (value,)
                                          and (FUSED_OPS[after.func] == "relu" or bounds(reader) is not None))
-            if not fused or len(after.outs) != 1:
+            if not fused or len(after.outs) != 1 or after.name is None:  # unnamed: inside a custom function
                 break
             value, last = after.outs[0], reader
         if value in returned or value in sites:
             continue
         final = calls[last]
-        sites[value] = Site(final.name, op if last == index else keyed_op(final.func), final.module, call.layer,
-                            bounds(last) if last != index else None, last)
+        final_op = op if last == index else keyed_op(final.func)
+        assert final.name is not None and final_op is not None  # a fused call is keyed and named
+        sites[value] = Site(final.name, final_op, final.module, call.layer, bounds(last) if last != index else None,
+                            last)
     tied: dict[str, set[str]] = {}
     for call in calls:
         if call.layer is None:
             continue
-        value = call.ins[0] if call.ins else None
-        while value is not None and value not in sites:
-            source = producer.get(value)
+        read: Value | None = call.ins[0] if call.ins else None
+        while read is not None and read not in sites:
+            source = producer.get(read)
             mover = calls[source] if source is not None else None
-            value = mover.ins[0] if mover is not None and mover.ins and moves_data(mover.func, mover.numbers, mover.options) else None
-        tied.setdefault(call.layer, set()).add(sites[value].name if value is not None else "")
+            read = mover.ins[0] if mover is not None and mover.ins and moves_data(mover.func, mover.numbers, mover.options) else None
+        tied.setdefault(call.layer, set()).add(sites[read].name if read is not None else "")
     ordered = tuple(sorted(sites.values(), key=lambda site: site.order))
     return ordered, {layer: next(iter(names)) for layer, names in tied.items() if len(names) == 1 and "" not in names}

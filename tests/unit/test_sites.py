@@ -171,6 +171,38 @@ def test_sites_after_attention_and_none_inside_a_custom_function():
     assert forward_counts(qmodel, lambda: qmodel(X)) == dict.fromkeys(names, 1)
 
 
+class ReluFunction(torch.autograd.Function):
+    """A ReLU inside a custom autograd function: opaque, so not a clip a quantizer moves past."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return F.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class ClipInsideFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(ReluFunction.apply(self.conv(x)))
+
+
+def test_a_clip_inside_a_custom_function_is_not_fused():
+    """Regression: the layer's site moved past the unnamed ReLU inside the function and came
+    out with no name."""
+    model = ClipInsideFunction().eval()
+    found = capture(model, X[:2])
+    assert [(site.name, site.op) for site in found.sites] == [("conv:out", "out")]
+    qmodel = prepare(model, found, resolve_layer_plan(found, QuantConfig(8, 8)), found.outputs[0].name)
+    calibrate_min_max(qmodel, X)
+    assert forward_counts(qmodel, lambda: qmodel(X)) == {"conv:out": 1}
+
+
 def test_folding_keeps_each_quantizer_on_its_tensor():
     """A site after a folded BatchNorm quantizes the BatchNorm's output before folding (the call
     runs) and after (it is the identity): calibrated, trained and deployed on the same values.
