@@ -40,6 +40,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import markdown_table
 
 from exporters.onnx_export import export_float, export_qdq
 from exporters.runtime import verify
@@ -173,21 +175,16 @@ def measure(arch: Architecture, bits: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     """Markdown, one row per architecture and bit width."""
-    lines = [
-        "| architecture | bits | px | layers integer / run | export s | verify s | local: max step diff, values "
-        "differing | local top-1 agreement | top-1 agreement off / on | values differing, free-running | size vs float |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        values = r["activation_values"]
-        lines.append(
-            f"| {r['name']} | W{r['bits']}A{r['bits']} | {r['size']} | {r['integer_layers']} / {r['layers']} | "
-            f"{r['export_s']:.1f} | {r['verify_s']:.1f} | {r['local_max_step_diff']}, "
-            f"{100 * r['local_mismatches'] / values:.4f}% | {r['local_agreement']:.0f} | {r['agreement']:.0f} / "
-            f"{r['optimized_agreement']:.0f} | {100 * r['activation_mismatches'] / values:.2f}% | "
-            f"{r['qdq_bytes'] / r['float_bytes']:.3f}x |"
-        )
-    return "\n".join(lines)
+    columns = ("architecture", "bits", "px", "layers integer / run", "export s", "verify s",
+               "local: max step diff, values differing", "local top-1 agreement", "top-1 agreement off / on",
+               "values differing, free-running", "size vs float")
+    return markdown_table(columns, (
+        (r["name"], f"W{r['bits']}A{r['bits']}", r["size"], f"{r['integer_layers']} / {r['layers']}",
+         f"{r['export_s']:.1f}", f"{r['verify_s']:.1f}",
+         f"{r['local_max_step_diff']}, {100 * r['local_mismatches'] / r['activation_values']:.4f}%",
+         f"{r['local_agreement']:.0f}", f"{r['agreement']:.0f} / {r['optimized_agreement']:.0f}",
+         f"{100 * r['activation_mismatches'] / r['activation_values']:.2f}%", f"{r['qdq_bytes'] / r['float_bytes']:.3f}x")
+        for r in rows))
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import markdown_table
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
 
@@ -218,21 +219,17 @@ def group(method: str, args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| bits | method | steps (per unit) | top-1, 10 held-out labelled (float) | agreement with float, natural "
-        "| top-5 overlap, natural | KL, natural | agreement, held-out labelled | ONNX = PyTorch (verify) | wall s "
-        "| peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(rows, key=lambda r: (-int(r["bits"][1]), -int(r["bits"][3]), r["bits"], METHODS.index(r["method"]))):
-        check = f"{r['verify_agreement']:.0f}%" if "verify_agreement" in r else "-"
-        lines.append(
-            f"| {r['bits']} | {r['method']} | {r['steps']} | {r['held_top1']:.0f} ({r['float_held_top1']:.0f}) | "
-            f"{r['natural']['agreement']:.1f} ({r['natural_images']} images) | {r['natural']['top5_overlap']:.1f} | "
-            f"{r['natural']['kl']:.3f} | "
-            f"{r['held']['agreement']:.0f} | {check} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
-        )
-    return "\n".join(lines)
+    columns = ("bits", "method", "steps (per unit)", "top-1, 10 held-out labelled (float)", "agreement with float, natural",
+               "top-5 overlap, natural", "KL, natural", "agreement, held-out labelled", "ONNX = PyTorch (verify)", "wall s",
+               "peak RSS MiB")
+    ordered = sorted(rows, key=lambda r: (-int(r["bits"][1]), -int(r["bits"][3]), r["bits"], METHODS.index(r["method"])))
+    return markdown_table(columns, (
+        (r["bits"], r["method"], r["steps"], f"{r['held_top1']:.0f} ({r['float_held_top1']:.0f})",
+         f"{r['natural']['agreement']:.1f} ({r['natural_images']} images)", f"{r['natural']['top5_overlap']:.1f}",
+         f"{r['natural']['kl']:.3f}", f"{r['held']['agreement']:.0f}",
+         f"{r['verify_agreement']:.0f}%" if "verify_agreement" in r else "-", f"{r['seconds']:.0f}",
+         f"{r['peak_rss_mib']:.0f}")
+        for r in ordered))
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import header, row
 
 
 def sources(name: str, tmp: Path):
@@ -111,12 +112,10 @@ def measure(name: str, rounds: int, steps: int, batch_size: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = [
-        "| model | graph | size KiB | vs float | latency b=1 ms | vs float | latency b=32 ms | vs float | "
-        "export s | verify s | agreement off / on | activations differing (max steps) | same, each layer "
-        "fed the graph's inputs | integer / float kernels |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = ("model", "graph", "size KiB", "vs float", "latency b=1 ms", "vs float", "latency b=32 ms", "vs float",
+               "export s", "verify s", "agreement off / on", "activations differing (max steps)",
+               "same, each layer fed the graph's inputs", "integer / float kernels")
+    lines = [header(*columns)]
     for r in results:
         size, lat = r["bytes"], r["latency_ms"]
         for graph in ("float", "W8A8", "W4A4"):
@@ -135,7 +134,7 @@ def table(results: list[dict]) -> str:
                     f"{v['local_mismatches'] / v['activation_values']:.2e} ({v['local_max_step_diff']})",
                     f"{kernels(v['integer_ops'])} / {kernels(v['float_ops'])}",
                 ]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(row(*cells))
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import efficientnet
 import peers
 import recipes
+from tables import header, row
 
 from fddaq.recipes import DEFAULT_RECIPE
 
@@ -77,10 +78,7 @@ def table(rows: list[dict]) -> str:
     models = list(dict.fromkeys(r.get("model", "resnet") for r in rows))  # rows written before issue 16: the ResNet
     keys = sorted({(r.get("model", "resnet"), r["per_class"], r["bits"]) for r in rows},
                   key=lambda k: (models.index(k[0]), k[1], list(SETTINGS).index(k[2])))
-    lines = [
-        "| model | per class | setting | " + " | ".join(methods) + " |",
-        "|---|---|---|" + "---|" * len(methods),
-    ]
+    lines = [header("model", "per class", "setting", *methods)]
     costs = []
     for model, per_class, setting in keys:
         cells = []
@@ -92,11 +90,11 @@ def table(rows: list[dict]) -> str:
             cells.append(f"{statistics.mean(accs):.2f}{spread}" if accs else "n/a")
             if found:
                 costs.append((method, statistics.median(r["seconds"] for r in found), max(r["peak_rss_mib"] for r in found)))
-        lines.append(f"| {model} | {per_class or '0 (data-free)'} | {setting} | " + " | ".join(cells) + " |")
-    lines += ["", "| method | wall s (median of rows) | peak RSS MiB (max) |", "|---|---|---|"]
+        lines.append(row(model, per_class or "0 (data-free)", setting, *cells))
+    lines += ["", header("method", "wall s (median of rows)", "peak RSS MiB (max)")]
     for method in methods:
         mine = [c for c in costs if c[0] == method]
-        lines.append(f"| {method} | {statistics.median(c[1] for c in mine):.1f} | {max(c[2] for c in mine):.0f} |")
+        lines.append(row(method, f"{statistics.median(c[1] for c in mine):.1f}", f"{max(c[2] for c in mine):.0f}"))
     return "\n".join(lines)
 
 

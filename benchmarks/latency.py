@@ -44,6 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import markdown_table
 
 from exporters.onnx_export import export_float, export_qdq
 from exporters.runtime import FLOAT_OPS, INTEGER_OPS
@@ -198,13 +200,13 @@ def measure(name: str, batches: list[int], repeats: int, threads: int) -> list[d
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | batch | graph | ms | x onnxruntime W8A8 | speed-up over float | MB | integer / float kernels, Q+DQ left |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        k = row["kernels"]
-        lines.append(f"| {row['model']} | {row['batch']} | {row['graph']} | {row['ms']:.2f} | {row['vs_onnxruntime']:.2f}x "
-                     f"| {row['speedup_vs_float']:.2f}x | {row['bytes'] / 1e6:.2f} | {k['integer']} / {k['float']}, {k['qdq']} |")
-    return "\n".join(lines)
+    columns = ("model", "batch", "graph", "ms", "x onnxruntime W8A8", "speed-up over float", "MB",
+               "integer / float kernels, Q+DQ left")
+    return markdown_table(columns, (
+        (r["model"], r["batch"], r["graph"], f"{r['ms']:.2f}", f"{r['vs_onnxruntime']:.2f}x",
+         f"{r['speedup_vs_float']:.2f}x", f"{r['bytes'] / 1e6:.2f}",
+         f"{r['kernels']['integer']} / {r['kernels']['float']}, {r['kernels']['qdq']}")
+        for r in rows))
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import markdown_table
 
 
 def efficientnet_setup(model: str, root: Path):
@@ -162,16 +163,15 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | row | recipe | seed | ONNX size / float | agreement with float | KL | top-1 (float) "
-             "| layers at each width | budget | wall s (search) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        layers = " / ".join(f"{n} at {b}" for b, n in r["layers_at"].items()) if "layers_at" in r else "-"
-        budget = ("met" if r["met"] else "missed") if "met" in r else "-"
-        wall = f"{r['seconds']:.0f}" + (f" ({r['search_seconds']:.0f})" if "search_seconds" in r else "")
-        lines.append(f"| {r['model']} | {r['row']} | {r['recipe']} | {'-' if r['seed'] is None else r['seed']} | "
-                     f"{r['ratio']:.3f}x | {r['agreement']:.2f} | {r['kl']:.4f} | {r['top1']:.2f} ({r['float_top1']:.2f}) "
-                     f"| {layers} | {budget} | {wall} |")
-    return "\n".join(lines)
+    columns = ("model", "row", "recipe", "seed", "ONNX size / float", "agreement with float", "KL", "top-1 (float)",
+               "layers at each width", "budget", "wall s (search)")
+    return markdown_table(columns, (
+        (r["model"], r["row"], r["recipe"], "-" if r["seed"] is None else r["seed"], f"{r['ratio']:.3f}x",
+         f"{r['agreement']:.2f}", f"{r['kl']:.4f}", f"{r['top1']:.2f} ({r['float_top1']:.2f})",
+         " / ".join(f"{n} at {b}" for b, n in r["layers_at"].items()) if "layers_at" in r else "-",
+         ("met" if r["met"] else "missed") if "met" in r else "-",
+         f"{r['seconds']:.0f}" + (f" ({r['search_seconds']:.0f})" if "search_seconds" in r else ""))
+        for r in rows))
 
 
 if __name__ == "__main__":

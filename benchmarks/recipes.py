@@ -38,7 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 sys.path.insert(0, str(EXAMPLE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist
+from tables import header, row
 
 METHODS = ("ptq", "real-only", "fdda-paper", "fddaq", "reconstruct")
 # One fddaq ingredient switched off (or CE added) at a time; run where --ablate asks.
@@ -128,10 +130,7 @@ def summary(rows: list[dict], methods: tuple[str, ...]) -> str:
         {(n, p, b) for n, p, b, _ in present if all((n, p, b, m) in present for m in methods)},
         key=lambda k: (k[0], k[1], -int(k[2][1]), k[2]),
     )
-    lines = [
-        "| model | calib/class | bits | float | " + " | ".join(methods) + f" | wall s ({' / '.join(methods)}) |",
-        "|---|---|---|---|" + "---|" * len(methods) + "---|",
-    ]
+    lines = [header("model", "calib/class", "bits", "float", *methods, f"wall s ({' / '.join(methods)})")]
     for model, per_class, bits in keys:
         cells, walls = [], []
         for method in methods:
@@ -141,7 +140,7 @@ def summary(rows: list[dict], methods: tuple[str, ...]) -> str:
             cells.append(f"{statistics.mean(accs):.2f}{spread}" if accs else "-")
             walls.append(f"{statistics.median(r['seconds'] for r in found):.0f}" if found else "-")
         float_top1 = next(r["float_top1"] for r in rows if r["model"] == model)
-        lines.append(f"| {model} | {per_class} | {bits} | {float_top1:.2f} | " + " | ".join(cells) + f" | {' / '.join(walls)} |")
+        lines.append(row(model, per_class, bits, f"{float_top1:.2f}", *cells, " / ".join(walls)))
     return "\n".join(lines)
 
 

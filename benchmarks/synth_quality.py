@@ -45,6 +45,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import markdown_table
 
 VARIANTS = {  # name: SynthConfig fields
     "generator, global BNS only (GDFQ-like)": dict(method="generator", cbns_weight=0.0, dbns_weight=0.0, ce_single_weight=0.0),
@@ -150,21 +152,17 @@ def efficientnet_inputs(root: Path) -> tuple[Path, Path, Path]:
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    lines = [
-        "| run | float top-1 on synthetic | separation synthetic / real | diversity synthetic / real | "
-        "s per step | teacher fwd+bwd share | synthesis s | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in rows:
-        s, q = r["synthetic"], r["real"]
-        number = lambda value, form: "-" if value is None else format(value, form)
-        lines.append(
-            f"| {name} | {s['float_top1']:.1f} | {number(s['separation'], '.1f')} / {number(q['separation'], '.1f')} | "
-            f"{number(s['diversity'], '.3f')} / {number(q['diversity'], '.3f')} | "
-            + (f"{r['seconds_per_step']:.3f} | {100 * r['teacher_share']:.0f}% | " if r.get("steps", 1) else "- | - | ")
-            + f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
-        )
-    return "\n".join(lines)
+    columns = ("run", "float top-1 on synthetic", "separation synthetic / real", "diversity synthetic / real",
+               "s per step", "teacher fwd+bwd share", "synthesis s", "peak RSS (MiB)")
+    number = lambda value, form: "-" if value is None else format(value, form)
+    timed = lambda r: r.get("steps", 1)  # a run without synthesis steps has no time per step
+    return markdown_table(columns, (
+        (name, f"{r['synthetic']['float_top1']:.1f}",
+         f"{number(r['synthetic']['separation'], '.1f')} / {number(r['real']['separation'], '.1f')}",
+         f"{number(r['synthetic']['diversity'], '.3f')} / {number(r['real']['diversity'], '.3f')}",
+         f"{r['seconds_per_step']:.3f}" if timed(r) else "-", f"{100 * r['teacher_share']:.0f}%" if timed(r) else "-",
+         f"{r['seconds']:.0f}", f"{r['peak_rss_mib']:.0f}")
+        for name, r in rows))
 
 
 def main() -> None:

@@ -213,6 +213,8 @@ BITS_OPTIONS = {
     "weight_grid": (WeightGridOption, "auto"), "activations": (ActivationsOption, "auto"),
 }
 BUDGET_OPTIONS = {"target_size": (TargetSize, None), "target_drop": (TargetDrop, None), "bit_choices": (BitChoices, "4,8")}
+# every command's (`_check_outputs` and `_check_file` read --force; `_read_config` reads --config)
+FILE_OPTIONS = {"force": (Force, False), "config": (ConfigFile, None)}
 
 
 def with_options(*groups: dict) -> Callable:
@@ -282,23 +284,25 @@ def _check_writable(folder: Path, what: str) -> None:
         raise ConfigError(f"{what} {folder}: cannot write in {existing} ({exc.strerror or exc})") from None
 
 
-def _check_file(path: Path | None, force: bool) -> None:
+def _check_file(ctx: typer.Context, path: Path | None) -> None:
+    """Before any work: `path` (when given) can be written (it exists: only with --force)."""
     if path is None:
         return
     if path.is_dir():
         raise ConfigError(f"{path} is a folder: give a file name")
-    if path.exists() and not force:
+    if path.exists() and not ctx.params["force"]:
         raise ConfigError(f"{path} exists: pass --force to overwrite it")
     _check_writable(path.parent, "cannot write the file into")
 
 
-def _check_outputs(out: Path, names: tuple[str, ...], force: bool) -> None:
+def _check_outputs(ctx: typer.Context, out: Path, names: tuple[str, ...]) -> None:
+    """Before any work: the outputs `names` can be written in `out` (existing ones: only with --force)."""
     _check_writable(out, "--out")
     folders = [name for name in names if (out / name).is_dir()]
     if folders:
         raise ConfigError(f"{out} holds folders named {', '.join(folders)}, where the outputs go: choose another --out")
     existing = [name for name in names if (out / name).exists()]
-    if existing and not force:
+    if existing and not ctx.params["force"]:
         raise ConfigError(f"{out} already holds {', '.join(existing)}: pass --force to overwrite or choose another --out")
 
 
@@ -397,19 +401,24 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def _processes(device):
-    """The torchrun job this process belongs to (a job of one without torchrun), left at the end."""
+def _job(device: str, out: Path):
+    """(device, ranks): the torchrun job this process belongs to (a job of one without
+    torchrun) on the resolved `device`, with `out` locked by its main process; left at the
+    end."""
     from fddaq.distributed import join, leave
 
+    where = _resolve_device(device)
     try:
-        yield join(device)
+        ranks = join(where)
+        with _locked(out, ranks.is_main):
+            yield where, ranks
     finally:
         leave()
 
 
 @app.command()
 @user_errors
-@with_options(MODEL_OPTIONS, BITS_OPTIONS, BUDGET_OPTIONS)
+@with_options(MODEL_OPTIONS, BITS_OPTIONS, BUDGET_OPTIONS, FILE_OPTIONS)
 def quantize(
     ctx: typer.Context,
     model: ModelFile,
@@ -429,9 +438,7 @@ def quantize(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (same options).")] = False,
     device: Device = "auto",
-    force: Force = False,
     quiet: Quiet = False,
-    config: ConfigFile = None,
 ) -> None:
     """Quantize a float model: calibrate on real images, reconstruct it block by block against
     the float model (the default recipe; others fine-tune it by distillation on real and FDDA
@@ -444,7 +451,7 @@ def quantize(
     from cli.jobs import run_quantize
     from fddaq.recipes import recipe_config
 
-    _check_outputs(out, QUANTIZE_OUTPUTS, force)
+    _check_outputs(ctx, out, QUANTIZE_OUTPUTS)
     if max_drop is not None and val is None:
         raise ConfigError("--max-drop needs --val: the gate compares accuracy on labelled validation images")
     budget = _budget(ctx.params)
@@ -456,8 +463,7 @@ def quantize(
         raise ConfigError(f"--recipe {_value(recipe)} with --steps 0 does not train: the images of --synthetic-from would "
                           "go unused")
     source = _source(ctx, calib, val)
-    where = _resolve_device(device)
-    with _processes(where) as ranks, _locked(out, ranks.is_main):
+    with _job(device, out) as (where, ranks):
         with ProgressRenderer(console, quiet or not ranks.is_main) as progress:
             report = run_quantize(source, run_config, out, progress, resume, where, synthetic_from, max_drop)
         if report is None:  # another rank than 0 of a torchrun job: rank 0 reports
@@ -485,7 +491,7 @@ def quantize(
 
 @app.command()
 @user_errors
-@with_options(MODEL_OPTIONS)
+@with_options(MODEL_OPTIONS, FILE_OPTIONS)
 def synth(
     ctx: typer.Context,
     model: ModelFile,
@@ -504,9 +510,7 @@ def synth(
     seed: Seed = 0,
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("synth"),
     device: Device = "auto",
-    force: Force = False,
     quiet: Quiet = False,
-    config: ConfigFile = None,
 ) -> None:
     """Make labelled synthetic images with FDDA's losses on the calibration images' BatchNorm
     statistics (a pool of images optimised from augmented calibration images, or the paper's
@@ -518,7 +522,7 @@ def synth(
     from fddaq.config import QuantConfig
     from fddaq.recipes import recipe_config
 
-    _check_outputs(out, SYNTH_OUTPUTS, force)
+    _check_outputs(ctx, out, SYNTH_OUTPUTS)
     if num < 1:
         raise ConfigError(f"--num={num} must be at least 1")
     run_config = recipe_config(_value(recipe), QuantConfig(), seed, synthetic=num, synth_steps=steps,
@@ -527,8 +531,7 @@ def synth(
         raise ConfigError(f"--recipe {_value(recipe)} synthesizes from calibration images: give --calib DIR (only --recipe "
                           "data-free runs without)")
     source = _source(ctx, calib, val)
-    where = _resolve_device(device)
-    with _processes(where) as ranks, _locked(out, ranks.is_main):
+    with _job(device, out) as (where, ranks):
         with ProgressRenderer(console, quiet or not ranks.is_main) as progress:
             report = run_synth(source, run_config.synth, out, progress, where, run_config.real_images)
         if report is None:
@@ -541,7 +544,9 @@ def synth(
 
 @app.command()
 @user_errors
+@with_options(FILE_OPTIONS)
 def export(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="quantized.pt written by `fddaq quantize`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="ONNX file to write.")] = Path("model.onnx"),
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (21 or newer: INT4 types).")] = 21,
@@ -549,8 +554,6 @@ def export(
         "--int8-weights",
         help="Store weights of 4 bits and fewer as INT8 (the same values; about twice the weight bytes): onnxruntime "
              "then runs symmetric-grid (--weight-grid symmetric) W4A8 convolutions on its 8-bit integer kernels.")] = False,
-    force: Force = False,
-    config: ConfigFile = None,
 ) -> None:
     """Re-export the QDQ ONNX graph from a checkpoint alone.
 
@@ -560,7 +563,7 @@ def export(
     from fddaq.checkpoint import load_checkpoint
     from fddaq.io import atomic_write_bytes
 
-    _check_file(output, force)
+    _check_file(ctx, output)
     start = time.perf_counter()
     data = export_checkpoint(load_checkpoint(checkpoint), opset, int8_weights)
     atomic_write_bytes(output, data)
@@ -569,16 +572,16 @@ def export(
 
 @app.command()
 @user_errors
+@with_options(FILE_OPTIONS)
 def verify(
+    ctx: typer.Context,
     onnx_file: Annotated[Path, typer.Argument(help="QDQ ONNX file written by `fddaq quantize` or `fddaq export`.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="quantized.pt the file was exported from.")],
     data: Annotated[Path, typer.Option("--data", help="Images: DIR/<class>/<image> (accuracies too) or a flat folder.")],
     min_agreement: Annotated[float, typer.Option(
         "--min-agreement", help="Exit 3 when a top-1 agreement (optimizations off or on) is below this percentage.")] = 99.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
-    force: Force = False,
     quiet: Quiet = False,
-    config: ConfigFile = None,
 ) -> None:
     """Check that onnxruntime (CPU, graph optimizations off and on) reproduces the checkpoint's
     fake-quant model: top-1 agreement, logit and activation differences in quantization steps,
@@ -590,7 +593,7 @@ def verify(
 
     from .jobs import run_verify
 
-    _check_file(json_path, force)
+    _check_file(ctx, json_path)
     with ProgressRenderer(console, quiet) as progress:
         report = run_verify(onnx_file, checkpoint, data, min_agreement, progress)
     _show(f"fddaq verify: {onnx_file.name}", report)
@@ -603,7 +606,7 @@ def verify(
 
 @app.command()
 @user_errors
-@with_options(MODEL_OPTIONS, BITS_OPTIONS, BUDGET_OPTIONS)
+@with_options(MODEL_OPTIONS, BITS_OPTIONS, BUDGET_OPTIONS, FILE_OPTIONS)
 def plan(
     ctx: typer.Context,
     model: ModelFile,
@@ -612,9 +615,7 @@ def plan(
         "--data", help="Calibration images (DIR/<class>/<image> or a flat folder) for --target-size / --target-drop: "
         "the plan is searched on them.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON to this file.")] = None,
-    force: Force = False,
     quiet: Quiet = False,
-    config: ConfigFile = None,
 ) -> None:
     """Show which layers `quantize` would quantize, at which bits and why, after checking that the
     model and its quantized form export (a dry run of the export in onnxruntime): what would
@@ -633,7 +634,7 @@ def plan(
 
     from .jobs import precision_report, searched_reason
 
-    _check_file(json_path, force)
+    _check_file(ctx, json_path)
     budget = _budget(ctx.params)
     if budget is not None and data is None:
         raise ConfigError("--target-size and --target-drop need --data: the bit search measures plans on images")
@@ -684,7 +685,7 @@ def plan(
 
 @app.command()
 @user_errors
-@with_options(MODEL_OPTIONS, BITS_OPTIONS)
+@with_options(MODEL_OPTIONS, BITS_OPTIONS, FILE_OPTIONS)
 def sensitivity(
     ctx: typer.Context,
     model: ModelFile,
@@ -696,9 +697,7 @@ def sensitivity(
     seed: Seed = 0,
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("sensitivity"),
     device: Device = "auto",
-    force: Force = False,
     quiet: Quiet = False,
-    config: ConfigFile = None,
 ) -> None:
     """Show where the model breaks at low bits: each quantizer (each layer's weights, each
     quantized input) ranked by the KL divergence of the output from float when it alone is at
@@ -710,7 +709,7 @@ def sensitivity(
     from cli.jobs import run_sensitivity
     from fddaq.config import SynthConfig
 
-    _check_outputs(out, SENSITIVITY_OUTPUTS, force)
+    _check_outputs(ctx, out, SENSITIVITY_OUTPUTS)
     quant = _quant_config(ctx.params)
     synth_config = SynthConfig(steps=synth_steps, num_images=synthetic, seed=seed)
     source = _source(ctx, calib)
@@ -724,7 +723,7 @@ def sensitivity(
 
 @app.command(name="eval")
 @user_errors
-@with_options(MODEL_OPTIONS)
+@with_options(MODEL_OPTIONS, FILE_OPTIONS)
 def evaluate(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(
@@ -734,9 +733,7 @@ def evaluate(
         "--arch", help="Architecture of a float state dict (not needed for a checkpoint or ONNX file).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON to this file.")] = None,
     device: Device = "auto",
-    force: Force = False,
     quiet: Quiet = False,
-    config: ConfigFile = None,
 ) -> None:
     """Top-1 and top-5 accuracy of a float model, a quantized checkpoint (PyTorch fake-quant) or
     an ONNX file (onnxruntime, preprocessing and classes from its metadata) on labelled images.
@@ -754,7 +751,7 @@ def evaluate(
         raise ConfigError("preprocessing and class options are for a float state dict (with --arch): "
                           "a checkpoint or ONNX file carries its own")
     source = _source(ctx, data) if arch is not None else None
-    _check_file(json_path, force)
+    _check_file(ctx, json_path)
     where = _resolve_device(device)
     with ProgressRenderer(console, quiet) as progress:
         report = run_eval(model, data, source, progress, where)

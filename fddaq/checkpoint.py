@@ -83,7 +83,7 @@ def checkpoint_bytes(model: QuantizedModel, plan: LayerPlan, info: ModelInfo, ex
         "tensor_sites": [site.name for site in model.sites],
         **(extra or {}),
     }
-    folded = fold_batch_norms(model)  # a copy; no change to an already folded model
+    folded = model if model.deployed else fold_batch_norms(model)  # only read: no copy of a deployed model
     state = {k: v.detach().cpu().contiguous() for k, v in folded.state_dict().items()}
     buffer = io.BytesIO()
     torch.save({"recipe": json.dumps(recipe), "state_dict": state}, buffer)

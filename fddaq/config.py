@@ -138,24 +138,24 @@ class FinetuneConfig:
     training (never to select anything). A state to resume from is handed out every
     `checkpoint_every` steps."""
 
-    steps: int = 400
-    batch_size: int = 32
-    optimizer: str = "adam"
-    weight_lr: float = 2e-5
-    scale_lr: float = 2e-3
-    momentum: float = 0.9
+    steps: int = 400  # optimizer steps, on a cosine learning-rate schedule
+    batch_size: int = 32  # images per step (across all processes of a torchrun job)
+    optimizer: str = "adam"  # or "sgd" (Nesterov when momentum > 0)
+    weight_lr: float = 2e-5  # learning rate of the weights
+    scale_lr: float = 2e-3  # learning rate of the log step sizes (with learn_scales)
+    momentum: float = 0.9  # SGD's
     weight_decay: float = 0.0
-    temperature: float = 1.0
+    temperature: float = 1.0  # T of the loss
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     learn_scales: bool = True
     act_ema: float = 0.9
     observe_fraction: float = 0.01
-    augment: bool = True
-    synthetic_fraction: float = 0.5
+    augment: bool = True  # a random shift and horizontal flip of each image drawn (`finetune.augment`)
+    synthetic_fraction: float = 0.5  # of each batch, when synthetic images are given
     holdout: float = 0.1
     checkpoint_every: int = 50
-    seed: int = 0
+    seed: int = 0  # of the held-out split, the batches drawn and their augmentation
 
     def __post_init__(self) -> None:
         _check_fields(self, positive=("batch_size", "weight_lr", "scale_lr", "temperature", "checkpoint_every"),

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from export_helpers import TinyResNet, quantize_model
+from export_helpers import quantize_model
 from torch import Tensor, nn
 
-from tests.models import randomize_bn
+from tests.models import ExportResNet, randomize_bn
 
 
 @pytest.fixture
@@ -18,12 +18,12 @@ def images() -> Tensor:
 
 
 @pytest.fixture
-def tiny_resnet() -> Callable[..., nn.Module]:
-    """Factory: a seeded TinyResNet with random BatchNorm statistics, in eval mode."""
+def export_resnet() -> Callable[..., nn.Module]:
+    """Factory: a seeded ExportResNet with random BatchNorm statistics, in eval mode."""
 
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return randomize_bn(TinyResNet())
+        return randomize_bn(ExportResNet())
 
     return build
 

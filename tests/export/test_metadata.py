@@ -13,8 +13,8 @@ from fddaq.errors import ExportError
 from fddaq.quant.plan import resolve_layer_plan
 
 
-def test_what_the_export_writes_reads_back(tmp_path, tiny_resnet, images, quantized):
-    qmodel = quantized(tiny_resnet(), images, 4, 4)
+def test_what_the_export_writes_reads_back(tmp_path, export_resnet, images, quantized):
+    qmodel = quantized(export_resnet(), images, 4, 4)
     info = ModelInfo("fddaq:tiny", 10, Preprocess(16, (0.5,), (0.25,), 3, resize=20), tuple("abcdefghij"), output="head")
     path = tmp_path / "model.onnx"
     path.write_bytes(export_qdq(qmodel, onnx_metadata(info, resolve_layer_plan(qmodel.capture, QuantConfig(4, 4)))).SerializeToString())

@@ -31,8 +31,8 @@ def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_qdq_graph_reproduces_fake_quant_model(tiny_resnet, quantized, images, bits):
-    qmodel = quantized(tiny_resnet(), images, bits, bits)
+def test_qdq_graph_reproduces_fake_quant_model(export_resnet, quantized, images, bits):
+    qmodel = quantized(export_resnet(), images, bits, bits)
     onnx_model = export_qdq(qmodel)
     expected = torch_logits(fold_batch_norms(qmodel), images)  # the exported form
 
@@ -46,8 +46,8 @@ def test_qdq_graph_reproduces_fake_quant_model(tiny_resnet, quantized, images, b
     np.testing.assert_allclose(optimized, expected, rtol=0, atol=1e-5)
 
 
-def test_float_export_matches_torch(tiny_resnet, images):
-    model = tiny_resnet()
+def test_float_export_matches_torch(export_resnet, images):
+    model = export_resnet()
     onnx_model = export_float(model, (3, 16, 16))
     np.testing.assert_allclose(run_onnx(onnx_model, images), torch_logits(model, images), rtol=1e-4, atol=1e-5)
     assert {"QuantizeLinear", "DequantizeLinear", "BatchNormalization"}.isdisjoint(n.op_type for n in onnx_model.graph.node)
@@ -342,8 +342,8 @@ def test_what_torch_cannot_export_is_named_with_module_and_line():
         export_float(Spectral().eval(), (3, 16, 16))
 
 
-def test_export_qdq_rejects_float_models_and_old_opsets(tiny_resnet, quantized, images):
-    qmodel = quantized(tiny_resnet(), images, 4, 4)
+def test_export_qdq_rejects_float_models_and_old_opsets(export_resnet, quantized, images):
+    qmodel = quantized(export_resnet(), images, 4, 4)
     empty = copy.deepcopy(qmodel)
     empty.layers = nn.ModuleList()
     with pytest.raises(ExportError, match="no quantized layer"):
@@ -353,9 +353,9 @@ def test_export_qdq_rejects_float_models_and_old_opsets(tiny_resnet, quantized, 
             export_qdq(qmodel, opset=opset)
 
 
-def test_model_contract(tiny_resnet, quantized, images):
+def test_model_contract(export_resnet, quantized, images):
     metadata = {"fddaq_version": "0.1.0", "class_names": '["a", "b"]'}
-    onnx_model = export_qdq(quantized(tiny_resnet(), images, 4, 4), metadata=metadata)
+    onnx_model = export_qdq(quantized(export_resnet(), images, 4, 4), metadata=metadata)
     onnx.checker.check_model(onnx_model, full_check=True)
     assert {p.key: p.value for p in onnx_model.metadata_props} == metadata
     assert [(o.domain, o.version) for o in onnx_model.opset_import] == [("", 21)]

@@ -15,8 +15,8 @@ from fddaq.errors import ExportError
 
 
 @pytest.fixture
-def exported(tiny_resnet, quantized, images):
-    qmodel = quantized(tiny_resnet(), images, 4, 4)
+def exported(export_resnet, quantized, images):
+    qmodel = quantized(export_resnet(), images, 4, 4)
     return export_qdq(qmodel), qmodel
 
 
@@ -126,9 +126,9 @@ def test_verify_counts_activation_mismatches_in_steps(exported, images):
     assert report.local_mismatches == 8 * 16 and report.max_step_diff >= 1
 
 
-def test_verify_rejects_a_graph_of_another_model(exported, images, tiny_resnet, quantized):
+def test_verify_rejects_a_graph_of_another_model(exported, images, export_resnet, quantized):
     onnx_model, _ = exported
-    other = tiny_resnet()
+    other = export_resnet()
     other.fc = torch.nn.Linear(16, 3)
     other = quantized(other, images, 8, 8)
     with pytest.raises(ExportError, match=r"output 'logits' has shape \(10,\) where the PyTorch model's has \(3,\)"):

@@ -324,11 +324,11 @@ def test_every_tensor_quantized_8bit_graph_chains_integer_kernels():
     add, both poolings and the classifier on integers: the classifier reads the pool through a
     Flatten, which gets the pool's Q/DQ again, and becomes a QGemm with float logits. With
     layer inputs only, the convs feeding the add, the add and the pools stay float."""
-    from export_helpers import TinyResNet
+    from tests.models import ExportResNet
 
     x = images(16)
     torch.manual_seed(0)
-    model = randomize_bn(TinyResNet())
+    model = randomize_bn(ExportResNet())
     full = optimized_ops(export_qdq(quantize_model(model, x, 8, 8, activations="all")))
     assert full.get("QLinearConv") == 4 and full.get("QLinearAdd") == 1, full
     assert full.get("QLinearAveragePool") == 1 and full.get("QLinearGlobalAveragePool") == 1, full
