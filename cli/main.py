@@ -213,14 +213,14 @@ BITS_OPTIONS = {
     "weight_grid": (WeightGridOption, "auto"), "activations": (ActivationsOption, "auto"),
 }
 BUDGET_OPTIONS = {"target_size": (TargetSize, None), "target_drop": (TargetDrop, None), "bit_choices": (BitChoices, "4,8")}
-# every command's (`_check_outputs` and `_check_file` read --force; `_read_config` reads --config)
+# every command's: --force (read by `_check_outputs` and `_check_file`), --config (its callback `_read_config`)
 FILE_OPTIONS = {"force": (Force, False), "config": (ConfigFile, None)}
 
 
 def with_options(*groups: dict) -> Callable:
     """A command that also takes the options of `groups` (after its own), and reads them from
-    `ctx.params` (`_source`, `_quant_config`, `_budget`): they are declared once, here, for
-    every command that takes them."""
+    `ctx.params` (`_source`, `_quant_config`, `_budget`, `_check_outputs`, `_check_file`): they
+    are declared once, here, for every command that takes them."""
     def decorate(command: Callable) -> Callable:
         added = {name: option for group in groups for name, option in group.items()}
 

@@ -88,8 +88,7 @@ def export_qdq(model: QuantizedModel, metadata: dict[str, str] | None = None, op
     model.tap = lambda owner, role, raw, quantized: _Marker.apply(raw, quantized, f"{owner.name}|{role}")
     proto = _torch_export(model, model.capture.input_shape, prefix="model.")
     layers = {layer.name: layer for layer in model.layers}
-    sites = {site.name: site for site in model.sites if site.name is not None}
-    _Rewrite(proto.graph, layers, sites, int8_weights).run()
+    _Rewrite(proto.graph, layers, model.named_sites(), int8_weights).run()
     return _finish(proto, metadata, opset, set(layers))
 
 

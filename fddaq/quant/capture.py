@@ -462,7 +462,8 @@ class _Recorder(Interceptor):
         """The batch norms that fold, and the indices of their calls. A batch norm folds into a
         layer called once when it is the only use of the layer's output (not returned by the
         model either) and it is called once, in eval mode, with named running statistics of
-        the layer's channels."""
+        the layer's channels, and not inside a custom autograd function (an opaque operation:
+        its call gets no name, so the fake-quant model could not make it the identity)."""
         uses = Counter(norm.names["running_mean"] for norm in self.norms)
         by_call = {norm.index: norm for norm in self.norms}
         folds: list[BatchNormFold] = []
@@ -471,7 +472,7 @@ class _Recorder(Interceptor):
             output = self.layer_outputs.get(layer.name)
             readers = self.readers.get(output, []) if output is not None else []
             norm = by_call.get(readers[0]) if len(readers) == 1 else None
-            if norm is None:
+            if norm is None or self.calls[norm.index].name is None:
                 continue
             mean, var = norm.names["running_mean"], norm.names["running_var"]
             if (

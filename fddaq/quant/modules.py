@@ -361,7 +361,15 @@ class QuantizedModel(nn.Module):
         """Every activation quantizer once, by name: the input quantizer of each layer that is
         not tied (by the layer's name), then each site's (by the site's name)."""
         found = {layer.name: layer.input_quant for layer in self.layers if not layer.tied}
-        found.update((site.name, site) for site in self.sites if site.name is not None)
+        found.update(self.named_sites())
+        return found
+
+    def named_sites(self) -> dict[str, ActivationQuantizer]:
+        """Each site's quantizer, by the site's name."""
+        found: dict[str, ActivationQuantizer] = {}
+        for site in self.sites:
+            assert site.name is not None, "a site's quantizer is named after its site (`prepare`)"
+            found[site.name] = site
         return found
 
     def quantize_site(self, quant: ActivationQuantizer, value: Tensor) -> Tensor:

@@ -180,7 +180,19 @@ class ReluFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad  # not ReLU's gradient: no test runs a backward pass through it
+
+
+class NormFunction(torch.autograd.Function):
+    """A BatchNorm inside a custom autograd function: opaque, so not folded into the conv."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var):
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None  # no test runs a backward pass through it
 
 
 class ClipInsideFunction(nn.Module):
@@ -201,6 +213,30 @@ def test_a_clip_inside_a_custom_function_is_not_fused():
     qmodel = prepare(model, found, resolve_layer_plan(found, QuantConfig(8, 8)), found.outputs[0].name)
     calibrate_min_max(qmodel, X)
     assert forward_counts(qmodel, lambda: qmodel(X)) == {"conv:out": 1}
+
+
+class NormInsideFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        bn = self.bn
+        return self.head(NormFunction.apply(self.conv(x), bn.weight, bn.bias, bn.running_mean, bn.running_var))
+
+
+def test_a_batch_norm_inside_a_custom_function_is_not_folded():
+    """Regression: it was folded into the conv, but the fake-quant model cannot make a call
+    inside the function the identity: the deployed model differed from the fake-quant one."""
+    from fddaq.quant.fold import fold_batch_norms
+
+    model = randomize_bn(NormInsideFunction())
+    found = capture(model, X[:2])
+    assert found.folds == () and [site.name for site in found.sites] == ["conv:out"]
+    qmodel = prepare(model, found, resolve_layer_plan(found, QuantConfig(8, 8)), found.outputs[0].name)
+    calibrate_min_max(qmodel, X)
+    with torch.no_grad():
+        assert torch.equal(qmodel(X), fold_batch_norms(qmodel)(X))
 
 
 def test_folding_keeps_each_quantizer_on_its_tensor():
