@@ -22,7 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 sys.path.insert(0, str(EXAMPLE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist
+from tables import header
 
 STAGES = ("load", "calibrate", "synthesize", "reconstruct", "finetune", "evaluate", "export", "verify")
 
@@ -66,9 +68,8 @@ def main() -> None:
 
     walls = [wall for _, wall in demo]
     print(f"machine: {platform.machine()}, {platform.python_version()}, date {time.strftime('%Y-%m-%d')}")
-    print("| run | images | float top-1 | fake-quant top-1 | ONNX top-1 | ONNX vs fake-quant agreement | "
-          f"ONNX size vs float | {' / '.join(STAGES)} (s) | wall (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(header("run", "images", "float top-1", "fake-quant top-1", "ONNX top-1", "ONNX vs fake-quant agreement",
+                 "ONNX size vs float", f"{' / '.join(STAGES)} (s)", "wall (s)"))
     print(row("demo, val/ (median-wall run)", demo[walls.index(statistics.median(walls))][0], statistics.median(walls)))
     print(row("demo, full test set", *full))
     print(row("calibration only (--steps 0), full test set", *ptq))

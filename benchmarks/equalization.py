@@ -36,6 +36,7 @@ from torch import fx, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "examples" / "fashion_mnist"), str(ROOT / "benchmarks")]
+from tables import header
 
 
 def relu6_to_relu(model: nn.Module) -> nn.Module:
@@ -123,7 +124,7 @@ def main() -> None:
         images, labels = fmnist.read_split("t10k")
         x = (torch.from_numpy(images).float().div(255).unsqueeze(1) - fmnist.MEAN) / fmnist.STD
         y = torch.from_numpy(labels)
-        print("| float model | float top-1 | setting | top-1 | wall s |\n|---|---|---|---|---|")
+        print(header("float model", "float top-1", "setting", "top-1", "wall s"))
         for name, variant in variants(inputs):
             float_top1 = 100.0 * (predict(variant.float_model, x).argmax(1) == y).float().mean().item()
             for label, config in settings(with_reconstruct=True):
@@ -143,8 +144,7 @@ def main() -> None:
         inputs = load_inputs(efficientnet.model_source("lite0", calib, held, classes))
         natural = load_image_folder(root / "natural", inputs.info.preprocess).images
     reference = predict(inputs.teacher, natural).numpy()
-    print("| float model | its agreement with the original (KL) | setting | agreement | top-5 overlap | KL | wall s |")
-    print("|---|---|---|---|---|---|---|")
+    print(header("float model", "its agreement with the original (KL)", "setting", "agreement", "top-5 overlap", "KL", "wall s"))
     for name, variant in variants(inputs):
         own = efficientnet.scores(predict(variant.teacher, natural).numpy(), reference)
         for label, config in settings(with_reconstruct=False):

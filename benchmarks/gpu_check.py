@@ -29,6 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import header
 
 # dense bf16 tensor-core peaks (FLOP/s) of the GPUs this is meant for; others report none
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -178,8 +180,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"device": label, "peak_bf16_flops": peak, "results": results}, indent=1))
     print(f"device: {label}; torch {torch.__version__}; dense bf16 peak: {peak / 1e12 if peak else 'unknown'} TFLOP/s\n")
-    print("| model | loop | images/s | s/step | GFLOP/step | TFLOP/s | of bf16 peak | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(header("model", "loop", "images/s", "s/step", "GFLOP/step", "TFLOP/s", "of bf16 peak", "peak GiB"))
     for name, rows in results.items():
         for stage, r in rows.items():
             if stage == "forward":
@@ -188,12 +189,11 @@ def main() -> None:
             memory = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
             print(f"| {name} | {stage} | {r['images_per_s']:.0f} | {r['seconds_per_step']:.4f} | "
                   f"{r['flops_per_step'] / 1e9:.1f} | {r['flops_per_s'] / 1e12:.2f} | {share} | {memory} |")
-    print("\n| model | forward GFLOP per image: model | generator |\n|---|---|---|")
+    print("\n" + header("model", "forward GFLOP per image: model", "generator"))
     for name, rows in results.items():
         forward = rows["forward"]
         print(f"| {name} | {forward['model_flops_per_image'] / 1e9:.2f} | {forward['generator_flops_per_image'] / 1e9:.2f} |")
-    print("\n| model | run | generator steps | fine-tuning steps | PFLOP | projected hours |")
-    print("|---|---|---|---|---|---|")
+    print("\n" + header("model", "run", "generator steps", "fine-tuning steps", "PFLOP", "projected hours"))
     for name, rows in results.items():
         gen, ft = rows["synthesize"], rows["finetune"]
         for run, (g, f) in (("official FDDA recipe", OFFICIAL.values()), ("fddaq budget", args.budget)):

@@ -41,6 +41,7 @@ EXAMPLE = ROOT / "examples" / "fashion_mnist"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(EXAMPLE))
 import fmnist
+from tables import header
 
 SETTINGS = ("W8A8", "W4A4", "W4A4-fl8", "W8A8-inputs", "W4A4-inputs", "W4A4-all")
 METHODS = ("MinMax", "Entropy", "Percentile")
@@ -157,8 +158,7 @@ def main() -> None:
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print("| model | per class | setting | method | float top-1 | ONNX top-1 | quantize s | peak RSS MiB | size KiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(header("model", "per class", "setting", "method", "float top-1", "ONNX top-1", "quantize s", "peak RSS MiB", "size KiB"))
     for r in rows:
         print(f"| {r['model']} | {r['per_class']} | {r['bits']} | {r['method']} | {r['float_top1']:.2f} | {r['onnx_top1']:.2f} | "
               f"{r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['bytes'] / 1024:.1f} |")

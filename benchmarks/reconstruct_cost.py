@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet import model_source, split_labelled
+from tables import header
 
 VARIANTS = ("default", "prefix", "fresh-masks", "no-cap")
 
@@ -109,8 +110,7 @@ def main() -> None:
     base = medians.get("default")
     print(f"EfficientNet-Lite0, W4A4, {args.iterations} iterations per unit, {args.views} views, batch {args.batch_size}, "
           f"median of {args.repeats}")
-    print("| variant | reconstruction s | training s | caching and error passes s | total / default |")
-    print("|---|---|---|---|---|")
+    print(header("variant", "reconstruction s", "training s", "caching and error passes s", "total / default"))
     for name, m in medians.items():
         ratio = f"{m['total'] / base['total']:.2f}x" if base else "-"
         print(f"| {name} | {m['total']:.1f} | {m['training']:.1f} | {m['rest']:.1f} | {ratio} |")

@@ -53,6 +53,8 @@ from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import header
 
 from fddaq.config import CalibrationConfig, FinetuneConfig, QuantConfig
 from fddaq.finetune import _optimizer, student_loss
@@ -177,8 +179,7 @@ def run_table(allocator: str, args: argparse.Namespace) -> None:
     print(f"Allocator: {allocator}{''.join(f', {k}={v}' for k, v in ALLOCATORS[allocator].items())}; "
           f"load average before: {os.getloadavg()[0]:.2f}")
     print()
-    print("| case | step | float (ms) | fq (autograd) (ms) | fq (ms) | fq (autograd) / float | fq / float |")
-    print("|---|---|---|---|---|---|---|")
+    print(header("case", "step", "float (ms)", "fq (autograd) (ms)", "fq (ms)", "fq (autograd) / float", "fq / float"))
     notes = []
     for case in args.only.split(","):
         samples = {v: {mode: {"times": [], "faults": []} for mode in ("bare", "teacher")} for v in VARIANTS}
