@@ -175,9 +175,12 @@ class VerifyReport:
 
     Every output of the model is compared. Agreements and accuracies are percentages; an
     agreement is that of the top-1 class (dimension 1) at every position of an output (per
-    image for logits, per pixel for a segmentation map), `agreement` and
-    `optimized_agreement` the lowest over the outputs (`outputs` has each one's agreement and
-    largest difference, optimizations off and on). Logit differences are given as values and,
+    image for logits, per pixel for a segmentation map; of one value per position: its sign),
+    a class tied with the top one to float32 rounding counting as the same (`TIE`);
+    `agreement` and `optimized_agreement` are the lowest over the outputs (`outputs` has each
+    one's agreement and largest difference, optimizations off and on, and its near ties: the
+    percentage of positions where PyTorch's top-2 margin is below `NEAR_TIE` of the output's
+    spread, which a one-step difference may flip). Logit differences are given as values and,
     for the scored output, in output steps: the last layer's integer accumulator step (input
     scale x weight scale of each output channel), when that output is that layer's output
     (else None). Activations: every quantized layer input is compared as integers (graph
@@ -224,11 +227,34 @@ def _percent(mask: np.ndarray) -> float:
     return 100.0 * float(mask.mean())
 
 
+# Logits within this fraction of a position's largest |logit| are a tie that float summation order
+# breaks either way (8 float32 units in the last place): the graph may take either class.
+TIE = 8 * float(np.finfo(np.float32).eps)
+NEAR_TIE = 0.01  # of an output's spread: a top-2 margin below it is a near tie (reported, not forgiven)
+
+
+def _single(values: np.ndarray) -> bool:
+    """Whether the output has one value per position (its sign is the class): no class dimension."""
+    return values.ndim < 2 or values.shape[1] == 1
+
+
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Top-1 agreement over dimension 1 at every position (of a single value: its sign)."""
-    if a.ndim < 2:
+    """Top-1 agreement of `a` with the reference `b` over dimension 1 at every position (of a
+    single value: its sign): `a`'s top class is `b`'s, or ties with it in `b` (`TIE`)."""
+    if _single(b):
         return _percent(np.sign(a) == np.sign(b))
-    return _percent(a.argmax(axis=1) == b.argmax(axis=1))
+    picked = np.take_along_axis(b, np.expand_dims(a.argmax(axis=1), 1), axis=1).squeeze(1)
+    return _percent(b.max(axis=1) - picked <= TIE * np.abs(b).max(axis=1))
+
+
+def _near_ties(reference: np.ndarray) -> float:
+    """Percentage of positions whose top-2 margin (of a single value: its distance from 0) is
+    below `NEAR_TIE` of the output's spread: where a one-step difference can change the class."""
+    spread = float(reference.max(initial=0.0) - reference.min(initial=0.0))
+    if _single(reference):
+        return _percent(np.abs(reference) < NEAR_TIE * spread)
+    top2 = np.sort(reference, axis=1).take([-1, -2], axis=1)
+    return _percent(top2[:, 0] - top2[:, 1] < NEAR_TIE * spread)
 
 
 def _quantizer_codes(values: np.ndarray, quantizer: ActivationQuantizer) -> np.ndarray:
@@ -389,7 +415,7 @@ def verify(
         optimized_top1=top1(optimized[scored]),
         integer_ops={op: n for op, n in ops.items() if op in INTEGER_OPS},
         float_ops={op: n for op, n in ops.items() if op in FLOAT_OPS},
-        outputs={name: {"agreement": off[name][0], "max_abs_diff": off[name][1],
+        outputs={name: {"agreement": off[name][0], "max_abs_diff": off[name][1], "near_ties": _near_ties(reference[name]),
                         "optimized_agreement": on[name][0], "optimized_max_abs_diff": on[name][1]}
                  for name in output_names},
     )

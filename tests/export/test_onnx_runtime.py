@@ -12,6 +12,7 @@ import torch
 from exporters import VerifyReport, export_qdq, run_onnx, verify
 from exporters.onnx_export import layer_input
 from fddaq.errors import ExportError
+from fddaq.quant.fold import fold_batch_norms
 
 
 @pytest.fixture
@@ -67,7 +68,11 @@ def test_verify_reports_agreement_and_accuracy(exported, images):
         "optimized_agreement", "optimized_max_abs_diff", "optimized_max_step_diff", "optimized_top1",
         "integer_ops", "float_ops", "outputs",
     }
-    assert report.outputs == {"logits": {"agreement": 100.0, "max_abs_diff": report.max_abs_diff,
+    with torch.no_grad():
+        logits = fold_batch_norms(qmodel)(images)
+    top2 = logits.topk(2, dim=1).values
+    near = 100.0 * (top2[:, 0] - top2[:, 1] < 0.01 * (logits.max() - logits.min())).float().mean().item()
+    assert report.outputs == {"logits": {"agreement": 100.0, "max_abs_diff": report.max_abs_diff, "near_ties": near,
                                          "optimized_agreement": 100.0,
                                          "optimized_max_abs_diff": report.optimized_max_abs_diff}}
     assert verify(onnx_model, qmodel, images[:8]).torch_top1 is None
@@ -159,3 +164,21 @@ def test_verify_compares_outputs_alone_in_a_graph_without_the_layers_tensors(exp
     assert full.activation_values > 0 and bare.activation_values == 0 and bare.activation_mismatches == 0
     assert bare.agreement == full.agreement == 100.0 and bare.max_abs_diff == full.max_abs_diff
     assert bare.local_agreement == 100.0  # fed nothing: the free-running model, which agrees
+
+
+def test_agreement_takes_rounding_ties_and_single_values_as_they_are():
+    """A class tied with the top one to float32 rounding agrees (the summation order breaks such
+    a tie either way); a margin of 1e-3 does not; an output of one value per image is compared
+    by sign (it agreed always before: the arg max of one class). Near ties are counted from the
+    reference's top-2 margin against 1% of the output's spread."""
+    from exporters.runtime import _agreement, _near_ties
+
+    reference = np.array([[1.0, 1.0 + 2**-22, -3.0], [0.5, 0.2, 0.1]], np.float32)
+    graph = np.array([[1.0 + 2**-22, 1.0, -3.0], [0.5, 0.2, 0.1]], np.float32)
+    assert _agreement(graph, reference) == 100.0
+    reference[0, 1] = 1.001
+    assert _agreement(graph, reference) == 50.0
+    assert _near_ties(reference) == 50.0  # margin 1e-3 < 0.04 (1% of 4.0); 0.3 is not
+    single = np.array([[0.3], [-0.2]], np.float32)
+    assert _agreement(np.array([[0.1], [0.4]], np.float32), single) == 50.0
+    assert _near_ties(single) == 0.0 and _near_ties(np.array([[0.3], [-0.001]], np.float32)) == 50.0
