@@ -2,7 +2,7 @@
 and the resolved options written next to a command's outputs so the run can be repeated.
 
 Keys are the option names without the leading dashes (`bits = 4`, `max-drop = 1.0`; `max_drop`
-works too) plus `model` for the MODEL argument, at the top level or under a table named after
+works too) plus the argument's name for the command's argument (`model`), at the top level or under a table named after
 the command (`[quantize]`), which wins. Paths are written absolute; a relative path in a file
 is read relative to that file's folder, so `--config out/config.toml` works from anywhere."""
 
@@ -42,7 +42,7 @@ def read_config(path: Path, command: Any) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    names = {param.name for param in command.params if param.name != "config"}
+    keys = {key: param.name for param in command.params if param.name != "config" for key in _keys(param)}
     paths = path_options(command)
     values = {key: value for key, value in data.items() if not isinstance(value, dict)}
     section = data.get(command.name, {})
@@ -51,12 +51,18 @@ def read_config(path: Path, command: Any) -> dict[str, Any]:
     values.update(section)
     defaults = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            known = ", ".join(sorted(n.replace("_", "-") for n in names))
+        name = keys.get(key.replace("-", "_"))
+        if name is None:
+            known = ", ".join(sorted(_keys(p)[-1].replace("_", "-") for p in command.params if p.name != "config"))
             raise ConfigError(f"config file {path}: {key!r} is not an option of `fddaq {command.name}` (options: {known})")
         defaults[name] = _anchored(value, Path(path).parent) if name in paths else value
     return defaults
+
+
+def _keys(param: Any) -> list[str]:
+    """The keys that set `param` (underscored): its name, then its long flags without their
+    dashes (`json` for --json, whose parameter is `json_path`); the last is the one to show."""
+    return [param.name, *(opt[2:].replace("-", "_") for opt in param.opts if opt.startswith("--"))]
 
 
 def _anchored(value: Any, folder: Path) -> Any:

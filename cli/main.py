@@ -152,7 +152,7 @@ ArchArg = Annotated[list[str] | None, typer.Option(
     "--arch-arg", help="Argument of the architecture factory, repeatable: VALUE (positional) or KEY=VALUE; Python "
     "literals are parsed, e.g. --arch-arg efficientnet-b0.")]
 ScoredOutput = Annotated[str | None, typer.Option(
-    "--output", help="For models returning several tensors: the output scored and distilled, by name (out, aux, 0.1) "
+    "--output", help="For models returning several tensors: the output scored and distilled, by name (out, aux, output.1) "
     "or index (default: the only one, else out, else the first).")]
 Calib = Annotated[Path, typer.Option("--calib", help="Calibration images: DIR/<class>/<image> (or a flat folder).")]
 NumClasses = Annotated[int | None, typer.Option("--num-classes", help="Passed to the architecture factory.")]
@@ -427,7 +427,7 @@ def quantize(
     val: Annotated[Path | None, typer.Option("--val", help="Labelled validation images, same layout; used only to report.")] = None,
     recipe: Annotated[Recipe, typer.Option("--recipe", help="reconstruct (default: block-wise reconstruction, AdaRound + LSQ + QDrop, unit by unit), fddaq (end-to-end fine-tuning on real and FDDA images), fdda-paper (the official recipe), ptq (calibration only) or data-free (synthetic images only; --calib then only measures the result).")] = DEFAULT_RECIPE,
     steps: Annotated[int | None, typer.Option("--steps", help=f"Training steps: reconstruction iterations per unit (reconstruct: {RECONSTRUCT_ITERATIONS}) or fine-tuning steps (the others: 400); 0: calibration only.")] = None,
-    synthetic: Annotated[int | None, typer.Option("--synthetic", help="FDDA synthetic images added to the training images (fddaq, fdda-paper: 1024, mixed 1:1 into fine-tuning; reconstruct: 0, up to 512 join its pool); 0: real images only.")] = None,
+    synthetic: Annotated[int | None, typer.Option("--synthetic", help="FDDA synthetic images added to the training images (reconstruct: up to 512 join its pool; fddaq, fdda-paper: mixed 1:1 into fine-tuning); 0: real images only. Default: fdda-paper 1024; reconstruct and fddaq choose from the calibration images (report.json synthesis_choice says why).")] = None,
     synth_steps: Annotated[int | None, typer.Option("--synth-steps", help="FDDA synthesis steps (default 500).")] = None,
     synth_method: Annotated[SynthMethod | None, typer.Option("--synth-method", help=SYNTH_METHOD_HELP)] = None,
     synthetic_from: Annotated[Path | None, typer.Option(
@@ -692,8 +692,8 @@ def sensitivity(
     arch: Arch,
     calib: Calib,
     synthetic: Annotated[int, typer.Option(
-        "--synthetic", help="Also measure on this many FDDA synthetic images (trains the generator first).")] = 0,
-    synth_steps: Annotated[int, typer.Option("--synth-steps", help="Generator training steps, with --synthetic.")] = 500,
+        "--synthetic", help="Also measure on this many FDDA synthetic images (synthesized first, as a pool).")] = 0,
+    synth_steps: Annotated[int, typer.Option("--synth-steps", help="Synthesis steps, with --synthetic.")] = 500,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("sensitivity"),
     device: Device = "auto",

@@ -95,7 +95,7 @@ class Inputs:
         must not be continued."""
         digest = hashlib.sha256()
         tensors = [v for v in self.float_model.state_dict().values() if isinstance(v, Tensor)]
-        sample = self.calib.images[:: max(1, len(self.calib) // 256)]
+        sample = self.calib.images[spread(len(self.calib), 256)]
         digest.update(str(tuple(self.calib.images.shape)).encode())
         for tensor in [*tensors, self.calib.labels, sample]:
             digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
@@ -211,6 +211,11 @@ def plan_layers(model: FloatModel, quant: QuantConfig) -> LayerPlan:
 CLASS_ORDER_IMAGES = 128  # calibration images the float model scores to check the class order
 
 
+def spread(count: int, most: int) -> slice:
+    """At most `most` of `count` items, spread evenly over them (every k-th)."""
+    return slice(None, None, max(1, -(-count // most)))
+
+
 def load_inputs(source: Source, device: torch.device = CPU, loaded: FloatModel | None = None) -> Inputs:
     """Load the float model (safely; `loaded` when already done) and decode the image folders
     for it, pinned in host memory when they are bound for a GPU `device` (the model stays on
@@ -231,7 +236,7 @@ def load_inputs(source: Source, device: torch.device = CPU, loaded: FloatModel |
     calib_top1 = None
     if calib.labelled:
         names = names or _class_names(source, calib.class_names, outputs)
-        sample = slice(None, None, max(1, len(calib) // CLASS_ORDER_IMAGES))  # spread over the sorted classes
+        sample = spread(len(calib), CLASS_ORDER_IMAGES)  # over the sorted classes
         calib_top1 = top1(predict(teacher, calib.images[sample]), calib.labels[sample]) if len(calib) else None
     else:
         names = names or tuple(str(i) for i in range(outputs))

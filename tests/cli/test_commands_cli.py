@@ -221,3 +221,22 @@ def test_help_renders_flags_as_flags_and_examples_unbroken(command, monkeypatch)
     assert "<bool>" not in result.output and "{" not in result.output.splitlines()[1]
     example = next(line for line in result.output.splitlines() if "Example:" in line)
     assert example.strip().endswith(("out/", "synth/", "model.onnx", "./val", "'fc=8'", "--bits 4", "val")), example
+
+
+def test_config_keys_are_the_flags_names(tmp_path):
+    """Regression: `json = ...` (the flag --json, whose parameter is json_path) was refused, and
+    the error listed `json-path`, which is no flag."""
+    import typer
+
+    from cli.config_file import read_config
+    from cli.main import app
+    from fddaq.errors import ConfigError
+
+    command = typer.main.get_command(app).commands["verify"]
+    config = tmp_path / "run.toml"
+    config.write_text('json = "r.json"\nonnx-file = "m.onnx"\nmin_agreement = 98.0\n')
+    assert read_config(config, command) == {"json_path": str(tmp_path / "r.json"), "onnx_file": str(tmp_path / "m.onnx"),
+                                            "min_agreement": 98.0}
+    config.write_text("jsn = 1\n")
+    with pytest.raises(ConfigError, match="options: checkpoint, data, force, json, min-agreement, onnx-file, quiet"):
+        read_config(config, command)

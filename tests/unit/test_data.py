@@ -240,3 +240,13 @@ def test_an_input_size_without_a_resize_scales_the_presets_resize():
     given = resolve_preprocess("torchvision:resnet18", 3, PreprocessOptions(preset="imagenet", input_size=64, resize=64))
     assert given.resize == 64
     assert resolve_preprocess("x:y", 3, PreprocessOptions(preset="imagenet")).resize == 256
+
+
+def test_spread_samples_hold_at_most_the_count_asked():
+    """Regression: a stride of len // most gave up to 2 * most - 1 items (511 of 'up to 256')."""
+    from fddaq.pipeline import spread
+
+    for count, most in ((300, 256), (511, 256), (1000, 128), (100, 128), (0, 128)):
+        picked = range(count)[spread(count, most)]
+        assert len(picked) <= most and (count == 0 or picked[-1] >= count - picked.step), (count, most)
+    assert list(range(10)[spread(10, 128)]) == list(range(10))
