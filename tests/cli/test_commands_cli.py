@@ -80,7 +80,8 @@ def test_eval_measures_float_checkpoint_and_onnx(quick_run, tmp_path):
     assert results["float"]["accuracy"]["top1"] == pytest.approx(report["float_top1"])
     assert results["checkpoint"]["accuracy"]["top1"] == pytest.approx(report["fake_quant_top1"])
     assert abs(results["onnx"]["accuracy"]["top1"] - report["onnx_top1"]) <= 0.1  # optimized graph
-    assert results["onnx"]["accuracy"]["top1"] <= results["onnx"]["accuracy"]["top5"] <= 100
+    # top-5 holds every top-1 hit and more (a model at about 92% top-1 misses some of its second guesses)
+    assert results["onnx"]["accuracy"]["top1"] < results["onnx"]["accuracy"]["top5"] <= 100
 
 
 def test_eval_errors(quick_run, tmp_path):

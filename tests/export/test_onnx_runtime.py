@@ -141,10 +141,15 @@ def test_verify_rejects_a_graph_of_another_model(exported, images, export_resnet
 
 
 def test_verify_leaves_the_torch_model_alone(exported, images):
+    """verify folds, moves and taps a copy: the caller's model keeps its mode, output, form and values."""
     onnx_model, qmodel = exported
     qmodel.train()
+    before = {key: value.clone() for key, value in qmodel.state_dict().items()}
+    output, deployed = qmodel.output, qmodel.deployed
     verify(onnx_model, qmodel, images[:4])
-    assert qmodel.training
+    assert qmodel.training and qmodel.output == output and qmodel.deployed == deployed and qmodel.tap is None
+    after = qmodel.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 

@@ -249,4 +249,5 @@ def test_spread_samples_hold_at_most_the_count_asked():
     for count, most in ((300, 256), (511, 256), (1000, 128), (100, 128), (0, 128)):
         picked = range(count)[spread(count, most)]
         assert len(picked) <= most and (count == 0 or picked[-1] >= count - picked.step), (count, most)
+        assert count == 0 or len(picked) > min(count, most) // 2, (count, most)  # most of what is asked
     assert list(range(10)[spread(10, 128)]) == list(range(10))

@@ -13,15 +13,19 @@ def test_distillation_loss_is_zero_for_equal_logits_and_positive_otherwise():
     assert distillation_loss(a, torch.randn(8, 5), 1.0).item() > 0
 
 
-def test_augment_keeps_shape_and_content_and_is_seeded():
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+def test_augment_shifts_and_flips_each_image_and_is_seeded():
+    """Each image is a crop of itself reflect-padded by 1/8 of its size, flipped or not; the
+    images are not all left as they were."""
+    import torch.nn.functional as F
+
+    x = torch.arange(16 * 3 * 8 * 8, dtype=torch.float32).reshape(16, 3, 8, 8)
     a = augment(x, torch.Generator().manual_seed(1))
-    b = augment(x, torch.Generator().manual_seed(1))
-    assert a.shape == x.shape and torch.equal(a, b)
-    # every output pixel comes from the same image and channel
-    for i in range(2):
-        for c in range(3):
-            assert set(a[i, c].flatten().tolist()) <= set(x[i, c].flatten().tolist())
+    assert a.shape == x.shape and torch.equal(a, augment(x, torch.Generator().manual_seed(1)))
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    for i in range(16):
+        crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(a[i], c) or torch.equal(a[i], c.flip(-1)) for c in crops), i
+    assert sum(not torch.equal(a[i], x[i]) for i in range(16)) >= 12
 
 
 def test_calibration_sets_finite_positive_scales(tiny_model):

@@ -17,9 +17,13 @@ def test_loads_state_dict_weights_only(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value)
 
 
-def test_accepts_wrapped_state_dict(tmp_path):
-    torch.save({"state_dict": fashion_resnet().state_dict(), "epoch": 3}, tmp_path / "m.pth")
-    load_float_model(tmp_path / "m.pth", "fddaq:fashion_resnet")
+@pytest.mark.parametrize("key", ["state_dict", "model"])
+def test_accepts_wrapped_state_dict(tmp_path, key):
+    torch.manual_seed(3)
+    weights = fashion_resnet().state_dict()
+    torch.save({key: weights, "epoch": 3}, tmp_path / "m.pth")
+    loaded = load_float_model(tmp_path / "m.pth", "fddaq:fashion_resnet").state_dict()
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], v) for k, v in weights.items())
 
 
 def test_refuses_pickled_module(tmp_path):

@@ -87,7 +87,7 @@ def test_activation_params_cover_zero_and_use_integer_zero_point():
     scale, zp = activation_params(0.5, 3.0, 4)  # lo clamps to 0
     assert zp == 0.0 and scale == pytest.approx(3.0 / 15)
     scale, zp = activation_params(-1.0, 2.0, 8)
-    assert zp == round(1.0 / scale) and zp == int(zp)
+    assert scale == pytest.approx(3.0 / 255) and zp == 85.0  # 0 - (-1) / (3 / 255)
     assert fake_quant(torch.tensor([0.0]), torch.tensor(scale), torch.tensor(zp), 0, 255).item() == 0.0
 
 

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from fddaq.config import QuantConfig
@@ -45,3 +46,32 @@ def test_with_every_tensor_quantized_each_quantizer_is_measured_once(tiny_model)
     outputs = {q.layer for q in result.quantizers if q.role == "output"}
     assert inputs == {layer.name for layer in found.layers} - set(found.tied)
     assert outputs == {site.name for site in found.sites} and found.tied
+
+
+
+def test_divergence_is_the_kl_and_top1_agreement_of_the_outputs():
+    """On fixed logits (the inputs themselves): KL(teacher || model) in nats per image and the
+    share of images whose top-1 class is the teacher's, on the images and the synthetic ones."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from fddaq.sensitivity import Measure
+
+    class Shift(nn.Module):  # logits: the input plus `shift` on the second class
+        def __init__(self, shift: float) -> None:
+            super().__init__()
+            self.shift = nn.Parameter(torch.tensor([0.0, shift]))
+
+        def forward(self, x):
+            return x + self.shift
+
+    images = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 3.0], [4.0, 1.0]])
+    measure = Measure(Shift(0.0), images, images[:1])
+    same = measure(Shift(0.0))
+    assert (same.kl, same.agreement, same.kl_synthetic, same.agreement_synthetic) == (0.0, 100.0, 0.0, 100.0)
+    shifted = measure(Shift(2.5))  # the first image's top class moves to the second; the others keep theirs
+    expected = F.kl_div(F.log_softmax(images + torch.tensor([0.0, 2.5]), 1), F.log_softmax(images, 1),
+                        reduction="batchmean", log_target=True).item()
+    assert shifted.agreement == 75.0 and shifted.kl == pytest.approx(expected) and shifted.kl > 0
+    assert shifted.agreement_synthetic == 0.0
+    assert Measure(Shift(0.0), images, None)(Shift(2.5)).kl_synthetic is None

@@ -167,6 +167,20 @@ def test_quality_probe_scores_real_images_against_their_own_centers():
     assert same.diversity == pytest.approx(0.0, abs=1e-6)
 
 
+def test_separation_counts_images_nearest_their_own_class_center():
+    """Centers of one image each: those images sit on their own centers (100%); labelled as
+    another class each, none does (0%); an image of a class without a center is not counted."""
+    torch.manual_seed(0)
+    model = randomize_bn(TinyResNet(num_classes=4))
+    layers = batchnorm_layers(model, torch.zeros(1, 1, 16, 16))
+    images = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    probe = QualityProbe(model, layers, class_statistics(model, layers, images, torch.tensor([0, 1, 2]), 4), start=1)
+    assert probe.measure(images, torch.tensor([0, 1, 2])).separation == 100.0
+    assert probe.measure(images, torch.tensor([1, 2, 0])).separation == 0.0
+    partial = probe.measure(images, torch.tensor([0, 2, 3]))  # the second is nearest class 1's center
+    assert partial.images == 3 and partial.separation == 50.0
+
+
 def test_a_dimension_constant_over_real_images_does_not_dominate_the_quality_distances():
     real = torch.randn(20, 6)
     real[:, 0] = 3.0  # a dead channel
