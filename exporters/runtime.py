@@ -227,8 +227,8 @@ def _percent(mask: np.ndarray) -> float:
     return 100.0 * float(mask.mean())
 
 
-# Logits within this fraction of a position's largest |logit| are a tie that float summation order
-# breaks either way (8 float32 units in the last place): the graph may take either class.
+# Two logits within this fraction of the larger are a tie that float summation order breaks either
+# way (8 float32 units in the last place): the graph may take either class.
 TIE = 8 * float(np.finfo(np.float32).eps)
 NEAR_TIE = 0.01  # of an output's spread: a top-2 margin below it is a near tie (reported, not forgiven)
 
@@ -240,20 +240,28 @@ def _single(values: np.ndarray) -> bool:
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Top-1 agreement of `a` with the reference `b` over dimension 1 at every position (of a
-    single value: its sign): `a`'s top class is `b`'s, or ties with it in `b` (`TIE`)."""
+    single value, a logit: its sign): `a`'s top class is `b`'s, or ties with it in `b` (`TIE` of
+    the larger of the two logits); a position where `a` has a NaN never agrees."""
     if _single(b):
-        return _percent(np.sign(a) == np.sign(b))
+        tied = np.abs(b) <= TIE * float(np.abs(b[np.isfinite(b)]).max(initial=0.0))
+        return _percent(((np.sign(a) == np.sign(b)) | tied) & ~np.isnan(a))
     picked = np.take_along_axis(b, np.expand_dims(a.argmax(axis=1), 1), axis=1).squeeze(1)
-    return _percent(b.max(axis=1) - picked <= TIE * np.abs(b).max(axis=1))
+    top = b.max(axis=1)
+    with np.errstate(invalid="ignore"):  # inf - inf: not a tie
+        gap = top - picked
+        tied = np.isfinite(gap) & (gap <= TIE * np.maximum(np.abs(top), np.abs(picked)))
+    return _percent(((picked == top) | tied) & ~np.isnan(a).any(axis=1))
 
 
 def _near_ties(reference: np.ndarray) -> float:
     """Percentage of positions whose top-2 margin (of a single value: its distance from 0) is
-    below `NEAR_TIE` of the output's spread: where a one-step difference can change the class."""
-    spread = float(reference.max(initial=0.0) - reference.min(initial=0.0))
+    below `NEAR_TIE` of the output's spread (the range of its finite values): where a one-step
+    difference can change the class."""
+    values = reference[np.isfinite(reference)]
+    spread = float(values.max() - values.min()) if values.size else 0.0
     if _single(reference):
         return _percent(np.abs(reference) < NEAR_TIE * spread)
-    top2 = np.sort(reference, axis=1).take([-1, -2], axis=1)
+    top2 = np.partition(reference, -2, axis=1).take([-1, -2], axis=1)
     return _percent(top2[:, 0] - top2[:, 1] < NEAR_TIE * spread)
 
 

@@ -186,4 +186,16 @@ def test_agreement_takes_rounding_ties_and_single_values_as_they_are():
     assert _near_ties(reference) == 50.0  # margin 1e-3 < 0.04 (1% of 4.0); 0.3 is not
     single = np.array([[0.3], [-0.2]], np.float32)
     assert _agreement(np.array([[0.1], [0.4]], np.float32), single) == 50.0
+    assert _agreement(np.array([0.1, 0.4], np.float32), single[:, 0]) == 50.0  # [N] as [N, 1]
     assert _near_ties(single) == 0.0 and _near_ties(np.array([[0.3], [-0.001]], np.float32)) == 50.0
+    # the tolerance is that of the two logits compared, not of a very negative (masked) class
+    masked = np.array([[200.0, 100.0, -1e9], [5.0, 1.0, -np.inf]], np.float32)
+    assert _agreement(np.array([[100.0, 200.0, -1e9], [1.0, 5.0, -np.inf]], np.float32), masked) == 0.0
+    assert _agreement(masked, masked) == 100.0
+    assert _agreement(np.full((2, 3), np.nan, np.float32), masked) == 0.0  # a NaN output never agrees
+    # a map [N, classes, H, W]: per pixel
+    reference = np.full((1, 2, 2, 2), 0.5, np.float32)  # class 1 at 0.5 everywhere
+    reference[0, 0] = [[0.505, 1.0], [0.0, 0.0]]  # class 0 wins the top row, by a near tie on the left
+    graph = reference.copy()
+    graph[0, 0, 1, 1] = 1.0  # one pixel of four takes the other class
+    assert _agreement(graph, reference) == 75.0 and _near_ties(reference) == 25.0
