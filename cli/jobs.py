@@ -38,9 +38,8 @@ from fddaq.synth.preview import preview_grid
 
 if TYPE_CHECKING:
     from exporters.deploy import Deployment
-
-if TYPE_CHECKING:
     from exporters.dry_run import DryRun
+
 
 def checked_float(source: Source, quant: QuantConfig, config: RunConfig | None = None,
                   on_event: EventHandler | None = None) -> tuple[FloatModel, DryRun]:

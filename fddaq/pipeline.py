@@ -357,7 +357,7 @@ def _synthesize(inputs: Inputs, config: SynthConfig, on_event: EventHandler | No
         result = train_generator(model, layers, teacher, inputs.input_shape, config, on_event, on_checkpoint, resume,
                                  inputs.info.preprocess.input_range(), ranks)
         images, labels = generate(result.generator, config.num_images, config.seed, on_event=on_event, latents=result.latents)
-    stride = max(1, len(result.curves["total"]) // MAX_CURVE_POINTS)
+    stride = spread(len(result.curves["total"]), MAX_CURVE_POINTS).step
     report = SynthesisReport(
         config.method, **result.summary(), images=len(labels),
         quality=_quality(inputs, model, layers, statistics, result.deep_start, images, labels),
